@@ -1,0 +1,320 @@
+"""The one way sanoffload runs external commands.
+
+Every call goes through a :class:`Runner` that is handed to the code that needs
+it (never a module-level global), so unit tests can pass a :class:`FakeRunner`
+that records calls and answers with real outputs recorded from real tools.
+
+Rules every call follows:
+
+* argv is a list, never a shell string;
+* the environment is minimal and has ``LC_ALL=C`` so output parses the same
+  everywhere;
+* every call has a timeout (the runner's default unless the call names one);
+  on expiry the whole process group is killed;
+* exit codes other than 0 are errors unless the call names them in
+  ``ok_codes`` (``{15: "session exists"}``): the name lands in the result and
+  the log;
+* secrets (CHAP passwords...) registered on the runner or passed per call are
+  replaced by ``***`` in logs, results and error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
+
+log = logging.getLogger(__name__)
+# sh logs every chunk at DEBUG; our own lines say what matters
+logging.getLogger("sh").setLevel(logging.WARNING)
+
+MASK = "***"
+DEFAULT_TIMEOUT = 60.0
+#: sbin directories first: storage tools live there and root's PATH may lack them
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: an argv element following one of these is masked even if not registered
+_SECRET_FLAG_WORDS = ("password", "passwd", "secret", "chap")
+
+OkCodes = Mapping[int, str]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command gave back (argv and output already masked)."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float
+    #: the name the call gave this exit code ("ok" for 0)
+    code_name: str = "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def json(self) -> Any:
+        """Parse stdout as JSON (for ``--reportformat json``, ``-J`` ...)."""
+        try:
+            return json.loads(self.stdout)
+        except ValueError as exc:
+            raise CommandError(f"{self.argv[0]}: output is not JSON: {exc}", argv=self.argv,
+                               returncode=self.returncode, stdout=self.stdout[:2000],
+                               stderr=self.stderr) from exc
+
+
+@dataclass
+class _Raw:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Runner:
+    """Base runner: masking, logging and exit-code policy; subclasses execute."""
+
+    def __init__(self, *, default_timeout: float = DEFAULT_TIMEOUT,
+                 extra_env: Mapping[str, str] | None = None) -> None:
+        self.default_timeout = default_timeout
+        self.extra_env = dict(extra_env or {})
+        self._secrets: set[str] = set()
+
+    # -- secrets ----------------------------------------------------------
+    def add_secret(self, secret: str) -> None:
+        """Mask ``secret`` in every later log line, result and error."""
+        if secret:
+            self._secrets.add(secret)
+
+    def mask(self, text: str, extra: Iterable[str] = ()) -> str:
+        for secret in sorted({*self._secrets, *extra}, key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, MASK)
+        return text
+
+    def mask_argv(self, argv: Sequence[str], extra: Iterable[str] = ()) -> tuple[str, ...]:
+        out: list[str] = []
+        hide_next = False
+        for arg in argv:
+            if hide_next:
+                if arg.startswith("-"):  # "-v"/"--value" between the name and the secret
+                    out.append(arg)
+                    continue
+                out.append(MASK)
+                hide_next = False
+                continue
+            low = arg.lower()
+            key, eq, _value = arg.partition("=")
+            if eq and any(w in key.lower() for w in _SECRET_FLAG_WORDS):
+                out.append(f"{key}={MASK}")
+                continue
+            out.append(self.mask(arg, extra))
+            # "-v SECRET" after "-n node.session.auth.password" is the iscsiadm idiom
+            hide_next = any(w in low for w in _SECRET_FLAG_WORDS) and not eq
+        return tuple(out)
+
+    # -- environment --------------------------------------------------------
+    def build_env(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        base = {"PATH": DEFAULT_PATH, "LC_ALL": "C", "LANG": "C"}
+        base.update(self.extra_env)
+        if env:
+            base.update(env)
+        base["LC_ALL"] = "C"
+        return base
+
+    # -- running ------------------------------------------------------------
+    def run(self, argv: Sequence[str], *, timeout: float | None = None,
+            ok_codes: OkCodes | None = None, input: bytes | str | None = None,
+            secrets: Iterable[str] = (), cwd: str | None = None,
+            env: Mapping[str, str] | None = None) -> Result:
+        """Run ``argv`` to completion and return its :class:`Result`.
+
+        Raises :class:`CommandNotFoundError`, :class:`CommandTimeoutError`, or
+        :class:`CommandError` for an exit code not in ``ok_codes``.
+        """
+        if not argv:
+            raise ValueError("empty argv")
+        argv = [str(a) for a in argv]
+        secrets = tuple(secrets)
+        codes: dict[int, str] = {0: "ok"}
+        codes.update(ok_codes or {})
+        limit = self.default_timeout if timeout is None else timeout
+        shown = self.mask_argv(argv, secrets)
+        log.debug("run: %s (timeout %.0fs)", " ".join(shown), limit)
+        started = time.monotonic()
+        try:
+            raw = self._execute(argv, timeout=limit, input=input, cwd=cwd, env=self.build_env(env))
+        except _NotFound as exc:
+            raise CommandNotFoundError(f"command not found: {shown[0]}", argv=shown,
+                                       hint=exc.hint) from None
+        except _TimedOut as exc:
+            took = time.monotonic() - started
+            log.warning("timeout after %.1fs: %s", took, " ".join(shown))
+            raise CommandTimeoutError(
+                f"{shown[0]} timed out after {limit:.0f}s and was killed: {' '.join(shown)}",
+                argv=shown, stdout=self.mask(_decode(exc.stdout), secrets),
+                stderr=self.mask(_decode(exc.stderr), secrets)) from None
+        took = time.monotonic() - started
+        res = Result(argv=shown, returncode=raw.returncode,
+                     stdout=self.mask(_decode(raw.stdout), secrets),
+                     stderr=self.mask(_decode(raw.stderr), secrets), duration=took,
+                     code_name=codes.get(raw.returncode, "error"))
+        log.debug("done: %s rc=%d (%s) in %.2fs", shown[0], res.returncode, res.code_name, took)
+        if raw.returncode not in codes:
+            detail = (res.stderr.strip() or res.stdout.strip()).splitlines()
+            tail = detail[-1] if detail else "no output"
+            raise CommandError(f"{' '.join(shown)} failed with exit code {raw.returncode}: {tail}",
+                               argv=shown, returncode=raw.returncode, stdout=res.stdout,
+                               stderr=res.stderr)
+        return res
+
+    def json(self, argv: Sequence[str], **kwargs: Any) -> Any:
+        """``run`` and parse stdout as JSON."""
+        return self.run(argv, **kwargs).json()
+
+    def which(self, name: str) -> str | None:
+        """Path of ``name`` on the runner's PATH, or None."""
+        return shutil.which(name, path=self.build_env()["PATH"])
+
+    def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
+                 cwd: str | None, env: dict[str, str]) -> _Raw:
+        raise NotImplementedError
+
+
+class _NotFound(Exception):
+    def __init__(self, hint: str | None = None) -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
+class _TimedOut(Exception):
+    def __init__(self, stdout: bytes = b"", stderr: bytes = b"") -> None:
+        super().__init__("timeout")
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def _decode(data: bytes | str) -> str:
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", errors="replace")
+
+
+class CommandRunner(Runner):
+    """Runs commands for real, through the ``sh`` library."""
+
+    def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
+                 cwd: str | None, env: dict[str, str]) -> _Raw:
+        import sh  # only the runner touches sh
+
+        exe = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env["PATH"])
+        if exe is None or not os.access(exe, os.X_OK):
+            raise _NotFound(f"install the package that provides '{argv[0]}'")
+        proc = sh.Command(exe)(
+            *argv[1:], _env=env, _in=input, _cwd=cwd, _timeout=timeout,
+            _ok_code=list(range(0, 256)), _tty_out=False, _bg=True, _bg_exc=False,
+            _new_group=True, _return_cmd=True, _truncate_exc=False)
+        try:
+            proc.wait()
+        except sh.TimeoutException:
+            # sh killed the leader; children it left (pipes, helpers) die with the group
+            _kill_group(proc.pid)
+            raise _TimedOut(proc.stdout, proc.stderr) from None
+        except sh.SignalException as exc:
+            return _Raw(128 + abs(exc.exit_code), exc.stdout, exc.stderr)
+        return _Raw(proc.exit_code, proc.stdout, proc.stderr)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --------------------------------------------------------------------------
+# The recording fake, for unit tests
+# --------------------------------------------------------------------------
+
+@dataclass
+class Rule:
+    """One scripted answer: matches calls whose argv starts with ``prefix``."""
+
+    prefix: tuple[str, ...]
+    returncode: int = 0
+    stdout: str | bytes = ""
+    stderr: str | bytes = ""
+    timeout: bool = False
+    not_found: bool = False
+    times: int | None = None  # None: any number of times
+    action: Callable[[list[str]], None] | None = None
+    used: int = 0
+
+    def matches(self, argv: Sequence[str]) -> bool:
+        if self.times is not None and self.used >= self.times:
+            return False
+        return tuple(argv[: len(self.prefix)]) == self.prefix
+
+
+@dataclass
+class Call:
+    argv: list[str]
+    timeout: float
+    input: bytes | str | None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class FakeRunner(Runner):
+    """Answers from scripted rules and records every call.
+
+    The same masking, logging and exit-code policy as :class:`CommandRunner`
+    applies, so error paths behave exactly as they would for real. A call that
+    no rule matches fails the test loudly.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rules: list[Rule] = []
+        self.calls: list[Call] = []
+
+    def on(self, *prefix: str, returncode: int = 0, stdout: str | bytes = "",
+           stderr: str | bytes = "", timeout: bool = False, not_found: bool = False,
+           times: int | None = None,
+           action: Callable[[list[str]], None] | None = None) -> FakeRunner:
+        """Script the answer for calls starting with ``prefix``; later rules win."""
+        self.rules.insert(0, Rule(tuple(prefix), returncode, stdout, stderr, timeout,
+                                  not_found, times, action))
+        return self
+
+    def argvs(self) -> list[list[str]]:
+        return [c.argv for c in self.calls]
+
+    def called(self, *prefix: str) -> bool:
+        return any(tuple(c.argv[: len(prefix)]) == prefix for c in self.calls)
+
+    def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
+                 cwd: str | None, env: dict[str, str]) -> _Raw:
+        self.calls.append(Call(list(argv), timeout, input, env))
+        for rule in self.rules:
+            if rule.matches(argv):
+                rule.used += 1
+                if rule.action:
+                    rule.action(argv)
+                if rule.not_found:
+                    raise _NotFound()
+                if rule.timeout:
+                    raise _TimedOut(_enc(rule.stdout), _enc(rule.stderr))
+                return _Raw(rule.returncode, _enc(rule.stdout), _enc(rule.stderr))
+        raise AssertionError(f"FakeRunner: no rule for {argv!r}")
+
+
+def _enc(data: str | bytes) -> bytes:
+    return data.encode() if isinstance(data, str) else data
