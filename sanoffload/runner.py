@@ -230,7 +230,21 @@ class CommandRunner(Runner):
             raise _TimedOut(proc.stdout, proc.stderr) from None
         except sh.SignalException as exc:
             return _Raw(128 + abs(exc.exit_code), exc.stdout, exc.stderr)
+        except BaseException:
+            # Interrupted (SIGTERM/SIGHUP handler, Ctrl-C) while waiting: the child has its
+            # own process group, so nothing else will stop it; never leave it running
+            _kill_group(proc.pid)
+            _reap(proc)
+            raise
         return _Raw(proc.exit_code, proc.stdout, proc.stderr)
+
+
+def _reap(proc: Any) -> None:
+    """Wait for a killed child so it does not linger as a zombie."""
+    try:
+        proc.wait(timeout=5)
+    except Exception:  # it was SIGKILLed: any outcome of the wait is fine
+        pass
 
 
 def _kill_group(pgid: int) -> None:

@@ -1,0 +1,434 @@
+"""``sanoffload doctor``: is everything a host role needs present?
+
+Each role (``agent``, ``proxy``, ``store``, ``storage``) needs a set of tools,
+kernel features and Python modules.  Every check says what it looked for,
+what it found, and what would fail without it, so a missing piece is found
+before a backup run trips over it half-way.
+
+Where it looks is injectable: commands go through a
+:class:`~sanoffload.runner.Runner`, files are read under a ``root`` prefix (a
+fake sysfs/procfs tree in unit tests) and Python modules are imported through
+an ``importer`` callable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .errors import CommandError, MissingDependencyError
+from .runner import Runner
+
+#: short timeout: doctor must answer quickly even when a tool hangs
+PROBE_TIMEOUT = 10.0
+
+ROLES: tuple[str, ...] = ("agent", "proxy", "store", "storage")
+
+#: abstract socket iscsiadm talks to; iscsid (or systemd's iscsid.socket) listens on it
+ISCSID_SOCKET = "@ISCSIADM_ABSTRACT_NAMESPACE"
+
+Importer = Callable[[str], Any]
+
+
+class Host:
+    """Where the checks look: one runner, one filesystem root, one importer."""
+
+    def __init__(self, runner: Runner, *, root: str | os.PathLike[str] = "/",
+                 importer: Importer | None = None) -> None:
+        self.runner = runner
+        self.root = Path(root)
+        self.importer: Importer = importer or importlib.import_module
+
+    def path(self, path: str) -> Path:
+        """``path`` (absolute, as on the real host) under this host's root."""
+        return self.root / path.lstrip("/")
+
+    def exists(self, path: str) -> bool:
+        return self.path(path).exists()
+
+    def read(self, path: str) -> str | None:
+        """Text of ``path``, or None when it is absent or unreadable."""
+        try:
+            return self.path(path).read_text(errors="replace")
+        except OSError:
+            return None
+
+    def first_existing(self, paths: Sequence[str]) -> str | None:
+        return next((p for p in paths if self.exists(p)), None)
+
+    def which(self, tool: str) -> str | None:
+        return self.runner.which(tool)
+
+    def module(self, name: str) -> ModuleType:
+        return self.importer(name)
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check on one host."""
+
+    name: str
+    what: str
+    present: bool
+    detail: str
+    fails_without: str
+    optional: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.present:
+            return "ok"
+        return "warn" if self.optional else "missing"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status}
+
+
+@dataclass(frozen=True)
+class Report:
+    """All checks for one role; ``ok`` only when every required one is present."""
+
+    role: str
+    checks: tuple[Check, ...]
+
+    @property
+    def missing(self) -> list[str]:
+        return [c.name for c in self.checks if not c.present and not c.optional]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [c.name for c in self.checks if not c.present and c.optional]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else MissingDependencyError.exit_code
+
+    def check(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def error(self) -> MissingDependencyError | None:
+        """The error the CLI raises for this report (None when all is well)."""
+        if self.ok:
+            return None
+        return MissingDependencyError(
+            f"role {self.role} is missing: {', '.join(self.missing)}",
+            hint="the report says what fails without each one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "ok": self.ok, "exit_code": self.exit_code,
+                "missing": self.missing, "warnings": self.warnings,
+                "checks": [c.to_dict() for c in self.checks]}
+
+
+# --------------------------------------------------------------------------
+# Probes: each returns (present, detail)
+# --------------------------------------------------------------------------
+
+Probe = Callable[[Host], tuple[bool, str]]
+
+
+def tools(*names: str) -> Probe:
+    """All of ``names`` are executables on the runner's PATH."""
+
+    def probe(host: Host) -> tuple[bool, str]:
+        found = {n: host.which(n) for n in names}
+        absent = [n for n, p in found.items() if p is None]
+        if absent:
+            return False, f"not found on PATH: {', '.join(absent)}"
+        return True, ", ".join(str(p) for p in found.values())
+
+    return probe
+
+
+def gnu_tar(host: Host) -> tuple[bool, str]:
+    """tar exists and is GNU tar (busybox/bsdtar differ in --xattrs, --sparse, --numeric-owner)."""
+    if host.which("tar") is None:
+        return False, "not found on PATH: tar"
+    try:
+        res = host.runner.run(["tar", "--version"], timeout=PROBE_TIMEOUT)
+    except CommandError as exc:
+        return False, f"tar --version failed: {exc}"
+    first = res.stdout.strip().splitlines()[0] if res.stdout.strip() else "no version output"
+    if "GNU tar" not in first:
+        return False, f"not GNU tar: {first}"
+    return True, first
+
+
+def _kernel_module(host: Host, module: str, markers: Sequence[str]) -> tuple[bool, str]:
+    """Present when a sysfs marker exists; otherwise ask ``modprobe -n`` (a dry run)."""
+    paths = [*markers, f"/sys/module/{module}"]
+    hit = host.first_existing(paths)
+    if hit:
+        return True, f"{hit} exists"
+    where = f"{paths[0]} absent" if len(paths) == 1 else f"none of {', '.join(paths)} exists"
+    if host.which("modprobe") is None:
+        return False, f"{where}; no modprobe to look for a loadable module"
+    try:
+        res = host.runner.run(["modprobe", "-n", "-q", module], timeout=PROBE_TIMEOUT,
+                              ok_codes={1: "no such module"})
+    except CommandError as exc:
+        return False, f"{where}; modprobe -n {module} failed: {exc}"
+    if res.ok:
+        return True, f"{module} is available as a module (not loaded yet: modprobe {module})"
+    return False, f"{where}; modprobe finds no module {module}"
+
+
+def device_mapper(host: Host) -> tuple[bool, str]:
+    """The kernel device-mapper driver, not only the dmsetup tool."""
+    hit = host.first_existing(["/sys/class/misc/device-mapper"])
+    if hit:
+        return True, f"{hit} exists"
+    misc = host.read("/proc/misc") or ""
+    if any(line.split()[1:] == ["device-mapper"] for line in misc.splitlines()):
+        return True, "device-mapper listed in /proc/misc"
+    if host.which("dmsetup") is not None:
+        # dmsetup opens /dev/mapper/control: the authoritative answer, and a stale
+        # control node (containers, copied /dev) cannot fool it
+        try:
+            res = host.runner.run(["dmsetup", "version"], timeout=PROBE_TIMEOUT,
+                                  ok_codes={1: "no kernel driver"})
+        except CommandError as exc:
+            return False, f"dmsetup version failed: {exc}"
+        for line in res.stdout.splitlines():
+            if line.startswith("Driver version:"):
+                return True, line.strip()
+        return False, ("no kernel driver: /sys/class/misc/device-mapper absent and "
+                       "'dmsetup version' reports no driver (load dm_mod or use a kernel "
+                       "with CONFIG_BLK_DEV_DM)")
+    if host.exists("/dev/mapper/control"):
+        return True, "/dev/mapper/control exists (dmsetup not installed to confirm)"
+    return False, ("no kernel driver: /sys/class/misc/device-mapper and /dev/mapper/control "
+                   "absent (load dm_mod or use a kernel with CONFIG_BLK_DEV_DM)")
+
+
+def _mounted(host: Host, fstype: str, mountpoint: str) -> bool:
+    for line in (host.read("/proc/mounts") or "").splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] == mountpoint and fields[2] == fstype:
+            return True
+    return False
+
+
+def configfs(host: Host) -> tuple[bool, str]:
+    """configfs mounted at /sys/kernel/config (LIO is configured through it)."""
+    if _mounted(host, "configfs", "/sys/kernel/config"):
+        return True, "configfs mounted at /sys/kernel/config"
+    if host.exists("/sys/kernel/config/target"):
+        return True, "/sys/kernel/config/target exists"
+    known = host.read("/proc/filesystems") or ""
+    if not any(line.split()[-1:] == ["configfs"] for line in known.splitlines()):
+        return False, "kernel has no configfs (CONFIG_CONFIGFS_FS) or it is not loaded"
+    return False, ("not mounted at /sys/kernel/config "
+                   "(mount -t configfs configfs /sys/kernel/config)")
+
+
+def lio(host: Host) -> tuple[bool, str]:
+    """LIO's target core: /sys/kernel/config/target appears once target_core_mod is loaded."""
+    if host.exists("/sys/kernel/config/target"):
+        version = (host.read("/sys/kernel/config/target/version") or "").strip()
+        return True, version.splitlines()[0] if version else "/sys/kernel/config/target exists"
+    if host.exists("/sys/module/target_core_mod"):
+        return False, ("target_core_mod is loaded but /sys/kernel/config/target is absent: "
+                       "mount configfs at /sys/kernel/config")
+    loadable, detail = _kernel_module(host, "target_core_mod", [])
+    if loadable:
+        return False, f"/sys/kernel/config/target absent; {detail}"
+    return False, (f"/sys/kernel/config/target absent; {detail} "
+                   "(the kernel needs CONFIG_TARGET_CORE)")
+
+
+def lio_iscsi(host: Host) -> tuple[bool, str]:
+    """LIO's iSCSI fabric (rtslib loads it on first use, so 'available' is enough)."""
+    return _kernel_module(host, "iscsi_target_mod", ["/sys/kernel/config/target/iscsi"])
+
+
+def scsi(host: Host) -> tuple[bool, str]:
+    """The kernel SCSI layer (LIO's target core and the iSCSI initiator build on it)."""
+    return _kernel_module(host, "scsi_mod", ["/sys/bus/scsi", "/sys/class/scsi_host"])
+
+
+def iscsi_tcp(host: Host) -> tuple[bool, str]:
+    """The initiator's TCP transport."""
+    return _kernel_module(host, "iscsi_tcp", ["/sys/class/iscsi_transport/tcp"])
+
+
+def iscsid(host: Host) -> tuple[bool, str]:
+    """iscsid running, or its socket held by systemd (iscsid.socket) so iscsiadm starts it."""
+    unix = host.read("/proc/net/unix") or ""
+    if any(line.split()[-1:] == [ISCSID_SOCKET] for line in unix.splitlines()):
+        return True, f"{ISCSID_SOCKET} is listening (iscsid running or socket-activated)"
+    proc = host.path("/proc")
+    try:
+        pids = [p for p in proc.iterdir() if p.name.isdigit()]
+    except OSError:
+        pids = []
+    for pid in pids:
+        if host.read(f"/proc/{pid.name}/comm") == "iscsid\n":
+            return True, f"iscsid running (pid {pid.name})"
+    return False, ("iscsid not running and nothing listens on "
+                   f"{ISCSID_SOCKET} (systemctl enable --now iscsid.socket)")
+
+
+def udev(host: Host) -> tuple[bool, str]:
+    """udevadm installed and udevd running (waiting for devices needs both)."""
+    tool = host.which("udevadm")
+    running = host.exists("/run/udev/control")
+    if tool and running:
+        return True, f"{tool}; udevd running (/run/udev/control)"
+    problems = []
+    if not tool:
+        problems.append("udevadm not found on PATH")
+    if not running:
+        problems.append("udevd not running (/run/udev/control absent)")
+    return False, "; ".join(problems)
+
+
+def python_module(name: str, smoke: Callable[[Any], object] | None = None) -> Probe:
+    """``name`` imports (and ``smoke(module)`` works, when given)."""
+
+    def probe(host: Host) -> tuple[bool, str]:
+        try:
+            mod = host.module(name)
+            if smoke is not None:
+                smoke(mod)
+        except Exception as exc:  # any import-time failure means "not usable"
+            return False, f"{type(exc).__name__}: {exc}"
+        version = getattr(mod, "__version__", None)
+        where = getattr(mod, "__file__", None) or "built in"
+        return True, f"{name} {version} ({where})" if version else f"{name} ({where})"
+
+    return probe
+
+
+def _pyudev_smoke(mod: Any) -> object:
+    # pyudev imports without libudev; creating a Context is what loads it
+    return mod.Context()
+
+
+# --------------------------------------------------------------------------
+# What each role needs
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Need:
+    """One requirement of a role: a probe plus what breaks without it."""
+
+    name: str
+    what: str
+    probe: Probe
+    fails_without: str
+    optional: bool = False
+
+
+def _lvm(fails: str) -> Need:
+    return Need("lvm", "LVM tools (lvm, lvs, lvcreate)", tools("lvm", "lvs", "lvcreate"), fails)
+
+
+def _dm_kernel(fails: str) -> Need:
+    return Need("device-mapper", "kernel device-mapper driver", device_mapper, fails)
+
+
+_CONFIGFS = Need("configfs", "configfs mounted at /sys/kernel/config", configfs,
+                 "LIO cannot be configured, so nothing can be exported over iSCSI")
+_LIO = Need("LIO", "LIO target core (target_core_mod, /sys/kernel/config/target)", lio,
+            "the duplicate cannot be exported as an iSCSI target")
+_LIO_ISCSI = Need("iscsi_target_mod", "LIO iSCSI fabric module", lio_iscsi,
+                  "LIO cannot create iSCSI targets or portals")
+_SCSI_TARGET = Need("SCSI", "kernel SCSI layer (/sys/bus/scsi or /sys/class/scsi_host)", scsi,
+                    "LIO's target core cannot load: it depends on the SCSI layer")
+_RTSLIB = Need("rtslib_fb", "Python module rtslib_fb (drives LIO)", python_module("rtslib_fb"),
+               "sanoffload cannot create or remove LIO targets, LUNs and ACLs")
+_UDEV_TARGET = Need("udev", "udevadm and a running udevd", udev,
+                    "cannot wait for snapshot device nodes to settle before exporting them")
+_GNU_TAR = Need("tar", "GNU tar", gnu_tar, "")
+_ZSTD = Need("zstd", "zstd compressor", tools("zstd"), "")
+
+
+def _with(need: Need, fails: str, *, optional: bool | None = None) -> Need:
+    return Need(need.name, need.what, need.probe, fails,
+                need.optional if optional is None else optional)
+
+
+REQUIREMENTS: dict[str, tuple[Need, ...]] = {
+    "agent": (
+        _lvm("cannot list volumes or create the LVM snapshot that is the duplicate"),
+        Need("dmsetup", "device-mapper tool", tools("dmsetup"),
+             "cannot inspect or remove device-mapper devices left by an interrupted run"),
+        _dm_kernel("lvcreate fails: no snapshot (duplicate) can be made"),
+        Need("fsfreeze", "filesystem freeze tool", tools("fsfreeze"),
+             "cannot quiesce the filesystem, so the freeze window step fails"),
+        Need("findmnt", "mount table query tool", tools("findmnt"),
+             "cannot map a backup path to its filesystem and device"),
+        Need("lsblk", "block device listing tool", tools("lsblk"),
+             "cannot find the LVM volume under a filesystem"),
+        Need("blkid", "filesystem probe tool", tools("blkid"),
+             "cannot read the filesystem type and UUID of the duplicate"),
+        _CONFIGFS, _LIO, _LIO_ISCSI, _SCSI_TARGET, _RTSLIB, _UDEV_TARGET,
+    ),
+    "proxy": (
+        Need("iscsiadm", "open-iscsi initiator tool", tools("iscsiadm"),
+             "cannot discover or log in to the exported duplicate"),
+        Need("iscsid", "open-iscsi daemon (running or socket-activated)", iscsid,
+             "iscsiadm logins fail: iscsid does the session work"),
+        Need("SCSI", "kernel SCSI layer (/sys/bus/scsi or /sys/class/scsi_host)", scsi,
+             "no disk appears for an iSCSI LUN: the initiator is a SCSI host"),
+        Need("iscsi_tcp", "kernel iSCSI/TCP initiator transport", iscsi_tcp,
+             "iscsiadm login fails with 'transport not loaded'"),
+        Need("udev", "udevadm and a running udevd", udev,
+             "cannot wait for the LUN's block device and its by-path link"),
+        Need("pyudev", "Python module pyudev (with libudev)",
+             python_module("pyudev", _pyudev_smoke),
+             "cannot match the logged-in LUN to its block device"),
+        Need("mount", "mount and umount", tools("mount", "umount"),
+             "cannot mount the duplicate read-only to back it up"),
+        _with(_GNU_TAR, "cannot write the backup archive"),
+        _with(_ZSTD, "cannot compress the backup archive"),
+        Need("ssh", "OpenSSH client", tools("ssh"), "cannot send the archive to the store"),
+    ),
+    "store": (
+        _with(_GNU_TAR, "cannot list or restore archives"),
+        _with(_ZSTD, "cannot decompress archives to verify or restore them"),
+        Need("ssh", "OpenSSH client", tools("ssh"),
+             "only local restores work (no pushing archives to another host)", optional=True),
+        Need("sshd", "OpenSSH server", tools("sshd"),
+             "proxies cannot push archives over ssh; use another transport", optional=True),
+    ),
+    "storage": (
+        _lvm("cannot create the thin/classic snapshot that is the duplicate"),
+        Need("dmsetup", "device-mapper tool", tools("dmsetup"),
+             "cannot inspect or remove device-mapper devices left by an interrupted run"),
+        _dm_kernel("LVM cannot activate volumes or snapshots at all"),
+        _CONFIGFS, _LIO, _LIO_ISCSI, _SCSI_TARGET, _RTSLIB,
+        Need("udev", "udevadm and a running udevd", udev,
+             "cannot wait for snapshot device nodes to settle before exporting them"),
+    ),
+}
+
+
+def run_checks(role: str, host: Host) -> Report:
+    """Run every check ``role`` needs on ``host``."""
+    if role not in REQUIREMENTS:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    checks = []
+    for need in REQUIREMENTS[role]:
+        try:
+            present, detail = need.probe(host)
+        except (OSError, CommandError) as exc:
+            # a probe that cannot even look counts as missing, with the reason shown;
+            # Interrupted and other errors propagate so a signal still stops doctor
+            present, detail = False, f"check failed: {exc}"
+        checks.append(Check(need.name, need.what, present, detail, need.fails_without,
+                            need.optional))
+    return Report(role, tuple(checks))

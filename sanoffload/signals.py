@@ -1,0 +1,52 @@
+"""Turn stop signals into an exception so cleanup code runs.
+
+The default action of SIGTERM and SIGHUP kills the process on the spot: no
+``finally`` block, no ``ExitStack`` callback, so a frozen filesystem or an
+exported LUN could be left behind.  With these handlers the first signal raises
+:class:`~sanoffload.errors.Interrupted` in the main thread; teardown then runs
+and the CLI exits with code 130.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterable
+from types import FrameType
+
+from .errors import Interrupted
+
+log = logging.getLogger(__name__)
+
+#: SIGINT too, so Ctrl-C gives the same exit code and message as SIGTERM
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def install_signal_handlers(
+        signals: Iterable[int] = DEFAULT_SIGNALS) -> Callable[[], None]:
+    """Make each of ``signals`` raise :class:`Interrupted`; return a function that restores.
+
+    Only the first signal raises.  Later ones are logged and ignored so that a
+    second SIGTERM (systemd, an impatient operator) cannot abort the cleanup
+    the first one started; SIGKILL remains the way to stop without cleanup.
+    Must be called from the main thread (a Python rule for signal handlers).
+    """
+    received: list[int] = []
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            log.warning("got %s while stopping after %s; cleanup continues",
+                        signal.Signals(signum).name, signal.Signals(received[0]).name)
+            return
+        raise Interrupted(signum)
+
+    previous: dict[int, object] = {}
+    for signum in signals:
+        previous[signum] = signal.signal(signum, handler)
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)  # type: ignore[arg-type]
+
+    return restore

@@ -1,0 +1,38 @@
+"""Test tiers: ``unit`` (no root), ``host`` (root on this machine), ``lab`` (QEMU VMs).
+
+Select tiers with ``-m``; ``scripts/test`` runs all three. A selected test whose
+tier cannot run here fails with the reason: nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# the lab tool lives in scripts/sanolab (not part of the installed package)
+sys.path.insert(0, str(REPO / "scripts"))
+
+TIER_MARKERS = ("unit", "host", "lab")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # every test belongs to exactly one tier, taken from its folder
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
+        tier = parts[0] if parts and parts[0] in TIER_MARKERS else None
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: tests must live under tests/unit, "
+                                    "tests/host or tests/lab")
+        if not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("host-tier tests need root (loop devices, mount, fsfreeze); "
+                    "run them as root or select '-m unit'", pytrace=False)

@@ -1,0 +1,72 @@
+"""Lab tier: boots the QEMU lab once per release per session.
+
+Tests take the ``lab`` fixture. Those marked ``release_sensitive`` run on every
+release in ``SANOLAB_RELEASES`` (default ``bookworm,trixie``); the others on
+the first one only. ``SANOLAB_REUSE=1`` keeps a lab that is already up (and
+leaves it up), for a quick edit-test loop; CI always boots a fresh one.
+If the lab cannot boot, every lab test fails with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from sanolab import config, sync, vm
+from sanoffload.runner import CommandRunner
+
+from .labctl import Lab
+
+
+def _releases() -> list[str]:
+    raw = os.environ.get("SANOLAB_RELEASES", "bookworm,trixie")
+    rels = [r.strip() for r in raw.split(",") if r.strip()]
+    bad = [r for r in rels if r not in config.RELEASES]
+    if bad:
+        raise pytest.UsageError(f"SANOLAB_RELEASES: unknown release(s) {bad}")
+    return rels
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "lab" not in metafunc.fixturenames:
+        return
+    rels = _releases()
+    if not metafunc.definition.get_closest_marker("release_sensitive"):
+        rels = rels[:1]
+    metafunc.parametrize("lab", rels, indirect=True, scope="session")
+
+
+_failed_boot: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    release: str = request.param
+    if os.geteuid() != 0:
+        pytest.fail("lab tests need root (network namespace, QEMU taps); "
+                    "run as root or select '-m \"unit or host\"'", pytrace=False)
+    if release in _failed_boot:
+        pytest.fail(f"the {release} lab did not boot: {_failed_boot[release]}", pytrace=False)
+    runner = CommandRunner(default_timeout=120)
+    reuse = os.environ.get("SANOLAB_REUSE") == "1"
+    state = vm.LabState.load()
+    if reuse and state and state.release == release and all(
+            vm.status(runner)[h]["ssh"] for h in state.hosts):
+        sync.sync(runner, state.hosts)
+        yield Lab(runner, release, state.hosts)
+        return
+    try:
+        state = vm.up(runner, release, list(config.HOSTS))
+        sync.sync(runner, state.hosts)
+    except (Exception, SystemExit) as exc:  # SystemExit: the lab tool's own refusals
+        _failed_boot[release] = str(exc)
+        vm.down(runner, quiet=True)
+        pytest.fail(f"the {release} lab did not boot: {exc}", pytrace=False)
+    try:
+        yield Lab(runner, release, state.hosts)
+    finally:
+        if not reuse:
+            problems = vm.down(runner)
+            assert not problems, f"lab down left problems: {problems}"
