@@ -244,7 +244,8 @@ def lio(host: Host) -> tuple[bool, str]:
                        "mount configfs at /sys/kernel/config")
     loadable, detail = _kernel_module(host, "target_core_mod", [])
     if loadable:
-        return False, f"/sys/kernel/config/target absent; {detail}"
+        # rtslib-fb loads target_core_mod on first use, as it does iscsi_target_mod
+        return True, detail
     return False, (f"/sys/kernel/config/target absent; {detail} "
                    "(the kernel needs CONFIG_TARGET_CORE)")
 

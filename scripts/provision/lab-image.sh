@@ -24,6 +24,14 @@ MaxStartups 64:30:128
 MaxSessions 64
 EOF
 
+# A small initrd that knows the lab's (virtio) hardware boots much faster under
+# emulation than one carrying every driver.
+printf 'MODULES=list\nCOMPRESS=zstd\n' > /etc/initramfs-tools/conf.d/sanolab.conf
+printf 'virtio_pci\nvirtio_blk\nvirtio_net\next4\n' >> /etc/initramfs-tools/modules
+update-initramfs -u -k all
+# The emulated CPU advertises SVM; loading kvm there only costs boot time.
+printf 'blacklist kvm\nblacklist kvm_amd\nblacklist kvm_intel\n' > /etc/modprobe.d/sanolab.conf
+
 # Quieter, faster boots under emulation.
 mkdir -p /etc/systemd/system.conf.d
 cat > /etc/systemd/system.conf.d/sanolab.conf <<'EOF'

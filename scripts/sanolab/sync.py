@@ -35,7 +35,7 @@ rm -rf "$site/sanoffload" "$site/sh" "$site/sh.py"
 tar -x -C "$site" -f -
 mv "$site/sanoffload-entry" /usr/local/bin/sanoffload
 chmod 755 /usr/local/bin/sanoffload
-python3 -c 'import sanoffload, sh; print(sanoffload.__version__, sh.__version__)'
+python3 -c 'import sanoffload, sh; print(sanoffload.__version__)'
 """
 
 

@@ -165,7 +165,9 @@ def _boot(runner: Runner, h: config.Host, img: Path) -> None:
         "-smp", "1", "-m", str(h.memory_mb),
         "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
         "-append", cmdline,
-        "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+        # fixed PCI slots keep the names stable: root is vda, data disks vdb, vdc...
+        "-drive", f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-pci,drive=root,addr=0x4",
     ]
     for i, size in enumerate(h.disks_gb, start=1):
         disk = sd / f"{h.name}-data{i}.raw"
@@ -174,10 +176,11 @@ def _boot(runner: Runner, h: config.Host, img: Path) -> None:
             f.truncate(size * 1024**3)
         # a serial number makes the disk findable in the guest by /dev/disk/by-id
         argv += ["-drive", f"file={disk},if=none,id=d{i},format=raw,cache=unsafe,discard=unmap",
-                 "-device", f"virtio-blk-pci,drive=d{i},serial=sanolab-{h.name}-d{i}"]
+                 "-device", f"virtio-blk-pci,drive=d{i},serial=sanolab-{h.name}-d{i},"
+                            f"addr={0x4 + i:#x}"]
     argv += [
         "-netdev", f"tap,id=n0,ifname={h.tap},script=no,downscript=no",
-        "-device", f"virtio-net-pci,netdev=n0,mac={h.mac}",
+        "-device", f"virtio-net-pci,netdev=n0,mac={h.mac},addr=0x3",
         "-serial", f"file:{sd / (h.name + '.console')}",
         "-qmp", f"unix:{sd / (h.name + '.qmp')},server=on,wait=off",
         "-pidfile", str(_pidfile(h.name)), "-daemonize",

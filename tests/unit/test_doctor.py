@@ -150,13 +150,15 @@ def test_missing_lio_is_named(tmp_path: Path, role: str) -> None:
     assert "CONFIG_TARGET_CORE" in report.check("LIO").detail
 
 
-def test_lio_loadable_module_is_still_missing_but_says_how(tmp_path: Path) -> None:
+def test_lio_loadable_module_counts_as_present_and_says_so(tmp_path: Path) -> None:
+    # rtslib-fb loads target_core_mod on first use, so a loadable module is enough
     runner = fh.fake_runner(fh.ALL_TOOLS | {"modprobe"})
     runner.on("modprobe", "-n", "-q", "target_core_mod", returncode=0)
     host = fh.fake_host(tmp_path, without=["LIO"], runner=runner)
     check = run_checks("storage", host).check("LIO")
-    assert not check.present
+    assert check.present
     assert "modprobe target_core_mod" in check.detail
+    assert runner.called("modprobe", "-n", "-q", "target_core_mod")
 
 
 def test_lio_module_loaded_but_configfs_unmounted(tmp_path: Path) -> None:
