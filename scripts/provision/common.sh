@@ -46,3 +46,18 @@ if [ -f /etc/iscsi/iscsid.conf ]; then
         /etc/iscsi/iscsid.conf
 fi
 mkdir -p /etc/sanoffload /run/sanoffload 2>/dev/null || true
+
+# Kernel modules sanoffload uses, loaded at boot so the first export or
+# snapshot does not race their initialisation.
+cat > /etc/modules-load.d/sanoffload.conf <<'EOF2'
+dm_snapshot
+dm_thin_pool
+dm_mirror
+dm_raid
+target_core_mod
+target_core_iblock
+iscsi_target_mod
+iscsi_tcp
+EOF2
+# LIO keeps persistent-reservation and ALUA state here
+mkdir -p /etc/target
