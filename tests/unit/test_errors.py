@@ -106,3 +106,15 @@ def test_interrupted_names_the_signal(signum: signal.Signals) -> None:
     exc = Interrupted(signum)
     assert exc.signum == signum and exc.exit_code == 130
     assert str(exc) == f"interrupted by {signum.name}"
+
+
+def test_readme_exit_code_table_matches_exit_codes() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([a-z-]+) \| (.+?) \|$", readme, flags=re.M)
+    table = {int(code): (kind, meaning.replace("`", "")) for code, kind, meaning in rows}
+    expected = {code: (kind, meaning.replace("'", "")) for code, (kind, meaning)
+                in EXIT_CODES.items()}
+    assert table == expected
