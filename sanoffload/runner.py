@@ -184,9 +184,75 @@ class Runner:
         """Path of ``name`` on the runner's PATH, or None."""
         return shutil.which(name, path=self.build_env()["PATH"])
 
+    def spawn(self, argv: Sequence[str], *, pass_fds: Iterable[int] = (),
+              log_path: str | None = None, env: Mapping[str, str] | None = None,
+              secrets: Iterable[str] = ()) -> Spawned:
+        """Start a long-lived helper (a guard, a pipeline stage) and return at once.
+
+        It runs in its own session, so signals aimed at our process group (and
+        our death) do not reach it; ``pass_fds`` are the only descriptors it
+        inherits. Its output goes to ``log_path`` (or nowhere).
+        """
+        argv = [str(a) for a in argv]
+        shown = self.mask_argv(argv, tuple(secrets))
+        log.debug("spawn: %s", " ".join(shown))
+        try:
+            return self._spawn(argv, pass_fds=tuple(pass_fds), log_path=log_path,
+                               env=self.build_env(env))
+        except _NotFound as exc:
+            raise CommandNotFoundError(f"command not found: {shown[0]}", argv=shown,
+                                       hint=exc.hint) from None
+
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
                  cwd: str | None, env: dict[str, str]) -> _Raw:
         raise NotImplementedError
+
+    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
+               env: dict[str, str]) -> Spawned:
+        raise NotImplementedError
+
+
+class Spawned:
+    """A started helper process."""
+
+    def __init__(self, argv: Sequence[str], pid: int) -> None:
+        self.argv = list(argv)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        """Exit code, or None while it runs."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds; raise CommandTimeoutError if it still runs."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+
+class _ShSpawned(Spawned):
+    def __init__(self, argv: Sequence[str], proc: Any) -> None:
+        super().__init__(argv, proc.pid)
+        self._proc = proc
+
+    def poll(self) -> int | None:
+        return None if self._proc.is_alive() else self._proc.process.exit_code
+
+    def wait(self, timeout: float) -> int:
+        import sh
+
+        try:
+            self._proc.wait(timeout=timeout)
+        except sh.TimeoutException:
+            raise CommandTimeoutError(f"{self.argv[0]} still running after {timeout:.0f}s",
+                                      argv=self.argv) from None
+        except sh.SignalException as exc:
+            return 128 + abs(exc.exit_code)
+        return int(self._proc.exit_code)
+
+    def kill(self) -> None:
+        _kill_group(self.pid)
 
 
 class _NotFound(Exception):
@@ -237,6 +303,28 @@ class CommandRunner(Runner):
             _reap(proc)
             raise
         return _Raw(proc.exit_code, proc.stdout, proc.stderr)
+
+
+    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
+               env: dict[str, str]) -> Spawned:
+        import sh
+
+        exe = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env["PATH"])
+        if exe is None or not os.access(exe, os.X_OK):
+            raise _NotFound(f"install the package that provides '{argv[0]}'")
+        # sh leaves pass_fds open but not inheritable (Python opens fds O_CLOEXEC)
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)
+        try:
+            proc = sh.Command(exe)(
+                *argv[1:], _env=env, _bg=True, _bg_exc=False, _new_session=True,
+                _pass_fds=set(pass_fds), _ok_code=list(range(0, 256)), _tty_out=False,
+                _out=log_path or os.devnull, _err_to_out=True, _return_cmd=True,
+                _truncate_exc=False)
+        finally:
+            for fd in pass_fds:
+                os.set_inheritable(fd, False)
+        return _ShSpawned(argv, proc)
 
 
 def _reap(proc: Any) -> None:
@@ -314,6 +402,19 @@ class FakeRunner(Runner):
     def called(self, *prefix: str) -> bool:
         return any(tuple(c.argv[: len(prefix)]) == prefix for c in self.calls)
 
+    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
+               env: dict[str, str]) -> Spawned:
+        self.calls.append(Call(list(argv), 0.0, None, env))
+        for rule in self.rules:
+            if rule.matches(argv):
+                rule.used += 1
+                if rule.action:
+                    rule.action(argv)
+                if rule.not_found:
+                    raise _NotFound()
+                return _FakeSpawned(argv, rule.returncode, running=rule.timeout)
+        raise AssertionError(f"FakeRunner: no rule for spawn {argv!r}")
+
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
                  cwd: str | None, env: dict[str, str]) -> _Raw:
         self.calls.append(Call(list(argv), timeout, input, env))
@@ -328,6 +429,30 @@ class FakeRunner(Runner):
                     raise _TimedOut(_enc(rule.stdout), _enc(rule.stderr))
                 return _Raw(rule.returncode, _enc(rule.stdout), _enc(rule.stderr))
         raise AssertionError(f"FakeRunner: no rule for {argv!r}")
+
+
+class _FakeSpawned(Spawned):
+    """A scripted helper: exits with the rule's code, or runs until killed (timeout=True)."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, *, running: bool) -> None:
+        super().__init__(argv, pid=0)
+        self.returncode = returncode
+        self.running = running
+        self.killed = False
+
+    def poll(self) -> int | None:
+        return None if self.running else self.returncode
+
+    def wait(self, timeout: float) -> int:
+        if self.running:
+            raise CommandTimeoutError(f"{self.argv[0]} still running after {timeout:.0f}s",
+                                      argv=self.argv)
+        return self.returncode
+
+    def kill(self) -> None:
+        self.killed = True
+        self.running = False
+        self.returncode = 137
 
 
 def _enc(data: str | bytes) -> bytes:
