@@ -275,6 +275,19 @@ def down(runner: Runner, *, quiet: bool = False) -> list[str]:
     return problems
 
 
+def leftover_processes() -> list[int]:
+    """PIDs of QEMU or ssh processes that belong to the lab (by its state dir)."""
+    import psutil
+
+    marker = str(config.state_dir())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if marker in cmd and ("qemu-system" in cmd or cmd.startswith("ssh")):
+            found.append(proc.info["pid"])
+    return found
+
+
 def status(runner: Runner) -> dict[str, dict[str, object]]:
     state = LabState.load()
     out: dict[str, dict[str, object]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,5 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         if not reuse:
             problems = vm.down(runner)
             assert not problems, f"lab down left problems: {problems}"
+            assert not vm.leftover_processes(), "lab down left QEMU or ssh processes"
+            assert not (Path("/run/netns") / config.NETNS).exists(), "lab down left the netns"

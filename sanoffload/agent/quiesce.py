@@ -1,0 +1,206 @@
+"""The quiesce step: hooks, flush, freeze, duplicate, thaw, hooks.
+
+Order (``who_freezes="fsfreeze"``)::
+
+    pre-freeze hooks → sync -f → arm guard → fsfreeze --freeze → t0
+        → duplicate() → fsfreeze --unfreeze → t1 → disarm guard → post-thaw hooks
+
+Only freeze → duplicate → thaw happens while frozen: every slow step (hooks,
+the flush, starting the guard) comes before or after. The thaw is in a
+``finally``, so an error in ``duplicate()`` or a SIGTERM/SIGHUP (raised as
+:class:`~sanoffload.errors.Interrupted` by :mod:`sanoffload.signals`) still
+thaws; if the agent is SIGKILLed or hangs, the freeze guard
+(:mod:`sanoffload.agent.guard`) thaws.
+
+``who_freezes="lvm"``: on Linux < 6.6 LVM's own device suspend freezes the
+filesystem, and a userspace freeze cannot nest with it, so we do not call
+fsfreeze (and arm no guard: nothing of ours is frozen). Hooks and the flush
+still run; the window is the duration of ``duplicate()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from ..errors import CommandError, CommandTimeoutError, FreezeError, UsageError
+from ..runner import Runner
+from ..tools import fsfreeze
+from .guard import DEFAULT_STATE_DIR, FreezeGuard
+from .hooks import HookFailure, Hooks, check_hooks, run_post_thaw, run_pre_freeze
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WhoFreezes = Literal["fsfreeze", "lvm"]
+#: extra time a freeze may take beyond the deadline (the kernel flushes first);
+#: the guard thaws at the deadline anyway
+FREEZE_TIMEOUT_SLACK = 30.0
+
+
+class GuardLike(Protocol):
+    """What quiesce needs from a freeze guard (:class:`FreezeGuard`, or a test's fake)."""
+
+    def __enter__(self) -> GuardLike: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    def disarm(self) -> None: ...
+
+    @property
+    def fired(self) -> bool: ...
+
+    @property
+    def report(self) -> dict[str, Any] | None: ...
+
+
+GuardFactory = Callable[..., GuardLike]
+
+
+@dataclass(frozen=True)
+class Quiesced(Generic[T]):
+    """What one quiesce gave: the duplicate and how long the filesystem was frozen."""
+
+    result: T
+    window_ms: float
+    frozen_by: WhoFreezes
+    post_thaw_failures: tuple[HookFailure, ...] = ()
+    guard_report: dict[str, Any] | None = None
+
+
+def quiesce_and_duplicate(
+        runner: Runner, mountpoint: str | os.PathLike[str], duplicate: Callable[[], T], *,
+        hooks: Hooks | None = None, deadline_s: float = 10.0,
+        who_freezes: WhoFreezes = "fsfreeze",
+        state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+        path: str | os.PathLike[str] | None = None,
+        discard: Callable[[T], None] | None = None,
+        guard_factory: GuardFactory = FreezeGuard) -> Quiesced[T]:
+    """Freeze ``mountpoint`` just long enough for ``duplicate()``; return its result.
+
+    ``path`` is the directory being backed up (``SANOFFLOAD_PATH`` for hooks;
+    the mountpoint by default). Raises :class:`FreezeError` when a pre-freeze
+    hook fails (nothing frozen), the freeze fails, or the freeze deadline was
+    exceeded; in the last case ``discard(result)`` is called first if
+    ``duplicate()`` had returned, since that duplicate may not be consistent.
+    Whatever happens, the filesystem is thawed and post-thaw hooks run.
+    """
+    if who_freezes not in ("fsfreeze", "lvm"):
+        raise UsageError(f"who_freezes must be 'fsfreeze' or 'lvm', not {who_freezes!r}")
+    if deadline_s <= 0:
+        raise UsageError(f"freeze deadline must be positive, not {deadline_s}")
+    mp = os.fspath(mountpoint)
+    target = os.fspath(path) if path is not None else mp
+    hooks = hooks or Hooks()
+    check_hooks(hooks)  # a hook we would refuse later refuses now, before anything ran
+
+    try:
+        run_pre_freeze(runner, hooks, mp, target)
+        _flush(runner, mp)
+        if who_freezes == "lvm":
+            out = _duplicate_lvm_frozen(mp, duplicate, deadline_s)
+        else:
+            out = _duplicate_frozen(runner, mp, duplicate, deadline_s=deadline_s,
+                                    state_dir=state_dir, discard=discard,
+                                    guard_factory=guard_factory)
+    except BaseException as exc:
+        # post-thaw hooks undo what pre-freeze hooks began, even after a failure
+        for failure in run_post_thaw(runner, hooks, mp, target):
+            exc.add_note(f"post-thaw hook {failure.hook.path} also failed: {failure.message}")
+        raise
+    failures = run_post_thaw(runner, hooks, mp, target)
+    return Quiesced(out.result, out.window_ms, out.frozen_by, tuple(failures), out.guard_report)
+
+
+def _flush(runner: Runner, mp: str) -> None:
+    try:
+        fsfreeze.syncfs(runner, mp)
+    except CommandError as exc:
+        raise FreezeError(f"could not flush {mp} before freezing: {exc.message}; "
+                          "nothing was frozen") from exc
+
+
+def _duplicate_lvm_frozen(mp: str, duplicate: Callable[[], T], deadline_s: float) -> Quiesced[T]:
+    t0 = time.monotonic()
+    result = duplicate()
+    window_ms = (time.monotonic() - t0) * 1000
+    log.info("%s: duplicated in %.1f ms, frozen by LVM's device suspend", mp, window_ms)
+    if window_ms > deadline_s * 1000:
+        log.warning("%s: LVM's freeze window (%.1f ms) exceeded the deadline (%.1f s)", mp,
+                    window_ms, deadline_s)
+    return Quiesced(result, window_ms, "lvm")
+
+
+def _duplicate_frozen(runner: Runner, mp: str, duplicate: Callable[[], T], *, deadline_s: float,
+                      state_dir: str | os.PathLike[str], discard: Callable[[T], None] | None,
+                      guard_factory: GuardFactory) -> Quiesced[T]:
+    guard = guard_factory(runner, mp, deadline_s, state_dir=state_dir)
+    have_result = False
+    result: T | None = None
+    thawed_by_us = False
+    thaw_error: CommandError | None = None
+    t0 = t1 = 0.0
+    with guard:
+        maybe_frozen = False
+        try:
+            maybe_frozen = True  # from the first moment an interrupt could leave it frozen
+            try:
+                fsfreeze.freeze(runner, mp, timeout=deadline_s + FREEZE_TIMEOUT_SLACK)
+            except CommandTimeoutError as exc:
+                # killed mid-ioctl: the kernel may still finish the freeze; thaw below
+                raise FreezeError(f"freezing {mp} timed out: {exc.message}") from exc
+            except CommandError as exc:
+                # fsfreeze said no (already frozen by someone else, not supported):
+                # nothing of ours is frozen, and someone else's freeze is not ours to thaw
+                maybe_frozen = False
+                raise FreezeError(f"could not freeze {mp}: {exc.message}") from exc
+            t0 = time.monotonic()
+            result = duplicate()
+            have_result = True
+        finally:
+            if maybe_frozen:
+                try:
+                    thawed_by_us = fsfreeze.unfreeze(runner, mp)
+                except CommandError as exc:
+                    # leaving the with-block without disarming closes the guard's pipe:
+                    # it thaws at once
+                    thaw_error = exc
+                    log.error("could not thaw %s: %s; the freeze guard thaws it", mp, exc)
+                else:
+                    t1 = time.monotonic()
+                    guard.disarm()
+            else:
+                guard.disarm()
+            if not have_result and guard.fired:
+                # duplicate()'s own error is what propagates; say the deadline passed too
+                log.error("%s: the freeze guard thawed it past the %gs deadline", mp, deadline_s)
+    # here the filesystem is thawed, by us or by the guard, and the guard is gone
+    report = guard.report
+    window_ms = (t1 - t0) * 1000 if t1 else 0.0
+    if thawed_by_us and not guard.fired:
+        log.info("%s: frozen for %.1f ms (fsfreeze)", mp, window_ms)
+        return Quiesced(result, window_ms, "fsfreeze", guard_report=report)  # type: ignore[arg-type]
+
+    if guard.fired:
+        why = (f"freeze deadline exceeded: {mp} was still frozen {deadline_s:g}s after the "
+               f"freeze guard armed, and the guard thawed it"
+               f" ({(report or {}).get('thaw', 'see its report')})")
+    elif thaw_error is not None:
+        why = f"could not thaw {mp} ({thaw_error.message}); the freeze guard thawed it"
+    else:
+        why = f"{mp} was thawed by someone else while the duplicate was being made"
+    log.error("%s (window %.1f ms)", why, window_ms)
+    if have_result and discard is not None:
+        try:
+            discard(result)  # type: ignore[arg-type]
+        except Exception as exc:
+            err = FreezeError(f"{why}; discarding the duplicate failed too: {exc}")
+            raise err from exc
+        raise FreezeError(f"{why}; the duplicate was discarded")
+    raise FreezeError(f"{why}; the duplicate must not be used")

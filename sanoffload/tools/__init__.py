@@ -1,0 +1,1 @@
+"""Typed wrappers around external tools; each one runs its commands through a Runner."""
