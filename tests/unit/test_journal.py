@@ -1,0 +1,75 @@
+"""The state journal: atomic records, intents written before resources exist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sanoffload.agent.journal import Journal, SessionRecord
+from sanoffload.errors import UsageError
+
+pytestmark = pytest.mark.unit
+
+
+def _record(sid: str = "fs1-0a1b2c3d") -> SessionRecord:
+    return SessionRecord(session_id=sid, client="px1", initiator="iqn.2026-11.org.x:px1",
+                         path="/srv/data")
+
+
+def test_intent_is_on_disk_before_the_resource_is_made(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    rec = _record()
+    j.save(rec)
+    res = j.intend(rec, "snapshot", vg="datavg", name="sanoffload-fs1-0a1b2c3d")
+    on_disk = json.loads((tmp_path / "sessions" / "fs1-0a1b2c3d.json").read_text())
+    assert on_disk["resources"] == [{"kind": "snapshot", "state": "intended",
+                                     "fields": {"vg": "datavg",
+                                                "name": "sanoffload-fs1-0a1b2c3d"}}]
+    j.done(rec, res, size=67108864)
+    again = j.load("fs1-0a1b2c3d")
+    assert again is not None
+    assert again.resources[0].state == "created"
+    assert again.resources[0].fields["size"] == 67108864
+    j.forget(rec, res)
+    assert j.load("fs1-0a1b2c3d").resources == []  # type: ignore[union-attr]
+
+
+def test_records_round_trip_and_list(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    for sid in ("fs1-aaaa", "fs1-bbbb"):
+        rec = _record(sid)
+        j.intend(rec, "lio-target", iqn=f"iqn.2026-11.org.sanoffload:fs1.{sid}")
+    assert sorted(r.session_id for r in j) == ["fs1-aaaa", "fs1-bbbb"]
+    j.remove("fs1-aaaa")
+    j.remove("fs1-aaaa")  # idempotent
+    assert [r.session_id for r in j] == ["fs1-bbbb"]
+
+
+def test_no_temporary_files_are_left_and_files_are_private(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.save(_record())
+    names = [p.name for p in (tmp_path / "sessions").iterdir()]
+    assert names == ["fs1-0a1b2c3d.json"]
+    assert (tmp_path / "sessions").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("sid", ["../etc/passwd", "a/b", "", "X" * 80, "UPPER"])
+def test_session_ids_that_could_escape_are_refused(tmp_path: Path, sid: str) -> None:
+    with pytest.raises(UsageError):
+        Journal(tmp_path).load(sid)
+
+
+def test_unknown_resource_kinds_are_refused(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    with pytest.raises(ValueError):
+        j.intend(_record(), "nfs-export", path="/x")
+
+
+def test_a_corrupt_record_does_not_hide_the_others(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.save(_record("fs1-good"))
+    (tmp_path / "sessions" / "fs1-bad.json").write_text("{not json")
+    assert [r.session_id for r in j] == ["fs1-good"]
+    assert [p.name for p in j.broken()] == ["fs1-bad.json"]
