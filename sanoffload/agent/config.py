@@ -1,0 +1,340 @@
+"""The agent's configuration: ``/etc/sanoffload/agent.toml``.
+
+Example (every key; only ``portal.address`` and one client are required)::
+
+    state_dir = "/var/lib/sanoffload"
+    run_dir = "/run/sanoffload"
+    freeze_deadline_s = 10        # longest a filesystem may stay frozen
+    lease_s = 3600                # an export left unreleased this long is torn down
+
+    [portal]
+    address = "10.77.0.11"        # required: the interface the proxies reach
+    port = 3260
+
+    [snapshot]                    # classic snapshot COW size
+    percent = 10
+    min_mb = 64
+
+    [thin]                        # refuse a thin snapshot above these pool usages
+    max_data_percent = 80
+    max_metadata_percent = 80
+
+    [hooks]
+    pre_freeze = ["/usr/local/sbin/db-flush"]
+    post_thaw = ["/usr/local/sbin/db-resume"]
+    timeout_s = 60
+
+    [clients.px1]
+    initiators = ["iqn.2026-11.org.sanoffload.lab:px1"]
+    roots = ["/srv"]
+    max_sessions = 1
+
+Every problem is a :class:`ConfigError` naming the file, the key and the
+reason; unknown keys are refused (a typo must not silently fall back to a
+default).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ..errors import AuthError, ConfigError
+from .hooks import DEFAULT_HOOK_TIMEOUT, Hooks
+
+DEFAULT_PATH = "/etc/sanoffload/agent.toml"
+DEFAULT_STATE_DIR = "/var/lib/sanoffload"
+DEFAULT_RUN_DIR = "/run/sanoffload"
+DEFAULT_PORT = 3260
+DEFAULT_FREEZE_DEADLINE_S = 10.0
+#: a freeze longer than this stalls every writer of the filesystem for too long
+MAX_FREEZE_DEADLINE_S = 300.0
+DEFAULT_LEASE_S = 3600
+DEFAULT_SNAPSHOT_PERCENT = 10
+DEFAULT_SNAPSHOT_MIN_MB = 64
+DEFAULT_THIN_MAX_PERCENT = 80
+DEFAULT_MAX_SESSIONS = 1
+
+# RFC 3720 3.2.6.3.1: "iqn." date "." reversed domain [":" unique], lowercase (RFC 3722)
+_IQN_RE = re.compile(
+    r"^iqn\.(?P<year>\d{4})-(?P<month>\d{2})\."
+    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+    r"(?::[a-z0-9.:-]+)?$")
+IQN_MAX_LEN = 223
+_CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Portal:
+    """Where LIO listens for the proxies."""
+
+    address: str
+    port: int = DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """COW size of a classic snapshot: ``percent`` of the origin, at least ``min_mb``."""
+
+    percent: int = DEFAULT_SNAPSHOT_PERCENT
+    min_mb: int = DEFAULT_SNAPSHOT_MIN_MB
+
+    @property
+    def min_bytes(self) -> int:
+        return self.min_mb * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ThinPolicy:
+    """A thin snapshot is refused while the pool is fuller than these."""
+
+    max_data_percent: int = DEFAULT_THIN_MAX_PERCENT
+    max_metadata_percent: int = DEFAULT_THIN_MAX_PERCENT
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    pre_freeze: tuple[str, ...] = ()
+    post_thaw: tuple[str, ...] = ()
+    timeout_s: float = DEFAULT_HOOK_TIMEOUT
+
+    def to_hooks(self) -> Hooks:
+        """The :class:`~sanoffload.agent.hooks.Hooks` to run (checked again before each run)."""
+        return Hooks.from_paths(self.pre_freeze, self.post_thaw, timeout=self.timeout_s)
+
+
+@dataclass(frozen=True)
+class Client:
+    """One backup proxy: its initiator names and the paths it may back up."""
+
+    name: str
+    initiators: tuple[str, ...]
+    roots: tuple[str, ...]
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    portal: Portal
+    clients: Mapping[str, Client]
+    state_dir: str = DEFAULT_STATE_DIR
+    run_dir: str = DEFAULT_RUN_DIR
+    freeze_deadline_s: float = DEFAULT_FREEZE_DEADLINE_S
+    lease_s: int = DEFAULT_LEASE_S
+    snapshot: SnapshotPolicy = field(default_factory=SnapshotPolicy)
+    thin: ThinPolicy = field(default_factory=ThinPolicy)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+
+    def client_for_initiator(self, iqn: str) -> Client:
+        """The client that owns initiator ``iqn``; AuthError if none does.
+
+        Compared exactly: the config only holds lowercase names, and an
+        initiator presenting another spelling is not the one configured.
+        """
+        for client in self.clients.values():
+            if iqn in client.initiators:
+                return client
+        raise AuthError(f"initiator {iqn!r} is not allowed: no client lists it")
+
+
+# --------------------------------------------------------------------------
+# Validation helpers: each takes the dotted key for its error message
+# --------------------------------------------------------------------------
+
+class _Checker:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {reason}")
+
+    def table(self, data: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.error(key, f"must be a table, not {type(data).__name__}")
+        for name in data:
+            if name not in allowed:
+                full = f"{key}.{name}" if key else name
+                raise self.error(full, f"unknown key (known: {', '.join(sorted(allowed))})")
+        return data
+
+    def integer(self, value: Any, key: str, lo: int, hi: int | None = None) -> int:
+        # bool is an int in Python; "true" for a number is a mistake
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be an integer, not {value!r}")
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise self.error(key, f"must be {bounds}, not {value}")
+        return value
+
+    def number(self, value: Any, key: str, hi: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"must be a number of seconds, not {value!r}")
+        if not value > 0 or (hi is not None and value > hi):
+            limit = f" and at most {hi:g}" if hi is not None else ""
+            raise self.error(key, f"must be greater than 0{limit}, not {value}")
+        return float(value)
+
+    def abspath(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a path string, not {value!r}")
+        if not os.path.isabs(value):
+            raise self.error(key, f"must be an absolute path, not {value!r}")
+        if ".." in value.split("/") or "\0" in value:
+            raise self.error(key, f"must not contain '..' or NUL: {value!r}")
+        return os.path.normpath(value)
+
+    def str_list(self, value: Any, key: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise self.error(key, f"must be a list, not {value!r}")
+        out = tuple(item(v, f"{key}[{i}]") for i, v in enumerate(value))
+        seen: set[T] = set()
+        for i, v in enumerate(out):
+            if v in seen:
+                raise self.error(f"{key}[{i}]", f"listed twice: {v!r}")
+            seen.add(v)
+        return out
+
+    def iqn(self, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"must be an iSCSI name string, not {value!r}")
+        if value != value.lower():
+            raise self.error(key, f"iSCSI names are lowercase (RFC 3722): {value!r}")
+        match = _IQN_RE.match(value)
+        if not match or not 1 <= int(match.group("month")) <= 12 or len(value) > IQN_MAX_LEN:
+            raise self.error(key, f"not an iSCSI qualified name "
+                                  f"(iqn.YYYY-MM.reversed.domain[:unique]): {value!r}")
+        return value
+
+    def root(self, value: Any, key: str) -> str:
+        path = self.abspath(value, key)
+        if path == "/":
+            raise self.error(key, "'/' would allow every path; name the directories to back up")
+        return path
+
+    def address(self, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"must be an IP address string, not {value!r}")
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            raise self.error(key, f"not an IP address: {value!r}") from None
+        if addr.is_unspecified:
+            raise self.error(key, f"{value} listens on every interface; choose the address "
+                                  "of the interface the proxies reach")
+        return str(addr)
+
+
+_TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "lease_s", "portal", "snapshot",
+             "thin", "hooks", "clients"}
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate parsed TOML ``data``; ``source`` names the file in error messages."""
+    c = _Checker(source)
+    top = c.table(dict(data), "", _TOP_KEYS)
+
+    if "portal" not in top:
+        raise c.error("portal.address", "required: the address LIO listens on (a sysadmin "
+                                        "must choose the interface)")
+    portal_t = c.table(top["portal"], "portal", {"address", "port"})
+    if "address" not in portal_t:
+        raise c.error("portal.address", "required: the address LIO listens on (a sysadmin "
+                                        "must choose the interface)")
+    portal = Portal(c.address(portal_t["address"], "portal.address"),
+                    c.integer(portal_t.get("port", DEFAULT_PORT), "portal.port", 1, 65535))
+
+    snap_t = c.table(top.get("snapshot", {}), "snapshot", {"percent", "min_mb"})
+    snapshot = SnapshotPolicy(
+        c.integer(snap_t.get("percent", DEFAULT_SNAPSHOT_PERCENT), "snapshot.percent", 1, 100),
+        c.integer(snap_t.get("min_mb", DEFAULT_SNAPSHOT_MIN_MB), "snapshot.min_mb", 1))
+
+    thin_t = c.table(top.get("thin", {}), "thin", {"max_data_percent", "max_metadata_percent"})
+    thin = ThinPolicy(
+        c.integer(thin_t.get("max_data_percent", DEFAULT_THIN_MAX_PERCENT),
+                  "thin.max_data_percent", 1, 100),
+        c.integer(thin_t.get("max_metadata_percent", DEFAULT_THIN_MAX_PERCENT),
+                  "thin.max_metadata_percent", 1, 100))
+
+    hooks_t = c.table(top.get("hooks", {}), "hooks", {"pre_freeze", "post_thaw", "timeout_s"})
+    hooks = HooksConfig(
+        c.str_list(hooks_t.get("pre_freeze", []), "hooks.pre_freeze", c.abspath),
+        c.str_list(hooks_t.get("post_thaw", []), "hooks.post_thaw", c.abspath),
+        c.number(hooks_t.get("timeout_s", DEFAULT_HOOK_TIMEOUT), "hooks.timeout_s"))
+
+    clients = _clients(c, top.get("clients"))
+
+    return Config(
+        path=source, portal=portal, clients=clients,
+        state_dir=c.abspath(top.get("state_dir", DEFAULT_STATE_DIR), "state_dir"),
+        run_dir=c.abspath(top.get("run_dir", DEFAULT_RUN_DIR), "run_dir"),
+        freeze_deadline_s=c.number(top.get("freeze_deadline_s", DEFAULT_FREEZE_DEADLINE_S),
+                                   "freeze_deadline_s", MAX_FREEZE_DEADLINE_S),
+        lease_s=c.integer(top.get("lease_s", DEFAULT_LEASE_S), "lease_s", 1),
+        snapshot=snapshot, thin=thin, hooks=hooks)
+
+
+def _clients(c: _Checker, data: Any) -> dict[str, Client]:
+    if data is None or data == {}:
+        raise c.error("clients", "no [clients.NAME] table: no proxy could use this agent")
+    if not isinstance(data, dict):
+        raise c.error("clients", f"must be a table of [clients.NAME], not {type(data).__name__}")
+    clients: dict[str, Client] = {}
+    owner: dict[str, str] = {}
+    for name, body in data.items():
+        key = f"clients.{name}"
+        if not _CLIENT_NAME_RE.match(name):
+            raise c.error(key, "client names are letters, digits, '_', '.', '-'")
+        t = c.table(body, key, {"initiators", "roots", "max_sessions"})
+        for required in ("initiators", "roots"):
+            if required not in t:
+                raise c.error(f"{key}.{required}", "required")
+        initiators = c.str_list(t["initiators"], f"{key}.initiators", c.iqn)
+        roots = c.str_list(t["roots"], f"{key}.roots", c.root)
+        if not initiators:
+            raise c.error(f"{key}.initiators", "must list at least one initiator")
+        if not roots:
+            raise c.error(f"{key}.roots", "must list at least one root")
+        for iqn in initiators:
+            if iqn in owner:
+                # one initiator, two clients: which roots would apply is ambiguous
+                raise c.error(f"{key}.initiators",
+                              f"{iqn} is already listed by client {owner[iqn]!r}")
+            owner[iqn] = name
+        clients[name] = Client(name, initiators, roots,
+                               c.integer(t.get("max_sessions", DEFAULT_MAX_SESSIONS),
+                                         f"{key}.max_sessions", 1))
+    return clients
+
+
+def parse(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML ``text``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return from_dict(data, source)
+
+
+def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:
+    """Read, parse and validate the agent's config file."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such file", hint="create it (see the README)") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8: {exc}") from None
+    return parse(text, name)
