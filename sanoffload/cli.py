@@ -35,7 +35,9 @@ from .signals import install_signal_handlers
 log = logging.getLogger("sanoffload")
 
 #: command name -> "module:attribute" of a click command, imported on first use
-LAZY_COMMANDS: dict[str, str] = {}
+LAZY_COMMANDS: dict[str, str] = {
+    "agent": "sanoffload.agent.cli:agent",
+}
 
 
 def make_runner() -> Runner:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
@@ -63,11 +64,11 @@ def valid_iqn(iqn: str) -> bool:
     return bool(_IQN_RE.match(iqn))
 
 
-def target_iqn_for(host: str, session_id: str) -> str:
-    """The per-session target name, under sanoffload's prefix."""
-    name = f"{TARGET_IQN_PREFIX}{host.lower()}.{session_id.lower()}"
+def target_iqn_for(session_id: str) -> str:
+    """The per-session target name, under sanoffload's prefix (the id names the host)."""
+    name = f"{TARGET_IQN_PREFIX}{session_id.lower()}"
     if not valid_iqn(name):
-        raise ValueError(f"cannot build a valid IQN from host {host!r} and session {session_id!r}")
+        raise ValueError(f"cannot build a valid IQN from session {session_id!r}")
     return name
 
 
@@ -111,6 +112,14 @@ class Export:
         return asdict(self)
 
 
+def _read_configfs(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:  # older kernels have no company_id attribute
+        return None
+
+
 class LioExporter:
     """Export, identify and unexport duplicates through LIO (one instance per process)."""
 
@@ -127,7 +136,10 @@ class LioExporter:
     # -- lookups ---------------------------------------------------------------
     def _root(self) -> Any:
         try:
-            return self.rts.RTSRoot()
+            with warnings.catch_warnings():
+                # "Cannot set dbroot ...": harmless once target_core_mod is loaded at boot
+                warnings.simplefilter("ignore", UserWarning)
+                return self.rts.RTSRoot()
         except Exception as exc:  # rtslib raises RTSLibError or OSError without configfs/LIO
             raise MissingDependencyError(f"LIO is not available: {exc}",
                                          hint="sanoffload doctor --role agent") from exc
@@ -201,7 +213,14 @@ class LioExporter:
         entry = next((ln for ln in tpg.luns if ln.lun == lun), None) if tpg else None
         if entry is None:
             raise LioError(f"LIO target {target_iqn} has no LUN {lun}")
-        return naa_from_serial(entry.storage_object.wwn)
+        so = entry.storage_object
+        company = _read_configfs(f"{so.path}/wwn/company_id")
+        if company:
+            # LIO's own company id for this storage object, as its VPD page 0x83 reports it
+            company = company.strip().lower().removeprefix("0x").rjust(6, "0")
+            digits = re.sub(r"[^0-9a-f]", "", so.wwn.lower())
+            return f"naa.6{company}{digits[:25]}"
+        return naa_from_serial(so.wwn)
 
     # -- unexport --------------------------------------------------------------
     def unexport(self, target_iqn: str, backstore: str) -> list[str]:

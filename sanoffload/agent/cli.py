@@ -1,0 +1,127 @@
+"""``sanoffload agent ...``: the first server's commands for operators."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..cli import App, pass_app
+from . import config as agent_config
+from .session import DUPLICATE_KINDS, Agent
+
+
+def _agent(app: App, config_path: str) -> Agent:
+    return Agent(app.get_runner(), agent_config.load(config_path))
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+@click.group("agent")
+@click.option("--config", "config_path", default=agent_config.DEFAULT_PATH, show_default=True,
+              help="The agent's configuration file.")
+@click.pass_context
+def agent(ctx: click.Context, config_path: str) -> None:
+    """First server: duplicate a volume and expose it to a backup proxy.
+
+    \b
+    Example:
+      sanoffload agent prepare /srv/data --initiator iqn.2026-11.org.example:px1 --json
+      sanoffload agent release fs1-1a2b3c4d
+    """
+    ctx.meta["agent_config"] = config_path
+
+
+def _config(ctx: click.Context) -> str:
+    return str(ctx.meta.get("agent_config", agent_config.DEFAULT_PATH))
+
+
+@agent.command()
+@click.argument("path")
+@click.option("--initiator", required=True, help="The proxy's iSCSI initiator name (IQN).")
+@click.option("--kind", type=click.Choice(DUPLICATE_KINDS), default=None,
+              help="Duplicate kind (default: chosen from the volume).")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@pass_app
+@click.pass_context
+def prepare(ctx: click.Context, app: App, path: str, initiator: str, kind: str | None,
+            as_json: bool) -> None:
+    """Freeze, duplicate and export PATH's volume to INITIATOR.
+
+    \b
+    Example:
+      sanoffload agent prepare /srv/data --initiator iqn.2026-11.org.example:px1 --json
+    """
+    answer = _agent(app, _config(ctx)).prepare(path, initiator, kind=kind).to_dict()
+    _emit(answer, as_json,
+          f"session {answer['session_id']}: {answer['identifier']} "
+          f"{answer['target_iqn']} lun {answer['lun']} at {','.join(answer['portals'])} "
+          f"({answer['duplicate_kind']}, frozen {answer['freeze_window_ms']} ms)")
+
+
+@agent.command()
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@click.pass_context
+def status(ctx: click.Context, app: App, session_id: str, as_json: bool) -> None:
+    """Show a session's state: healthy, invalid (snapshot overflow), expired...
+
+    \b
+    Example:
+      sanoffload agent status fs1-1a2b3c4d
+    """
+    st = _agent(app, _config(ctx)).status(session_id)
+    _emit(st, as_json, f"{session_id}: {st['status']}")
+
+
+@agent.command()
+@click.argument("session_id")
+@pass_app
+@click.pass_context
+def release(ctx: click.Context, app: App, session_id: str) -> None:
+    """Unexport and drop (or merge back) a session's duplicate. Idempotent.
+
+    \b
+    Example:
+      sanoffload agent release fs1-1a2b3c4d
+    """
+    done = _agent(app, _config(ctx)).release(session_id)
+    click.echo(f"{session_id}: released ({len(done)} object(s) removed)")
+
+
+@agent.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@click.pass_context
+def sessions(ctx: click.Context, app: App, as_json: bool) -> None:
+    """List the agent's sessions.
+
+    \b
+    Example:
+      sanoffload agent sessions --json
+    """
+    rows = _agent(app, _config(ctx)).sessions()
+    _emit(rows, as_json, "\n".join(f"{r['session_id']}  {r['status']}  {r.get('path', '')}"
+                                   for r in rows) or "no sessions")
+
+
+@agent.command()
+@click.option("--all", "all_sessions", is_flag=True,
+              help="Release every session, ready ones too (what boot-time cleanup does).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@click.pass_context
+def cleanup(ctx: click.Context, app: App, all_sessions: bool, as_json: bool) -> None:
+    """Remove what a crash or reboot left: failed/expired sessions and marked orphans.
+
+    \b
+    Example:
+      sanoffload agent cleanup --all     # at boot (sanoffload-cleanup.service)
+    """
+    report = _agent(app, _config(ctx)).cleanup(all_sessions=all_sessions)
+    _emit(report, as_json, f"released {len(report['released'])} session(s), removed "
+                           f"{len(report['orphans_removed'])} orphan(s)")

@@ -1,0 +1,201 @@
+"""The storage-controller interface and its local implementation (LVM + LIO).
+
+The claims' "storage system" duplicates a volume, exposes the duplicate on a
+port, answers the identifier the duplicate presents there, reports its health
+and releases it. :class:`StorageController` is that interface; the agent only
+talks to it. :class:`LocalController` implements it on the first server's own
+disks (LVM for the duplicate, LIO for the export); a remote storage node is
+another implementation behind the same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
+
+from ..errors import CommandError, RefusedError
+from ..runner import Runner
+from ..tools import lio, lvm
+from .config import Config
+from .resolve import BackupObject
+
+log = logging.getLogger(__name__)
+
+Health = Literal["healthy", "invalid", "missing"]
+
+#: suspend-ioctl failure when LVM cannot nest its freeze inside ours (Linux < 6.6)
+NESTED_FREEZE_FAILURE = "suspend ioctl"
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """Where the duplicate lives (enough to find and undo it after a crash)."""
+
+    kind: str  # snapshot | thin-snapshot | raid1-split | mirror-split
+    vg: str
+    name: str  # the duplicate's LV name
+    origin: str  # the origin LV's name
+
+    @property
+    def device(self) -> str:
+        return f"/dev/{self.vg}/{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StorageController(Protocol):
+    def duplicate(self, obj: BackupObject, name: str) -> Duplicate: ...
+
+    def discard(self, dup: Duplicate) -> None: ...
+
+    def expose(self, dup: Duplicate, spec: lio.ExportSpec) -> lio.Export: ...
+
+    def identify(self, target_iqn: str, lun: int = 0) -> str: ...
+
+    def unexpose(self, target_iqn: str, backstore: str) -> list[str]: ...
+
+    def health(self, dup: Duplicate) -> Health: ...
+
+    def who_freezes(self, kind: str) -> Literal["fsfreeze", "lvm"]: ...
+
+
+def kernel_allows_nested_freeze(release: str | None = None) -> bool:
+    """Linux 6.6 added freeze holders: a userspace fsfreeze and a device suspend nest."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-", 1)[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (6, 6)
+
+
+class LocalController:
+    """LVM duplicates and LIO exports on this host."""
+
+    def __init__(self, runner: Runner, config: Config, exporter: lio.LioExporter | None = None,
+                 *, kernel_release: str | None = None) -> None:
+        self.runner = runner
+        self.config = config
+        self._exporter = exporter
+        self.nested_freeze = kernel_allows_nested_freeze(kernel_release)
+
+    @property
+    def exporter(self) -> lio.LioExporter:
+        if self._exporter is None:
+            self._exporter = lio.LioExporter()
+        return self._exporter
+
+    def who_freezes(self, kind: str) -> Literal["fsfreeze", "lvm"]:
+        """Who inhibits writes and flushes for ``kind`` on this kernel.
+
+        A snapshot suspends the origin device, and LVM freezes the filesystem
+        itself for that; before Linux 6.6 that freeze fails inside ours
+        ("suspend ioctl ... Device or resource busy"), so there LVM's own
+        suspend is the quiesce step. Splitting a mirror works under fsfreeze.
+        """
+        if kind in ("snapshot", "thin-snapshot") and not self.nested_freeze:
+            return "lvm"
+        return "fsfreeze"
+
+    # -- duplicate ---------------------------------------------------------
+    def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
+        lv = obj.lv
+        kind = obj.duplicate_kind
+        tags = (lvm.SANOFFLOAD_TAG,)
+        if kind == "snapshot":
+            vg = lvm.get_vg(self.runner, lv.vg)
+            size = lvm.snapshot_size(lv.size_bytes, vg, self.config.snapshot.percent,
+                                     self.config.snapshot.min_bytes)
+            self._guard_nested(lambda: lvm.create_snapshot(self.runner, lv, name, size, tags),
+                               lv.vg, name)
+            return Duplicate(kind, lv.vg, name, lv.name)
+        if kind == "thin-snapshot":
+            pool = lvm.get_lv(self.runner, lv.vg, lv.pool_lv)
+            if pool is None:
+                raise RefusedError(f"thin pool {lv.vg}/{lv.pool_lv} of {lv.full_name} not found")
+            lvm.check_thin_pool_room(pool, self.config.thin.max_data_percent,
+                                     self.config.thin.max_metadata_percent)
+            self._guard_nested(lambda: lvm.create_thin_snapshot(self.runner, lv, name, tags),
+                               lv.vg, name)
+            return Duplicate(kind, lv.vg, name, lv.name)
+        if kind == "raid1-split":
+            image = lvm.split_raid1(self.runner, lv)
+            return Duplicate(kind, lv.vg, image.name, lv.name)
+        if kind == "mirror-split":
+            lvm.split_mirror(self.runner, lv, name, tags)
+            return Duplicate(kind, lv.vg, name, lv.name)
+        raise RefusedError(f"unknown duplicate kind {kind!r}")
+
+    def _guard_nested(self, create: Any, vg: str, name: str) -> None:
+        """Run a snapshot creation; after a nested-freeze failure leave nothing half made."""
+        try:
+            create()
+        except CommandError as exc:
+            if NESTED_FREEZE_FAILURE in (exc.stderr or "") or NESTED_FREEZE_FAILURE in str(exc):
+                self.remove_leftovers(vg, name)
+            raise
+
+    def remove_leftovers(self, vg: str, name: str) -> list[str]:
+        """Remove a half-made snapshot LV and the dm devices a failed lvcreate leaves.
+
+        After "Failed to suspend ... Manual intervention required" LVM leaves
+        the snapshot LV (attr ``-wi-i-----``), its ``-cow`` device and the
+        origin's ``-real`` device; ``lvremove`` takes the LV and ``dmsetup
+        remove`` what is left of the dm devices (only ours, by name).
+        """
+        removed = []
+        if lvm.remove_lv(self.runner, vg, name):
+            removed.append(f"LV {vg}/{name}")
+        dm_name = f"{vg.replace('-', '--')}-{name.replace('-', '--')}"
+        for dev in (f"{dm_name}-cow", dm_name):
+            res = self.runner.run(["dmsetup", "remove", "--retry", dev],
+                                  ok_codes={1: "no such device"})
+            if res.ok:
+                removed.append(f"dm device {dev}")
+        return removed
+
+    def discard(self, dup: Duplicate) -> None:
+        """Drop the duplicate (or give a split image back to its mirror)."""
+        if dup.kind in ("snapshot", "thin-snapshot"):
+            lvm.remove_lv(self.runner, dup.vg, dup.name)
+            self._remove_orphan_real(dup.vg, dup.origin)
+        elif dup.kind == "raid1-split":
+            image = lvm.get_lv(self.runner, dup.vg, dup.name)
+            if image is not None and image.is_tracked_split_image:
+                lvm.merge_raid1(self.runner, image)
+        elif dup.kind == "mirror-split":
+            origin = lvm.get_lv(self.runner, dup.vg, dup.origin)
+            if origin is not None and not origin.is_mirror:
+                lvm.readd_mirror(self.runner, origin, dup.name)
+            else:
+                lvm.remove_lv(self.runner, dup.vg, dup.name)
+
+    def _remove_orphan_real(self, vg: str, origin: str) -> None:
+        """An origin with no snapshot left must not keep a ``-real`` device."""
+        if any(lv.origin == origin for lv in lvm.list_lvs(self.runner, vg)):
+            return
+        dm = f"{vg.replace('-', '--')}-{origin.replace('-', '--')}-real"
+        res = self.runner.run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", dm],
+                              ok_codes={1: "no such device"})
+        if res.ok and res.stdout.strip() == "0":
+            self.runner.run(["dmsetup", "remove", "--retry", dm], ok_codes={1: "no such device"})
+
+    # -- expose ------------------------------------------------------------
+    def expose(self, dup: Duplicate, spec: lio.ExportSpec) -> lio.Export:
+        return self.exporter.export(spec)
+
+    def identify(self, target_iqn: str, lun: int = 0) -> str:
+        return self.exporter.identify(target_iqn, lun)
+
+    def unexpose(self, target_iqn: str, backstore: str) -> list[str]:
+        return self.exporter.unexport(target_iqn, backstore)
+
+    # -- health ------------------------------------------------------------
+    def health(self, dup: Duplicate) -> Health:
+        lv = lvm.get_lv(self.runner, dup.vg, dup.name)
+        if lv is None:
+            return "missing"
+        return "invalid" if lv.is_invalid else "healthy"

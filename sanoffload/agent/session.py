@@ -1,0 +1,284 @@
+"""The first server's agent: prepare, status, release, and the cleanup pass.
+
+``prepare`` resolves the backup object, quiesces and duplicates it, exposes
+the duplicate to the requesting proxy alone and answers what the proxy needs
+(claims 1, 4, 5, 7, 8). Each step writes its intent to the journal before it
+acts and registers its undo on an ExitStack the moment the resource exists;
+on any failure the stack unwinds (going on past errors) and nothing is left
+frozen, exported or duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CleanupError, ResourceError, SanoffloadError
+from ..runner import Runner
+from ..tools import fsfreeze, lio, lvm
+from .config import Config
+from .controller import Duplicate, LocalController, StorageController
+from .journal import Journal, Resource, SessionRecord
+from .quiesce import quiesce_and_duplicate
+from .resolve import resolve
+
+log = logging.getLogger(__name__)
+
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+#: CHAP secrets between 12 and 16 characters work with every initiator we know
+CHAP_SECRET_LEN = 16
+DUPLICATE_KINDS = ("snapshot", "thin-snapshot", "raid1-split", "mirror-split")
+
+
+def new_session_id(host: str) -> str:
+    safe = "".join(c for c in host.lower() if c.isalnum() or c == "-")[:24] or "host"
+    return f"{safe}-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """prepare's answer: what the proxy needs to back up the object."""
+
+    session_id: str
+    target_iqn: str
+    portals: list[str]
+    lun: int
+    identifier: str
+    unit_serial: str
+    chap_user: str
+    chap_secret: str
+    fstype: str
+    path_in_fs: str
+    duplicate_kind: str
+    freeze_window_ms: float
+    frozen_by: str
+    lease_expires: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Agent:
+    """The agent's operations on this host."""
+
+    def __init__(self, runner: Runner, config: Config, *,
+                 controller: StorageController | None = None, host: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.runner = runner
+        self.config = config
+        self.controller = controller or LocalController(runner, config)
+        self.journal = Journal(config.state_dir)
+        self.host = host or socket.gethostname().split(".")[0]
+        self.clock = clock
+
+    # -- prepare -----------------------------------------------------------
+    def prepare(self, path: str, initiator: str, *, kind: str | None = None) -> Prepared:
+        client = self.config.client_for_initiator(initiator)
+        obj = resolve(self.runner, path, client.roots, duplicate_kind=kind)
+        active = [r for r in self.journal if r.client == client.name]
+        if len(active) >= client.max_sessions:
+            raise ResourceError(f"client {client.name} already has {len(active)} session(s) "
+                                f"(max_sessions = {client.max_sessions})",
+                                hint="release one, or raise max_sessions in the agent config")
+        sid = new_session_id(self.host)
+        now = self.clock()
+        rec = SessionRecord(session_id=sid, client=client.name, initiator=initiator,
+                            path=obj.real_path, created=now,
+                            lease_expires=now + self.config.lease_s,
+                            info={"mountpoint": obj.mount.target, "fstype": obj.mount.fstype,
+                                  "origin": obj.lv.full_name, "kind": obj.duplicate_kind})
+        self.journal.save(rec)
+        with contextlib.ExitStack() as undo:
+            # anything below that fails unwinds what was made, then the record itself
+            undo.callback(self._finish_failed, rec)
+            dup_name = f"{lvm.NAME_PREFIX}{sid}"
+            who = self.controller.who_freezes(obj.duplicate_kind)
+            frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
+            dup_res = self.journal.intend(rec, obj.duplicate_kind, vg=obj.lv.vg,
+                                          name=dup_name, origin=obj.lv.name)
+
+            def make() -> Duplicate:
+                return self.controller.duplicate(obj, dup_name)
+
+            q = quiesce_and_duplicate(
+                self.runner, obj.mount.target, make, hooks=self.config.hooks.to_hooks(),
+                deadline_s=self.config.freeze_deadline_s, who_freezes=who,
+                state_dir=self.config.run_dir, path=obj.real_path,
+                discard=self.controller.discard)
+            dup = q.result
+            # the split image of a raid1 keeps LVM's name (LV_rimage_N): journal what it is
+            self.journal.done(rec, dup_res, name=dup.name)
+            undo.callback(self._undo, rec, dup_res)
+            self.journal.forget(rec, frozen)  # thawed: quiesce guarantees it
+
+            serial = lio.new_serial()
+            chap_secret = "".join(secrets.choice(_SECRET_ALPHABET)
+                                  for _ in range(CHAP_SECRET_LEN))
+            self.runner.add_secret(chap_secret)
+            spec = lio.ExportSpec(
+                session_id=sid, device=dup.device,
+                target_iqn=lio.target_iqn_for(sid), initiator_iqn=initiator,
+                portal_ip=self.config.portal.address, portal_port=self.config.portal.port,
+                chap_user=f"sanoffload-{sid}", chap_secret=chap_secret, serial=serial)
+            bs_res = self.journal.intend(rec, "lio-backstore", name=spec.backstore)
+            tgt_res = self.journal.intend(rec, "lio-target", iqn=spec.target_iqn,
+                                          backstore=spec.backstore)
+            undo.callback(self._undo, rec, bs_res)
+            undo.callback(self._undo, rec, tgt_res)
+            export = self.controller.expose(dup, spec)
+            self.journal.done(rec, bs_res, serial=serial)
+            self.journal.done(rec, tgt_res)
+            rec.state = "ready"
+            rec.info.update({"window_ms": q.window_ms, "frozen_by": q.frozen_by,
+                             "identifier": export.identifier})
+            self.journal.save(rec)
+            undo.pop_all()
+        log.info("session %s ready: %s frozen %.1f ms by %s, exported as %s", sid,
+                 obj.mount.target, q.window_ms, q.frozen_by, export.identifier)
+        return Prepared(
+            session_id=sid, target_iqn=export.target_iqn,
+            portals=[f"{export.portal_ip}:{export.portal_port}"], lun=export.lun,
+            identifier=export.identifier, unit_serial=export.serial, chap_user=spec.chap_user,
+            chap_secret=chap_secret, fstype=obj.mount.fstype, path_in_fs=obj.path_in_fs,
+            duplicate_kind=dup.kind, freeze_window_ms=round(q.window_ms, 1),
+            frozen_by=q.frozen_by, lease_expires=rec.lease_expires)
+
+    def _finish_failed(self, rec: SessionRecord) -> None:
+        # runs last on the failure path: all undos before it succeeded or were reported
+        if not rec.resources:
+            self.journal.remove(rec.session_id)
+        else:
+            rec.state = "failed"
+            self.journal.save(rec)
+
+    # -- undo one resource ---------------------------------------------------
+    def _undo(self, rec: SessionRecord, res: Resource) -> None:
+        f = res.fields
+        if res.kind == "lio-target":
+            self.controller.unexpose(f["iqn"], f.get("backstore", ""))
+        elif res.kind == "lio-backstore":
+            self.controller.unexpose("", f["name"])
+        elif res.kind == "frozen":
+            fsfreeze.unfreeze(self.runner, f["mountpoint"])
+        elif res.kind in DUPLICATE_KINDS:
+            dup = Duplicate(res.kind, f["vg"], f["name"], f["origin"])
+            if res.state == "intended" and res.kind in ("snapshot", "thin-snapshot"):
+                # a crash inside lvcreate can leave a half-made LV and dm devices
+                if isinstance(self.controller, LocalController):
+                    self.controller.remove_leftovers(dup.vg, dup.name)
+            self.controller.discard(dup)
+        self.journal.forget(rec, res)
+
+    # -- status / release ----------------------------------------------------
+    def status(self, session_id: str) -> dict[str, Any]:
+        rec = self.journal.load(session_id)
+        if rec is None:
+            return {"session_id": session_id, "status": "unknown"}
+        dup_res = next((r for r in rec.resources if r.kind in DUPLICATE_KINDS), None)
+        status = "healthy"
+        if rec.state != "ready":
+            status = rec.state
+        elif self.clock() >= rec.lease_expires:
+            status = "expired"
+        elif dup_res is not None:
+            f = dup_res.fields
+            status = self.controller.health(Duplicate(dup_res.kind, f["vg"], f["name"],
+                                                      f["origin"]))
+        return {"session_id": session_id, "status": status, "state": rec.state,
+                "lease_expires": rec.lease_expires, "path": rec.path, **rec.info}
+
+    def release(self, session_id: str) -> list[str]:
+        """Undo everything the session holds, newest first. Idempotent.
+
+        Goes on past errors and raises CleanupError listing all of them; the
+        record stays in the journal then, so a later cleanup tries again.
+        """
+        rec = self.journal.load(session_id)
+        if rec is None:
+            return []
+        rec.state = "releasing"
+        self.journal.save(rec)
+        errors: list[BaseException] = []
+        done: list[str] = []
+        order = {k: i for i, k in enumerate(("lio-target", "lio-backstore", "frozen",
+                                              *DUPLICATE_KINDS))}
+        for res in sorted(list(rec.resources), key=lambda r: order[r.kind]):
+            try:
+                self._undo(rec, res)
+                done.append(f"{res.kind} {res.fields}")
+            except SanoffloadError as exc:
+                errors.append(exc)
+        if errors:
+            rec.state = "failed"
+            self.journal.save(rec)
+            raise CleanupError(errors, context=f"release of {session_id}")
+        self.journal.remove(session_id)
+        log.info("session %s released", session_id)
+        return done
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [self.status(r.session_id) for r in self.journal]
+
+    # -- cleanup -------------------------------------------------------------
+    def cleanup(self, *, all_sessions: bool = False) -> dict[str, Any]:
+        """Remove what crashes left: journaled sessions not ready or expired, and marked orphans.
+
+        At agent start-up nothing should survive (``all_sessions``); run later,
+        only failed, half-prepared and expired sessions are released.
+        """
+        released, errors = [], []
+        now = self.clock()
+        for rec in list(self.journal):
+            if all_sessions or rec.state != "ready" or now >= rec.lease_expires:
+                try:
+                    self.release(rec.session_id)
+                    released.append(rec.session_id)
+                except SanoffloadError as exc:
+                    errors.append(exc)
+        orphans = self._orphans()
+        for what, undo in orphans:
+            try:
+                undo()
+            except SanoffloadError as exc:
+                errors.append(exc)
+        report = {"released": released, "orphans_removed": [w for w, _ in orphans],
+                  "broken_records": [str(p) for p in self.journal.broken()]}
+        if errors:
+            raise CleanupError(errors, context="agent cleanup")
+        return report
+
+    def _orphans(self) -> list[tuple[str, Callable[[], Any]]]:
+        """Marked objects no journal record accounts for."""
+        known_lvs = {(r.fields.get("vg"), r.fields.get("name")) for rec in self.journal
+                     for r in rec.resources if r.kind in DUPLICATE_KINDS}
+        known_targets = {r.fields.get("iqn") for rec in self.journal for r in rec.resources
+                         if r.kind == "lio-target"}
+        known_bs = {r.fields.get("name") for rec in self.journal for r in rec.resources
+                    if r.kind == "lio-backstore"}
+        found: list[tuple[str, Callable[[], Any]]] = []
+        if isinstance(self.controller, LocalController):
+            try:
+                ours = self.controller.exporter.ours()
+            except SanoffloadError:
+                ours = {"targets": [], "backstores": []}
+            for iqn in ours["targets"]:
+                if iqn not in known_targets:
+                    found.append((f"LIO target {iqn}",
+                                  lambda iqn=iqn: self.controller.unexpose(iqn, "")))
+            for bs in ours["backstores"]:
+                if bs not in known_bs:
+                    found.append((f"LIO backstore {bs}",
+                                  lambda bs=bs: self.controller.unexpose("", bs)))
+            for lv in lvm.list_lvs(self.runner):
+                if lv.is_sanoffload and (lv.vg, lv.name) not in known_lvs and not lv.is_hidden:
+                    ctl = self.controller
+                    found.append((f"LV {lv.full_name}",
+                                  lambda lv=lv: ctl.remove_leftovers(lv.vg, lv.name)))
+        return found

@@ -1,0 +1,139 @@
+"""The first server's agent on fs1, with px1 as the proxy (co-located mode: fs1's own disks).
+
+prepare returns an identifier; px1 logs in with the given CHAP (plain
+iscsiadm here) and finds exactly one disk whose wwid equals it; a file written
+on fs1 after prepare is absent from the duplicate, one written before is
+present; a wrong CHAP secret or an initiator outside the ACL cannot log in;
+release leaves no LIO object and no tagged LV.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from .labctl import Lab
+
+VG = "datavg"
+AGENT_TOML = """
+state_dir = "/var/lib/sanoffload"
+run_dir = "/run/sanoffload"
+freeze_deadline_s = 10
+
+[portal]
+address = "{ip}"
+
+[clients.px1]
+initiators = ["{px1}"]
+roots = ["/srv"]
+max_sessions = 2
+"""
+
+MKFS = {"ext4": "mkfs.ext4 -q", "xfs": "mkfs.xfs -q -f"}
+RO_OPTS = {"ext4": "ro,noload", "xfs": "ro,norecovery,nouuid"}
+LVCREATE = {
+    "snapshot": f"lvcreate -q -y -L 400m -n data {VG}",
+    "thin-snapshot": f"lvcreate -q -y -L 900m -T {VG}/pool && "
+                     f"lvcreate -q -y -V 400m -T {VG}/pool -n data",
+    "raid1-split": f"lvcreate -q -y --type raid1 -m 1 -L 400m -n data {VG} && "
+                   f"lvchange -q --syncaction check {VG}/data; "
+                   f"while lvs --noheadings -o copy_percent {VG}/data | grep -qv 100.00; "
+                   "do sleep 1; done",
+}
+
+
+@pytest.fixture
+def fs1_volume(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """An LV of the requested kind on fs1 with a filesystem mounted at /srv/data."""
+    kind, fstype = request.param
+    lab.sh("fs1", f"""set -e
+        pvcreate -q -y /dev/vdb /dev/vdc
+        vgcreate -q {VG} /dev/vdb /dev/vdc
+        {LVCREATE[kind]}
+        {MKFS[fstype]} /dev/{VG}/data
+        mkdir -p /srv/data /etc/sanoffload
+        mount /dev/{VG}/data /srv/data
+        mkdir -p /srv/data/tree
+        echo before > /srv/data/tree/before.txt
+        """, timeout=600)
+    lab.sh("fs1", ["sh", "-c", "cat > /etc/sanoffload/agent.toml"],
+           input=AGENT_TOML.format(ip=lab.ip("fs1"), px1=lab.iqn("px1")))
+    try:
+        yield kind, fstype
+    finally:
+        lab.sh("px1", "umount /mnt/dup 2>/dev/null; iscsiadm -m node --logoutall=all 2>/dev/null;"
+                      " iscsiadm -m node -o delete 2>/dev/null; true")
+        lab.sh("fs1", "sanoffload agent cleanup --all >/dev/null 2>&1; "
+                      f"umount /srv/data 2>/dev/null; vgremove -q -f {VG} >/dev/null 2>&1; "
+                      "pvremove -q /dev/vdb /dev/vdc >/dev/null 2>&1; "
+                      "wipefs -q -a /dev/vdb /dev/vdc; rm -rf /var/lib/sanoffload; true")
+
+
+def _login(lab: Lab, ans: dict, secret: str, host: str = "px1") -> int:
+    portal = ans["portals"][0]
+    iqn = ans["target_iqn"]
+    base = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
+    lab.sh(host, ["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal], check=False)
+    lab.sh(host, base + ["-o", "new"], check=False)
+    for name, value in (("node.session.auth.authmethod", "CHAP"),
+                        ("node.session.auth.username", ans["chap_user"]),
+                        ("node.session.auth.password", secret)):
+        lab.sh(host, base + ["-o", "update", "-n", name, "-v", value])
+    return lab.sh(host, base + ["--login"], check=False).returncode
+
+
+CASES = [("snapshot", "ext4"), ("snapshot", "xfs"), ("thin-snapshot", "ext4"),
+         ("thin-snapshot", "xfs"), ("raid1-split", "ext4"), ("raid1-split", "xfs")]
+
+
+@pytest.mark.release_sensitive
+@pytest.mark.parametrize("fs1_volume", CASES, indirect=True, ids=[f"{k}-{f}" for k, f in CASES])
+def test_prepare_exports_a_frozen_duplicate_to_px1_only(lab: Lab,
+                                                        fs1_volume: tuple[str, str]) -> None:
+    kind, fstype = fs1_volume
+    out = lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/tree",
+                         "--initiator", lab.iqn("px1"), "--json"])
+    ans = json.loads(out.stdout)
+    assert ans["duplicate_kind"] == kind
+    assert ans["fstype"] == fstype
+    assert ans["path_in_fs"] == "tree"
+    assert ans["identifier"].startswith("naa.6001405")
+    assert ans["freeze_window_ms"] >= 0
+    # written after prepare: must not be in the duplicate
+    lab.sh("fs1", "echo after > /srv/data/tree/after.txt && sync")
+
+    # wrong CHAP secret, then an initiator outside the ACL: both refused
+    assert _login(lab, ans, "wrong-secret-123") != 0
+    lab.sh("px1", ["iscsiadm", "-m", "node", "-T", ans["target_iqn"], "-o", "delete"],
+           check=False)
+    assert _login(lab, ans, ans["chap_secret"], host="bk1") != 0
+    lab.sh("bk1", ["iscsiadm", "-m", "node", "-o", "delete"], check=False)
+
+    assert _login(lab, ans, ans["chap_secret"]) == 0
+    lab.sh("px1", ["udevadm", "settle", "--timeout=60"])
+    wwid = ans["identifier"].removeprefix("naa.")
+    found = lab.sh("px1", "grep -l '^" + ans["identifier"] + "$' /sys/block/sd*/device/wwid")
+    disks = found.stdout.split()
+    assert len(disks) == 1, disks
+    dev = "/dev/" + disks[0].split("/")[3]
+    assert lab.sh("px1", ["readlink", "-e", f"/dev/disk/by-id/wwn-0x{wwid}"]).stdout.strip() == dev
+    lab.sh("px1", f"mkdir -p /mnt/dup && mount -o {RO_OPTS[fstype]} {dev} /mnt/dup")
+    assert lab.sh("px1", ["cat", "/mnt/dup/tree/before.txt"]).stdout == "before\n"
+    assert lab.sh("px1", ["test", "-e", "/mnt/dup/tree/after.txt"], check=False).returncode == 1
+    lab.sh("px1", f"umount /mnt/dup && iscsiadm -m node -T {ans['target_iqn']} --logout && "
+                  f"iscsiadm -m node -T {ans['target_iqn']} -o delete")
+
+    status = json.loads(lab.sh("fs1", ["sanoffload", "agent", "status", ans["session_id"],
+                                       "--json"]).stdout)
+    assert status["status"] == "healthy"
+    lab.sh("fs1", ["sanoffload", "agent", "release", ans["session_id"]])
+    lab.sh("fs1", ["sanoffload", "agent", "release", ans["session_id"]])  # idempotent
+    inv = lab.lio_inventory("fs1")
+    assert inv == {"targets": [], "backstores": []}
+    tagged = lab.sh("fs1", ["lvs", "--noheadings", "-o", "lv_name", "@sanoffload"]).stdout
+    assert tagged.strip() == ""
+    if kind == "raid1-split":
+        lvs = lab.sh("fs1", ["lvs", "-a", "--noheadings", "-o", "lv_name", VG]).stdout
+        assert "data_rimage_1" in lvs  # merged back, not dropped
