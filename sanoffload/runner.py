@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
+from .signals import deferred as deferred_signals
 
 log = logging.getLogger(__name__)
 # sh logs every chunk at DEBUG; our own lines say what matters
@@ -284,23 +285,27 @@ class CommandRunner(Runner):
         exe = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env["PATH"])
         if exe is None or not os.access(exe, os.X_OK):
             raise _NotFound(f"install the package that provides '{argv[0]}'")
-        proc = sh.Command(exe)(
-            *argv[1:], _env=env, _in=input, _cwd=cwd, _timeout=timeout,
-            _ok_code=list(range(0, 256)), _tty_out=False, _bg=True, _bg_exc=False,
-            _new_group=True, _return_cmd=True, _truncate_exc=False)
+        proc = None
         try:
+            with deferred_signals():
+                proc = sh.Command(exe)(
+                    *argv[1:], _env=env, _in=input, _cwd=cwd, _timeout=timeout,
+                    _ok_code=list(range(0, 256)), _tty_out=False, _bg=True, _bg_exc=False,
+                    _new_group=True, _return_cmd=True, _truncate_exc=False)
             proc.wait()
         except sh.TimeoutException:
             # sh killed the leader; children it left (pipes, helpers) die with the group
+            assert proc is not None
             _kill_group(proc.pid)
             raise _TimedOut(proc.stdout, proc.stderr) from None
         except sh.SignalException as exc:
             return _Raw(128 + abs(exc.exit_code), exc.stdout, exc.stderr)
         except BaseException:
-            # Interrupted (SIGTERM/SIGHUP handler, Ctrl-C) while waiting: the child has its
-            # own process group, so nothing else will stop it; never leave it running
-            _kill_group(proc.pid)
-            _reap(proc)
+            # Interrupted (SIGTERM/SIGHUP handler, Ctrl-C) while starting or waiting: the
+            # child has its own process group, so nothing else will stop it
+            if proc is not None:
+                _kill_group(proc.pid)
+                _reap(proc)
             raise
         return _Raw(proc.exit_code, proc.stdout, proc.stderr)
 
@@ -316,11 +321,14 @@ class CommandRunner(Runner):
         for fd in pass_fds:
             os.set_inheritable(fd, True)
         try:
-            proc = sh.Command(exe)(
-                *argv[1:], _env=env, _bg=True, _bg_exc=False, _new_session=True,
-                _pass_fds=set(pass_fds), _ok_code=list(range(0, 256)), _tty_out=False,
-                _out=log_path or os.devnull, _err_to_out=True, _return_cmd=True,
-                _truncate_exc=False)
+            # a helper outlives us on purpose (the freeze guard): a signal arriving while it
+            # starts is raised after the start, and the caller's cleanup deals with it
+            with deferred_signals():
+                proc = sh.Command(exe)(
+                    *argv[1:], _env=env, _bg=True, _bg_exc=False, _new_session=True,
+                    _pass_fds=set(pass_fds), _ok_code=list(range(0, 256)), _tty_out=False,
+                    _out=log_path or os.devnull, _err_to_out=True, _return_cmd=True,
+                    _truncate_exc=False)
         finally:
             for fd in pass_fds:
                 os.set_inheritable(fd, False)

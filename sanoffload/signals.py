@@ -9,9 +9,11 @@ and the CLI exits with code 130.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
 from .errors import Interrupted
@@ -20,6 +22,36 @@ log = logging.getLogger(__name__)
 
 #: SIGINT too, so Ctrl-C gives the same exit code and message as SIGTERM
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+_deferring = 0
+_pending: list[int] = []
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold stop signals back for a short critical section, then raise the first one.
+
+    An exception raised by a signal handler inside ``threading.Thread.start``
+    (which sh calls while starting a command) leaves the thread half-registered
+    and the interpreter hangs at exit; so the runner starts commands in here.
+    Only the main thread handles signals; elsewhere this does nothing.
+    """
+    global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            signum = _pending.pop(0)
+            _pending.clear()
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, None)
 
 
 def install_signal_handlers(
@@ -34,6 +66,10 @@ def install_signal_handlers(
     received: list[int] = []
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        if _deferring and not received:
+            # inside a critical section (e.g. sh starting its threads): raise at its end
+            _pending.append(signum)
+            return
         received.append(signum)
         if len(received) > 1:
             log.warning("got %s while stopping after %s; cleanup continues",

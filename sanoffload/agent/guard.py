@@ -33,6 +33,7 @@ import argparse
 import errno
 import fcntl
 import json
+import logging
 import os
 import select
 import signal
@@ -62,6 +63,8 @@ EXIT_SETUP = 5
 DISARMED = "disarmed"
 AGENT_GONE = "agent-gone"
 DEADLINE = "deadline"
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/run/sanoffload"
 ARM_TIMEOUT = 10.0
@@ -237,8 +240,13 @@ class FreezeGuard:
         """Start the guard and wait (bounded) until it says it is armed."""
         from ..errors import ConfigError, FreezeError
 
+        try:
+            mount_dev = os.stat(self.mountpoint).st_dev
+        except OSError as exc:
+            raise FreezeError(f"cannot guard {self.mountpoint}: {exc.strerror}; "
+                              "nothing was frozen") from None
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        if os.stat(self.state_dir).st_dev == os.stat(self.mountpoint).st_dev:
+        if os.stat(self.state_dir).st_dev == mount_dev:
             raise ConfigError(f"freeze guard state dir {self.state_dir} is on the filesystem "
                               f"being frozen ({self.mountpoint}): the guard could not write its "
                               "report", hint="use a directory on another filesystem, "
@@ -250,7 +258,10 @@ class FreezeGuard:
         try:
             try:
                 self._proc = self.runner.spawn(
-                    [sys.executable, "-m", "sanoffload.agent.guard", "--mount", self.mountpoint,
+                    # -P: not the agent's cwd on sys.path, where a stray "sanoffload"
+                    # directory would be imported, as root, in place of ours
+                    [sys.executable or "python3", "-P", "-m", "sanoffload.agent.guard",
+                     "--mount", self.mountpoint,
                      "--deadline", repr(self.deadline_s), "--fd", str(ctl_r),
                      "--ready-fd", str(ready_w), "--report", self.report_path],
                     pass_fds=(ctl_r, ready_w), log_path=self.log_path,
@@ -266,7 +277,7 @@ class FreezeGuard:
                 self._proc.kill()  # not armed, so nothing of ours is frozen: safe to kill
                 self._finish_wait(kill=False)
                 raise FreezeError(f"freeze guard for {self.mountpoint} did not arm within "
-                                  f"{self.arm_timeout:.0f}s ({self._log_tail() or 'no output'});"
+                                  f"{self.arm_timeout:g}s ({self._log_tail() or 'no output'});"
                                   " nothing was frozen")
         except BaseException:
             if ctl_w >= 0:
@@ -313,9 +324,6 @@ class FreezeGuard:
         try:
             self._exit_code = self._proc.wait(self.exit_timeout)
         except CommandTimeoutError:
-            import logging
-
-            log = logging.getLogger(__name__)
             if kill:
                 log.warning("freeze guard %d still running %.0fs after disarm; killed",
                             self._proc.pid, self.exit_timeout)

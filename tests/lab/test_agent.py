@@ -37,8 +37,8 @@ LVCREATE = {
     "snapshot": f"lvcreate -q -y -L 400m -n data {VG}",
     "thin-snapshot": f"lvcreate -q -y -L 900m -T {VG}/pool && "
                      f"lvcreate -q -y -V 400m -T {VG}/pool -n data",
+    # the agent refuses a mirror that is not in sync: wait for the initial resync
     "raid1-split": f"lvcreate -q -y --type raid1 -m 1 -L 400m -n data {VG} && "
-                   f"lvchange -q --syncaction check {VG}/data; "
                    f"while lvs --noheadings -o copy_percent {VG}/data | grep -qv 100.00; "
                    "do sleep 1; done",
 }
