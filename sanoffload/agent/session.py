@@ -27,7 +27,7 @@ from .config import Config
 from .controller import Duplicate, LocalController, StorageController
 from .journal import Journal, Resource, SessionRecord
 from .quiesce import quiesce_and_duplicate
-from .resolve import resolve
+from .resolve import BackupObject, resolve
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,10 @@ class Agent:
 
     def __init__(self, runner: Runner, config: Config, *,
                  controller: StorageController | None = None, host: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 resolver: Callable[..., BackupObject] = resolve) -> None:
         self.runner = runner
+        self.resolve = resolver
         self.config = config
         self.controller = controller or LocalController(runner, config)
         self.journal = Journal(config.state_dir)
@@ -81,7 +83,7 @@ class Agent:
     # -- prepare -----------------------------------------------------------
     def prepare(self, path: str, initiator: str, *, kind: str | None = None) -> Prepared:
         client = self.config.client_for_initiator(initiator)
-        obj = resolve(self.runner, path, client.roots, duplicate_kind=kind)
+        obj = self.resolve(self.runner, path, client.roots, duplicate_kind=kind)
         active = [r for r in self.journal if r.client == client.name]
         if len(active) >= client.max_sessions:
             raise ResourceError(f"client {client.name} already has {len(active)} session(s) "
