@@ -5,6 +5,7 @@ Example (every key; only ``portal.address`` and one client are required)::
     state_dir = "/var/lib/sanoffload"
     run_dir = "/run/sanoffload"
     freeze_deadline_s = 10        # longest a filesystem may stay frozen
+    freeze = "auto"               # who inhibits writes for snapshots: auto | fsfreeze | lvm
     lease_s = 3600                # an export left unreleased this long is torn down
 
     [portal]
@@ -128,6 +129,7 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     run_dir: str = DEFAULT_RUN_DIR
     freeze_deadline_s: float = DEFAULT_FREEZE_DEADLINE_S
+    freeze: str = "auto"
     lease_s: int = DEFAULT_LEASE_S
     snapshot: SnapshotPolicy = field(default_factory=SnapshotPolicy)
     thin: ThinPolicy = field(default_factory=ThinPolicy)
@@ -232,8 +234,10 @@ class _Checker:
         return str(addr)
 
 
-_TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "lease_s", "portal", "snapshot",
-             "thin", "hooks", "clients"}
+_TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "freeze", "lease_s", "portal",
+             "snapshot", "thin", "hooks", "clients"}
+#: auto: fsfreeze where the kernel nests it with LVM's suspend (>= 6.6), else LVM's suspend
+FREEZE_MODES = ("auto", "fsfreeze", "lvm")
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
@@ -270,6 +274,9 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         c.number(hooks_t.get("timeout_s", DEFAULT_HOOK_TIMEOUT), "hooks.timeout_s"))
 
     clients = _clients(c, top.get("clients"))
+    freeze = top.get("freeze", "auto")
+    if freeze not in FREEZE_MODES:
+        raise c.error("freeze", f"must be one of {', '.join(FREEZE_MODES)}, not {freeze!r}")
 
     return Config(
         path=source, portal=portal, clients=clients,
@@ -277,6 +284,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         run_dir=c.abspath(top.get("run_dir", DEFAULT_RUN_DIR), "run_dir"),
         freeze_deadline_s=c.number(top.get("freeze_deadline_s", DEFAULT_FREEZE_DEADLINE_S),
                                    "freeze_deadline_s", MAX_FREEZE_DEADLINE_S),
+        freeze=freeze,
         lease_s=c.integer(top.get("lease_s", DEFAULT_LEASE_S), "lease_s", 1),
         snapshot=snapshot, thin=thin, hooks=hooks)
 

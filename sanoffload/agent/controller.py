@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
-from ..errors import CommandError, RefusedError
+from ..errors import RefusedError
 from ..runner import Runner
 from ..tools import lio, lvm
 from .config import Config
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 
 Health = Literal["healthy", "invalid", "missing"]
 
-#: suspend-ioctl failure when LVM cannot nest its freeze inside ours (Linux < 6.6)
-NESTED_FREEZE_FAILURE = "suspend ioctl"
 
 
 @dataclass(frozen=True)
@@ -96,6 +94,8 @@ class LocalController:
         ("suspend ioctl ... Device or resource busy"), so there LVM's own
         suspend is the quiesce step. Splitting a mirror works under fsfreeze.
         """
+        if self.config.freeze in ("fsfreeze", "lvm"):
+            return self.config.freeze  # type: ignore[return-value]
         if kind in ("snapshot", "thin-snapshot") and not self.nested_freeze:
             return "lvm"
         return "fsfreeze"
@@ -109,8 +109,7 @@ class LocalController:
             vg = lvm.get_vg(self.runner, lv.vg)
             size = lvm.snapshot_size(lv.size_bytes, vg, self.config.snapshot.percent,
                                      self.config.snapshot.min_bytes)
-            self._guard_nested(lambda: lvm.create_snapshot(self.runner, lv, name, size, tags),
-                               lv.vg, name)
+            lvm.create_snapshot(self.runner, lv, name, size, tags)
             return Duplicate(kind, lv.vg, name, lv.name)
         if kind == "thin-snapshot":
             pool = lvm.get_lv(self.runner, lv.vg, lv.pool_lv)
@@ -118,8 +117,7 @@ class LocalController:
                 raise RefusedError(f"thin pool {lv.vg}/{lv.pool_lv} of {lv.full_name} not found")
             lvm.check_thin_pool_room(pool, self.config.thin.max_data_percent,
                                      self.config.thin.max_metadata_percent)
-            self._guard_nested(lambda: lvm.create_thin_snapshot(self.runner, lv, name, tags),
-                               lv.vg, name)
+            lvm.create_thin_snapshot(self.runner, lv, name, tags)
             return Duplicate(kind, lv.vg, name, lv.name)
         if kind == "raid1-split":
             image = lvm.split_raid1(self.runner, lv)
@@ -129,22 +127,15 @@ class LocalController:
             return Duplicate(kind, lv.vg, name, lv.name)
         raise RefusedError(f"unknown duplicate kind {kind!r}")
 
-    def _guard_nested(self, create: Any, vg: str, name: str) -> None:
-        """Run a snapshot creation; after a nested-freeze failure leave nothing half made."""
-        try:
-            create()
-        except CommandError as exc:
-            if NESTED_FREEZE_FAILURE in (exc.stderr or "") or NESTED_FREEZE_FAILURE in str(exc):
-                self.remove_leftovers(vg, name)
-            raise
-
-    def remove_leftovers(self, vg: str, name: str) -> list[str]:
+    def remove_leftovers(self, vg: str, name: str, origin: str | None = None) -> list[str]:
         """Remove a half-made snapshot LV and the dm devices a failed lvcreate leaves.
 
-        After "Failed to suspend ... Manual intervention required" LVM leaves
-        the snapshot LV (attr ``-wi-i-----``), its ``-cow`` device and the
-        origin's ``-real`` device; ``lvremove`` takes the LV and ``dmsetup
-        remove`` what is left of the dm devices (only ours, by name).
+        After "Failed to suspend ... Manual intervention required" (a snapshot
+        of a frozen origin on Linux < 6.6) LVM leaves the snapshot LV (attr
+        ``-wi-i-----``), its ``-cow`` device and the origin's ``-real`` device;
+        ``lvremove`` takes the LV, ``dmsetup remove`` what is left of ours (by
+        name), and the origin's ``-real`` goes once no snapshot needs it.
+        Called after the thaw: removing them under a freeze would fail the same way.
         """
         removed = []
         if lvm.remove_lv(self.runner, vg, name):
@@ -155,6 +146,8 @@ class LocalController:
                                   ok_codes={1: "no such device"})
             if res.ok:
                 removed.append(f"dm device {dev}")
+        if origin:
+            removed += self._remove_orphan_real(vg, origin)
         return removed
 
     def discard(self, dup: Duplicate) -> None:
@@ -173,15 +166,17 @@ class LocalController:
             else:
                 lvm.remove_lv(self.runner, dup.vg, dup.name)
 
-    def _remove_orphan_real(self, vg: str, origin: str) -> None:
+    def _remove_orphan_real(self, vg: str, origin: str) -> list[str]:
         """An origin with no snapshot left must not keep a ``-real`` device."""
         if any(lv.origin == origin for lv in lvm.list_lvs(self.runner, vg)):
-            return
+            return []
         dm = f"{vg.replace('-', '--')}-{origin.replace('-', '--')}-real"
         res = self.runner.run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", dm],
                               ok_codes={1: "no such device"})
         if res.ok and res.stdout.strip() == "0":
             self.runner.run(["dmsetup", "remove", "--retry", dm], ok_codes={1: "no such device"})
+            return [f"dm device {dm}"]
+        return []
 
     # -- expose ------------------------------------------------------------
     def expose(self, dup: Duplicate, spec: lio.ExportSpec) -> lio.Export:

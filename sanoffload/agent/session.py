@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import socket
 import string
@@ -19,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import psutil
 
 from ..errors import CleanupError, ResourceError, SanoffloadError
 from ..runner import Runner
@@ -65,6 +68,10 @@ class Prepared:
         return dict(self.__dict__)
 
 
+def _alive(pid: Any) -> bool:
+    return isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid)
+
+
 class Agent:
     """The agent's operations on this host."""
 
@@ -95,16 +102,21 @@ class Agent:
                             path=obj.real_path, created=now,
                             lease_expires=now + self.config.lease_s,
                             info={"mountpoint": obj.mount.target, "fstype": obj.mount.fstype,
-                                  "origin": obj.lv.full_name, "kind": obj.duplicate_kind})
+                                  "origin": obj.lv.full_name, "kind": obj.duplicate_kind,
+                                  "pid": os.getpid()})
         self.journal.save(rec)
         with contextlib.ExitStack() as undo:
             # anything below that fails unwinds what was made, then the record itself
             undo.callback(self._finish_failed, rec)
             dup_name = f"{lvm.NAME_PREFIX}{sid}"
             who = self.controller.who_freezes(obj.duplicate_kind)
-            frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
+            # undos are registered with the intents: each is idempotent, and the one for an
+            # intended duplicate also removes what a failed lvcreate half made
             dup_res = self.journal.intend(rec, obj.duplicate_kind, vg=obj.lv.vg,
                                           name=dup_name, origin=obj.lv.name)
+            undo.callback(self._undo, rec, dup_res)
+            frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
+            undo.callback(self._undo_if_held, rec, frozen)
 
             def make() -> Duplicate:
                 return self.controller.duplicate(obj, dup_name)
@@ -117,7 +129,6 @@ class Agent:
             dup = q.result
             # the split image of a raid1 keeps LVM's name (LV_rimage_N): journal what it is
             self.journal.done(rec, dup_res, name=dup.name)
-            undo.callback(self._undo, rec, dup_res)
             self.journal.forget(rec, frozen)  # thawed: quiesce guarantees it
 
             serial = lio.new_serial()
@@ -160,6 +171,10 @@ class Agent:
             rec.state = "failed"
             self.journal.save(rec)
 
+    def _undo_if_held(self, rec: SessionRecord, res: Resource) -> None:
+        if any(r is res for r in rec.resources):
+            self._undo(rec, res)
+
     # -- undo one resource ---------------------------------------------------
     def _undo(self, rec: SessionRecord, res: Resource) -> None:
         f = res.fields
@@ -172,9 +187,9 @@ class Agent:
         elif res.kind in DUPLICATE_KINDS:
             dup = Duplicate(res.kind, f["vg"], f["name"], f["origin"])
             if res.state == "intended" and res.kind in ("snapshot", "thin-snapshot"):
-                # a crash inside lvcreate can leave a half-made LV and dm devices
+                # a failed or interrupted lvcreate can leave a half-made LV and dm devices
                 if isinstance(self.controller, LocalController):
-                    self.controller.remove_leftovers(dup.vg, dup.name)
+                    self.controller.remove_leftovers(dup.vg, dup.name, dup.origin)
             self.controller.discard(dup)
         self.journal.forget(rec, res)
 
@@ -238,6 +253,8 @@ class Agent:
         released, errors = [], []
         now = self.clock()
         for rec in list(self.journal):
+            if rec.state == "preparing" and _alive(rec.info.get("pid")) and not all_sessions:
+                continue  # another agent process is preparing it right now
             if all_sessions or rec.state != "ready" or now >= rec.lease_expires:
                 try:
                     self.release(rec.session_id)
@@ -282,5 +299,6 @@ class Agent:
                 if lv.is_sanoffload and (lv.vg, lv.name) not in known_lvs and not lv.is_hidden:
                     ctl = self.controller
                     found.append((f"LV {lv.full_name}",
-                                  lambda lv=lv: ctl.remove_leftovers(lv.vg, lv.name)))
+                                  lambda lv=lv: ctl.remove_leftovers(lv.vg, lv.name,
+                                                                     lv.origin or None)))
         return found

@@ -137,3 +137,82 @@ def test_prepare_exports_a_frozen_duplicate_to_px1_only(lab: Lab,
     if kind == "raid1-split":
         lvs = lab.sh("fs1", ["lvs", "-a", "--noheadings", "-o", "lv_name", VG]).stdout
         assert "data_rimage_1" in lvs  # merged back, not dropped
+
+
+def _write_config(lab: Lab, extra: str = "", hooks: str = "") -> None:
+    text = extra + AGENT_TOML.format(ip=lab.ip("fs1"), px1=lab.iqn("px1")) + hooks
+    lab.sh("fs1", ["sh", "-c", "cat > /etc/sanoffload/agent.toml"], input=text)
+
+
+def _leftovers_on_fs1(lab: Lab) -> str:
+    return lab.sh("fs1", "lvs --noheadings -o lv_name @sanoffload; dmsetup ls | "
+                         "grep -E 'sanoffload|-real|-cow' || true; "
+                         "ls /var/lib/sanoffload/sessions 2>/dev/null || true").stdout.strip()
+
+
+@pytest.mark.release_sensitive
+@pytest.mark.parametrize("fs1_volume", [("snapshot", "ext4")], indirect=True,
+                         ids=["snapshot-ext4"])
+def test_fsfreeze_around_lvcreate_per_kernel(lab: Lab, fs1_volume: tuple[str, str]) -> None:
+    """Forcing a userspace freeze around lvcreate: 6.1 fails cleanly, >= 6.6 works."""
+    _write_config(lab, extra='freeze = "fsfreeze"\n')
+    res = lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/tree",
+                         "--initiator", lab.iqn("px1"), "--json"], check=False)
+    if lab.release == "bookworm":
+        # LVM's suspend cannot nest in our freeze: a clear error, and nothing half made
+        assert res.returncode == 5, res.stdout + res.stderr
+        assert "suspend" in res.stderr, res.stderr
+        assert _leftovers_on_fs1(lab) == ""
+        # and the filesystem is not left frozen
+        lab.sh("fs1", "timeout 10 sh -c 'echo ok > /srv/data/written-after.txt'")
+    else:
+        assert res.returncode == 0, res.stderr
+        ans = json.loads(res.stdout)
+        assert ans["frozen_by"] == "fsfreeze"
+        lab.sh("fs1", ["sanoffload", "agent", "release", ans["session_id"]])
+        assert _leftovers_on_fs1(lab) == ""
+
+
+@pytest.mark.parametrize("fs1_volume", [("snapshot", "ext4")], indirect=True,
+                         ids=["snapshot-ext4"])
+def test_overflowed_snapshot_reports_invalid(lab: Lab, fs1_volume: tuple[str, str]) -> None:
+    _write_config(lab, extra="[snapshot]\npercent = 1\nmin_mb = 8\n")
+    ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/tree",
+                                    "--initiator", lab.iqn("px1"), "--json"]).stdout)
+    sid = ans["session_id"]
+    assert json.loads(lab.sh("fs1", ["sanoffload", "agent", "status", sid, "--json"]
+                             ).stdout)["status"] == "healthy"
+    # overwrite more than the 8 MiB COW holds
+    lab.sh("fs1", "dd if=/dev/urandom of=/srv/data/fill bs=1M count=32 conv=fsync 2>/dev/null")
+    st = json.loads(lab.sh("fs1", ["sanoffload", "agent", "status", sid, "--json"]).stdout)
+    assert st["status"] == "invalid"
+    lab.sh("fs1", ["sanoffload", "agent", "release", sid])
+    assert _leftovers_on_fs1(lab) == ""
+
+
+HOOK = """#!/bin/sh
+# post-thaw hook that holds prepare after the duplicate exists, so the test can kill it
+touch /run/sanoffload-hook-reached
+sleep 120
+"""
+
+
+@pytest.mark.parametrize("fs1_volume", [("snapshot", "ext4")], indirect=True,
+                         ids=["snapshot-ext4"])
+def test_cleanup_after_agent_killed_mid_prepare(lab: Lab, fs1_volume: tuple[str, str]) -> None:
+    lab.sh("fs1", ["sh", "-c", "cat > /usr/local/sbin/sano-hold && chmod 755 "
+                               "/usr/local/sbin/sano-hold && rm -f /run/sanoffload-hook-reached"],
+           input=HOOK)
+    _write_config(lab, hooks='\n[hooks]\npost_thaw = ["/usr/local/sbin/sano-hold"]\n'
+                             'timeout_s = 300\n')
+    lab.sh("fs1", "setsid sanoffload agent prepare /srv/data/tree --initiator "
+                  f"{lab.iqn('px1')} >/run/prepare.out 2>&1 & echo $! > /run/prepare.pid")
+    lab.sh("fs1", "for i in $(seq 120); do [ -e /run/sanoffload-hook-reached ] && exit 0; "
+                  "sleep 1; done; exit 1")
+    lab.sh("fs1", "kill -9 $(cat /run/prepare.pid); pkill -9 -f sano-hold; true")
+    left = lab.sh("fs1", "lvs --noheadings -o lv_name @sanoffload").stdout.strip()
+    assert left.startswith("sanoffload-"), "the kill should have left a duplicate behind"
+    report = json.loads(lab.sh("fs1", ["sanoffload", "agent", "cleanup", "--json"]).stdout)
+    assert len(report["released"]) == 1
+    assert _leftovers_on_fs1(lab) == ""
+    _write_config(lab)

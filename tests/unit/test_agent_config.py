@@ -279,3 +279,10 @@ def test_bad_client_name() -> None:
 
 def test_clients_not_a_table() -> None:
     assert "clients: must be a table" in error('clients = ["px1"]\n[portal]\naddress = "10.0.0.1"\n')
+
+
+def test_freeze_mode_defaults_to_auto_and_is_validated() -> None:
+    assert config.parse(MINIMAL, SRC).freeze == "auto"
+    assert config.parse('freeze = "fsfreeze"\n' + MINIMAL, SRC).freeze == "fsfreeze"
+    with pytest.raises(ConfigError, match="freeze"):
+        config.parse('freeze = "sometimes"\n' + MINIMAL, SRC)
