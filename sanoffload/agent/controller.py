@@ -156,8 +156,12 @@ class LocalController:
             lvm.remove_lv(self.runner, dup.vg, dup.name)
             self._remove_orphan_real(dup.vg, dup.origin)
         elif dup.kind == "raid1-split":
-            image = lvm.get_lv(self.runner, dup.vg, dup.name)
-            if image is not None and image.is_tracked_split_image:
+            # before the split returned, the journal only knows our planned name: then any
+            # tracked image of the origin is the one this session split off
+            images = [lv for lv in lvm.list_lvs(self.runner, dup.vg)
+                      if lv.is_tracked_split_image
+                      and (lv.name == dup.name or lv.name.startswith(f"{dup.origin}_rimage_"))]
+            for image in images[:1]:
                 lvm.merge_raid1(self.runner, image)
         elif dup.kind == "mirror-split":
             origin = lvm.get_lv(self.runner, dup.vg, dup.origin)

@@ -10,7 +10,6 @@ frozen, exported or duplicated.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ import psutil
 
 from ..errors import CleanupError, ResourceError, SanoffloadError
 from ..runner import Runner
+from ..undo import UndoStack
 from ..tools import fsfreeze, lio, lvm
 from .config import Config
 from .controller import Duplicate, LocalController, StorageController
@@ -41,7 +41,9 @@ DUPLICATE_KINDS = ("snapshot", "thin-snapshot", "raid1-split", "mirror-split")
 
 
 def new_session_id(host: str) -> str:
-    safe = "".join(c for c in host.lower() if c.isalnum() or c == "-")[:24] or "host"
+    """``HOST-8HEX``: ASCII lowercase, usable in LV names, IQNs and file names."""
+    safe = "".join(c for c in host.lower() if c in string.ascii_lowercase + string.digits + "-")
+    safe = safe.strip("-")[:24] or "host"
     return f"{safe}-{secrets.token_hex(4)}"
 
 
@@ -91,6 +93,7 @@ class Agent:
     def prepare(self, path: str, initiator: str, *, kind: str | None = None) -> Prepared:
         client = self.config.client_for_initiator(initiator)
         obj = self.resolve(self.runner, path, client.roots, duplicate_kind=kind)
+        self._reap(client.name)
         active = [r for r in self.journal if r.client == client.name]
         if len(active) >= client.max_sessions:
             raise ResourceError(f"client {client.name} already has {len(active)} session(s) "
@@ -105,31 +108,33 @@ class Agent:
                                   "origin": obj.lv.full_name, "kind": obj.duplicate_kind,
                                   "pid": os.getpid()})
         self.journal.save(rec)
-        with contextlib.ExitStack() as undo:
-            # anything below that fails unwinds what was made, then the record itself
-            undo.callback(self._finish_failed, rec)
+        with UndoStack() as undo:
+            # anything below that fails unwinds what was made, then settles the record
+            undo.push("session record", self._finish_failed, rec)
             dup_name = f"{lvm.NAME_PREFIX}{sid}"
             who = self.controller.who_freezes(obj.duplicate_kind)
-            # undos are registered with the intents: each is idempotent, and the one for an
-            # intended duplicate also removes what a failed lvcreate half made
+            # the undo is registered with the intent: it is idempotent, and for an intended
+            # duplicate it also removes what a failed lvcreate half made
             dup_res = self.journal.intend(rec, obj.duplicate_kind, vg=obj.lv.vg,
                                           name=dup_name, origin=obj.lv.name)
-            undo.callback(self._undo, rec, dup_res)
+            undo.push(f"{obj.duplicate_kind} {dup_name}", self._undo, rec, dup_res)
+            # journaled for a crash only: once quiesce returns or raises, it has thawed
             frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
-            undo.callback(self._undo_if_held, rec, frozen)
 
             def make() -> Duplicate:
                 return self.controller.duplicate(obj, dup_name)
 
-            q = quiesce_and_duplicate(
-                self.runner, obj.mount.target, make, hooks=self.config.hooks.to_hooks(),
-                deadline_s=self.config.freeze_deadline_s, who_freezes=who,
-                state_dir=self.config.run_dir, path=obj.real_path,
-                discard=self.controller.discard)
+            try:
+                q = quiesce_and_duplicate(
+                    self.runner, obj.mount.target, make, hooks=self.config.hooks.to_hooks(),
+                    deadline_s=self.config.freeze_deadline_s, who_freezes=who,
+                    state_dir=self.config.run_dir, path=obj.real_path,
+                    discard=self.controller.discard)
+            finally:
+                self.journal.forget(rec, frozen)
             dup = q.result
             # the split image of a raid1 keeps LVM's name (LV_rimage_N): journal what it is
             self.journal.done(rec, dup_res, name=dup.name)
-            self.journal.forget(rec, frozen)  # thawed: quiesce guarantees it
 
             serial = lio.new_serial()
             chap_secret = "".join(secrets.choice(_SECRET_ALPHABET)
@@ -140,19 +145,20 @@ class Agent:
                 target_iqn=lio.target_iqn_for(sid), initiator_iqn=initiator,
                 portal_ip=self.config.portal.address, portal_port=self.config.portal.port,
                 chap_user=f"sanoffload-{sid}", chap_secret=chap_secret, serial=serial)
-            bs_res = self.journal.intend(rec, "lio-backstore", name=spec.backstore)
+            bs_res = self.journal.intend(rec, "lio-backstore", name=spec.backstore,
+                                         serial=serial)
+            undo.push(f"backstore {spec.backstore}", self._undo, rec, bs_res)
             tgt_res = self.journal.intend(rec, "lio-target", iqn=spec.target_iqn,
                                           backstore=spec.backstore)
-            undo.callback(self._undo, rec, bs_res)
-            undo.callback(self._undo, rec, tgt_res)
+            undo.push(f"target {spec.target_iqn}", self._undo, rec, tgt_res)
             export = self.controller.expose(dup, spec)
-            self.journal.done(rec, bs_res, serial=serial)
+            self.journal.done(rec, bs_res)
             self.journal.done(rec, tgt_res)
             rec.state = "ready"
             rec.info.update({"window_ms": q.window_ms, "frozen_by": q.frozen_by,
                              "identifier": export.identifier})
             self.journal.save(rec)
-            undo.pop_all()
+            undo.commit()
         log.info("session %s ready: %s frozen %.1f ms by %s, exported as %s", sid,
                  obj.mount.target, q.window_ms, q.frozen_by, export.identifier)
         return Prepared(
@@ -163,6 +169,17 @@ class Agent:
             duplicate_kind=dup.kind, freeze_window_ms=round(q.window_ms, 1),
             frozen_by=q.frozen_by, lease_expires=rec.lease_expires)
 
+    def _reap(self, client: str) -> None:
+        """Enforce leases at the next request: release this client's expired or failed sessions."""
+        now = self.clock()
+        for rec in list(self.journal):
+            if rec.client == client and (rec.state == "failed" or (
+                    rec.state == "ready" and now >= rec.lease_expires)):
+                try:
+                    self.release(rec.session_id)
+                except Exception as exc:  # it still counts; the operator sees it in sessions
+                    log.warning("could not release %s: %s", rec.session_id, exc)
+
     def _finish_failed(self, rec: SessionRecord) -> None:
         # runs last on the failure path: all undos before it succeeded or were reported
         if not rec.resources:
@@ -170,10 +187,6 @@ class Agent:
         else:
             rec.state = "failed"
             self.journal.save(rec)
-
-    def _undo_if_held(self, rec: SessionRecord, res: Resource) -> None:
-        if any(r is res for r in rec.resources):
-            self._undo(rec, res)
 
     # -- undo one resource ---------------------------------------------------
     def _undo(self, rec: SessionRecord, res: Resource) -> None:
@@ -230,7 +243,7 @@ class Agent:
             try:
                 self._undo(rec, res)
                 done.append(f"{res.kind} {res.fields}")
-            except SanoffloadError as exc:
+            except Exception as exc:  # rtslib and OSErrors too: the others must still run
                 errors.append(exc)
         if errors:
             rec.state = "failed"
@@ -259,13 +272,13 @@ class Agent:
                 try:
                     self.release(rec.session_id)
                     released.append(rec.session_id)
-                except SanoffloadError as exc:
+                except Exception as exc:  # one stuck session must not stop the pass
                     errors.append(exc)
         orphans = self._orphans()
         for what, undo in orphans:
             try:
                 undo()
-            except SanoffloadError as exc:
+            except Exception as exc:
                 errors.append(exc)
         report = {"released": released, "orphans_removed": [w for w, _ in orphans],
                   "broken_records": [str(p) for p in self.journal.broken()]}
