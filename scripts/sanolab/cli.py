@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop every VM, remove overlays, disks and the network")
     s = sub.add_parser("status", help="which VMs run and answer ssh")
     s.add_argument("--json", action="store_true")
+    rs = sub.add_parser("reset", help="hard-reset a VM (no shutdown) and wait for it")
+    rs.add_argument("host", choices=list(config.HOSTS))
     sy = sub.add_parser("sync", help="install this tree's sanoffload into the running VMs")
     sy.add_argument("--hosts")
     sh = sub.add_parser("ssh", help="run a command in a VM: scripts/lab ssh HOST -- CMD...")
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"ssh={'yes' if info['ssh'] else 'no':3} {info['ip']} "
                           f"{info['release'] or ''}")
             return 0 if any(i["running"] for i in st.values()) else 3
+        elif args.cmd == "reset":
+            vm.reset(runner, args.host)
         elif args.cmd == "sync":
             state = vm.LabState.load()
             if state is None:

@@ -215,17 +215,34 @@ def _wait_ssh(runner: Runner, host: str, key: Path, deadline: float) -> None:
         log.debug("waiting for %s (%s)", host, h.ip)
 
 
-def _qmp_quit(host: str) -> None:
+def _qmp(host: str, command: str) -> None:
     path = config.state_dir() / f"{host}.qmp"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         s.connect(str(path))
         f = s.makefile("rwb")
         f.readline()  # greeting
-        for cmd in ("qmp_capabilities", "quit"):
+        for cmd in ("qmp_capabilities", command):
             f.write(json.dumps({"execute": cmd}).encode() + b"\n")
             f.flush()
             f.readline()
+
+
+def _qmp_quit(host: str) -> None:
+    _qmp(host, "quit")
+
+
+def reset(runner: Runner, host: str) -> None:
+    """Hard-reset a VM (like the reset button: no shutdown) and wait until ssh answers."""
+    state = LabState.load()
+    if state is None or host not in state.hosts:
+        raise SystemExit(f"lab: {host} is not up")
+    cp = _control_path(host)
+    runner.run(["ssh", "-o", f"ControlPath={cp}", "-O", "exit", "lab"], timeout=10,
+               ok_codes={255: "no master"})
+    cp.unlink(missing_ok=True)
+    _qmp(host, "system_reset")
+    _wait_ssh(runner, host, Path(state.image) / "id_ed25519", time.monotonic() + BOOT_DEADLINE)
 
 
 def down(runner: Runner, *, quiet: bool = False) -> list[str]:

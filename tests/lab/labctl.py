@@ -40,6 +40,10 @@ class Lab:
         """Run a Python snippet on ``host`` (fed on stdin)."""
         return self.sh(host, ["python3", "-"], input=code, check=check, timeout=timeout)
 
+    def reset(self, host: str) -> None:
+        """Hard-reset ``host`` (data disks and root overlay survive, memory does not)."""
+        vm.reset(self.runner, host)
+
     def iqn(self, host: str) -> str:
         return config.HOSTS[host].iqn
 

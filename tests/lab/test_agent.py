@@ -41,6 +41,9 @@ LVCREATE = {
     "raid1-split": f"lvcreate -q -y --type raid1 -m 1 -L 400m -n data {VG} && "
                    f"while lvs --noheadings -o copy_percent {VG}/data | grep -qv 100.00; "
                    "do sleep 1; done",
+    "mirror-split": f"lvcreate -q -y --type mirror -m 1 --mirrorlog core -L 200m -n data {VG} "
+                    f"&& while lvs --noheadings -o copy_percent {VG}/data | grep -qv 100.00; "
+                    "do sleep 1; done",
 }
 
 
@@ -85,7 +88,8 @@ def _login(lab: Lab, ans: dict, secret: str, host: str = "px1") -> int:
 
 
 CASES = [("snapshot", "ext4"), ("snapshot", "xfs"), ("thin-snapshot", "ext4"),
-         ("thin-snapshot", "xfs"), ("raid1-split", "ext4"), ("raid1-split", "xfs")]
+         ("thin-snapshot", "xfs"), ("raid1-split", "ext4"), ("raid1-split", "xfs"),
+         ("mirror-split", "ext4")]
 
 
 @pytest.mark.release_sensitive
@@ -137,6 +141,9 @@ def test_prepare_exports_a_frozen_duplicate_to_px1_only(lab: Lab,
     if kind == "raid1-split":
         lvs = lab.sh("fs1", ["lvs", "-a", "--noheadings", "-o", "lv_name", VG]).stdout
         assert "data_rimage_1" in lvs  # merged back, not dropped
+    if kind == "mirror-split":
+        segtype = lab.sh("fs1", ["lvs", "--noheadings", "-o", "segtype", f"{VG}/data"]).stdout
+        assert segtype.strip() == "mirror"  # the leg was re-added
 
 
 def _write_config(lab: Lab, extra: str = "", hooks: str = "") -> None:
@@ -216,3 +223,39 @@ def test_cleanup_after_agent_killed_mid_prepare(lab: Lab, fs1_volume: tuple[str,
     assert len(report["released"]) == 1
     assert _leftovers_on_fs1(lab) == ""
     _write_config(lab)
+
+
+@pytest.mark.parametrize("fs1_volume", [("snapshot", "ext4")], indirect=True,
+                         ids=["snapshot-ext4"])
+def test_cleanup_after_a_vm_reset(lab: Lab, fs1_volume: tuple[str, str]) -> None:
+    ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/tree",
+                                    "--initiator", lab.iqn("px1"), "--json"]).stdout)
+    lab.reset("fs1")
+    # after the reset LIO's objects are gone with the kernel, the LV and the journal are not
+    assert lab.sh("fs1", "lvs --noheadings -o lv_name @sanoffload").stdout.strip()
+    report = json.loads(lab.sh("fs1", ["sanoffload", "agent", "cleanup", "--all",
+                                       "--json"]).stdout)
+    assert report["released"] == [ans["session_id"]]
+    assert _leftovers_on_fs1(lab) == ""
+    assert lab.lio_inventory("fs1") == {"targets": [], "backstores": []}
+
+
+@pytest.mark.release_sensitive
+@pytest.mark.parametrize("fs1_volume", [("raid1-split", "ext4")], indirect=True,
+                         ids=["raid1-split-ext4"])
+def test_raid1_merge_back_resyncs_only_changed_regions(lab: Lab,
+                                                       fs1_volume: tuple[str, str]) -> None:
+    ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data",
+                                    "--initiator", lab.iqn("px1"), "--json"]).stdout)
+    # change a little (4 MiB of 400 MiB) while the image is split off
+    lab.sh("fs1", "dd if=/dev/urandom of=/srv/data/changed bs=1M count=4 conv=fsync 2>/dev/null")
+    lab.sh("fs1", ["sanoffload", "agent", "release", ans["session_id"]])
+    # dm-raid's status right after the merge: "<health> <synced>/<total> <action>"
+    status = lab.sh("fs1", f"dmsetup status {VG}-data").stdout.split()
+    print("sync report after merge:", " ".join(status))
+    synced, total = (int(x) for x in status[6].split("/"))
+    assert synced >= total * 0.5, f"merge resynced from scratch: {status}"
+    lab.sh("fs1", f"while lvs --noheadings -o copy_percent {VG}/data | grep -qv 100.00; "
+                  "do sleep 1; done", timeout=600)
+    assert "data_rimage_1" in lab.sh("fs1", ["lvs", "-a", "--noheadings", "-o", "lv_name",
+                                             VG]).stdout
