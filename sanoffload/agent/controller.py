@@ -10,12 +10,14 @@ another implementation behind the same interface.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
-from ..errors import RefusedError
+from ..errors import CommandError, RefusedError
 from ..runner import Runner
 from ..tools import lio, lvm
 from .config import Config
@@ -70,6 +72,21 @@ def kernel_allows_nested_freeze(release: str | None = None) -> bool:
     return (major, minor) >= (6, 6)
 
 
+@contextlib.contextmanager
+def _explain_nested_freeze(lv_name: str) -> Iterator[None]:
+    """Name the cause when LVM's suspend could not nest inside our freeze."""
+    try:
+        yield
+    except CommandError as exc:
+        if "suspend" not in (exc.stderr or ""):
+            raise
+        raise CommandError(
+            f"LVM could not suspend {lv_name} while its filesystem was frozen (this kernel "
+            f"cannot nest LVM's freeze inside fsfreeze before Linux 6.6): {exc.message}",
+            argv=exc.argv, returncode=exc.returncode, stdout=exc.stdout, stderr=exc.stderr,
+            hint='use freeze = "auto" (or "lvm") in the agent config') from exc
+
+
 class LocalController:
     """LVM duplicates and LIO exports on this host."""
 
@@ -109,7 +126,8 @@ class LocalController:
             vg = lvm.get_vg(self.runner, lv.vg)
             size = lvm.snapshot_size(lv.size_bytes, vg, self.config.snapshot.percent,
                                      self.config.snapshot.min_bytes)
-            lvm.create_snapshot(self.runner, lv, name, size, tags)
+            with _explain_nested_freeze(lv.full_name):
+                lvm.create_snapshot(self.runner, lv, name, size, tags)
             return Duplicate(kind, lv.vg, name, lv.name)
         if kind == "thin-snapshot":
             pool = lvm.get_lv(self.runner, lv.vg, lv.pool_lv)
@@ -117,7 +135,8 @@ class LocalController:
                 raise RefusedError(f"thin pool {lv.vg}/{lv.pool_lv} of {lv.full_name} not found")
             lvm.check_thin_pool_room(pool, self.config.thin.max_data_percent,
                                      self.config.thin.max_metadata_percent)
-            lvm.create_thin_snapshot(self.runner, lv, name, tags)
+            with _explain_nested_freeze(lv.full_name):
+                lvm.create_thin_snapshot(self.runner, lv, name, tags)
             return Duplicate(kind, lv.vg, name, lv.name)
         if kind == "raid1-split":
             image = lvm.split_raid1(self.runner, lv)

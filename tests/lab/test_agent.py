@@ -146,8 +146,9 @@ def test_prepare_exports_a_frozen_duplicate_to_px1_only(lab: Lab,
         assert segtype.strip() == "mirror"  # the leg was re-added
 
 
-def _write_config(lab: Lab, extra: str = "", hooks: str = "") -> None:
-    text = extra + AGENT_TOML.format(ip=lab.ip("fs1"), px1=lab.iqn("px1")) + hooks
+def _write_config(lab: Lab, extra: str = "", tables: str = "") -> None:
+    """``extra``: top-level keys (before the first table); ``tables``: more tables."""
+    text = extra + AGENT_TOML.format(ip=lab.ip("fs1"), px1=lab.iqn("px1")) + tables
     lab.sh("fs1", ["sh", "-c", "cat > /etc/sanoffload/agent.toml"], input=text)
 
 
@@ -183,7 +184,7 @@ def test_fsfreeze_around_lvcreate_per_kernel(lab: Lab, fs1_volume: tuple[str, st
 @pytest.mark.parametrize("fs1_volume", [("snapshot", "ext4")], indirect=True,
                          ids=["snapshot-ext4"])
 def test_overflowed_snapshot_reports_invalid(lab: Lab, fs1_volume: tuple[str, str]) -> None:
-    _write_config(lab, extra="[snapshot]\npercent = 1\nmin_mb = 8\n")
+    _write_config(lab, tables="\n[snapshot]\npercent = 1\nmin_mb = 8\n")
     ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/tree",
                                     "--initiator", lab.iqn("px1"), "--json"]).stdout)
     sid = ans["session_id"]
@@ -210,8 +211,8 @@ def test_cleanup_after_agent_killed_mid_prepare(lab: Lab, fs1_volume: tuple[str,
     lab.sh("fs1", ["sh", "-c", "cat > /usr/local/sbin/sano-hold && chmod 755 "
                                "/usr/local/sbin/sano-hold && rm -f /run/sanoffload-hook-reached"],
            input=HOOK)
-    _write_config(lab, hooks='\n[hooks]\npost_thaw = ["/usr/local/sbin/sano-hold"]\n'
-                             'timeout_s = 300\n')
+    _write_config(lab, tables='\n[hooks]\npost_thaw = ["/usr/local/sbin/sano-hold"]\n'
+                              'timeout_s = 300\n')
     lab.sh("fs1", "setsid sanoffload agent prepare /srv/data/tree --initiator "
                   f"{lab.iqn('px1')} >/run/prepare.out 2>&1 & echo $! > /run/prepare.pid")
     lab.sh("fs1", "for i in $(seq 120); do [ -e /run/sanoffload-hook-reached ] && exit 0; "
