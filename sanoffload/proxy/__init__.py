@@ -1,0 +1,1 @@
+"""The second server (backup proxy): attach the exported duplicate, mount it read-only."""

@@ -1,0 +1,216 @@
+"""Attach the agent's exported duplicate to the proxy: iSCSI login, find the disk, mount it.
+
+Steps, each undo registered on the caller's UndoStack the moment its resource
+exists (unwinding runs them newest first)::
+
+    iscsiadm -m session                          # already logged in? then no new login
+    iscsiadm -m discovery -t sendtargets -p P -o nonpersistent
+    iscsiadm -m node -T T -p P -o new            # undo: -o delete
+    iscsiadm -m node -T T -p P -o update ...     # CHAP, replacement timeout, startup manual
+    (udev monitor started)
+    iscsiadm -m node -T T -p P --login           # undo: --logout
+    (wait for the disk whose wwid is the identifier; one --rescan at half the deadline)
+    mkdir /run/sanoffload/mnt/SESSION            # undo: rmdir
+    blkid -o value -s TYPE DEV
+    mount -t FS -o ro,... DEV MP                 # undo: umount
+
+The target IQN is the backup session's own (the agent makes one per
+session), so a session or mount already there is a leftover of an earlier
+attempt of this same backup: it is reused, and its undo registered like a
+new one's, so that it is cleaned up with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CommandError, CommandTimeoutError, ProtocolError, ResourceError
+from ..runner import Runner
+from ..tools import iscsiadm
+from ..undo import UndoStack
+from . import mount
+from .devices import DEFAULT_DEADLINE_S, DeviceWaiter, check_identifier
+
+log = logging.getLogger(__name__)
+
+WaiterFactory = Callable[..., DeviceWaiter]
+
+
+@dataclass(frozen=True)
+class Attached:
+    """The mounted duplicate: its disk, where it is mounted, the backup object's real path."""
+
+    device: str
+    mountpoint: str
+    object_path: str
+
+
+@dataclass(frozen=True)
+class AttachRequest:
+    """The part of the agent's ``prepare`` answer the proxy needs, validated."""
+
+    session_id: str
+    target: str
+    portal: str
+    lun: int
+    identifier: str
+    chap_user: str
+    chap_secret: str = field(repr=False)
+    fstype: str
+    path_in_fs: str
+    #: "directory" or "file" when the answer says; None accepts either
+    object_kind: str | None = None
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> AttachRequest:
+        """Validate an answer; ProtocolError for a missing or malformed field,
+        RefusedError for a filesystem type the proxy does not mount."""
+        if not isinstance(answer, Mapping):
+            raise ProtocolError("the agent's answer is not an object")
+
+        def text(key: str) -> str:
+            value = answer.get(key)
+            if not isinstance(value, str) or not value:
+                raise ProtocolError(f"the agent's answer lacks a valid {key!r}")
+            return value
+
+        portal = answer.get("portal")
+        if portal is None:
+            portals = answer.get("portals")
+            if not isinstance(portals, list) or not portals:
+                raise ProtocolError("the agent's answer lacks a valid 'portal'/'portals'")
+            portal = portals[0]
+        lun = answer.get("lun", 0)
+        kind = answer.get("object_kind")
+        try:
+            req = cls(
+                session_id=text("session_id"),
+                target=iscsiadm.check_target(text("target_iqn")),
+                portal=iscsiadm.check_portal(str(portal)),
+                lun=int(lun) if not isinstance(lun, bool) else -1,
+                identifier=check_identifier(text("identifier")),
+                chap_user=text("chap_user"), chap_secret=text("chap_secret"),
+                fstype=text("fstype"), path_in_fs=text("path_in_fs"),
+                object_kind=None if kind is None else str(kind))
+            mount.mountpoint_for(req.session_id)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"the agent's answer is malformed: {exc}") from None
+        if req.lun < 0:
+            raise ProtocolError(f"the agent's answer has an invalid lun: {lun!r}")
+        if req.object_kind is not None and req.object_kind not in mount.KINDS:
+            raise ProtocolError(f"the agent's answer has an unknown object_kind: {kind!r}")
+        # refused before anything is logged in or mounted
+        mount.check_fstype(req.fstype)
+        return req
+
+
+def attach(runner: Runner, answer: Mapping[str, Any], undo: UndoStack, *,
+           waiter_factory: WaiterFactory = DeviceWaiter,
+           device_deadline_s: float = DEFAULT_DEADLINE_S,
+           replacement_timeout: int = iscsiadm.DEFAULT_REPLACEMENT_TIMEOUT,
+           mount_root: str = mount.MOUNT_ROOT) -> Attached:
+    """Log in to the agent's export, find its disk, mount it read-only; see the module doc.
+
+    Idempotent: an existing session to the target is not logged in again and
+    a mount of the same disk at the session's mount point is reused.
+    """
+    req = AttachRequest.from_answer(answer)
+    # masked everywhere from now on, not only in the call that passes it
+    runner.add_secret(req.chap_secret)
+    target, portal = req.target, req.portal
+
+    existing = iscsiadm.find_session(runner, target, portal)
+    if existing is None:
+        _make_node(runner, req, undo, replacement_timeout)
+    else:
+        log.info("already logged in to %s at %s (session %d): not logging in again",
+                 target, portal, existing.sid)
+        undo.push(f"iscsi node {target}", iscsiadm.delete_node, runner, target, portal)
+
+    with waiter_factory(req.identifier, deadline_s=device_deadline_s) as waiter:
+        if existing is None:
+            _login(runner, req, undo)
+        else:
+            undo.push(f"iscsi session {target}", iscsiadm.logout, runner, target, portal)
+        device = waiter.wait(lambda: iscsiadm.rescan(runner, target, portal))
+
+    mountpoint = _mount(runner, req, device, undo, mount_root)
+    obj = mount.check_object(mountpoint, req.path_in_fs, req.object_kind)
+    log.info("attached %s: %s mounted at %s, object %s", req.session_id, device, mountpoint, obj)
+    return Attached(device=device, mountpoint=mountpoint, object_path=obj)
+
+
+def _make_node(runner: Runner, req: AttachRequest, undo: UndoStack,
+               replacement_timeout: int) -> None:
+    target, portal = req.target, req.portal
+    offered = iscsiadm.discover(runner, portal)
+    if not any(d.target == target for d in offered):
+        raise CommandError(
+            f"portal {portal} does not offer target {target} to this proxy "
+            f"(offered: {', '.join(sorted({d.target for d in offered})) or 'nothing'})",
+            hint="the agent may have released the session (lease expired), or its ACL "
+                 "does not name this proxy's initiator (/etc/iscsi/initiatorname.iscsi)")
+    iscsiadm.create_node(runner, target, portal)
+    undo.push(f"iscsi node {target}", iscsiadm.delete_node, runner, target, portal)
+    iscsiadm.set_chap(runner, target, portal, req.chap_user, req.chap_secret)
+    iscsiadm.set_replacement_timeout(runner, target, portal, replacement_timeout)
+    iscsiadm.set_startup_manual(runner, target, portal)
+
+
+def _login(runner: Runner, req: AttachRequest, undo: UndoStack) -> None:
+    target, portal = req.target, req.portal
+    try:
+        iscsiadm.login(runner, target, portal)
+    except CommandTimeoutError:
+        # iscsid carries on with a login whose iscsiadm was killed: it may yet succeed
+        undo.push(f"iscsi session {target}", iscsiadm.logout, runner, target, portal)
+        raise
+    undo.push(f"iscsi session {target}", iscsiadm.logout, runner, target, portal)
+
+
+def _mount(runner: Runner, req: AttachRequest, device: str, undo: UndoStack,
+           root: str) -> str:
+    mountpoint = mount.make_mountpoint(req.session_id, root)
+    undo.push(f"mount point {mountpoint}", mount.remove_mountpoint, mountpoint)
+    if os.path.ismount(mountpoint):
+        current = mount.mounted_device(runner, mountpoint)
+        if (current is not None and mount.is_same_device(current.source, device)
+                and current.fstype == req.fstype and current.is_readonly):
+            log.info("%s is already mounted read-only at %s: reusing it", device, mountpoint)
+            undo.push(f"mount {mountpoint}", mount.unmount, runner, mountpoint)
+            return mountpoint
+        what = f"{current.source} ({current.fstype}, {','.join(current.options)})" \
+            if current is not None else "something"
+        raise ResourceError(f"{mountpoint} already has {what} mounted, not {device} read-only",
+                            hint=f"umount {mountpoint} if it is a leftover")
+    mount.verify_fstype(runner, device, req.fstype)
+    try:
+        mount.mount_readonly(runner, device, req.fstype, mountpoint, verify=False)
+    except CommandTimeoutError:
+        # the kernel may finish a mount whose mount(8) was killed
+        undo.push(f"mount {mountpoint}", mount.unmount, runner, mountpoint)
+        raise
+    undo.push(f"mount {mountpoint}", mount.unmount, runner, mountpoint)
+    return mountpoint
+
+
+def detach(runner: Runner, answer: Mapping[str, Any], *,
+           mount_root: str = mount.MOUNT_ROOT) -> None:
+    """Undo whatever :func:`attach` left for this answer, without an UndoStack
+    (after a crash): umount, rmdir, logout, delete the node record. Idempotent;
+    goes on past failures and raises CleanupError naming all of them."""
+    req = AttachRequest.from_answer(answer)
+    runner.add_secret(req.chap_secret)
+    undo = UndoStack()
+    # pushed in attach's order, so unwinding runs them in reverse, as attach's undo would
+    undo.push(f"iscsi node {req.target}", iscsiadm.delete_node, runner, req.target, req.portal)
+    undo.push(f"iscsi session {req.target}", iscsiadm.logout, runner, req.target, req.portal)
+    mountpoint = mount.mountpoint_for(req.session_id, mount_root)
+    undo.push(f"mount point {mountpoint}", mount.remove_mountpoint, mountpoint)
+    undo.push(f"mount {mountpoint}", mount.unmount, runner, mountpoint)
+    with undo:
+        pass

@@ -1,0 +1,211 @@
+"""Find the disk an iSCSI login brought in, by the identifier the agent answered.
+
+The agent names the LUN by its NAA identifier (``naa.6001405…``, 32 hex
+digits). On the proxy the same value shows as
+
+* the sysfs attribute ``/sys/block/sdX/device/wwid`` (``naa.6001405…``),
+* udev's ``ID_WWN_WITH_EXTENSION`` (``0x6001405…``, all 32 digits) and the link
+  ``/dev/disk/by-id/wwn-0x6001405…``.
+
+udev's ``ID_WWN`` holds only the first 16 digits, which LUNs of the same LIO
+target share almost entirely, so it is never compared.
+
+:class:`DeviceWaiter` starts a udev monitor *before* the login, so the disk's
+"add" event cannot slip by between the login and the wait; ``wait`` first
+looks at the disks that already exist (a fast login, or an earlier login to
+the same target), then waits on the monitor, without sleep loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from ..errors import DeadlineError, ResourceError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE_S = 60.0
+#: the longest single monitor.poll: bounds how late the rescan and the deadline are noticed
+_MAX_POLL_S = 5.0
+_NAA_RE = re.compile(r"^naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?$")
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+def normalize_wwid(value: str | bytes | None) -> str | None:
+    """One spelling for a disk identifier: ``naa.`` + lowercase hex.
+
+    ``0x6001405…`` (udev's ID_WWN_WITH_EXTENSION) becomes ``naa.6001405…``;
+    ``naa.…`` (sysfs ``device/wwid``, the agent) is lowercased and stripped of
+    the newline and padding sysfs adds. None or empty gives None.
+    """
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    text = text.strip().lower()
+    if not text:
+        return None
+    if text.startswith("0x") and _HEX_RE.match(text[2:]) and len(text) - 2 in (16, 32):
+        return "naa." + text[2:]
+    return text
+
+
+def check_identifier(identifier: str) -> str:
+    """The identifier, normalised, if it is a NAA designator (16 or 32 hex digits)."""
+    norm = normalize_wwid(identifier)
+    if norm is None or not _NAA_RE.match(norm):
+        raise ValueError(f"invalid disk identifier (want naa. + 32 hex digits): {identifier!r}")
+    return norm
+
+
+def device_wwids(device: Any) -> set[str]:
+    """Every identifier udev and sysfs give ``device`` (normalised)."""
+    found: set[str] = set()
+    props = getattr(device, "properties", None)
+    if props is not None:
+        norm = normalize_wwid(props.get("ID_WWN_WITH_EXTENSION"))
+        if norm:
+            found.add(norm)
+    attrs = getattr(device, "attributes", None)
+    if attrs is not None:
+        try:
+            norm = normalize_wwid(attrs.get("device/wwid"))
+        except OSError:  # the disk went away while we read it
+            norm = None
+        if norm:
+            found.add(norm)
+    return found
+
+
+class DeviceWaiter:
+    """Wait for the block disk carrying ``identifier``; use as a context manager.
+
+    ``with DeviceWaiter(ident) as w: login(); dev = w.wait(rescan)``. The
+    pyudev ``context`` and ``monitor_factory`` (``pyudev.Monitor.from_netlink``)
+    and the ``clock`` are injectable for tests.
+    """
+
+    def __init__(self, identifier: str, deadline_s: float = DEFAULT_DEADLINE_S,
+                 context: Any | None = None, *,
+                 monitor_factory: Callable[[Any], Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if deadline_s <= 0:
+            raise ValueError(f"deadline must be positive, not {deadline_s}")
+        self.identifier = check_identifier(identifier)
+        self.deadline_s = float(deadline_s)
+        self._context = context
+        self._monitor_factory = monitor_factory
+        self._clock = clock
+        self._monitor: Any | None = None
+        #: how often rescan was called (0 or 1), for the caller's log
+        self.rescans = 0
+
+    # -- lifecycle --------------------------------------------------------
+    def __enter__(self) -> DeviceWaiter:
+        if self._context is None or self._monitor_factory is None:
+            import pyudev  # only here: unit tests never load libudev
+
+            if self._context is None:
+                self._context = pyudev.Context()
+            if self._monitor_factory is None:
+                self._monitor_factory = pyudev.Monitor.from_netlink
+        monitor = self._monitor_factory(self._context)
+        monitor.filter_by(subsystem="block", device_type="disk")
+        # receiving starts here, so every event from now on is queued for wait()
+        monitor.start()
+        self._monitor = monitor
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # pyudev has no close(): dropping the last reference unrefs the netlink socket
+        self._monitor = None
+
+    # -- matching -----------------------------------------------------------
+    def _handle(self, device: Any, matches: dict[str, Any]) -> None:
+        key = str(device.sys_path)
+        if getattr(device, "action", None) == "remove":
+            if matches.pop(key, None) is not None:
+                log.info("disk %s with identifier %s went away", device.device_node,
+                         self.identifier)
+            return
+        if self.identifier not in device_wwids(device):
+            return
+        if not device.is_initialized:
+            # udev has not run its rules yet: the monitor brings the device again once it has
+            log.debug("disk %s carries %s but is not initialized yet", key, self.identifier)
+            return
+        if not device.device_node:
+            return
+        matches[key] = device
+
+    def _drain(self, matches: dict[str, Any]) -> None:
+        """Take every event already queued, so two disks arriving together are both seen."""
+        assert self._monitor is not None
+        while True:
+            device = self._monitor.poll(timeout=0)
+            if device is None:
+                return
+            self._handle(device, matches)
+
+    def _one(self, matches: dict[str, Any]) -> str:
+        if len(matches) > 1:
+            nodes = sorted(str(d.device_node) for d in matches.values())
+            raise ResourceError(
+                f"{len(matches)} disks carry identifier {self.identifier}: {', '.join(nodes)}",
+                hint="two sessions to the same LUN, or a multipath setup: log out the stale "
+                     "session (iscsiadm -m session)")
+        device = next(iter(matches.values()))
+        log.info("disk %s carries identifier %s", device.device_node, self.identifier)
+        return str(device.device_node)
+
+    def existing(self) -> Iterable[Any]:
+        """The block disks udev knows now."""
+        assert self._context is not None
+        return self._context.list_devices(subsystem="block", DEVTYPE="disk")
+
+    # -- waiting ------------------------------------------------------------
+    def wait(self, rescan: Callable[[], None] | None = None) -> str:
+        """The /dev node of the one initialized disk carrying the identifier.
+
+        Raises DeadlineError when none appears within the deadline (``rescan``
+        is called once at half of it), ResourceError when two disks carry it.
+        """
+        if self._monitor is None:
+            raise RuntimeError("DeviceWaiter.wait() outside its 'with' block")
+        start = self._clock()
+        deadline = start + self.deadline_s
+        half = start + self.deadline_s / 2
+        matches: dict[str, Any] = {}
+        for device in self.existing():
+            self._handle(device, matches)
+        self._drain(matches)
+        if matches:
+            return self._one(matches)
+        while True:
+            now = self._clock()
+            if now >= deadline:
+                raise DeadlineError(
+                    f"no disk with identifier {self.identifier} appeared within "
+                    f"{self.deadline_s:g} s",
+                    hint="check the session (iscsiadm -m session -P 3) and "
+                         f"/dev/disk/by-id/wwn-0x{self.identifier[4:]}")
+            if rescan is not None and not self.rescans and now >= half:
+                log.info("no disk with identifier %s after %.1f s: rescanning the session",
+                         self.identifier, now - start)
+                self.rescans += 1
+                rescan()
+                continue
+            until = deadline if rescan is None or self.rescans else half
+            device = self._monitor.poll(timeout=max(min(until - now, _MAX_POLL_S), 0.01))
+            if device is None:
+                continue
+            self._handle(device, matches)
+            if matches:
+                self._drain(matches)
+                if matches:
+                    return self._one(matches)
