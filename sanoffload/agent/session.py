@@ -61,6 +61,7 @@ class Prepared:
     chap_secret: str
     fstype: str
     path_in_fs: str
+    object_kind: str  # directory | file
     duplicate_kind: str
     freeze_window_ms: float
     frozen_by: str
@@ -166,8 +167,9 @@ class Agent:
             portals=[f"{export.portal_ip}:{export.portal_port}"], lun=export.lun,
             identifier=export.identifier, unit_serial=export.serial, chap_user=spec.chap_user,
             chap_secret=chap_secret, fstype=obj.mount.fstype, path_in_fs=obj.path_in_fs,
-            duplicate_kind=dup.kind, freeze_window_ms=round(q.window_ms, 1),
-            frozen_by=q.frozen_by, lease_expires=rec.lease_expires)
+            object_kind=obj.kind, duplicate_kind=dup.kind,
+            freeze_window_ms=round(q.window_ms, 1), frozen_by=q.frozen_by,
+            lease_expires=rec.lease_expires)
 
     def _reap(self, client: str) -> None:
         """Enforce leases at the next request: release this client's expired or failed sessions."""
