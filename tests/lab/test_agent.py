@@ -217,7 +217,9 @@ def test_cleanup_after_agent_killed_mid_prepare(lab: Lab, fs1_volume: tuple[str,
                   f"{lab.iqn('px1')} >/run/prepare.out 2>&1 & echo $! > /run/prepare.pid")
     lab.sh("fs1", "for i in $(seq 120); do [ -e /run/sanoffload-hook-reached ] && exit 0; "
                   "sleep 1; done; exit 1")
-    lab.sh("fs1", "kill -9 $(cat /run/prepare.pid); pkill -9 -f sano-hold; true")
+    # -x: by process name, so the pattern cannot match this very shell's command line
+    lab.sh("fs1", "kill -9 $(cat /run/prepare.pid); pkill -9 -x sano-hold; "
+                  "pkill -9 -f '^sleep 120$'; true")
     left = lab.sh("fs1", "lvs --noheadings -o lv_name @sanoffload").stdout.strip()
     assert left.startswith("sanoffload-"), "the kill should have left a duplicate behind"
     report = json.loads(lab.sh("fs1", ["sanoffload", "agent", "cleanup", "--json"]).stdout)
