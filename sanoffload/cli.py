@@ -37,6 +37,7 @@ log = logging.getLogger("sanoffload")
 #: command name -> "module:attribute" of a click command, imported on first use
 LAZY_COMMANDS: dict[str, str] = {
     "agent": "sanoffload.agent.cli:agent",
+    "store": "sanoffload.store.cli:store",
 }
 
 

@@ -1,0 +1,193 @@
+"""``sanoffload store ...``: the backup server's operator commands."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from ..cli import App, pass_app
+from ..errors import IntegrityError, UsageError
+from ..tools import tar
+from .prune import Policy, prune as prune_repo
+from .repo import Backup, Repository
+from .restore import restore as restore_backup, stream_out
+
+
+def _repo(ctx: click.Context, app: App) -> Repository:
+    return Repository(ctx.meta["store_repo"], app.get_runner())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group("store")
+@click.option("--repo", "repo_dir", envvar="SANOFFLOAD_REPO", required=True, metavar="DIR",
+              help="The repository directory (or SANOFFLOAD_REPO).")
+@click.pass_context
+def store(ctx: click.Context, repo_dir: str) -> None:
+    """Backup server: list, verify, prune and restore the backups in a repository.
+
+    \b
+    Backups are named HOST/SLUG/TIMESTAMP, e.g. fs1/srv-data-3f2a9c1e/20261126T102933Z.
+    Examples:
+      sanoffload store --repo /srv/backup list
+      sanoffload store --repo /srv/backup verify fs1/srv-data-3f2a9c1e/20261126T102933Z
+      sanoffload store --repo /srv/backup prune --keep-last 3 --keep-daily 7 --dry-run
+      sanoffload store --repo /srv/backup restore fs1/srv-data-3f2a9c1e/20261126T102933Z /restore
+    """
+    ctx.meta["store_repo"] = repo_dir
+
+
+@store.command("list")
+@click.option("--host", default=None, help="Only this host's backups.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON array: per backup its id and every manifest field.")
+@pass_app
+@click.pass_context
+def list_(ctx: click.Context, app: App, host: str | None, as_json: bool) -> None:
+    """List the complete backups (a backup still being received is never shown)."""
+    backups = _repo(ctx, app).list(host=host)
+    if as_json:
+        _echo_json([b.to_dict() for b in backups])
+        return
+    if not backups:
+        click.echo("no backups")
+        return
+    rows = [("ID", "SIZE", "MEMBERS", "VERIFIED", "PATH")]
+    for b in backups:
+        m = b.manifest
+        rows.append((str(b.id), _size(m.archive_bytes),
+                     "-" if m.member_count is None else str(m.member_count),
+                     m.verification.status if m.verification else "-", m.path))
+    click.echo(_table(rows))
+
+
+@store.command()
+@click.argument("backup_ids", nargs=-1, metavar="[BACKUP_ID]...")
+@click.option("--all", "all_", is_flag=True, help="Verify every backup in the repository.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON array: per backup its id, ok and detail.")
+@pass_app
+@click.pass_context
+def verify(ctx: click.Context, app: App, backup_ids: tuple[str, ...], all_: bool,
+           as_json: bool) -> None:
+    """Re-hash each backup and test-read it to the end (zstd -t, tar --list).
+
+    Records the outcome in the manifest; exits 12 if any backup fails.
+    """
+    repo = _repo(ctx, app)
+    if all_ == bool(backup_ids):
+        raise UsageError("name the backups to verify, or give --all")
+    ids: list[Any] = [b.id for b in repo.list()] if all_ else list(backup_ids)
+    results: list[dict[str, Any]] = []
+    failures: list[IntegrityError] = []
+    for bid in ids:
+        try:
+            backup: Backup = repo.verify(bid)
+        except IntegrityError as exc:
+            failures.append(exc)
+            results.append({"id": str(bid), "ok": False, "detail": exc.message})
+            if not as_json:
+                click.echo(f"FAILED {bid}: {exc.message}")
+            continue
+        results.append({"id": str(backup.id), "ok": True, "detail": ""})
+        if not as_json:
+            click.echo(f"ok {backup.id}")
+    if as_json:
+        _echo_json(results)
+    if failures:
+        first = failures[0].message
+        raise IntegrityError(first if len(ids) == 1 else
+                             f"{len(failures)} of {len(ids)} backups failed verification "
+                             f"(first: {first})")
+
+
+@store.command()
+@click.option("--keep-last", type=click.IntRange(min=0), default=0, help="The N newest.")
+@click.option("--keep-daily", type=click.IntRange(min=0), default=0,
+              help="The newest of each of the last N days that have a backup.")
+@click.option("--keep-weekly", type=click.IntRange(min=0), default=0,
+              help="The newest of each of the last N ISO weeks that have a backup.")
+@click.option("--keep-monthly", type=click.IntRange(min=0), default=0,
+              help="The newest of each of the last N months that have a backup.")
+@click.option("--keep-yearly", type=click.IntRange(min=0), default=0,
+              help="The newest of each of the last N years that have a backup.")
+@click.option("--host", default=None, help="Only this host's backups.")
+@click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {policy, dry_run, keep: [{id, reasons}], remove: [id]}.")
+@pass_app
+@click.pass_context
+def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_weekly: int,
+          keep_monthly: int, keep_yearly: int, host: str | None, dry_run: bool,
+          as_json: bool) -> None:
+    """Remove the backups no --keep-* rule keeps, per object (the newest always stays).
+
+    \b
+    Example:
+      sanoffload store --repo /srv/backup prune --keep-last 3 --keep-daily 7 --keep-weekly 4
+    """
+    policy = Policy(last=keep_last, daily=keep_daily, weekly=keep_weekly, monthly=keep_monthly,
+                    yearly=keep_yearly)
+    plan = prune_repo(_repo(ctx, app), policy, host=host, dry_run=dry_run)
+    if as_json:
+        _echo_json(plan.to_dict())
+        return
+    for backup, reasons in plan.keep:
+        click.echo(f"keep   {backup.id} ({', '.join(reasons)})")
+    verb = "would remove" if dry_run else "removed"
+    for backup in plan.remove:
+        click.echo(f"{verb} {backup.id}")
+    click.echo(f"{len(plan.keep)} kept, {len(plan.remove)} {verb}")
+
+
+@store.command()
+@click.argument("backup_id")
+@click.argument("target", type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--force", is_flag=True, help="Restore into a non-empty TARGET, replacing files.")
+@pass_app
+@click.pass_context
+def restore(ctx: click.Context, app: App, backup_id: str, target: str, paths: tuple[str, ...],
+            force: bool) -> None:
+    """Restore BACKUP_ID into TARGET, whole or only PATHS (relative to the backup's root).
+
+    The archive's checksum and every member name are checked before anything
+    is written. TARGET "-" writes the checked .tar.zst to stdout instead.
+
+    \b
+    Examples:
+      sanoffload store --repo /srv/backup restore fs1/srv-data-3f2a9c1e/20261126T102933Z /restore
+      sanoffload store --repo /srv/backup restore ID /restore etc/app.conf www
+      sanoffload store --repo /srv/backup restore ID - | ssh fs2 'zstd -d | tar -x ...'
+    """
+    repo = _repo(ctx, app)
+    if target == "-":
+        if paths or force:
+            raise UsageError("restore to stdout (-) takes no PATHS and no --force")
+        stream_out(repo, backup_id, click.get_binary_stream("stdout"))
+        return
+    done = restore_backup(repo, backup_id, target, [os.fsencode(p) for p in paths], force=force)
+    what = f"{len(done.selected)} selected path(s)" if done.selected else "everything"
+    if done.link_targets:
+        what += (f" and {len(done.link_targets)} hard-linked file(s) they need: "
+                 + ", ".join(f"'{tar.show(n)}'" for n in done.link_targets))
+    click.echo(f"restored {done.backup} into {done.target}: {what} ({done.members} members "
+               "checked)")

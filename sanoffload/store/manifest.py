@@ -1,0 +1,239 @@
+"""The manifest: one JSON document beside each stored archive, saying what it holds.
+
+``<repo>/<host>/<slug>/<timestamp>.json``::
+
+    {"format": 1, "host": "fs1", "path": "/srv/data", "slug": "srv-data-3f2a9c1e",
+     "timestamp": "20261126T102933Z", "archive_bytes": 1048576, "sha256": "…",
+     "compression": "zstd", "archive_format": "gnu-tar-posix",
+     "duplicate_kind": "snapshot", "frozen_at": "2026-11-26T10:29:33.120Z",
+     "freeze_window_ms": 41.7, "frozen_by": "fsfreeze", "session_id": "fs1-1a2b3c4d",
+     "source_bytes": 5242880, "file_count": 120, "member_count": 131,
+     "stored_at": "2026-11-26T10:31:02Z", "sanoffload_version": "0.1.0",
+     "verification": {"status": "ok", "checked_at": "2026-11-26T10:31:02Z", "detail": ""}}
+
+``archive_bytes``, ``sha256``, ``member_count`` (archive members as ``tar
+--list`` counts them), ``stored_at`` and ``verification`` are the store's own
+findings; the sender's fields (:data:`SENDER_FIELDS`) are checked for type and
+range because they come from the network. Keys this version does not know are
+kept in ``extra`` so a manifest round-trips unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from .. import __version__
+
+FORMAT = 1
+COMPRESSION = "zstd"
+ARCHIVE_FORMAT = "gnu-tar-posix"
+#: the largest manifest the store reads (they are a few hundred bytes)
+MAX_BYTES = 64 * 1024
+
+VERIFIED_OK, VERIFY_FAILED, NOT_VERIFIED = "ok", "failed", "not-verified"
+_STATUSES = (VERIFIED_OK, VERIFY_FAILED, NOT_VERIFIED)
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+#: what a sender (the proxy) may say about a backup, and the check each value gets
+SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_ms", "frozen_by",
+                                  "session_id", "source_bytes", "file_count", "sha256",
+                                  "archive_bytes")
+
+
+def utc_iso(when: datetime, *, millis: bool = False) -> str:
+    """``2026-11-26T10:29:33Z`` (``.120Z`` with ``millis``), always UTC."""
+    text = when.astimezone(timezone.utc).isoformat(timespec="milliseconds" if millis
+                                                    else "seconds")
+    return text.replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    """An ISO 8601 time with a zone (``Z`` or ``+hh:mm``), as an aware UTC datetime."""
+    if not isinstance(text, str) or len(text) > 40:
+        raise ValueError(f"not an ISO 8601 time: {text!r}")
+    when = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    if when.tzinfo is None:
+        raise ValueError(f"time without a zone: {text!r}")
+    return when.astimezone(timezone.utc)
+
+
+def to_utc(value: datetime | str | float | int) -> datetime:
+    """A freeze time given as an aware datetime, an ISO string or epoch seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a time, not a boolean")
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: give it a zone")
+        return value.astimezone(timezone.utc)
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or not 0 <= value < 2**33:
+            raise ValueError(f"epoch seconds out of range: {value!r}")
+        return datetime.fromtimestamp(value, timezone.utc)
+    return parse_iso(value)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The last test of the archive: sha256, ``zstd -t`` and ``tar --list`` to the end."""
+
+    status: str
+    checked_at: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in _STATUSES:
+            raise ValueError(f"unknown verification status {self.status!r}")
+        parse_iso(self.checked_at)
+        if not isinstance(self.detail, str):
+            raise ValueError("verification detail must be a string")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == VERIFIED_OK
+
+    @classmethod
+    def now(cls, status: str, detail: str = "") -> Verification:
+        return cls(status, utc_iso(datetime.now(timezone.utc)), detail[:500])
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What one stored backup holds (see the module docstring for the JSON)."""
+
+    host: str
+    path: str
+    slug: str
+    timestamp: str
+    archive_bytes: int
+    sha256: str
+    duplicate_kind: str | None = None
+    frozen_at: str | None = None
+    freeze_window_ms: float | None = None
+    frozen_by: str | None = None
+    session_id: str | None = None
+    source_bytes: int | None = None
+    file_count: int | None = None
+    member_count: int | None = None
+    stored_at: str = ""
+    sanoffload_version: str = __version__
+    verification: Verification | None = None
+    compression: str = COMPRESSION
+    archive_format: str = ARCHIVE_FORMAT
+    format: int = FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("host", "path", "slug", "timestamp", "sanoffload_version", "compression",
+                     "archive_format"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"manifest: {name} must be a non-empty string")
+        if not self.path.startswith("/") or "\0" in self.path or len(self.path) > 4096:
+            raise ValueError(f"manifest: path must be absolute: {self.path!r}")
+        if not _SHA256_RE.fullmatch(self.sha256):
+            raise ValueError(f"manifest: sha256 must be 64 lowercase hex digits: {self.sha256!r}")
+        _check_count("archive_bytes", self.archive_bytes, optional=False)
+        for name in ("source_bytes", "file_count", "member_count"):
+            _check_count(name, getattr(self, name))
+        _check_count("format", self.format, optional=False)
+        if self.format > FORMAT:
+            raise ValueError(f"manifest format {self.format} is newer than this sanoffload "
+                             f"reads ({FORMAT})")
+        for name in ("duplicate_kind", "frozen_by", "session_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not _WORD_RE.fullmatch(value)):
+                raise ValueError(f"manifest: {name} must be a short word: {value!r}")
+        if self.frozen_at is not None:
+            parse_iso(self.frozen_at)
+        if self.stored_at:
+            parse_iso(self.stored_at)
+        if self.freeze_window_ms is not None:
+            ms = self.freeze_window_ms
+            if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (
+                    math.isfinite(ms) and ms >= 0):
+                raise ValueError(f"manifest: freeze_window_ms must be >= 0: {ms!r}")
+        if self.verification is not None and not isinstance(self.verification, Verification):
+            raise ValueError("manifest: verification must be a Verification")
+        if not isinstance(self.extra, dict):
+            raise ValueError("manifest: extra must be a mapping")
+
+    @property
+    def backup_id(self) -> str:
+        return f"{self.host}/{self.slug}/{self.timestamp}"
+
+    def with_verification(self, verification: Verification) -> Manifest:
+        return replace(self, verification=verification)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        return {**extra, **data}
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        if not isinstance(data, Mapping):
+            raise ValueError("manifest: not a JSON object")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        ver = kwargs.get("verification")
+        if ver is not None:
+            if not isinstance(ver, Mapping) or set(ver) - {"status", "checked_at", "detail"}:
+                raise ValueError("manifest: verification must be {status, checked_at, detail}")
+            kwargs["verification"] = Verification(**ver)
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as exc:  # a required key is missing
+            raise ValueError(f"manifest: {exc}") from None
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Manifest:
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"manifest larger than {MAX_BYTES} bytes")
+        return cls.from_dict(json.loads(raw))
+
+
+def _check_count(name: str, value: Any, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 2**63:
+        raise ValueError(f"manifest: {name} must be a non-negative integer: {value!r}")
+
+
+def sender_fields(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check what a sender says about its backup; return the fields normalised.
+
+    ``frozen_at`` may be an aware datetime, an ISO string or epoch seconds and
+    comes back as ISO UTC with milliseconds. ``sha256`` and ``archive_bytes``
+    are the sender's own count of the stream: the store compares them with what
+    it received. Raises ValueError for an unknown key or a bad value.
+    """
+    out: dict[str, Any] = {}
+    for key, value in (values or {}).items():
+        if key not in SENDER_FIELDS:
+            raise ValueError(f"unknown manifest field {key!r} "
+                             f"(known: {', '.join(SENDER_FIELDS)})")
+        if value is None:
+            continue
+        if key == "frozen_at":
+            value = utc_iso(to_utc(value), millis=True)
+        elif key == "sha256":
+            if not isinstance(value, str) or not _SHA256_RE.fullmatch(value.lower()):
+                raise ValueError(f"sha256 must be 64 hex digits: {value!r}")
+            value = value.lower()
+        out[key] = value
+    # the same checks a stored manifest gets, on a stand-in for the rest
+    probe = {k: v for k, v in out.items() if k not in ("sha256", "archive_bytes")}
+    Manifest(host="h", path="/", slug="s", timestamp="t", archive_bytes=out.get("archive_bytes", 0),
+             sha256="0" * 64, **probe)
+    return out

@@ -1,0 +1,150 @@
+"""Prune: which backups a retention policy keeps, and removing the rest.
+
+Semantics are restic's ``forget`` (borg's ``prune`` is alike), per object
+(host + slug), newest first, times in UTC:
+
+* ``last N``: the N newest backups;
+* ``daily N``: the newest backup of each of the N most recent days that have
+  a backup (a day without one does not use up a slot); likewise ``weekly``
+  (ISO weeks, Monday first), ``monthly`` and ``yearly``;
+* the rules are independent: a backup is kept if any rule keeps it, and each
+  rule counts its own slots (the newest backup of today counts for ``last``
+  and for ``daily`` alike);
+* the newest backup is always kept, whatever the policy, so no object is ever
+  left without a backup.
+
+:func:`select` is the pure part (unit-tested); :func:`prune` applies it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from ..errors import UsageError
+from .repo import Backup, Repository
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+#: rule name -> the period a backup time falls in
+PERIODS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
+    "daily": lambda t: (t.year, t.month, t.day),
+    "weekly": lambda t: tuple(t.isocalendar())[:2],
+    "monthly": lambda t: (t.year, t.month),
+    "yearly": lambda t: (t.year,),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How many backups each rule keeps (0: the rule is off)."""
+
+    last: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("last", *PERIODS):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"keep-{name} must be a whole number >= 0, not {value!r}")
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, name) for name in ("last", *PERIODS))
+
+    def to_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in ("last", *PERIODS)}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """:func:`select`'s answer: each kept key with why, and the keys to remove."""
+
+    keep: dict[Any, tuple[str, ...]]
+    remove: list[Any]
+
+
+def select(backups: Iterable[tuple[K, datetime]], policy: Policy) -> Selection:
+    """Split (key, time) pairs of ONE object into kept (with reasons) and removed.
+
+    Pure: no filesystem, no clock. Ties in time are broken by key, newest
+    (largest) first, so the answer does not depend on the input order.
+    Reasons: ``newest``, ``last``, ``daily``, ``weekly``, ``monthly``, ``yearly``.
+    """
+    ordered = sorted(backups, key=lambda kt: (kt[1], kt[0]), reverse=True)
+    left = {"last": policy.last, **{name: getattr(policy, name) for name in PERIODS}}
+    last_period: dict[str, tuple[int, ...] | None] = {name: None for name in PERIODS}
+    keep: dict[Any, tuple[str, ...]] = {}
+    remove: list[Any] = []
+    for index, (key, when) in enumerate(ordered):
+        reasons: list[str] = []
+        if index == 0:
+            reasons.append("newest")
+        if left["last"] > 0:
+            left["last"] -= 1
+            reasons.append("last")
+        for name, period_of in PERIODS.items():
+            if left[name] <= 0:
+                continue
+            period = period_of(when)
+            if period != last_period[name]:
+                # the newest backup of a period we have not seen yet: it takes a slot
+                last_period[name] = period
+                left[name] -= 1
+                reasons.append(name)
+        if reasons:
+            keep[key] = tuple(reasons)
+        else:
+            remove.append(key)
+    return Selection(keep, remove)
+
+
+@dataclass
+class Plan:
+    """What prune keeps and removes, per backup, in list order."""
+
+    policy: Policy
+    keep: list[tuple[Backup, tuple[str, ...]]] = field(default_factory=list)
+    remove: list[Backup] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.to_dict(), "dry_run": self.dry_run,
+                "keep": [{"id": str(b.id), "reasons": list(r)} for b, r in self.keep],
+                "remove": [str(b.id) for b in self.remove]}
+
+
+def prune(repo: Repository, policy: Policy, *, host: str | None = None,
+          slug: str | None = None, dry_run: bool = False) -> Plan:
+    """Apply ``policy`` to every object (or one host's / one object's) and remove the rest.
+
+    Refuses an empty policy: "keep nothing" is never what an operator means.
+    """
+    if policy.empty:
+        raise UsageError("give at least one --keep-* rule (an empty policy would keep only "
+                         "the newest backup of each object)")
+    plan = Plan(policy, dry_run=dry_run)
+    groups: dict[tuple[str, str], list[Backup]] = {}
+    for backup in repo.list(host=host, slug=slug):
+        groups.setdefault((backup.id.host, backup.id.slug), []).append(backup)
+    for members in groups.values():
+        by_id = {b.id: b for b in members}
+        chosen = select(((b.id, b.id.time) for b in members), policy)
+        for backup in members:
+            if backup.id in chosen.keep:
+                plan.keep.append((backup, chosen.keep[backup.id]))
+            else:
+                plan.remove.append(by_id[backup.id])
+    if not dry_run:
+        for backup in plan.remove:
+            log.info("prune: removing %s", backup.id)
+            repo.delete(backup.id)
+    return plan

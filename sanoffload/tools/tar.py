@@ -1,0 +1,268 @@
+"""GNU ``tar``: the one place that says how archives are made, listed and extracted.
+
+The proxy creates, the store lists and extracts; both take their argv from
+here so an archive is always read back with the options it was made with.
+
+Create (the proxy; the archive goes to stdout, into ``zstd -T0 -q -c``)::
+
+    tar --create --file=- --directory=SRC --format=posix --numeric-owner \\
+        --xattrs --xattrs-include='*' --acls --sparse .
+
+List (the store; the listing goes to a file, never into memory)::
+
+    tar --list [--verbose --numeric-owner] --quoting-style=c --force-local \\
+        --zstd --file=ARCHIVE --index-file=LISTING
+
+Extract (the store; only after the member list was checked)::
+
+    tar --extract --force-local --zstd --file=ARCHIVE --directory=TARGET \\
+        --numeric-owner --same-owner --preserve-permissions \\
+        --xattrs --xattrs-include='*' --acls --delay-directory-restore \\
+        [--no-wildcards --anchored --null --verbatim-files-from --no-unquote --files-from=LIST]
+
+Why these options:
+
+* ``--format=posix`` (pax): nanosecond mtimes, names and link targets of any
+  length and any bytes, xattrs and ACLs; the GNU format has none of these.
+* ``--numeric-owner``: uid/gid as numbers. The proxy and the store do not share
+  the first server's user database, so names would map to the wrong owners.
+* ``--xattrs-include='*'``: on extract GNU tar restores only ``user.*``
+  unless told otherwise; ``security.*`` and ``trusted.*`` need this (and root).
+* ``--sparse``: a 64 GiB sparse file with 1 MiB of data is archived as 1 MiB
+  and restored with its holes.
+* ``.`` with ``--directory``: relative names (``./a/b``), and the ``./``
+  member carries the root directory's own mode, owner, times, xattrs and ACL.
+* ``--force-local``: a ``:`` in the archive path would otherwise make tar
+  treat it as ``host:file`` and run rsh.
+* ``--quoting-style=c``: every name and link target is one ``"..."`` string
+  with C escapes (``\\n``, ``\\377``), so a name holding a newline, a quote
+  or ``" -> "`` cannot be mistaken for another member or a link.
+* ``--delay-directory-restore``: directory modes and times are set after all
+  their contents, so a 0555 directory still receives its files and its mtime
+  is not bumped by them.
+* never ``--absolute-names``: without it GNU tar strips ``/`` and ``../``
+  prefixes and creates symlinks that point outside the target only at the end,
+  behind a placeholder (the store's member check refuses such archives anyway).
+* ``--null --verbatim-files-from --no-unquote``: selected paths travel in a
+  NUL-separated file, byte for byte: newlines, backslashes, non-UTF-8 bytes
+  and a leading ``-`` mean nothing special.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..runner import Result, Runner
+
+#: what ``create_argv`` puts between ``--directory`` and the ``.``
+CREATE_OPTIONS: tuple[str, ...] = (
+    "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse",
+)
+
+#: what ``extract_argv`` asks for, whatever is selected
+EXTRACT_OPTIONS: tuple[str, ...] = (
+    "--numeric-owner", "--same-owner", "--preserve-permissions",
+    "--xattrs", "--xattrs-include=*", "--acls", "--delay-directory-restore",
+)
+
+#: how selected members are named in a --files-from list (position-sensitive: before it)
+_SELECT_OPTIONS: tuple[str, ...] = (
+    "--no-wildcards", "--anchored", "--null", "--verbatim-files-from", "--no-unquote",
+)
+
+#: member kinds the listing shows in the first column of the mode string
+REGULAR, DIRECTORY, HARDLINK, SYMLINK = "-", "d", "h", "l"
+CHARDEV, BLOCKDEV, FIFO, CONTIGUOUS = "c", "b", "p", "C"
+KNOWN_KINDS = frozenset({REGULAR, DIRECTORY, HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, FIFO,
+                         CONTIGUOUS})
+
+
+def create_argv(source_dir: str | os.PathLike[str]) -> list[str]:
+    """``tar --create --file=- --directory=SRC <CREATE_OPTIONS> .``: the archive on stdout.
+
+    Pipe it into :func:`sanoffload.tools.zstd.compress_argv`. Exit 1 means
+    "a file changed while read" (impossible on a frozen duplicate: treat as failure).
+    """
+    return ["tar", "--create", "--file=-", f"--directory={os.fspath(source_dir)}",
+            *CREATE_OPTIONS, "."]
+
+
+def list_argv(archive: str | os.PathLike[str], index_file: str | os.PathLike[str], *,
+              verbose: bool = True, zstd: bool = True) -> list[str]:
+    """``tar --list [--verbose --numeric-owner] --quoting-style=c ... --index-file=LISTING``.
+
+    One line per member in LISTING; :func:`read_listing` parses the verbose form.
+    """
+    argv = ["tar", "--list"]
+    if verbose:
+        argv += ["--verbose", "--numeric-owner"]
+    argv += ["--quoting-style=c", "--force-local"]
+    if zstd:
+        argv.append("--zstd")
+    argv += [f"--file={os.fspath(archive)}", f"--index-file={os.fspath(index_file)}"]
+    return argv
+
+
+def extract_argv(target: str | os.PathLike[str], archive: str | os.PathLike[str] = "-", *,
+                 zstd: bool = True, files_from: str | os.PathLike[str] | None = None) -> list[str]:
+    """``tar --extract --force-local --zstd --file=ARCHIVE --directory=TARGET <EXTRACT_OPTIONS>``.
+
+    ``archive`` "-" reads stdin; ``zstd`` False when the stream is already
+    decompressed. ``files_from``: a NUL-separated list of member names to
+    extract (each with everything below it); None extracts everything.
+    """
+    argv = ["tar", "--extract", "--force-local"]
+    if zstd:
+        argv.append("--zstd")
+    argv += [f"--file={os.fspath(archive)}", f"--directory={os.fspath(target)}",
+             *EXTRACT_OPTIONS]
+    if files_from is not None:
+        argv += [*_SELECT_OPTIONS, f"--files-from={os.fspath(files_from)}"]
+    return argv
+
+
+def list_to_file(runner: Runner, archive: str | os.PathLike[str],
+                 index_file: str | os.PathLike[str], *, timeout: float,
+                 verbose: bool = True) -> Result:
+    """Run :func:`list_argv`; raises CommandError if the archive cannot be read to its end.
+
+    tar reads (and zstd decompresses) the whole archive, so this is also the
+    test-read: a damaged block or a truncated stream fails it.
+    """
+    return runner.run(list_argv(archive, index_file, verbose=verbose), timeout=timeout)
+
+
+def extract(runner: Runner, archive: str | os.PathLike[str], target: str | os.PathLike[str], *,
+            timeout: float, files_from: str | os.PathLike[str] | None = None) -> Result:
+    """Run :func:`extract_argv` on a stored ``.tar.zst`` (check its members first)."""
+    return runner.run(extract_argv(target, archive, files_from=files_from), timeout=timeout)
+
+
+def write_files_from(path: str | os.PathLike[str], names: Iterable[bytes]) -> None:
+    """Write ``names`` as the NUL-separated list ``--null --files-from`` reads."""
+    with open(path, "wb") as f:
+        for name in names:
+            if b"\0" in name:
+                raise ValueError(f"NUL byte in a member name: {name!r}")
+            f.write(name + b"\0")
+
+
+# --------------------------------------------------------------------------
+# The verbose listing
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Member:
+    """One archive member as GNU tar lists it (name and link as raw bytes)."""
+
+    kind: str
+    name: bytes
+    #: symlink target (kind "l") or the member a hard link (kind "h") links to
+    link: bytes | None = None
+
+    @property
+    def shown(self) -> str:
+        """The name for messages: printable, one line."""
+        return show(self.name)
+
+
+def show(name: bytes) -> str:
+    """A member name fit for a one-line message (escapes newlines and odd bytes)."""
+    text = name.decode("utf-8", errors="backslashreplace")  # b"\xff" -> "\\xff"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# quotearg's C style: a backslash starts \\ \" \a \b \f \n \r \t \v \? or 1-3 octal digits
+_C_TOKEN = re.compile(rb'[^"\\]+|\\[0-7]{1,3}|\\[\\"abfnrtv?]|"')
+_C_SIMPLE = {b"\\": b"\\", b'"': b'"', b"a": b"\a", b"b": b"\b", b"f": b"\f", b"n": b"\n",
+             b"r": b"\r", b"t": b"\t", b"v": b"\v", b"?": b"?"}
+_SYMLINK_SEP = b' -> "'
+_HARDLINK_SEP = b' link to "'
+
+
+def _unquote_c(line: bytes, start: int) -> tuple[bytes, int]:
+    """Decode the C-quoted string opening at ``line[start]``; return it and the index after."""
+    if line[start:start + 1] != b'"':
+        raise ValueError("expected a quoted name")
+    out = bytearray()
+    pos = start + 1
+    while pos < len(line):
+        m = _C_TOKEN.match(line, pos)
+        if m is None:
+            raise ValueError(f"bad escape at column {pos}")
+        tok = m.group()
+        pos = m.end()
+        if tok == b'"':
+            return bytes(out), pos
+        if tok[0:1] != b"\\":
+            out += tok
+        elif tok[1:2].isdigit():
+            value = int(tok[1:], 8)
+            if value > 0xFF:
+                raise ValueError(f"octal escape out of range: {tok!r}")
+            out.append(value)
+        else:
+            out += _C_SIMPLE[tok[1:2]]
+    raise ValueError("unterminated quoted name")
+
+
+def parse_list_line(line: bytes) -> Member:
+    """Parse one line of ``tar --list --verbose --numeric-owner --quoting-style=c``.
+
+    ``drwxr-xr-x 0/0 0 2026-11-26 10:32 "./d/"``,
+    ``lrwxrwxrwx 0/0 0 2026-11-26 10:32 "./l" -> "a b"``,
+    ``hrw-r--r-- 0/0 0 2026-11-26 10:32 "./h" link to "./a b"``.
+    Nothing before the name can hold a ``"`` (numeric owners, sizes, dates), so
+    the first one opens the name. Raises ValueError for anything else
+    (volume labels, multi-volume parts, unknown types).
+    """
+    line = line.rstrip(b"\n")
+    quote = line.find(b'"')
+    if quote < 0:
+        raise ValueError("no quoted name")
+    head = line[:quote].split()
+    if len(head) < 4 or not head[0]:
+        raise ValueError("too few columns before the name")
+    kind = chr(head[0][0])
+    if kind not in KNOWN_KINDS:
+        raise ValueError(f"member type {kind!r} is not restorable")
+    name, pos = _unquote_c(line, quote)
+    link: bytes | None = None
+    rest = line[pos:]
+    if kind == SYMLINK:
+        if not rest.startswith(_SYMLINK_SEP):
+            raise ValueError("symlink without a target")
+        link, pos = _unquote_c(line, pos + len(_SYMLINK_SEP) - 1)
+    elif kind == HARDLINK:
+        if not rest.startswith(_HARDLINK_SEP):
+            raise ValueError("hard link without a target")
+        link, pos = _unquote_c(line, pos + len(_HARDLINK_SEP) - 1)
+    if line[pos:]:
+        raise ValueError(f"unexpected text after the name: {line[pos:][:40]!r}")
+    return Member(kind, name, link)
+
+
+def read_listing(index_file: str | os.PathLike[str]) -> Iterator[tuple[int, Member]]:
+    """(line number, member) for each line of a verbose listing file, read as a stream.
+
+    Raises ValueError naming the line that does not parse.
+    """
+    with open(index_file, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                yield number, parse_list_line(line)
+            except ValueError as exc:
+                text = show(line.rstrip(b"\n")[:120])
+                raise ValueError(f"listing line {number}: {exc}: {text}") from None
+
+
+def count_lines(path: str | os.PathLike[str]) -> int:
+    """Lines in a (non-verbose) listing: one per member, newlines in names are escaped."""
+    count = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
