@@ -410,9 +410,8 @@ class FakeRunner(Runner):
     def called(self, *prefix: str) -> bool:
         return any(tuple(c.argv[: len(prefix)]) == prefix for c in self.calls)
 
-    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
-               env: dict[str, str]) -> Spawned:
-        self.calls.append(Call(list(argv), 0.0, None, env))
+    def _answer(self, argv: list[str], what: str) -> Rule:
+        """The rule answering ``argv`` (its action run); unmatched calls fail the test."""
         for rule in self.rules:
             if rule.matches(argv):
                 rule.used += 1
@@ -420,23 +419,22 @@ class FakeRunner(Runner):
                     rule.action(argv)
                 if rule.not_found:
                     raise _NotFound()
-                return _FakeSpawned(argv, rule.returncode, running=rule.timeout)
-        raise AssertionError(f"FakeRunner: no rule for spawn {argv!r}")
+                return rule
+        raise AssertionError(f"FakeRunner: no rule for {what}{argv!r}")
+
+    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
+               env: dict[str, str]) -> Spawned:
+        self.calls.append(Call(list(argv), 0.0, None, env))
+        rule = self._answer(argv, "spawn ")
+        return _FakeSpawned(argv, rule.returncode, running=rule.timeout)
 
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
                  cwd: str | None, env: dict[str, str]) -> _Raw:
         self.calls.append(Call(list(argv), timeout, input, env))
-        for rule in self.rules:
-            if rule.matches(argv):
-                rule.used += 1
-                if rule.action:
-                    rule.action(argv)
-                if rule.not_found:
-                    raise _NotFound()
-                if rule.timeout:
-                    raise _TimedOut(_enc(rule.stdout), _enc(rule.stderr))
-                return _Raw(rule.returncode, _enc(rule.stdout), _enc(rule.stderr))
-        raise AssertionError(f"FakeRunner: no rule for {argv!r}")
+        rule = self._answer(argv, "")
+        if rule.timeout:
+            raise _TimedOut(_enc(rule.stdout), _enc(rule.stderr))
+        return _Raw(rule.returncode, _enc(rule.stdout), _enc(rule.stderr))
 
 
 class _FakeSpawned(Spawned):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -13,7 +12,6 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import click
 import psutil
@@ -25,25 +23,13 @@ from sanoffload.doctor import Host
 from sanoffload.errors import Interrupted, RefusedError, ResourceError
 from sanoffload.signals import install_signal_handlers
 
+from ..fixtures.doctor import fakehost as fh
+
 pytestmark = pytest.mark.unit
 
 REPO = Path(sanoffload.__file__).resolve().parent.parent
 
 
-def load_fakehost() -> ModuleType:
-    """tests/fixtures/doctor/fakehost.py, loaded by path (independent of pytest's sys.path)."""
-    name = "sanoffload_tests_fakehost"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "fixtures" / "doctor" / "fakehost.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fh = load_fakehost()
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,25 +18,13 @@ from sanoffload.doctor import PROBE_TIMEOUT, REQUIREMENTS, ROLES, Host, run_chec
 from sanoffload.errors import Interrupted
 from sanoffload.runner import DEFAULT_PATH
 
+from ..fixtures.doctor import fakehost as fh
+
 pytestmark = pytest.mark.unit
 
 REPO = Path(sanoffload.__file__).resolve().parent.parent
 
 
-def load_fakehost() -> ModuleType:
-    """tests/fixtures/doctor/fakehost.py, loaded by path (independent of pytest's sys.path)."""
-    name = "sanoffload_tests_fakehost"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "fixtures" / "doctor" / "fakehost.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fh = load_fakehost()
 
 
 def names(role: str) -> list[str]:
