@@ -31,7 +31,8 @@ roots = ["/srv"]
 max_sessions = 2
 """
 
-MKFS = {"ext4": "mkfs.ext4 -q", "xfs": "mkfs.xfs -q -f"}
+# no lazy init: ext4lazyinit would keep writing after mount and fill small snapshots
+MKFS = {"ext4": "mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0", "xfs": "mkfs.xfs -q -f"}
 RO_OPTS = {"ext4": "ro,noload", "xfs": "ro,norecovery,nouuid"}
 LVCREATE = {
     "snapshot": f"lvcreate -q -y -L 400m -n data {VG}",
