@@ -10,14 +10,17 @@ frozen, exported or duplicated.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
 import socket
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -26,7 +29,7 @@ from ..errors import CleanupError, ResourceError, SanoffloadError
 from ..runner import Runner
 from ..undo import UndoStack
 from ..tools import fsfreeze, lio, lvm
-from .config import Config
+from .config import Client, Config
 from .controller import Duplicate, LocalController, StorageController
 from .journal import Journal, Resource, SessionRecord
 from .quiesce import quiesce_and_duplicate
@@ -89,12 +92,44 @@ class Agent:
         self.journal = Journal(config.state_dir)
         self.host = host or socket.gethostname().split(".")[0]
         self.clock = clock
+        self._held = False
 
     # -- prepare -----------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One agent process at a time changes state: prepare, release and cleanup.
+
+        Without it, a cleanup pass could take a concurrent prepare's fresh LV
+        for an orphan between reading the journal and listing the LVs.
+        """
+        if self._held:
+            yield
+            return
+        path = Path(self.config.state_dir)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(path / "agent.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def prepare(self, path: str, initiator: str, *, kind: str | None = None) -> Prepared:
+        """Answer a proxy's request.
+
+        The request is checked first (read-only: a refusal changes nothing);
+        then sessions whose lease expired or that failed are released (leases
+        are enforced at the latest here), then the new session is made.
+        """
         client = self.config.client_for_initiator(initiator)
         obj = self.resolve(self.runner, path, client.roots, duplicate_kind=kind)
-        self._reap(client.name)
+        with self._locked():
+            self._cleanup_locked(all_sessions=False, orphans=False)
+            return self._prepare(client, obj, initiator)
+
+    def _prepare(self, client: Client, obj: BackupObject, initiator: str) -> Prepared:
         active = [r for r in self.journal if r.client == client.name]
         if len(active) >= client.max_sessions:
             raise ResourceError(f"client {client.name} already has {len(active)} session(s) "
@@ -171,17 +206,6 @@ class Agent:
             freeze_window_ms=round(q.window_ms, 1), frozen_by=q.frozen_by,
             lease_expires=rec.lease_expires)
 
-    def _reap(self, client: str) -> None:
-        """Enforce leases at the next request: release this client's expired or failed sessions."""
-        now = self.clock()
-        for rec in list(self.journal):
-            if rec.client == client and (rec.state == "failed" or (
-                    rec.state == "ready" and now >= rec.lease_expires)):
-                try:
-                    self.release(rec.session_id)
-                except Exception as exc:  # it still counts; the operator sees it in sessions
-                    log.warning("could not release %s: %s", rec.session_id, exc)
-
     def _finish_failed(self, rec: SessionRecord) -> None:
         # runs last on the failure path: all undos before it succeeded or were reported
         if not rec.resources:
@@ -227,6 +251,10 @@ class Agent:
                 "lease_expires": rec.lease_expires, "path": rec.path, **rec.info}
 
     def release(self, session_id: str) -> list[str]:
+        with self._locked():
+            return self._release(session_id)
+
+    def _release(self, session_id: str) -> list[str]:
         """Undo everything the session holds, newest first. Idempotent.
 
         Goes on past errors and raises CleanupError listing all of them; the
@@ -260,6 +288,11 @@ class Agent:
 
     # -- cleanup -------------------------------------------------------------
     def cleanup(self, *, all_sessions: bool = False) -> dict[str, Any]:
+        with self._locked():
+            return self._cleanup_locked(all_sessions=all_sessions)
+
+    def _cleanup_locked(self, *, all_sessions: bool = False,
+                        orphans: bool = True) -> dict[str, Any]:
         """Remove what crashes left: journaled sessions not ready or expired, and marked orphans.
 
         At agent start-up nothing should survive (``all_sessions``); run later,
@@ -272,17 +305,17 @@ class Agent:
                 continue  # another agent process is preparing it right now
             if all_sessions or rec.state != "ready" or now >= rec.lease_expires:
                 try:
-                    self.release(rec.session_id)
+                    self._release(rec.session_id)
                     released.append(rec.session_id)
                 except Exception as exc:  # one stuck session must not stop the pass
                     errors.append(exc)
-        orphans = self._orphans()
-        for what, undo in orphans:
+        found = self._orphans() if orphans else []
+        for what, undo in found:
             try:
                 undo()
             except Exception as exc:
                 errors.append(exc)
-        report = {"released": released, "orphans_removed": [w for w, _ in orphans],
+        report = {"released": released, "orphans_removed": [w for w, _ in found],
                   "broken_records": [str(p) for p in self.journal.broken()]}
         if errors:
             raise CleanupError(errors, context="agent cleanup")
