@@ -28,9 +28,11 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
+from .pipeline import PipelineLike, Stage
+from .pipeline import start as start_pipeline
 from .signals import deferred as deferred_signals
 
 log = logging.getLogger(__name__)
@@ -204,8 +206,36 @@ class Runner:
             raise CommandNotFoundError(f"command not found: {shown[0]}", argv=shown,
                                        hint=exc.hint) from None
 
+    def pipeline(self, stages: Sequence[Stage], *, timeout: float | None = None,
+                 stdin: IO[bytes] | int | None = None, env: Mapping[str, str] | None = None,
+                 secrets: Iterable[str] = ()) -> PipelineLike:
+        """Start ``stages`` joined by pipes; read the result from ``.stdout``, then ``.wait()``.
+
+        Like :meth:`run`: minimal env with ``LC_ALL=C``, one deadline for the
+        whole pipeline (the process group is killed), tolerated exit codes
+        named per stage, secrets masked in what is logged and raised.
+        """
+        if not stages:
+            raise ValueError("empty pipeline")
+        secrets = tuple(secrets)
+        shown = [self.mask_argv([str(a) for a in st.argv], secrets) for st in stages]
+        limit = self.default_timeout if timeout is None else timeout
+        log.debug("pipeline: %s (timeout %.0fs)", " | ".join(" ".join(a) for a in shown), limit)
+        try:
+            return self._pipeline(list(stages), shown, timeout=limit, stdin=stdin,
+                                  env=self.build_env(env),
+                                  mask=lambda text: self.mask(text, secrets))
+        except _NotFound as exc:
+            raise CommandNotFoundError(f"command not found in pipeline: {exc.hint}",
+                                       hint=exc.hint) from None
+
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
                  cwd: str | None, env: dict[str, str]) -> _Raw:
+        raise NotImplementedError
+
+    def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
+                  stdin: IO[bytes] | int | None, env: dict[str, str],
+                  mask: Callable[[str], str]) -> PipelineLike:
         raise NotImplementedError
 
     def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
@@ -335,6 +365,19 @@ class CommandRunner(Runner):
         return _ShSpawned(argv, proc)
 
 
+    def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
+                  stdin: IO[bytes] | int | None, env: dict[str, str],
+                  mask: Callable[[str], str]) -> PipelineLike:
+        with deferred_signals():
+            return start_pipeline(stages, shown, env=env, timeout=timeout, stdin=stdin,
+                                  mask=mask, resolve=lambda name: _resolve(name, env))
+
+
+def _resolve(name: str, env: Mapping[str, str]) -> str | None:
+    exe = name if os.sep in name else shutil.which(name, path=env["PATH"])
+    return exe if exe is not None and os.access(exe, os.X_OK) else None
+
+
 def _reap(proc: Any) -> None:
     """Wait for a killed child so it does not linger as a zombie."""
     try:
@@ -427,6 +470,23 @@ class FakeRunner(Runner):
         self.calls.append(Call(list(argv), 0.0, None, env))
         rule = self._answer(argv, "spawn ")
         return _FakeSpawned(argv, rule.returncode, running=rule.timeout)
+
+    def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
+                  stdin: IO[bytes] | int | None, env: dict[str, str],
+                  mask: Callable[[str], str]) -> PipelineLike:
+        """Each stage answered by its rule; the last stage's stdout is what is read."""
+        import io
+
+        from .pipeline import FakePipeline
+
+        rules = []
+        for stage in stages:
+            argv = [str(a) for a in stage.argv]
+            self.calls.append(Call(argv, timeout, None, env))
+            rules.append(self._answer(argv, "pipeline stage "))
+        return FakePipeline(stages, shown, io.BytesIO(_enc(rules[-1].stdout)),
+                            [(r.returncode, _enc(r.stderr).decode()) for r in rules],
+                            timed_out=any(r.timeout for r in rules), mask=mask)
 
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
                  cwd: str | None, env: dict[str, str]) -> _Raw:
