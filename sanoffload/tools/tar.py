@@ -80,14 +80,29 @@ KNOWN_KINDS = frozenset({REGULAR, DIRECTORY, HARDLINK, SYMLINK, CHARDEV, BLOCKDE
                          CONTIGUOUS})
 
 
-def create_argv(source_dir: str | os.PathLike[str]) -> list[str]:
-    """``tar --create --file=- --directory=SRC <CREATE_OPTIONS> .``: the archive on stdout.
+def create_argv(source_dir: str | os.PathLike[str], member: str = ".") -> list[str]:
+    """``tar --create --file=- --directory=SRC <CREATE_OPTIONS> MEMBER``: the archive on stdout.
 
-    Pipe it into :func:`sanoffload.tools.zstd.compress_argv`. Exit 1 means
-    "a file changed while read" (impossible on a frozen duplicate: treat as failure).
+    MEMBER is ``.`` for a directory, or one file's name inside SRC (passed after
+    ``--`` so a name starting with ``-`` stays a name). Pipe it into
+    :func:`sanoffload.tools.zstd.compress_argv`. Exit 1 means "a file changed
+    while read" (impossible on a frozen duplicate: treat as failure).
     """
+    if member != "." and ("/" in member or member in ("", "..")):
+        raise ValueError(f"tar member must be '.' or a plain file name, not {member!r}")
     return ["tar", "--create", "--file=-", f"--directory={os.fspath(source_dir)}",
-            *CREATE_OPTIONS, "."]
+            *CREATE_OPTIONS, "--", member]
+
+
+def compare_argv(archive: str | os.PathLike[str], source_dir: str | os.PathLike[str]) -> list[str]:
+    """``tar --diff --zstd --file=ARCHIVE --directory=SRC --numeric-owner``.
+
+    Compares every member's contents, size, mode, owner, mtime and link target
+    with the tree it was made from (the still-attached duplicate); exit 1 lists
+    the differences.
+    """
+    return ["tar", "--diff", "--force-local", "--zstd", f"--file={os.fspath(archive)}",
+            f"--directory={os.fspath(source_dir)}", "--numeric-owner"]
 
 
 def list_argv(archive: str | os.PathLike[str], index_file: str | os.PathLike[str], *,

@@ -32,7 +32,11 @@ prw-r--r-- 0/0               0 1970-01-01 00:00 "fifo"
 def test_create_argv_is_exactly_what_the_proxy_runs() -> None:
     assert tar.create_argv("/mnt/dup/srv/data") == [
         "tar", "--create", "--file=-", "--directory=/mnt/dup/srv/data", "--format=posix",
-        "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse", "."]
+        "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse", "--", "."]
+    assert tar.create_argv("/mnt/dup/srv", "-odd name")[-2:] == ["--", "-odd name"]
+    for bad in ("a/b", "..", ""):
+        with pytest.raises(ValueError):
+            tar.create_argv("/mnt/dup", bad)
     assert zstd.compress_argv() == ["zstd", "-T0", "-q", "-c"]
     assert zstd.compress_argv(level=9, threads=4) == ["zstd", "-T4", "-q", "-c", "-9"]
     with pytest.raises(ValueError):
