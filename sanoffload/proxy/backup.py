@@ -1,0 +1,109 @@
+"""The proxy's backup of one prepared session: attach, stream, store, verify, detach.
+
+Given the agent's ``prepare`` answer, the proxy (claims 1-3, 10-12):
+
+1. sets a path to the duplicate from its identifier and mounts it read-only
+   (:func:`sanoffload.proxy.attach.attach`);
+2. streams ``tar --create … | zstd -T0 -q -c`` of the backup object into a
+   store writer, which hashes the bytes on the way (no second pass);
+3. asks whether the duplicate stayed valid (a classic snapshot can overflow
+   while it is read) before the backup is published — an invalid duplicate
+   is never recorded as a good backup;
+4. optionally compares the stored archive with the still-attached duplicate
+   (``tar --diff``) and records the result;
+5. always unmounts and logs out (the UndoStack), whatever happened.
+
+Telling the agent to release is the caller's job (it owns that channel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import DuplicateInvalidError, IntegrityError
+from ..pipeline import Stage
+from ..runner import Runner
+from ..tools import tar, zstd
+from ..undo import UndoStack
+from .attach import Attached, attach
+
+log = logging.getLogger(__name__)
+
+#: a read of the duplicate may take long, but not for ever
+STREAM_TIMEOUT_S = 24 * 3600
+
+
+class Writer(Protocol):
+    """Where the archive goes (a local repository's BackupWriter, or a remote one)."""
+
+    bytes: int
+
+    def write_from(self, stream: Any) -> int: ...
+
+    def commit(self, fields: Mapping[str, Any] | None = None) -> Any: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    backup: Any
+    bytes: int
+    seconds: float
+    verified: bool | None
+
+    @property
+    def throughput_mib_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-6) / (1024 * 1024)
+
+
+def source_of(att: Attached, kind: str) -> tuple[str, str]:
+    """``(directory, member)`` for tar: the object itself, or its parent and its name."""
+    if kind == "file":
+        return os.path.dirname(att.object_path), os.path.basename(att.object_path)
+    return att.object_path, "."
+
+
+def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
+               still_valid: Callable[[], bool], fields: Mapping[str, Any] | None = None,
+               compare: Callable[[Any, str], bool] | None = None,
+               attach_fn: Callable[..., Attached] = attach) -> BackupSummary:
+    """Back up the session ``answer`` describes into ``writer``; see the module doc.
+
+    ``still_valid`` asks the agent about the duplicate (status is "healthy");
+    ``compare(backup, source_dir)`` checks the stored archive against the
+    mounted duplicate (None: not verified).
+    """
+    with UndoStack() as undo:
+        att = attach_fn(runner, answer, undo)
+        src, member = source_of(att, str(answer.get("object_kind", "directory")))
+        started = time.monotonic()
+        stages = [Stage(tar.create_argv(src, member)), Stage(zstd.compress_argv())]
+        try:
+            with runner.pipeline(stages, timeout=STREAM_TIMEOUT_S) as pipe:
+                writer.write_from(pipe.stdout)
+                pipe.wait()
+            if not still_valid():
+                raise DuplicateInvalidError(
+                    f"the duplicate of session {answer.get('session_id')} became invalid "
+                    "while it was read (snapshot overflow?): the backup is discarded",
+                    hint="give classic snapshots more room ([snapshot] percent) or use thin "
+                         "or mirror duplicates")
+            backup = writer.commit(dict(fields or {}))
+        except BaseException:
+            writer.abort()
+            raise
+        seconds = time.monotonic() - started
+        verified: bool | None = None
+        if compare is not None:
+            verified = compare(backup, src)
+            if not verified:
+                raise IntegrityError(f"the stored archive {backup} differs from the duplicate")
+        log.info("backed up %s: %d bytes in %.1f s", answer.get("session_id"), writer.bytes,
+                 seconds)
+        return BackupSummary(backup, writer.bytes, seconds, verified)
