@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import AuthError, ConfigError
+from ..iqn import valid_iqn
 from .hooks import DEFAULT_HOOK_TIMEOUT, Hooks
 
 DEFAULT_PATH = "/etc/sanoffload/agent.toml"
@@ -61,12 +62,6 @@ DEFAULT_SNAPSHOT_MIN_MB = 64
 DEFAULT_THIN_MAX_PERCENT = 80
 DEFAULT_MAX_SESSIONS = 1
 
-# RFC 3720 3.2.6.3.1: "iqn." date "." reversed domain [":" unique], lowercase (RFC 3722)
-_IQN_RE = re.compile(
-    r"^iqn\.(?P<year>\d{4})-(?P<month>\d{2})\."
-    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
-    r"(?::[a-z0-9.:-]+)?$")
-IQN_MAX_LEN = 223
 _CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
@@ -209,8 +204,7 @@ class _Checker:
             raise self.error(key, f"must be an iSCSI name string, not {value!r}")
         if value != value.lower():
             raise self.error(key, f"iSCSI names are lowercase (RFC 3722): {value!r}")
-        match = _IQN_RE.match(value)
-        if not match or not 1 <= int(match.group("month")) <= 12 or len(value) > IQN_MAX_LEN:
+        if not valid_iqn(value):
             raise self.error(key, f"not an iSCSI qualified name "
                                   f"(iqn.YYYY-MM.reversed.domain[:unique]): {value!r}")
         return value

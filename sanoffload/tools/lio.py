@@ -31,13 +31,13 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import MissingDependencyError, ResourceError, SanoffloadError
+from ..iqn import valid_iqn
 
 log = logging.getLogger(__name__)
 
 TARGET_IQN_PREFIX = "iqn.2026-11.org.sanoffload:"
 BACKSTORE_PREFIX = "sanoffload-"
 LIO_IEEE_COMPANY_ID = "001405"
-_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[a-z0-9.:_-]+)?$")
 
 
 class LioError(SanoffloadError):
@@ -58,10 +58,6 @@ def naa_from_serial(serial: str) -> str:
 def new_serial() -> str:
     """A fresh unit serial; the caller journals it before the export exists."""
     return str(uuid.uuid4())
-
-
-def valid_iqn(iqn: str) -> bool:
-    return bool(_IQN_RE.match(iqn))
 
 
 def target_iqn_for(session_id: str) -> str:
