@@ -38,6 +38,11 @@ log = logging.getLogger("sanoffload")
 LAZY_COMMANDS: dict[str, str] = {
     "agent": "sanoffload.agent.cli:agent",
     "store": "sanoffload.store.cli:store",
+    "backup": "sanoffload.proxy.cli:backup",
+    "list": "sanoffload.proxy.cli:list_",
+    "verify": "sanoffload.proxy.cli:verify",
+    "restore": "sanoffload.proxy.cli:restore",
+    "prune": "sanoffload.proxy.cli:prune",
 }
 
 

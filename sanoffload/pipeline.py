@@ -61,6 +61,8 @@ class Pipeline:
         last = self.procs[-1].stdout
         assert last is not None
         self.stdout: IO[bytes] = last
+        #: the first stage's stdin when the pipeline was started with ``stdin=subprocess.PIPE``
+        self.stdin: IO[bytes] | None = self.procs[0].stdin
         self._watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
         self._watchdog.daemon = True
         self._watchdog.start()
@@ -104,6 +106,11 @@ class Pipeline:
         finally:
             self._watchdog.cancel()
             self.stdout.close()
+            if self.stdin is not None and not self.stdin.closed:
+                try:
+                    self.stdin.close()
+                except OSError:  # the stage is gone; nothing more to tell it
+                    pass
             for err in self._errs:
                 err.close()
         return _check(results, self.shown, self.timed_out)

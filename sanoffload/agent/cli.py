@@ -125,3 +125,34 @@ def cleanup(ctx: click.Context, app: App, all_sessions: bool, as_json: bool) -> 
     report = _agent(app, _config(ctx)).cleanup(all_sessions=all_sessions)
     _emit(report, as_json, f"released {len(report['released'])} session(s), removed "
                            f"{len(report['orphans_removed'])} orphan(s)")
+
+
+@agent.command()
+@click.option("--stdio", is_flag=True, required=True,
+              help="Speak the control protocol on stdin/stdout (the only transport).")
+@click.option("--client", "client", required=True,
+              help="The client (a [clients.NAME] of the config) this connection belongs to.")
+@pass_app
+@click.pass_context
+def serve(ctx: click.Context, app: App, stdio: bool, client: str) -> None:
+    """Serve one proxy connection; run by sshd from a forced command.
+
+    The client name comes from the key's forced command, never from the
+    proxy: it decides which initiators, roots and sessions the proxy may use.
+    Sessions the connection leaves open are released when it ends.
+
+    \b
+    Example (root's authorized_keys on the first server, one line):
+      command="sanoffload agent serve --stdio --client px1",restrict ssh-ed25519 AAAA… root@px1
+    """
+    from ..channel.server import refuse, stdio_channel
+    from ..channel.server import serve as serve_channel
+    from ..errors import SanoffloadError
+    from .service import AgentService
+
+    channel = stdio_channel(peer=f"client {client}")
+    try:
+        service = AgentService(_agent(app, _config(ctx)), client)
+    except SanoffloadError as exc:  # the proxy hears why, not just a closed connection
+        ctx.exit(refuse(channel, exc))
+    ctx.exit(serve_channel(service, channel))

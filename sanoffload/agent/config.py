@@ -7,6 +7,7 @@ Example (every key; only ``portal.address`` and one client are required)::
     freeze_deadline_s = 10        # longest a filesystem may stay frozen
     freeze = "auto"               # who inhibits writes for snapshots: auto | fsfreeze | lvm
     lease_s = 3600                # an export left unreleased this long is torn down
+    grace_s = 10                  # a proxy's dropped connection: release its sessions after this
 
     [portal]
     address = "10.77.0.11"        # required: the interface the proxies reach
@@ -57,6 +58,7 @@ DEFAULT_FREEZE_DEADLINE_S = 10.0
 #: a freeze longer than this stalls every writer of the filesystem for too long
 MAX_FREEZE_DEADLINE_S = 300.0
 DEFAULT_LEASE_S = 3600
+DEFAULT_GRACE_S = 10.0
 DEFAULT_SNAPSHOT_PERCENT = 10
 DEFAULT_SNAPSHOT_MIN_MB = 64
 DEFAULT_THIN_MAX_PERCENT = 80
@@ -126,6 +128,7 @@ class Config:
     freeze_deadline_s: float = DEFAULT_FREEZE_DEADLINE_S
     freeze: str = "auto"
     lease_s: int = DEFAULT_LEASE_S
+    grace_s: float = DEFAULT_GRACE_S
     snapshot: SnapshotPolicy = field(default_factory=SnapshotPolicy)
     thin: ThinPolicy = field(default_factory=ThinPolicy)
     hooks: HooksConfig = field(default_factory=HooksConfig)
@@ -140,6 +143,14 @@ class Config:
             if iqn in client.initiators:
                 return client
         raise AuthError(f"initiator {iqn!r} is not allowed: no client lists it")
+
+    def client(self, name: str) -> Client:
+        """The client called ``name`` (the forced command's ``--client``); AuthError if none."""
+        found = self.clients.get(name)
+        if found is None:
+            raise AuthError(f"client {name!r} is not in {self.path}",
+                            hint=f"add a [clients.{name}] table")
+        return found
 
 
 # --------------------------------------------------------------------------
@@ -228,7 +239,7 @@ class _Checker:
         return str(addr)
 
 
-_TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "freeze", "lease_s", "portal",
+_TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "freeze", "lease_s", "grace_s", "portal",
              "snapshot", "thin", "hooks", "clients"}
 #: auto: fsfreeze where the kernel nests it with LVM's suspend (>= 6.6), else LVM's suspend
 FREEZE_MODES = ("auto", "fsfreeze", "lvm")
@@ -280,6 +291,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
                                    "freeze_deadline_s", MAX_FREEZE_DEADLINE_S),
         freeze=freeze,
         lease_s=c.integer(top.get("lease_s", DEFAULT_LEASE_S), "lease_s", 1),
+        grace_s=c.number(top.get("grace_s", DEFAULT_GRACE_S), "grace_s", 3600),
         snapshot=snapshot, thin=thin, hooks=hooks)
 
 

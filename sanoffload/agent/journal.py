@@ -53,7 +53,7 @@ class SessionRecord:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not SESSION_ID_RE.match(self.session_id):
+        if not SESSION_ID_RE.fullmatch(self.session_id):
             raise UsageError(f"invalid session id {self.session_id!r}")
 
     def find(self, kind: str) -> Resource | None:
@@ -76,7 +76,7 @@ class Journal:
         self.dir = Path(state_dir) / "sessions"
 
     def _path(self, session_id: str) -> Path:
-        if not SESSION_ID_RE.match(session_id):
+        if not SESSION_ID_RE.fullmatch(session_id):
             raise UsageError(f"invalid session id {session_id!r}")
         return self.dir / f"{session_id}.json"
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from ..errors import CleanupError, ResourceError, SanoffloadError
+from ..errors import AuthError, CleanupError, ResourceError, SanoffloadError
 from ..runner import Runner
 from ..undo import UndoStack
 from ..tools import fsfreeze, lio, lvm
@@ -69,6 +69,8 @@ class Prepared:
     freeze_window_ms: float
     frozen_by: str
     lease_expires: float
+    #: wall-clock time (epoch seconds) of the freeze: what the backup is named by
+    frozen_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -116,18 +118,28 @@ class Agent:
                 self._held = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def prepare(self, path: str, initiator: str, *, kind: str | None = None) -> Prepared:
+    def prepare(self, path: str, initiator: str, *, kind: str | None = None,
+                client: str | None = None) -> Prepared:
         """Answer a proxy's request.
 
         The request is checked first (read-only: a refusal changes nothing);
         then sessions whose lease expired or that failed are released (leases
         are enforced at the latest here), then the new session is made.
         """
-        client = self.config.client_for_initiator(initiator)
-        obj = self.resolve(self.runner, path, client.roots, duplicate_kind=kind)
+        owner = self.config.client_for_initiator(initiator)
+        if client is not None and owner.name != client:
+            # a proxy authenticated as one client must not borrow another's initiator
+            raise AuthError(f"initiator {initiator!r} belongs to client {owner.name!r}, "
+                            f"not to {client!r}")
+        obj = self.resolve(self.runner, path, owner.roots, duplicate_kind=kind)
         with self._locked():
             self._cleanup_locked(all_sessions=False, orphans=False)
-            return self._prepare(client, obj, initiator)
+            return self._prepare(owner, obj, initiator)
+
+    def owner(self, session_id: str) -> str | None:
+        """The client a session was prepared for (None: no such session)."""
+        rec = self.journal.load(session_id)
+        return rec.client if rec is not None else None
 
     def _prepare(self, client: Client, obj: BackupObject, initiator: str) -> Prepared:
         active = [r for r in self.journal if r.client == client.name]
@@ -156,6 +168,8 @@ class Agent:
             undo.push(f"{obj.duplicate_kind} {dup_name}", self._undo, rec, dup_res)
             # journaled for a crash only: once quiesce returns or raises, it has thawed
             frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
+
+            frozen_at = time.time()
 
             def make() -> Duplicate:
                 return self.controller.duplicate(obj, dup_name)
@@ -202,7 +216,7 @@ class Agent:
             portals=[f"{export.portal_ip}:{export.portal_port}"], lun=export.lun,
             identifier=export.identifier, unit_serial=export.serial, chap_user=spec.chap_user,
             chap_secret=chap_secret, fstype=obj.mount.fstype, path_in_fs=obj.path_in_fs,
-            object_kind=obj.kind, duplicate_kind=dup.kind,
+            object_kind=obj.kind, duplicate_kind=dup.kind, frozen_at=frozen_at,
             freeze_window_ms=round(q.window_ms, 1), frozen_by=q.frozen_by,
             lease_expires=rec.lease_expires)
 

@@ -17,6 +17,8 @@ from .restore import restore as restore_backup, stream_out
 
 
 def _repo(ctx: click.Context, app: App) -> Repository:
+    if not ctx.meta.get("store_repo"):
+        raise UsageError("no repository: give --repo DIR (or set SANOFFLOAD_REPO)")
     return Repository(ctx.meta["store_repo"], app.get_runner())
 
 
@@ -38,10 +40,10 @@ def _echo_json(data: Any) -> None:
 
 
 @click.group("store")
-@click.option("--repo", "repo_dir", envvar="SANOFFLOAD_REPO", required=True, metavar="DIR",
+@click.option("--repo", "repo_dir", envvar="SANOFFLOAD_REPO", default=None, metavar="DIR",
               help="The repository directory (or SANOFFLOAD_REPO).")
 @click.pass_context
-def store(ctx: click.Context, repo_dir: str) -> None:
+def store(ctx: click.Context, repo_dir: str | None) -> None:
     """Backup server: list, verify, prune and restore the backups in a repository.
 
     \b
@@ -67,16 +69,21 @@ def list_(ctx: click.Context, app: App, host: str | None, as_json: bool) -> None
     if as_json:
         _echo_json([b.to_dict() for b in backups])
         return
+    click.echo(format_backups([b.to_dict() for b in backups]))
+
+
+def format_backups(backups: list[dict[str, Any]]) -> str:
+    """The catalog as a table (from manifests as dicts: local or from a remote store)."""
     if not backups:
-        click.echo("no backups")
-        return
-    rows = [("ID", "SIZE", "MEMBERS", "VERIFIED", "PATH")]
+        return "no backups"
+    rows = [("ID", "SIZE", "MEMBERS", "VERIFIED", "COMPARED", "PATH")]
     for b in backups:
-        m = b.manifest
-        rows.append((str(b.id), _size(m.archive_bytes),
-                     "-" if m.member_count is None else str(m.member_count),
-                     m.verification.status if m.verification else "-", m.path))
-    click.echo(_table(rows))
+        members = b.get("member_count")
+        rows.append((str(b["id"]), _size(int(b.get("archive_bytes") or 0)),
+                     "-" if members is None else str(members),
+                     (b.get("verification") or {}).get("status", "-"),
+                     (b.get("compared") or {}).get("status", "-"), str(b.get("path", ""))))
+    return _table(rows)
 
 
 @store.command()
@@ -191,3 +198,43 @@ def restore(ctx: click.Context, app: App, backup_id: str, target: str, paths: tu
                  + ", ".join(f"'{tar.show(n)}'" for n in done.link_targets))
     click.echo(f"restored {done.backup} into {done.target}: {what} ({done.members} members "
                "checked)")
+
+
+@store.command()
+@click.option("--stdio", is_flag=True, required=True,
+              help="Speak the control protocol on stdin/stdout (the only transport).")
+@click.option("--client", "client", required=True,
+              help="The client this connection belongs to (from the key's forced command).")
+@click.option("--repo", "serve_repo", default=None, metavar="DIR",
+              help="The repository (default: the client's in the config file).")
+@click.option("--config", "config_path", default=None, metavar="FILE",
+              help="The store's config (default /etc/sanoffload/store.toml, if present).")
+@pass_app
+@click.pass_context
+def serve(ctx: click.Context, app: App, stdio: bool, client: str, serve_repo: str | None,
+          config_path: str | None) -> None:
+    """Serve one proxy connection; run by sshd from a forced command.
+
+    A client may add backups and read them; it can never delete or replace
+    one (prune runs here, on the backup server).
+
+    \b
+    Example (root's authorized_keys on the backup server, one line):
+      command="sanoffload store serve --stdio --repo /srv/backups --client px1",restrict ssh-ed25519 AAAA… root@px1
+    """
+    from ..channel.server import refuse, stdio_channel
+    from ..channel.server import serve as serve_channel
+    from ..errors import SanoffloadError
+    from . import config as store_config
+    from .service import StoreService
+
+    channel = stdio_channel(peer=f"client {client}")
+    try:
+        found = store_config.client_for(
+            client, path=config_path or store_config.DEFAULT_PATH,
+            repo=serve_repo or ctx.meta.get("store_repo"))
+        service = StoreService(Repository(found.repo, app.get_runner()), client,
+                               quota_bytes=found.quota_bytes, hosts=found.hosts)
+    except SanoffloadError as exc:
+        ctx.exit(refuse(channel, exc))
+    ctx.exit(serve_channel(service, channel))

@@ -125,6 +125,8 @@ class Manifest:
     stored_at: str = ""
     sanoffload_version: str = __version__
     verification: Verification | None = None
+    #: the proxy's comparison of the stored archive with the duplicate it came from
+    compared: Verification | None = None
     compression: str = COMPRESSION
     archive_format: str = ARCHIVE_FORMAT
     format: int = FORMAT
@@ -159,8 +161,10 @@ class Manifest:
             if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (
                     math.isfinite(ms) and ms >= 0):
                 raise ValueError(f"manifest: freeze_window_ms must be >= 0: {ms!r}")
-        if self.verification is not None and not isinstance(self.verification, Verification):
-            raise ValueError("manifest: verification must be a Verification")
+        for name in ("verification", "compared"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Verification):
+                raise ValueError(f"manifest: {name} must be a Verification")
         if not isinstance(self.extra, dict):
             raise ValueError("manifest: extra must be a mapping")
 
@@ -170,6 +174,9 @@ class Manifest:
 
     def with_verification(self, verification: Verification) -> Manifest:
         return replace(self, verification=verification)
+
+    def with_compared(self, compared: Verification) -> Manifest:
+        return replace(self, compared=compared)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -186,11 +193,16 @@ class Manifest:
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
-        ver = kwargs.get("verification")
-        if ver is not None:
+        for name in ("verification", "compared"):
+            ver = kwargs.get(name)
+            if ver is None:
+                continue
             if not isinstance(ver, Mapping) or set(ver) - {"status", "checked_at", "detail"}:
-                raise ValueError("manifest: verification must be {status, checked_at, detail}")
-            kwargs["verification"] = Verification(**ver)
+                raise ValueError(f"manifest: {name} must be {{status, checked_at, detail}}")
+            try:
+                kwargs[name] = Verification(**ver)
+            except TypeError as exc:
+                raise ValueError(f"manifest: {name}: {exc}") from None
         try:
             return cls(**kwargs, extra=extra)
         except TypeError as exc:  # a required key is missing

@@ -462,6 +462,11 @@ class Repository:
             raise failure
         return backup
 
+    def record_compare(self, bid: BackupId | str, result: Verification) -> Backup:
+        """Record the proxy's comparison of the archive with its duplicate in the manifest."""
+        backup = self.get(bid)
+        return self._record(backup, backup.manifest.with_compared(result))
+
     def _record(self, backup: Backup, manifest: Manifest) -> Backup:
         """Replace a published manifest (atomically: a reader sees the old or the new)."""
         directory = backup.manifest_path.parent

@@ -44,9 +44,9 @@ def test_list_text_and_json(setup: tuple[Path, FakeRunner, list[BackupId]],
     repo, runner, ids = setup
     assert cli.run(["store", "--repo", str(repo), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["ID", "SIZE", "MEMBERS", "VERIFIED", "PATH"]
+    assert out[0].split() == ["ID", "SIZE", "MEMBERS", "VERIFIED", "COMPARED", "PATH"]
     assert [line.split()[0] for line in out[1:]] == [str(i) for i in ids]
-    assert out[1].split()[-2:] == ["not-verified", "/srv/data"]
+    assert out[1].split()[-3:] == ["not-verified", "-", "/srv/data"]
     assert cli.run(["store", "--repo", str(repo), "list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [d["id"] for d in data] == [str(i) for i in ids]

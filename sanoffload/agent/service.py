@@ -1,0 +1,115 @@
+"""``sanoffload agent serve --stdio --client NAME``: the agent's side of the control channel.
+
+Ops (JSON lines, see :mod:`sanoffload.channel.protocol`)::
+
+    {"op": "ping"}                                   -> {"time": 1764151773.2}
+    {"op": "prepare", "path": "/srv/data", "initiator": "iqn…:px1", "kind": null}
+                                                     -> {"session": {...prepare's answer...}}
+    {"op": "status", "session_id": "fs1-1a2b3c4d"}   -> {"status": "healthy", ...}
+    {"op": "release", "session_id": "fs1-1a2b3c4d"}  -> {"released": ["lio-target ...", ...]}
+
+The client name comes from the forced command sshd ran for the proxy's key,
+never from the request: a proxy can only use its own initiators and roots, and
+only see and release its own sessions. A session lives with its connection:
+when the connection ends (cleanly or not, or sshd hangs up with SIGHUP) the
+sessions it prepared and did not release are released after ``grace_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..channel.protocol import Channel, Spec
+from ..channel.server import Service
+from ..errors import AuthError, CleanupError, Interrupted, UsageError
+from .session import DUPLICATE_KINDS, Agent
+
+log = logging.getLogger(__name__)
+
+SPECS = {
+    "ping": Spec(),
+    "prepare": Spec(required={"path": str, "initiator": str}, optional={"kind": str}),
+    "status": Spec(required={"session_id": str}),
+    "release": Spec(required={"session_id": str}),
+}
+
+
+class AgentService(Service):
+    """The agent's ops for one authenticated client over one connection."""
+
+    name = "agent"
+    specs = SPECS
+
+    def __init__(self, agent: Agent, client: str, *,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        agent.config.client(client)  # AuthError now, before any request
+        self.agent = agent
+        self.client = client
+        self.sleep = sleep
+        #: sessions this connection prepared and has not released yet
+        self.open: list[str] = []
+
+    def hello_info(self) -> dict[str, Any]:
+        return {"host": self.agent.host, "client": self.client}
+
+    def _own(self, session_id: str) -> None:
+        owner = self.agent.owner(session_id)
+        if owner is not None and owner != self.client:
+            raise AuthError(f"session {session_id} belongs to another client")
+
+    def handle(self, op: str, fields: dict[str, Any], channel: Channel) -> dict[str, Any]:
+        if op == "ping":
+            return {"time": time.time()}
+        if op == "prepare":
+            kind = fields.get("kind")
+            if kind is not None and kind not in DUPLICATE_KINDS:
+                raise UsageError(
+                    f"prepare: unknown duplicate kind {kind!r} "
+                    f"(known: {', '.join(DUPLICATE_KINDS)})")
+            answer = self.agent.prepare(fields["path"], fields["initiator"], kind=kind,
+                                        client=self.client).to_dict()
+            self.open.append(answer["session_id"])
+            log.info("client %s: prepared %s for %s", self.client, answer["session_id"],
+                     fields["path"])
+            return {"session": answer}
+        session_id = fields["session_id"]
+        self._own(session_id)
+        if op == "status":
+            return self.agent.status(session_id)
+        # release
+        done = self.agent.release(session_id)
+        if session_id in self.open:
+            self.open.remove(session_id)
+        log.info("client %s: released %s", self.client, session_id)
+        return {"released": done}
+
+    def closed(self, clean: bool) -> None:
+        """Release what the connection left open, after the grace period."""
+        if not self.open:
+            return
+        grace = self.agent.config.grace_s
+        log.warning("connection of client %s ended %s with %d session(s) open; releasing "
+                    "them in %.0f s", self.client, "cleanly" if clean else "abruptly",
+                    len(self.open), grace)
+        # the peer is gone: its sshd hanging up must not stop the release
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            self.sleep(grace)
+        except Interrupted as exc:  # told to stop: release now rather than never
+            log.warning("%s: releasing at once", exc)
+        errors: list[BaseException] = []
+        for session_id in list(self.open):
+            try:
+                self.agent.release(session_id)
+                self.open.remove(session_id)
+                log.info("released %s (its connection ended)", session_id)
+            except Exception as exc:  # the others must still be released
+                errors.append(exc)
+        if errors:
+            raise CleanupError(errors, context="release after the connection ended")

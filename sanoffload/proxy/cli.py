@@ -1,0 +1,239 @@
+"""The proxy's commands: ``sanoffload backup``, ``list``, ``verify``, ``restore``, ``prune``.
+
+``--store`` is ``HOST:/PATH`` (a backup server, over ssh to its forced
+``store serve`` command) or a local ``/PATH`` (a repository on this host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+import click
+
+from ..cli import App, pass_app
+from ..errors import IntegrityError, RefusedError, UsageError
+from ..store.cli import format_backups
+from .run import DEFAULT_CONNECTION_S, Location, Progress, parse_location, store_connector
+
+STORE_HELP = "The backup server's repository: HOST:/PATH over ssh, or a local /PATH."
+
+
+def _ssh_options(values: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values:
+        if "\n" in v or "\0" in v:
+            raise UsageError(f"invalid ssh option {v!r}")
+        out += ["-o", v]
+    return tuple(out)
+
+
+def _store_client(app: App, loc: Location, ssh: tuple[str, ...]) -> Any:
+    from .peers import StoreClient
+
+    return StoreClient(store_connector(app.get_runner(), loc, ssh), name=loc.host or loc.path)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.command()
+@click.argument("source", required=False, metavar="HOST:/PATH")
+@click.option("--store", "store_loc", default=None, metavar="STORE", help=STORE_HELP)
+@click.option("--job", default=None,
+              help="Take SOURCE, --store and options from /etc/sanoffload/jobs/JOB.toml.")
+@click.option("--kind", type=click.Choice(["snapshot", "thin-snapshot", "raid1-split",
+                                           "mirror-split"]), default=None,
+              help="Duplicate kind (default: the agent chooses from the volume).")
+@click.option("--verify/--no-verify", default=None,
+              help="Compare the stored archive with the duplicate before release (default on).")
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress on stderr (default: when stderr is a terminal).")
+@click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT",
+              help="Extra ssh -o option, e.g. Port=2222 (repeatable).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON (backup_id, sizes, freeze window, verification).")
+@pass_app
+def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
+           kind: str | None, verify: bool | None, progress: bool | None,
+           ssh_opts: tuple[str, ...], as_json: bool) -> None:
+    """Back up HOST:/PATH off-host, from this proxy, into STORE.
+
+    The first server freezes the filesystem only to duplicate the volume and
+    exports the duplicate to this proxy alone; this proxy reads it and sends
+    the archive to the store, then everything is released.
+
+    \b
+    Examples:
+      sanoffload backup fs1:/srv/data --store bk1:/srv/backups
+      sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json --no-progress
+      sanoffload backup --job data          # /etc/sanoffload/jobs/data.toml
+    """
+    from .run import backup as run
+
+    ssh = _ssh_options(ssh_opts)
+    timeout = DEFAULT_CONNECTION_S
+    if job is not None:
+        if source or store_loc:
+            raise UsageError("--job takes its source and store from the job file")
+        from .jobs import load_job
+
+        j = load_job(job)
+        source_loc = Location(j.source_host, j.source_path)
+        target = Location(j.store_host, j.store_path)
+        kind = kind or j.kind
+        verify = j.verify if verify is None else verify
+        ssh = tuple(j.ssh_options) + ssh
+        timeout = j.timeout_s
+    else:
+        if not source or not store_loc:
+            raise UsageError("give HOST:/PATH and --store STORE (or --job NAME)")
+        source_loc, target = parse_location(source), parse_location(store_loc)
+    show = sys.stderr.isatty() if progress is None else progress
+    summary = run(app.get_runner(), source_loc, target, verify=verify is not False, kind=kind,
+                  ssh_options=ssh, timeout=timeout, progress=Progress() if show else None)
+    if as_json:
+        _echo_json(summary)
+        return
+    verified = {True: "compared with the duplicate: identical", None: "not compared"}.get(
+        summary["verified"], "DIFFERS")
+    click.echo(f"backup {summary['backup_id']}: {summary['archive_bytes']} bytes in "
+               f"{summary['stream_seconds']:.1f} s ({summary['throughput_mib_s']:.1f} MiB/s), "
+               f"{summary['duplicate_kind']} frozen {summary['freeze_window_ms']} ms by "
+               f"{summary['frozen_by']}; {verified}")
+
+
+@click.command("list")
+@click.option("--store", "store_loc", required=True, metavar="STORE", help=STORE_HELP)
+@click.option("--host", default=None, help="Only this first server's backups.")
+@click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of manifests with ids.")
+@pass_app
+def list_(app: App, store_loc: str, host: str | None, ssh_opts: tuple[str, ...],
+          as_json: bool) -> None:
+    """List the backups in STORE.
+
+    \b
+    Example:
+      sanoffload list --store bk1:/srv/backups --host fs1
+    """
+    with _store_client(app, parse_location(store_loc), _ssh_options(ssh_opts)) as store:
+        backups = store.list(host)
+    if as_json:
+        _echo_json(backups)
+    else:
+        click.echo(format_backups(backups))
+
+
+@click.command()
+@click.argument("backup_ids", nargs=-1, required=True, metavar="BACKUP_ID...")
+@click.option("--store", "store_loc", required=True, metavar="STORE", help=STORE_HELP)
+@click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT")
+@pass_app
+def verify(app: App, backup_ids: tuple[str, ...], store_loc: str,
+           ssh_opts: tuple[str, ...]) -> None:
+    """Have STORE re-hash and test-read backups; exits 12 if one fails.
+
+    \b
+    Example:
+      sanoffload verify --store bk1:/srv/backups fs1/srv-data-3f2a9c1e/20261126T102933Z
+    """
+    failed: list[str] = []
+    with _store_client(app, parse_location(store_loc), _ssh_options(ssh_opts)) as store:
+        for bid in backup_ids:
+            try:
+                store.verify(bid)
+                click.echo(f"ok {bid}")
+            except IntegrityError as exc:
+                click.echo(f"FAILED {bid}: {exc.message}")
+                failed.append(bid)
+    if failed:
+        raise IntegrityError(f"{len(failed)} of {len(backup_ids)} backup(s) failed verification")
+
+
+@click.command()
+@click.argument("backup_id")
+@click.argument("target", type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--store", "store_loc", required=True, metavar="STORE", help=STORE_HELP)
+@click.option("--force", is_flag=True, help="Restore into a non-empty TARGET, replacing files.")
+@click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT")
+@pass_app
+def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store_loc: str,
+            force: bool, ssh_opts: tuple[str, ...]) -> None:
+    """Restore BACKUP_ID from STORE into TARGET on this host (whole, or only PATHS).
+
+    The archive is fetched (sha256 checked), every member name is checked,
+    and only then is anything written. The first server is never needed.
+
+    \b
+    Examples:
+      sanoffload restore --store bk1:/srv/backups fs1/srv-data-3f2a9c1e/20261126T102933Z /restore
+      sanoffload restore --store bk1:/srv/backups ID /restore etc/app.conf
+    """
+    from ..store.repo import BackupId, Repository
+    from ..store.restore import restore as restore_local
+
+    loc = parse_location(store_loc)
+    runner = app.get_runner()
+    bid = BackupId.parse(backup_id)
+    selected = [os.fsencode(p) for p in paths]
+    if loc.host is None:
+        done = restore_local(Repository(loc.path, runner), bid, target, selected, force=force)
+    else:
+        # fetched into a private repository beside the target: checked like any stored backup
+        parent = os.path.dirname(os.path.abspath(target)) or "/"
+        with tempfile.TemporaryDirectory(prefix=".sanoffload-fetch-", dir=parent) as tmp:
+            local = Repository(tmp, runner)
+            with _store_client(app, loc, _ssh_options(ssh_opts)) as store:
+                with open(os.path.join(tmp, "archive"), "wb") as out:
+                    manifest = store.get(str(bid), out)
+                with open(os.path.join(tmp, "archive"), "rb") as src:
+                    fields = {k: manifest.get(k) for k in ("frozen_at", "duplicate_kind",
+                                                           "freeze_window_ms", "frozen_by",
+                                                           "session_id", "sha256",
+                                                           "archive_bytes")}
+                    w = local.writer(bid.host, manifest["path"], slug=bid.slug,
+                                     timestamp=bid.timestamp)
+                    with w:
+                        w.write_from(src)
+                        w.commit(fields)
+                os.unlink(os.path.join(tmp, "archive"))
+            done = restore_local(local, bid, target, selected, force=force)
+    click.echo(f"restored {done.backup} into {done.target} ({done.members} members checked)")
+
+
+@click.command()
+@click.option("--store", "store_loc", required=True, metavar="/PATH",
+              help="A repository on this host (prune never runs over the network).")
+@click.option("--keep-last", type=click.IntRange(min=0), default=0, help="The N newest.")
+@click.option("--keep-daily", type=click.IntRange(min=0), default=0)
+@click.option("--keep-weekly", type=click.IntRange(min=0), default=0)
+@click.option("--keep-monthly", type=click.IntRange(min=0), default=0)
+@click.option("--keep-yearly", type=click.IntRange(min=0), default=0)
+@click.option("--host", default=None, help="Only this host's backups.")
+@click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def prune(ctx: click.Context, store_loc: str, **options: Any) -> None:
+    """Prune a repository on this host (as 'sanoffload store --repo DIR prune').
+
+    A proxy can add and read backups but never delete them, so a stolen proxy
+    key cannot erase the history: prune runs on the backup server itself.
+
+    \b
+    Example (on the backup server):
+      sanoffload prune --store /srv/backups --keep-daily 7 --keep-weekly 4 --dry-run
+    """
+    from ..store import cli as store_cli
+
+    loc = parse_location(store_loc)
+    if loc.host is not None:
+        raise RefusedError(f"prune runs on the backup server, not over the network: "
+                           f"ssh {loc.host} sanoffload prune --store {loc.path} …")
+    ctx.meta["store_repo"] = loc.path
+    ctx.invoke(store_cli.prune, **options)

@@ -1,0 +1,198 @@
+"""The proxy's view of its peers: the first server's agent and the backup server's store.
+
+Both are reached over the control channel (:mod:`sanoffload.channel`); these
+classes turn its ops into typed calls and check the replies they rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import select
+import subprocess
+import threading
+from collections.abc import Mapping
+from typing import Any, BinaryIO
+
+from ..channel.client import Client
+from ..channel.protocol import CHUNK, check_reply
+from ..errors import CommandError, IntegrityError, ProtocolError, SanoffloadError
+from ..pipeline import Stage
+from ..runner import Runner
+from ..tools import tar
+
+log = logging.getLogger(__name__)
+
+
+class AgentClient(Client):
+    """``prepare``, ``status``, ``release`` and ``ping`` on a first server's agent."""
+
+    service = "agent"
+
+    @property
+    def host(self) -> str:
+        host = self.peer.info.get("host")
+        if not isinstance(host, str) or not host:
+            raise ProtocolError(f"{self.name}: the agent did not say its host name")
+        return host
+
+    def prepare(self, path: str, initiator: str, kind: str | None = None) -> dict[str, Any]:
+        reply = self.call("prepare", path=path, initiator=initiator, kind=kind)
+        session = check_reply(reply, {"session": dict})["session"]
+        check_reply(session, {"session_id": str, "identifier": str, "target_iqn": str})
+        return dict(session)
+
+    def status(self, session_id: str) -> str:
+        return str(check_reply(self.call("status", session_id=session_id),
+                               {"status": str})["status"])
+
+    def release(self, session_id: str) -> list[str]:
+        return list(check_reply(self.call("release", session_id=session_id),
+                                {"released": list})["released"])
+
+    def ping(self) -> float:
+        return float(check_reply(self.call("ping"), {"time": (int, float)})["time"])
+
+
+class StoreClient(Client):
+    """``put``, ``list``, ``get`` and ``verify`` on a backup server's store."""
+
+    service = "store"
+
+    def list(self, host: str | None = None) -> list[dict[str, Any]]:
+        return list(check_reply(self.call("list", host=host), {"backups": list})["backups"])
+
+    def writer(self, host: str, path: str, fields: Mapping[str, Any]) -> RemoteWriter:
+        return RemoteWriter(self, host, path, fields)
+
+    def verify(self, backup_id: str, compared: Mapping[str, str] | None = None) -> dict:
+        reply = self.call("verify", id=backup_id,
+                          compared=dict(compared) if compared is not None else None)
+        return dict(check_reply(reply, {"backup": dict})["backup"])
+
+    def get(self, backup_id: str, out: BinaryIO) -> dict[str, Any]:
+        """Write backup ``backup_id``'s archive to ``out``; its sha256 is checked on the way."""
+        backup = dict(check_reply(self.call("get", id=backup_id), {"backup": dict})["backup"])
+        h = hashlib.sha256()
+        size = 0
+        try:
+            for chunk in self.channel.recv_chunks():
+                h.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        except (BrokenPipeError, OSError) as exc:
+            # the reader stopped (tar found a difference and quit): the channel is now
+            # out of step, so it is closed
+            self.close(quiet=True)
+            raise CommandError(f"{backup_id}: the reader of the archive stopped: {exc}") \
+                from None
+        if h.hexdigest() != backup.get("sha256") or size != backup.get("archive_bytes"):
+            raise IntegrityError(f"{backup_id}: what arrived ({size} bytes, sha256 "
+                                 f"{h.hexdigest()}) is not what the manifest says")
+        return backup
+
+
+class RemoteWriter:
+    """One backup streaming into a remote store (the proxy side of ``put``).
+
+    Hashes what it sends, so the store can check that what it received is
+    what left (and the sender learns the sha256 without a second pass).
+    """
+
+    def __init__(self, store: StoreClient, host: str, path: str,
+                 fields: Mapping[str, Any]) -> None:
+        self.store = store
+        self.bytes = 0
+        self._hash = hashlib.sha256()
+        self._done = False
+        reply = store.call("put", host=host, path=path, fields=dict(fields))
+        self.id = str(check_reply(reply, {"id": str})["id"])
+
+    def _early_error(self) -> None:
+        """The store answered in the middle of the data: that is an error (quota, disk)."""
+        try:
+            ready, _, _ = select.select([self.store.channel.rfile], [], [], 0)
+        except (ValueError, OSError):
+            return
+        if ready:
+            self._done = True
+            self.store.reply()  # raises the store's error
+            raise ProtocolError(f"{self.store.name} answered in the middle of the data")
+
+    def write_from(self, stream: BinaryIO) -> int:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        start = self.bytes
+        channel = self.store.channel
+        while n := stream.readinto(buf):  # type: ignore[attr-defined]
+            self._hash.update(view[:n])
+            try:
+                channel.send_chunk(view[:n])
+            except ProtocolError:
+                self._early_error()
+                raise
+            self.bytes += n
+            self._early_error()
+        return self.bytes - start
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        self._done = True
+        channel = self.store.channel
+        channel.end_chunks()
+        final = {**dict(fields or {}), "sha256": self.sha256, "archive_bytes": self.bytes}
+        channel.send({"op": "commit", "fields": final})
+        return dict(check_reply(self.store.reply(), {"backup": dict})["backup"])
+
+    def abort(self, reason: str = "the backup failed") -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self.store.channel.end_chunks()
+            self.store.channel.send({"op": "abort", "reason": reason[:200]})
+            self.store.reply()
+        except SanoffloadError:
+            pass  # the abort is answered with an error by design, or the link is gone
+
+
+def compare_with(runner: Runner, store: StoreClient, backup_id: str, source_dir: str, *,
+                 timeout: float) -> tuple[bool, str]:
+    """Compare the stored archive with the tree it came from: ``tar --diff`` fed by ``get``.
+
+    Returns ``(same, detail)``: detail holds the first differences tar names.
+    """
+    stages = [Stage(tar.compare_argv("-", source_dir), ok_codes={1: "differences"})]
+    with runner.pipeline(stages, stdin=subprocess.PIPE, timeout=timeout) as pipe:
+        assert pipe.stdin is not None
+        lines: list[bytes] = []
+
+        def drain() -> None:  # tar prints differences on stdout: never let it block
+            for line in pipe.stdout:
+                if len(lines) < 20:
+                    lines.append(line.rstrip(b"\n"))
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        error: SanoffloadError | None = None
+        try:
+            store.get(backup_id, pipe.stdin)
+        except CommandError as exc:  # tar stopped reading: its exit code tells why
+            error = exc
+        finally:
+            try:
+                pipe.stdin.close()
+            except OSError:
+                pass
+        results = pipe.wait()
+        reader.join(10)
+    rc = results[0].returncode
+    detail = "; ".join(line.decode("utf-8", "replace") for line in lines)
+    if rc == 0 and error is None:
+        return True, ""
+    if rc == 1 or lines:
+        return False, detail[:500] or results[0].stderr.strip()[:500]
+    raise error or CommandError(f"tar --diff failed: {results[0].stderr.strip()}")

@@ -1,0 +1,222 @@
+"""``sanoffload backup HOST:PATH --store STORE``: one off-host backup, end to end.
+
+On the proxy::
+
+    ssh HOST sanoffload agent serve --stdio      # prepare: freeze, duplicate, export
+    ssh STORE sanoffload store serve --stdio     # put: the archive goes here
+    attach (iSCSI login, find the disk by identifier, mount read-only)
+    tar | zstd  ->  store (hashed on the way)
+    agent status: still healthy? (else the backup is discarded)
+    tar --diff of the stored archive against the mount (unless --no-verify)
+    unmount, logout; release; hang up
+
+Every step registers its undo the moment its resource exists; on success,
+failure, SIGTERM or Ctrl-C the mount, the iSCSI session and the agent's
+session go, in that order. Should the proxy die outright, its ssh connection
+drops and the agent releases the session after its grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
+from ..errors import ConfigError, IntegrityError, UsageError
+from ..runner import Runner
+from ..undo import UndoStack
+from .backup import run_backup
+from .peers import AgentClient, StoreClient, compare_with
+
+log = logging.getLogger(__name__)
+
+INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
+
+
+def local_initiator(path: str = INITIATOR_FILE) -> str:
+    """This host's iSCSI initiator name (``InitiatorName=`` in open-iscsi's file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key == "InitiatorName" and value:
+                    return value
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", hint="install open-iscsi") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    raise ConfigError(f"{path}: no InitiatorName= line")
+
+
+@dataclass(frozen=True)
+class Location:
+    """``HOST:/PATH`` (host None: a local path)."""
+
+    host: str | None
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.path}" if self.host else self.path
+
+
+def _client_name() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def agent_connector(runner: Runner, host: str, ssh_options: tuple[str, ...] = (), *,
+                    timeout: float = DEFAULT_CONNECTION_S) -> Connector:
+    # a forced command replaces this; for a plain key the client is this host's name
+    return ssh_connector(runner, host, ["sanoffload", "agent", "serve", "--stdio",
+                                        "--client", _client_name()],
+                         options=ssh_options, timeout=timeout)
+
+
+def store_connector(runner: Runner, loc: Location, ssh_options: tuple[str, ...] = (), *,
+                    timeout: float = DEFAULT_CONNECTION_S) -> Connector:
+    """To a store over ssh, or to a local repository served in this process."""
+    if loc.host is None:
+        from ..channel.client import in_process_connector
+        from ..channel.server import serve
+        from ..store.repo import Repository
+        from ..store.service import StoreService
+
+        repo = Repository(loc.path, runner)
+        return in_process_connector(lambda ch: serve(StoreService(repo, "local"), ch),
+                                    peer=loc.path)
+    return ssh_connector(runner, loc.host, ["sanoffload", "store", "serve", "--stdio",
+                                            "--repo", loc.path, "--client", _client_name()],
+                         options=ssh_options, timeout=timeout)
+
+
+class Progress:
+    """A one-line progress report on a terminal: bytes sent, rate, against the volume's use."""
+
+    def __init__(self, out: Any = None, every_s: float = 1.0) -> None:
+        self.out = out or sys.stderr
+        self.every_s = every_s
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.estimate: int | None = None
+
+    def __call__(self, sent: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = sent / max(now - self.started, 1e-3) / (1 << 20)
+        of = f" (volume holds ~{self.estimate / (1 << 30):.1f} GiB)" if self.estimate else ""
+        self.out.write(f"\r  sent {sent / (1 << 20):9.1f} MiB compressed, {rate:6.1f} MiB/s{of}")
+        self.out.flush()
+
+    def done(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+class _Counting:
+    """A stream wrapper telling a progress callback how much has been read."""
+
+    def __init__(self, stream: BinaryIO, report: Callable[[int], None]) -> None:
+        self.stream = stream
+        self.report = report
+        self.total = 0
+
+    def readinto(self, buf: Any) -> int:
+        n = self.stream.readinto(buf)  # type: ignore[attr-defined]
+        self.total += n or 0
+        self.report(self.total)
+        return n
+
+
+def backup(runner: Runner, source: Location, store: Location, *, verify: bool = True,
+           kind: str | None = None, ssh_options: tuple[str, ...] = (),
+           timeout: float = DEFAULT_CONNECTION_S, initiator: str | None = None,
+           progress: Progress | None = None,
+           agent_conn: Connector | None = None, store_conn: Connector | None = None,
+           backup_fn: Callable[..., Any] = run_backup) -> dict[str, Any]:
+    """Back up ``source`` (on its first server) into ``store``; returns the summary."""
+    if source.host is None:
+        raise UsageError(f"{source}: name the first server (HOST:/PATH): a backup is "
+                         "always taken off-host")
+    initiator = initiator or local_initiator()
+    agent_conn = agent_conn or agent_connector(runner, source.host, ssh_options, timeout=timeout)
+    store_conn = store_conn or store_connector(runner, store, ssh_options, timeout=timeout)
+    started = time.monotonic()
+    with UndoStack() as undo:
+        agent = AgentClient(agent_conn, name=source.host)
+        undo.push(f"connection to {source.host}", agent.close)
+        depot = StoreClient(store_conn, name=store.host or "store")
+        undo.push(f"connection to {store}", depot.close)
+        answer = agent.prepare(source.path, initiator, kind)
+        sid = answer["session_id"]
+        undo.push(f"release of {sid}", agent.release, sid)
+        log.info("%s: session %s, %s frozen %.1f ms by %s", source, sid,
+                 answer.get("duplicate_kind"), answer.get("freeze_window_ms", 0),
+                 answer.get("frozen_by"))
+        fields = {k: answer[k] for k in ("duplicate_kind", "frozen_at", "freeze_window_ms",
+                                         "frozen_by", "session_id") if answer.get(k)}
+        writer = depot.writer(agent.host, source.path, fields)
+        if progress is not None:
+            inner = writer.write_from
+            writer.write_from = lambda s: inner(_Counting(s, progress))  # type: ignore
+
+        def still_valid() -> bool:
+            status = agent.status(sid)
+            if status != "healthy":
+                log.error("session %s is %s", sid, status)
+            return status == "healthy"
+
+        verdict: dict[str, Any] = {}
+
+        def compare(stored: Mapping[str, Any], src: str) -> bool:
+            same, detail = compare_with(runner, depot, str(stored["id"]), src, timeout=timeout)
+            verdict["backup"] = depot.verify(str(stored["id"]),
+                                             {"status": "ok" if same else "failed",
+                                              "detail": detail})
+            verdict["detail"] = detail
+            return same
+
+        try:
+            summary = backup_fn(runner, answer, writer, still_valid=still_valid,
+                                compare=compare if verify else None)
+        except IntegrityError:
+            log.error("the stored archive differs from the duplicate: %s",
+                      verdict.get("detail", ""))
+            raise
+        finally:
+            if progress is not None:
+                progress.done()
+        stored = verdict.get("backup") or summary.backup
+    seconds = time.monotonic() - started
+    return {
+        "backup_id": stored["id"], "source": str(source), "store": str(store),
+        "session_id": sid, "duplicate_kind": answer.get("duplicate_kind"),
+        "frozen_by": answer.get("frozen_by"), "freeze_window_ms": answer.get("freeze_window_ms"),
+        "archive_bytes": summary.bytes, "sha256": stored.get("sha256"),
+        "member_count": stored.get("member_count"),
+        "stream_seconds": round(summary.seconds, 3), "total_seconds": round(seconds, 3),
+        "throughput_mib_s": round(summary.throughput_mib_s, 2),
+        "verified": summary.verified,
+        "verification": stored.get("verification"), "compared": stored.get("compared"),
+    }
+
+
+def parse_location(text: str) -> Location:
+    """``fs1:/srv/data``, ``root@fs1:/srv/data`` or a local ``/srv/backups``."""
+    if not isinstance(text, str) or not text or "\0" in text or "\n" in text:
+        raise UsageError(f"invalid location {text!r}")
+    host: str | None = None
+    path = text
+    if not text.startswith("/"):
+        host, sep, path = text.partition(":")
+        if not sep or not host or host.startswith("-") or " " in host:
+            raise UsageError(f"invalid location {text!r}: expected HOST:/PATH or /PATH")
+    if not path.startswith("/") or ".." in path.split("/"):
+        raise UsageError(f"invalid location {text!r}: the path must be absolute, without '..'")
+    return Location(host, os.path.normpath(path) if path != "/" else path)
