@@ -43,6 +43,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "verify": "sanoffload.proxy.cli:verify",
     "restore": "sanoffload.proxy.cli:restore",
     "prune": "sanoffload.proxy.cli:prune",
+    "install-units": "sanoffload.install_units:install_units",
 }
 
 

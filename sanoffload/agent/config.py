@@ -304,7 +304,7 @@ def _clients(c: _Checker, data: Any) -> dict[str, Client]:
     owner: dict[str, str] = {}
     for name, body in data.items():
         key = f"clients.{name}"
-        if not _CLIENT_NAME_RE.match(name):
+        if not _CLIENT_NAME_RE.fullmatch(name):
             raise c.error(key, "client names are letters, digits, '_', '.', '-'")
         t = c.table(body, key, {"initiators", "roots", "max_sessions"})
         for required in ("initiators", "roots"):

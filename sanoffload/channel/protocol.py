@@ -151,7 +151,7 @@ class Channel:
         if len(data) > MAX_LINE:
             raise ProtocolError(f"message to {self.peer} larger than {MAX_LINE} bytes")
         self._write(data)
-        self.wfile.flush()
+        self._flush()
 
     def recv(self) -> dict[str, Any] | None:
         """The next message, or None at a clean end of the stream (before any byte)."""
@@ -164,7 +164,7 @@ class Channel:
             raise ProtocolError(f"the connection to {self.peer} ended in the middle of a message")
         try:
             msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ProtocolError(f"malformed JSON from {self.peer}") from None
         if not isinstance(msg, dict):
             raise ProtocolError(f"a message from {self.peer} is not a JSON object")
@@ -184,7 +184,7 @@ class Channel:
 
     def end_chunks(self) -> None:
         self.send_chunk(b"")
-        self.wfile.flush()
+        self._flush()
 
     def recv_chunks(self) -> Iterator[bytes]:
         """Chunks until the end frame; ProtocolError for anything else on the line."""
@@ -206,6 +206,12 @@ class Channel:
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         try:
             self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            raise ProtocolError(f"the connection to {self.peer} was lost") from None
+
+    def _flush(self) -> None:
+        try:
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             raise ProtocolError(f"the connection to {self.peer} was lost") from None
 

@@ -92,7 +92,8 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
     else:
         if not source or not store_loc:
             raise UsageError("give HOST:/PATH and --store STORE (or --job NAME)")
-        source_loc, target = parse_location(source), parse_location(store_loc)
+        source_loc = parse_location(source, "HOST:/PATH")
+        target = parse_location(store_loc, "--store")
     show = sys.stderr.isatty() if progress is None else progress
     summary = run(app.get_runner(), source_loc, target, verify=verify is not False, kind=kind,
                   ssh_options=ssh, timeout=timeout, progress=Progress() if show else None)
@@ -121,7 +122,7 @@ def list_(app: App, store_loc: str, host: str | None, ssh_opts: tuple[str, ...],
     Example:
       sanoffload list --store bk1:/srv/backups --host fs1
     """
-    with _store_client(app, parse_location(store_loc), _ssh_options(ssh_opts)) as store:
+    with _store_client(app, parse_location(store_loc, "--store"), _ssh_options(ssh_opts)) as store:
         backups = store.list(host)
     if as_json:
         _echo_json(backups)
@@ -143,7 +144,7 @@ def verify(app: App, backup_ids: tuple[str, ...], store_loc: str,
       sanoffload verify --store bk1:/srv/backups fs1/srv-data-3f2a9c1e/20261126T102933Z
     """
     failed: list[str] = []
-    with _store_client(app, parse_location(store_loc), _ssh_options(ssh_opts)) as store:
+    with _store_client(app, parse_location(store_loc, "--store"), _ssh_options(ssh_opts)) as store:
         for bid in backup_ids:
             try:
                 store.verify(bid)
@@ -178,7 +179,7 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
     from ..store.repo import BackupId, Repository
     from ..store.restore import restore as restore_local
 
-    loc = parse_location(store_loc)
+    loc = parse_location(store_loc, "--store")
     runner = app.get_runner()
     bid = BackupId.parse(backup_id)
     selected = [os.fsencode(p) for p in paths]
@@ -231,7 +232,7 @@ def prune(ctx: click.Context, store_loc: str, **options: Any) -> None:
     """
     from ..store import cli as store_cli
 
-    loc = parse_location(store_loc)
+    loc = parse_location(store_loc, "--store")
     if loc.host is not None:
         raise RefusedError(f"prune runs on the backup server, not over the network: "
                            f"ssh {loc.host} sanoffload prune --store {loc.path} …")

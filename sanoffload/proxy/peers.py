@@ -142,9 +142,13 @@ class RemoteWriter:
     def commit(self, fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
         self._done = True
         channel = self.store.channel
-        channel.end_chunks()
         final = {**dict(fields or {}), "sha256": self.sha256, "archive_bytes": self.bytes}
-        channel.send({"op": "commit", "fields": final})
+        try:
+            channel.end_chunks()
+            channel.send({"op": "commit", "fields": final})
+        except (ProtocolError, OSError):
+            self._early_error()  # the store refused the last chunk and hung up: say why
+            raise
         return dict(check_reply(self.store.reply(), {"backup": dict})["backup"])
 
     def abort(self, reason: str = "the backup failed") -> None:

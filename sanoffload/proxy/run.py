@@ -31,6 +31,7 @@ from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
 from ..errors import ConfigError, IntegrityError, UsageError
 from ..runner import Runner
 from ..undo import UndoStack
+from . import jobs
 from .backup import run_backup
 from .peers import AgentClient, StoreClient, compare_with
 
@@ -207,16 +208,7 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
     }
 
 
-def parse_location(text: str) -> Location:
+def parse_location(text: str, what: str = "location") -> Location:
     """``fs1:/srv/data``, ``root@fs1:/srv/data`` or a local ``/srv/backups``."""
-    if not isinstance(text, str) or not text or "\0" in text or "\n" in text:
-        raise UsageError(f"invalid location {text!r}")
-    host: str | None = None
-    path = text
-    if not text.startswith("/"):
-        host, sep, path = text.partition(":")
-        if not sep or not host or host.startswith("-") or " " in host:
-            raise UsageError(f"invalid location {text!r}: expected HOST:/PATH or /PATH")
-    if not path.startswith("/") or ".." in path.split("/"):
-        raise UsageError(f"invalid location {text!r}: the path must be absolute, without '..'")
-    return Location(host, os.path.normpath(path) if path != "/" else path)
+    host, path = jobs.parse_location(text, what)
+    return Location(host, path)

@@ -15,6 +15,7 @@ keys are refused.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -65,7 +66,8 @@ def parse(text: str, source: str) -> dict[str, StoreClient]:
         quota = body.get("quota_gb")
         quota_bytes = None
         if quota is not None:
-            if isinstance(quota, bool) or not isinstance(quota, (int, float)) or quota <= 0:
+            if (isinstance(quota, bool) or not isinstance(quota, (int, float)) or quota <= 0
+                    or not math.isfinite(quota)):
                 raise ConfigError(f"{source}: {key}.quota_gb: must be a number > 0")
             quota_bytes = int(quota * (1 << 30))
         hosts: Any = body.get("hosts")

@@ -118,7 +118,10 @@ class StoreService(Service):
                 raise BrokenStream(exc) from None
             except OSError as exc:
                 raise BrokenStream(ResourceError(f"{writer.id}: cannot write: {exc}")) from None
-            op, after = check_message(channel.expect(), _AFTER_DATA)
+            try:
+                op, after = check_message(channel.expect(), _AFTER_DATA)
+            except ProtocolError as exc:  # out of step after the data: hang up
+                raise BrokenStream(exc) from None
             if op == "abort":
                 log.info("client %s aborted %s: %s", self.client, writer.id,
                          after.get("reason", ""))
