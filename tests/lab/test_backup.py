@@ -221,7 +221,7 @@ def test_refusals_change_nothing(site: Lab) -> None:
     # a root the agent does not allow px1: refused (3), nothing made
     res = px1(lab, ["backup", "fs1:/etc", *store], check=False)
     assert res.returncode == 3, res.stderr
-    assert "not" in res.stderr and "/etc" in res.stderr
+    assert "outside the allowed roots" in res.stderr and "/etc" in res.stderr
     # a key fs1 does not know: auth error (10)
     lab.sh("px1", "test -f /root/.ssh/other || ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/other")
     res = px1(lab, ["backup", "fs1:" + deploy.DATA, *store, "--ssh-option",
