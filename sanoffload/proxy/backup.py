@@ -80,7 +80,11 @@ def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
     mounted duplicate (None: not verified).
     """
     with UndoStack() as undo:
-        att = attach_fn(runner, answer, undo)
+        try:
+            att = attach_fn(runner, answer, undo)
+        except BaseException:
+            writer.abort()  # the store must not wait for an archive that will not come
+            raise
         src, member = source_of(att, str(answer.get("object_kind", "directory")))
         started = time.monotonic()
         stages = [Stage(tar.create_argv(src, member)), Stage(zstd.compress_argv())]

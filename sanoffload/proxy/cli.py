@@ -188,6 +188,10 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
     else:
         # fetched into a private repository beside the target: checked like any stored backup
         parent = os.path.dirname(os.path.abspath(target)) or "/"
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{target}: cannot prepare the restore: {exc}") from None
         with tempfile.TemporaryDirectory(prefix=".sanoffload-fetch-", dir=parent) as tmp:
             local = Repository(tmp, runner)
             with _store_client(app, loc, _ssh_options(ssh_opts)) as store:

@@ -161,7 +161,8 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
                  answer.get("duplicate_kind"), answer.get("freeze_window_ms", 0),
                  answer.get("frozen_by"))
         fields = {k: answer[k] for k in ("duplicate_kind", "frozen_at", "freeze_window_ms",
-                                         "frozen_by", "session_id") if answer.get(k)}
+                                         "frozen_by", "session_id")
+                  if answer.get(k) is not None and not (k == "frozen_at" and not answer[k])}
         writer = depot.writer(agent.host, source.path, fields)
         if progress is not None:
             inner = writer.write_from

@@ -1,0 +1,105 @@
+"""systemd in the lab (PID 1 in the VMs): the units ``sanoffload install-units`` ships.
+
+* px1: a job's timer is enabled, its service triggered; the backup lands in
+  the catalog and the run in the journal.
+* fs1: the lease timer's service releases an expired session with no request;
+  the boot-time cleanup service removes a session's leftovers after a hard
+  reset, with nobody running ``agent cleanup``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sanolab import deploy
+
+from .labctl import Lab
+
+JOB = """\
+source = "fs1:/srv/data/job"
+store = "bk1:/srv/backups"
+verify = true
+"""
+
+
+@pytest.fixture(scope="module")
+def site(lab: Lab) -> Iterator[Lab]:
+    deploy.deploy(lab.runner, lab.hosts, grace_s=3)
+    lab.sh("fs1", "mkdir -p /srv/data/job && echo from-a-timer > /srv/data/job/file && sync")
+    try:
+        yield lab
+    finally:
+        lab.sh("px1", "systemctl disable --now sanoffload-backup@data.timer; "
+                      "rm -f /etc/systemd/system/sanoffload-* /etc/sanoffload/jobs/data.toml; "
+                      "systemctl daemon-reload", check=False)
+        lab.sh("fs1", "systemctl disable --now sanoffload-lease.timer sanoffload-cleanup.service;"
+                      " rm -f /etc/systemd/system/sanoffload-*; systemctl daemon-reload",
+               check=False)
+        deploy.undeploy_volumes(lab.runner)
+
+
+def _sessions(lab: Lab) -> list[dict]:
+    return json.loads(lab.sh("fs1", ["sanoffload", "agent", "sessions", "--json"]).stdout)
+
+
+def test_a_job_timer_runs_a_backup(site: Lab) -> None:
+    lab = site
+    lab.sh("px1", "mkdir -p /etc/sanoffload/jobs && cat > /etc/sanoffload/jobs/data.toml",
+           input=JOB)
+    out = lab.sh("px1", ["sanoffload", "install-units", "--role", "proxy"]).stdout
+    assert "sanoffload-backup@.service" in out
+    lab.sh("px1", "systemctl daemon-reload && systemctl enable --now sanoffload-backup@data.timer")
+    timers = lab.sh("px1", ["systemctl", "list-timers", "--all", "--no-pager",
+                            "sanoffload-backup@data.timer"]).stdout
+    assert "sanoffload-backup@data.timer" in timers
+    # trigger the run now, as the timer would (a oneshot: start returns when it ends)
+    lab.sh("px1", ["systemctl", "start", "sanoffload-backup@data.service"], timeout=900)
+    listed = json.loads(lab.sh("px1", ["sanoffload", "list", "--store", "bk1:/srv/backups",
+                                       "--json"]).stdout)
+    assert len(listed) == 1 and listed[0]["path"] == "/srv/data/job"
+    assert listed[0]["compared"]["status"] == "ok"
+    journal = lab.sh("px1", ["journalctl", "--no-pager", "-u",
+                             "sanoffload-backup@data.service"]).stdout
+    assert f"backup {listed[0]['id']}" in journal, journal[-2000:]
+    assert _sessions(lab) == []
+
+
+def test_lease_timer_and_boot_cleanup(site: Lab) -> None:
+    lab = site
+    out = lab.sh("fs1", ["sanoffload", "install-units", "--role", "agent"]).stdout
+    assert "sanoffload-cleanup.service" in out and "sanoffload-lease.timer" in out
+    lab.sh("fs1", "systemctl daemon-reload && "
+                  "systemctl enable sanoffload-cleanup.service sanoffload-lease.timer")
+    cfg = "/etc/sanoffload/agent.toml"
+    # a lease of 2 s, and nobody calls release: the lease service must
+    lab.sh("fs1", f"sed -i 's/^lease_s = .*/lease_s = 2/' {cfg}")
+    ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/job",
+                                    "--initiator", lab.iqn("px1"), "--json"]).stdout)
+    time.sleep(3)
+    assert _sessions(lab)[0]["status"] == "expired"
+    lab.sh("fs1", ["systemctl", "start", "sanoffload-lease.service"], timeout=300)
+    assert _sessions(lab) == []
+    assert lab.lio_inventory("fs1") == {"targets": [], "backstores": []}
+    journal = lab.sh("fs1", ["journalctl", "--no-pager", "-u", "sanoffload-lease.service"]).stdout
+    assert "released 1 session(s)" in journal, journal[-2000:]
+    assert ans["session_id"]
+
+    # a session alive at a crash: after the reset the boot unit removes it
+    lab.sh("fs1", f"sed -i 's/^lease_s = .*/lease_s = 3600/' {cfg}")
+    ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/job",
+                                    "--initiator", lab.iqn("px1"), "--json"]).stdout)
+    lab.reset("fs1")
+    lab.sh("fs1", "systemctl is-system-running --wait || true", timeout=300)
+    boot = lab.sh("fs1", ["journalctl", "--no-pager", "-b", "-u",
+                          "sanoffload-cleanup.service"]).stdout
+    assert "released 1 session(s)" in boot, boot[-2000:]
+    assert _sessions(lab) == []
+    tagged = lab.sh("fs1", ["lvs", "--noheadings", "-o", "lv_name", "@sanoffload"]).stdout
+    assert not tagged.strip(), tagged
+    assert ans["session_id"]
+    # the volume is not in fstab: mount it again for what follows
+    lab.sh("fs1", f"mountpoint -q {deploy.DATA} || mount /dev/{deploy.VG}/data {deploy.DATA}")
