@@ -1,0 +1,142 @@
+"""The demo: one off-host backup in the lab, for real, while the first server keeps writing.
+
+1. boot the lab (bookworm; the image is built on first use) and install this
+   tree's sanoffload in the VMs;
+2. deploy as on real hosts (scripts/sanolab/deploy.py): px1's key with forced
+   commands on fs1 and bk1, the agent's and the store's configs, an LVM volume
+   on fs1 holding a sample tree at /srv/data;
+3. start a writer on fs1 that keeps appending to a file;
+4. on px1: ``sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json``;
+5. restore on bk1 from the repository alone and compare it with the source
+   (the writer's file: a consistent prefix, frozen at the freeze);
+6. print the freeze window, bytes, throughput and the verification result,
+   and take the lab down (``--keep`` leaves it up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from sanoffload.runner import CommandRunner
+
+from . import config, deploy, sync, vm
+
+SAMPLE = r"""set -e
+d=/srv/data
+rm -rf $d/sample $d/live
+mkdir -p $d/sample/etc $d/sample/www "$d/sample/empty dir" $d/live
+for i in $(seq 1 200); do printf 'line %s of a config file\n' $i > $d/sample/etc/app$i.conf; done
+head -c 20M /dev/urandom > $d/sample/www/blob.bin
+seq 1 200000 > $d/sample/www/numbers.txt
+ln -s ../etc/app1.conf $d/sample/www/current.conf
+ln $d/sample/etc/app2.conf $d/sample/www/hardlink.conf
+truncate -s 32M $d/sample/sparse.img
+setfattr -n user.demo -v yes $d/sample/www/numbers.txt
+setfacl -m u:1000:r $d/sample/etc/app3.conf
+echo 0 > $d/live/counter
+sync
+"""
+
+TREE_SUM = r"""
+import hashlib, os, stat, sys
+root = os.fsencode(sys.argv[1]); h = hashlib.sha256(); n = 0
+for dp, ds, fs in os.walk(root):
+    ds.sort()
+    for name in sorted(ds + fs):
+        p = os.path.join(dp, name); st = os.lstat(p); n += 1
+        h.update(os.path.relpath(p, root) + b"\0")
+        h.update(repr((st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns if not
+                       stat.S_ISDIR(st.st_mode) else 0)).encode())
+        if stat.S_ISREG(st.st_mode):
+            h.update(open(p, "rb").read())
+        elif stat.S_ISLNK(st.st_mode):
+            h.update(os.readlink(p))
+        if not stat.S_ISLNK(st.st_mode):
+            for k in sorted(os.listxattr(p)):
+                h.update(k.encode() + os.getxattr(p, k))
+print(n, h.hexdigest())
+"""
+
+
+def say(text: str) -> None:
+    print(f"demo: {text}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    ap.add_argument("--release", default=config.DEFAULT_RELEASE, choices=config.RELEASES)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="demo: %(message)s")
+    runner = CommandRunner(default_timeout=300)
+    ok = False
+    try:
+        say(f"booting the lab ({args.release}; the first run builds the image, ~2 min)")
+        state = vm.up(runner, args.release, list(config.HOSTS))
+        sync.sync(runner, state.hosts)
+        say("deploying: ssh keys with forced commands, configs, an LVM volume on fs1")
+        deploy.deploy(runner, state.hosts)
+        deploy.sh(runner, "bk1", f"rm -rf {deploy.REPO}/fs1")
+        deploy.sh(runner, "fs1", SAMPLE, timeout=600)
+        say("starting a writer on fs1 that keeps appending to /srv/data/live/counter")
+        deploy.sh(runner, "fs1", "touch /run/demo-writer.on; nohup sh -c 'i=0; while [ -e "
+                                 "/run/demo-writer.on ]; do i=$((i+1)); echo $i >> "
+                                 "/srv/data/live/counter; done' >/dev/null 2>&1 &")
+        time.sleep(2)
+        say("px1: sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json")
+        out = deploy.sh(runner, "px1", "sanoffload backup fs1:/srv/data --store "
+                                       "bk1:/srv/backups --json", timeout=1800)
+        summary = json.loads(out)
+        deploy.sh(runner, "fs1", "rm -f /run/demo-writer.on; sleep 1")
+        bid = summary["backup_id"]
+        say(f"restoring {bid} on bk1 (from the repository alone) into /restore")
+        deploy.sh(runner, "bk1", f"rm -rf /restore && sanoffload store --repo {deploy.REPO} "
+                                 f"restore {bid} /restore", timeout=900)
+        src = deploy.sh(runner, "fs1", f"python3 -c '{TREE_SUM}' /srv/data/sample").split()
+        dst = deploy.sh(runner, "bk1", f"python3 -c '{TREE_SUM}' /restore/sample").split()
+        restored = deploy.sh(runner, "bk1", "wc -l < /restore/live/counter").strip()
+        now = deploy.sh(runner, "fs1", "wc -l < /srv/data/live/counter").strip()
+        lines = deploy.sh(runner, "bk1", "cat /restore/live/counter").split()
+        consistent = lines == [str(i) for i in range(len(lines))]
+        leftovers = deploy.sh(runner, "fs1", "lvs --noheadings -o lv_name @sanoffload; "
+                                             "sanoffload agent sessions --json | "
+                                             "grep -v '^\\[\\]$' || true").strip()
+        leftovers += deploy.sh(runner, "px1", "iscsiadm -m session 2>/dev/null; "
+                                              "grep /run/sanoffload /proc/mounts || true").strip()
+        same = src == dst
+        print()
+        print(f"  backup            {bid}")
+        print(f"  duplicate         {summary['duplicate_kind']}, frozen by {summary['frozen_by']}"
+              f" for {summary['freeze_window_ms']} ms")
+        print(f"  archive           {summary['archive_bytes']} bytes (tar.zst), "
+              f"{summary['member_count']} members")
+        print(f"  throughput        {summary['throughput_mib_s']} MiB/s "
+              f"({summary['stream_seconds']} s streaming, {summary['total_seconds']} s in all;"
+              " QEMU software emulation)")
+        print(f"  verification      store: {summary['verification']['status']}, "
+              f"compared with the duplicate: {(summary['compared'] or {}).get('status')}")
+        print(f"  restore           {'identical to the source' if same else 'DIFFERS'} "
+              f"({src[0]} entries, sha256 {src[1][:16]}…)")
+        print(f"  writer's file     {restored} lines at the freeze ({now} now): "
+              f"{'consistent' if consistent else 'TORN'}")
+        print(f"  left behind       {leftovers or 'nothing'} (fs1: no snapshot/session; "
+              "px1: no iSCSI session/mount)")
+        print()
+        ok = same and consistent and not leftovers and int(restored) < int(now)
+        say("passed" if ok else "FAILED")
+    finally:
+        if args.keep:
+            say("lab left up (scripts/lab ssh px1; scripts/lab down)")
+        else:
+            say("taking the lab down")
+            vm.down(runner, quiet=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
