@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import DuplicateInvalidError, IntegrityError
+from ..errors import DuplicateInvalidError, IntegrityError, Interrupted
 from ..pipeline import Stage
 from ..runner import Runner
 from ..tools import tar, zstd
@@ -69,6 +69,27 @@ def source_of(att: Attached, kind: str) -> tuple[str, str]:
     return att.object_path, "."
 
 
+def _invalid(answer: Mapping[str, Any]) -> DuplicateInvalidError:
+    return DuplicateInvalidError(
+        f"the duplicate of session {answer.get('session_id')} became invalid "
+        "(snapshot overflow?): the backup is discarded",
+        hint="give classic snapshots more room ([snapshot] percent) or use thin "
+             "or mirror duplicates")
+
+
+def _blame_invalid(exc: BaseException, answer: Mapping[str, Any],
+                   still_valid: Callable[[], bool]) -> None:
+    """An I/O error reading an overflowed snapshot is really "the duplicate is invalid"."""
+    if isinstance(exc, (DuplicateInvalidError, Interrupted)) or not isinstance(exc, Exception):
+        return
+    try:
+        valid = still_valid()
+    except Exception:  # the agent is unreachable: the original error says enough
+        return
+    if not valid:
+        raise _invalid(answer) from exc
+
+
 def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
                still_valid: Callable[[], bool], fields: Mapping[str, Any] | None = None,
                compare: Callable[[Any, str], bool] | None = None,
@@ -82,8 +103,9 @@ def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
     with UndoStack() as undo:
         try:
             att = attach_fn(runner, answer, undo)
-        except BaseException:
+        except BaseException as exc:
             writer.abort()  # the store must not wait for an archive that will not come
+            _blame_invalid(exc, answer, still_valid)
             raise
         src, member = source_of(att, str(answer.get("object_kind", "directory")))
         started = time.monotonic()
@@ -93,14 +115,11 @@ def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
                 writer.write_from(pipe.stdout)
                 pipe.wait()
             if not still_valid():
-                raise DuplicateInvalidError(
-                    f"the duplicate of session {answer.get('session_id')} became invalid "
-                    "while it was read (snapshot overflow?): the backup is discarded",
-                    hint="give classic snapshots more room ([snapshot] percent) or use thin "
-                         "or mirror duplicates")
+                raise _invalid(answer)
             backup = writer.commit(dict(fields or {}))
-        except BaseException:
+        except BaseException as exc:
             writer.abort()
+            _blame_invalid(exc, answer, still_valid)
             raise
         seconds = time.monotonic() - started
         verified: bool | None = None

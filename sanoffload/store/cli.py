@@ -64,7 +64,12 @@ def store(ctx: click.Context, repo_dir: str | None) -> None:
 @pass_app
 @click.pass_context
 def list_(ctx: click.Context, app: App, host: str | None, as_json: bool) -> None:
-    """List the complete backups (a backup still being received is never shown)."""
+    """List the complete backups (a backup still being received is never shown).
+
+    \b
+    Example:
+      sanoffload store --repo /srv/backups list --host fs1 --json
+    """
     backups = _repo(ctx, app).list(host=host)
     if as_json:
         _echo_json([b.to_dict() for b in backups])
@@ -98,6 +103,11 @@ def verify(ctx: click.Context, app: App, backup_ids: tuple[str, ...], all_: bool
     """Re-hash each backup and test-read it to the end (zstd -t, tar --list).
 
     Records the outcome in the manifest; exits 12 if any backup fails.
+
+    \b
+    Examples:
+      sanoffload store --repo /srv/backups verify fs1/srv-data-3f2a9c1e/20261126T102933Z
+      sanoffload store --repo /srv/backups verify --all --json
     """
     repo = _repo(ctx, app)
     if all_ == bool(backup_ids):

@@ -248,3 +248,30 @@ def test_refusals_change_nothing(site: Lab) -> None:
     res = px1(lab, ["prune", "--store", "bk1:" + deploy.REPO, "--keep-last", "1"], check=False)
     assert res.returncode == 3
     assert_clean(lab)
+
+
+FILL = """#!/bin/sh
+# a post-thaw hook that writes more than the snapshot can hold
+head -c 64M /dev/urandom > /srv/data/fill && sync
+"""
+
+
+def test_an_overflowing_snapshot_fails_the_backup_and_stores_nothing(site: Lab) -> None:
+    lab = site
+    cfg = "/etc/sanoffload/agent.toml"
+    hook = "/usr/local/sbin/sanoffload-test-fill"
+    lab.sh("fs1", f"cat > {hook} && chmod 755 {hook}", input=FILL)
+    lab.sh("fs1", f"cp {cfg} {cfg}.orig && sed -i 's/^percent = .*/percent = 1/; "
+                  f"s/^min_mb = .*/min_mb = 4/' {cfg} && "
+                  f"printf '\\n[hooks]\\npost_thaw = [\"{hook}\"]\\n' >> {cfg}")
+    try:
+        res = px1(lab, ["backup", f"fs1:{TREE}", "--store", "bk1:" + deploy.REPO],
+                  check=False)
+        assert res.returncode == 8, res.stderr
+        assert "became invalid" in res.stderr, res.stderr
+        listed = json.loads(px1(lab, ["list", "--store", "bk1:" + deploy.REPO,
+                                      "--json"]).stdout)
+        assert listed == []
+        assert_clean(lab)
+    finally:
+        lab.sh("fs1", f"mv {cfg}.orig {cfg}; rm -f {hook} {deploy.DATA}/fill", check=False)

@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import psutil
@@ -371,6 +372,7 @@ def test_restore_puts_back_previous_handlers() -> None:
 HANG_MODULE = '''
 import click
 from pathlib import Path
+from typing import Any
 from sanoffload.cli import App, pass_app
 
 
@@ -431,3 +433,27 @@ def test_sigterm_during_a_command_cleans_up_and_exits_130(tmp_path: Path, signam
         time.sleep(0.05)
     else:
         pytest.fail(f"child {child} still running after the CLI exited")
+
+
+def _commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import click
+
+    ctx = click.Context(group)
+    out = []
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        out.append(prefix + (name,))
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, prefix + (name,))
+    return out
+
+
+def test_every_command_has_help_with_an_example(capsys: Capsys) -> None:
+    from sanoffload.cli import cli as root
+
+    names = _commands(root)
+    assert ("backup",) in names and ("agent", "serve") in names and ("store", "serve") in names
+    for path in names:
+        assert cli.run([*path, "--help"]) == 0, path
+        out = capsys.readouterr().out
+        assert "Example" in out, f"'sanoffload {' '.join(path)} --help' shows no example"

@@ -471,12 +471,24 @@ def test_a_failed_attach_stores_nothing_and_releases(lab: Lab, tree: Path) -> No
     with pytest.raises(CommandError, match="login failed"):
         lab.run(functools.partial(run_backup, attach_fn=attach))
     assert lab.repo.list() == [] and no_leftovers(lab.repo)
-    assert lab.agent.ops("status") == []
+    # asked once: had the duplicate become invalid, that would be the error to show
+    assert lab.agent.ops("status") == [("status", "fs1-0a1b2c3d")]
     assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
-    # (the put opened before the attach is not aborted: the store sees the connection
-    # drop in the middle of the data and ends with a protocol error, but removes the
-    # partial file; only that is asserted here)
     assert lab.store_side.errors == [] and lab.agent_side.codes == [0]
+
+
+def test_a_read_error_on_an_invalid_duplicate_is_reported_as_invalid(lab: Lab,
+                                                                     tree: Path) -> None:
+    """An overflowed snapshot fails the mount or the read with EIO: say what it really is."""
+    def attach(runner: Any, answer: Any, undo: UndoStack) -> Attached:
+        raise CommandError("mount: /run/sanoffload/mnt/x: can't read superblock")
+
+    lab.agent.health = "invalid"
+    with pytest.raises(DuplicateInvalidError, match="became invalid") as exc:
+        lab.run(functools.partial(run_backup, attach_fn=attach))
+    assert isinstance(exc.value.__cause__, CommandError)
+    assert lab.repo.list() == [] and no_leftovers(lab.repo)
+    assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
 
 
 def test_a_zero_freeze_window_is_recorded(lab: Lab, tree: Path, archive: bytes,
