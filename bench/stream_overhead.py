@@ -165,15 +165,18 @@ class Meter:
                       self._children() - self.c0, phases)
 
 
-def thread_cpu() -> tuple[float, float]:
-    """(user, system) CPU seconds of the calling thread so far."""
+Usage = tuple[float, float, float, float]
+
+
+def thread_cpu() -> Usage:
+    """The calling thread's (user s, system s, voluntary, involuntary context switches)."""
     ru = resource.getrusage(resource.RUSAGE_THREAD)
-    return ru.ru_utime, ru.ru_stime
+    return ru.ru_utime, ru.ru_stime, float(ru.ru_nvcsw), float(ru.ru_nivcsw)
 
 
-def cpu_since(start: tuple[float, float]) -> tuple[float, float]:
-    user, system = thread_cpu()
-    return user - start[0], system - start[1]
+def cpu_since(start: Usage) -> Usage:
+    now = thread_cpu()
+    return now[0] - start[0], now[1] - start[1], now[2] - start[2], now[3] - start[3]
 
 
 def stages(src: Source) -> list[Stage]:
@@ -215,9 +218,10 @@ def case_b(src: Source, runner: CommandRunner) -> tuple[Sample, str]:
                 h.update(view[:n])
                 os.write(null, view[:n])
                 total += n
-            user, system = cpu_since(t0)
+            user, system, vcs, ics = cpu_since(t0)
             pipe.wait()
-        sample = m.sample(total, reader_user=user, reader_sys=system)
+        sample = m.sample(total, reader_user=user, reader_sys=system, reader_vcs=vcs,
+                          reader_ics=ics)
     finally:
         os.close(null)
     return sample, h.hexdigest()
@@ -243,7 +247,7 @@ class TimedRepository(Repository):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.test_reads: list[float] = []
-        self.store_cpu_at_test_read: tuple[float, float] | None = None
+        self.store_cpu_at_test_read: Usage | None = None
 
     def test_read(self, archive: Path, *, timeout: float) -> int:
         self.store_cpu_at_test_read = thread_cpu()
@@ -260,7 +264,7 @@ def case_c(src: Source, runner: CommandRunner, work: str) -> tuple[Sample, str]:
     try:
         store_runner = TimedRunner()
         repo = TimedRepository(repo_dir, store_runner)
-        store_start: list[tuple[float, float]] = []
+        store_start: list[Usage] = []
 
         def serve_store(ch: Any) -> int:  # runs in the connector's thread
             store_start.append(thread_cpu())
@@ -276,7 +280,7 @@ def case_c(src: Source, runner: CommandRunner, work: str) -> tuple[Sample, str]:
             with runner.pipeline(stages(src), timeout=TIMEOUT_S) as pipe:
                 t0 = thread_cpu()
                 writer.write_from(pipe.stdout)
-                proxy_user, proxy_sys = cpu_since(t0)
+                proxy = cpu_since(t0)
                 pipe.wait()
             t_stream = m.now()
             c_stream = Meter._children() - m.c0
@@ -291,8 +295,9 @@ def case_c(src: Source, runner: CommandRunner, work: str) -> tuple[Sample, str]:
             writer.bytes, setup=t_setup, stream=t_stream - t_setup,
             commit=t_commit - t_stream, test_read=repo.test_reads[-1],
             stream_py_cpu=p_stream, stream_child_cpu=c_stream,
-            proxy_user=proxy_user, proxy_sys=proxy_sys,
-            store_user=at_test[0] - store_start[0][0], store_sys=at_test[1] - store_start[0][1],
+            proxy_user=proxy[0], proxy_sys=proxy[1], proxy_vcs=proxy[2], proxy_ics=proxy[3],
+            **{f"store_{k}": at_test[i] - store_start[0][i]
+               for i, k in enumerate(("user", "sys", "vcs", "ics"))},
             **{f"run:{name}": took for name, took in store_runner.durations})
         assert backup["sha256"] == writer.sha256 and backup["archive_bytes"] == writer.bytes, \
             backup
@@ -331,7 +336,7 @@ def sha256_alone(nbytes: int) -> float:
     for _ in range(full):
         h.update(buf)
     h.update(buf[:rest])
-    user, system = cpu_since(c0)
+    user, system, _, _ = cpu_since(c0)
     return user + system
 
 
@@ -347,7 +352,7 @@ def write_alone(nbytes: int, directory: str) -> float:
         for _ in range(full):
             os.write(fd, buf)
         os.write(fd, buf[:rest])
-        user, system = cpu_since(c0)
+        user, system, _, _ = cpu_since(c0)
     finally:
         os.close(fd)
         os.unlink(path)
@@ -460,14 +465,16 @@ def main(argv: list[str] | None = None) -> int:
                  if direct in c[0].phases else ""))
     hash_cpu = statistics.median(cpu for cpu in hashing)
     print()
-    print("Python CPU by thread (medians; user is where hashing shows, system is the kernel "
-          "copying):")
+    print("Python threads (medians; user: where hashing shows, system: the kernel copying; "
+          "context switches: vol = blocked on a pipe, invol = preempted):")
     rows = (("B reader: readinto, sha256, write to /dev/null", results["B"], "reader"),
             ("C proxy:  readinto, sha256, frames into the pipe", c, "proxy"),
             ("C store:  frames from the pipe, sha256, write file", c, "store"))
     for label, samples, key in rows:
         print(f"  {label:<52} user {med_phase(samples, key + '_user'):5.2f} s  "
-              f"system {med_phase(samples, key + '_sys'):5.2f} s")
+              f"system {med_phase(samples, key + '_sys'):5.2f} s  "
+              f"ctx switches {med_phase(samples, key + '_vcs'):5.0f} vol "
+              f"{med_phase(samples, key + '_ics'):4.0f} invol")
     print(f"  {'one sha256 pass over the archive, from memory':<52} CPU  {hash_cpu:5.2f} s  "
           f"({out_bytes / MiB / max(hash_cpu, 1e-9):.0f} MiB per CPU second)")
     print(f"  {'one write of the archive to a file, from memory':<52} CPU  "

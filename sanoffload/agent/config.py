@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..configfile import read_text
 from ..errors import AuthError, ConfigError
 from ..iqn import valid_iqn
 from .hooks import DEFAULT_HOOK_TIMEOUT, Hooks
@@ -340,15 +341,7 @@ def parse(text: str, source: str = "<string>") -> Config:
 def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:
     """Read, parse and validate the agent's config file."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{name}: no such file", hint="create it (see the README)") from None
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: not UTF-8: {exc}") from None
+    text = read_text(name, missing=ConfigError(f"{name}: no such file",
+                                               hint="create it (see the README)"))
+    assert text is not None
     return parse(text, name)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..agent.resolve import DUPLICATE_KINDS
+from ..configfile import read_text
 from ..errors import ConfigError, UsageError
 
 JOBS_DIR = "/etc/sanoffload/jobs"
@@ -259,24 +260,24 @@ def load_job(name: str, jobs_dir: str | os.PathLike[str] = JOBS_DIR) -> Job:
     try:
         # stat first: opening a FIFO put there by mistake would block for ever
         _check_owner(path, os.stat(path))
-        with open(path, "rb") as fh:
-            raw = fh.read()
     except FileNotFoundError:
-        known = list_jobs(jobs_dir)
-        if name.endswith(JOB_SUFFIX) and name[:-len(JOB_SUFFIX)] in known:
-            hint = f"name the job without {JOB_SUFFIX}: {name[:-len(JOB_SUFFIX)]}"
-        elif known:
-            hint = f"jobs there: {', '.join(known)}"
-        else:
-            hint = f"create {path} (see the README)"
-        raise ConfigError(f"no such job {name} ({path})", hint=hint) from None
+        raise _no_such_job(name, path, jobs_dir) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8: {exc}") from None
+    text = read_text(path, missing=_no_such_job(name, path, jobs_dir))
+    assert text is not None
     return parse(name, text, path)
+
+
+def _no_such_job(name: str, path: str, jobs_dir: str | os.PathLike[str]) -> ConfigError:
+    known = list_jobs(jobs_dir)
+    if name.endswith(JOB_SUFFIX) and name[:-len(JOB_SUFFIX)] in known:
+        hint = f"name the job without {JOB_SUFFIX}: {name[:-len(JOB_SUFFIX)]}"
+    elif known:
+        hint = f"jobs there: {', '.join(known)}"
+    else:
+        hint = f"create {path} (see the README)"
+    return ConfigError(f"no such job {name} ({path})", hint=hint)
 
 
 def _check_owner(path: str, st: os.stat_result) -> None:

@@ -19,7 +19,6 @@ drops and the agent releases the session after its grace period.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 import time

@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from ..configfile import read_text
 from ..errors import AuthError, ConfigError
 from .repo import check_host
 
@@ -84,15 +85,11 @@ def parse(text: str, source: str) -> dict[str, StoreClient]:
 
 def client_for(name: str, *, path: str = DEFAULT_PATH, repo: str | None = None) -> StoreClient:
     """The client ``name``: from the config file if there is one, else ``repo`` unrestricted."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="strict")
-    except FileNotFoundError:
+    text = read_text(path)
+    if text is None:
         if repo is None:
-            raise ConfigError(f"{path}: no such file, and no --repo given") from None
+            raise ConfigError(f"{path}: no such file, and no --repo given")
         return StoreClient(name, repo)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
     clients = parse(text, path)
     client = clients.get(name)
     if client is None:

@@ -155,3 +155,13 @@ class FakeController:
     def health(self, dup: Duplicate) -> Health:
         self._enter("health", dup)
         return self.health_answer
+
+
+class Answer:
+    """What Agent.prepare returns, as far as the channel uses it (``to_dict``)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.data)

@@ -25,6 +25,8 @@ from sanoffload.errors import (AuthError, CleanupError, CommandError, Interrupte
                                UsageError)
 from sanoffload.proxy.peers import AgentClient
 
+from .fakes_agent import Answer
+
 pytestmark = pytest.mark.unit
 
 PX1 = "iqn.2026-11.org.sanoffload.lab:px1"
@@ -40,14 +42,6 @@ class FakeConfig:
         if name not in self.clients:
             raise AuthError(f"client {name!r} is not in the agent config")
         return SimpleNamespace(name=name)
-
-
-class Answer:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.data)
 
 
 class FakeAgent:

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,7 +30,6 @@ from sanoffload.proxy.run import Location, Progress
 from sanoffload.runner import CommandRunner, FakeRunner
 from sanoffload.store.repo import BackupId, Repository
 from sanoffload.store.service import StoreService
-from sanoffload.tools import tar, zstd
 
 pytestmark = pytest.mark.unit
 
@@ -54,21 +52,6 @@ def _clean_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def one_error_line(err: str) -> str:
     assert err.count("\n") == 1 and err.startswith("sanoffload: error: "), err
     return err
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    (src / "sub" / "a.txt").write_text("hello from fs1\n")
-    (src / "b.bin").write_bytes(bytes(range(256)) * 4)
-    return src
-
-
-@pytest.fixture
-def archive(tree: Path) -> bytes:
-    t = subprocess.run(tar.create_argv(tree), capture_output=True, check=True).stdout
-    return subprocess.run(zstd.compress_argv(), input=t, capture_output=True, check=True).stdout
 
 
 @pytest.fixture

@@ -39,8 +39,9 @@ from sanoffload.proxy.run import Location, Progress, backup, local_initiator, pa
 from sanoffload.runner import CommandRunner
 from sanoffload.store.repo import Repository, format_timestamp, slug_for_path
 from sanoffload.store.service import StoreService
-from sanoffload.tools import tar, zstd
 from sanoffload.undo import UndoStack
+
+from .fakes_agent import Answer
 
 pytestmark = pytest.mark.unit
 
@@ -58,14 +59,6 @@ class FakeConfig:
         if name != "px1":
             raise AuthError(f"client {name!r} is not in the agent config")
         return SimpleNamespace(name=name)
-
-
-class Answer:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.data)
 
 
 class FakeAgent:
@@ -140,12 +133,6 @@ class Served:
 
 
 # -- the fake run_backup ----------------------------------------------------------------
-def make_archive(src: Path) -> bytes:
-    """A real ``tar | zstd`` of ``src``, as run_backup would stream it."""
-    t = subprocess.run(tar.create_argv(src), capture_output=True, check=True).stdout
-    return subprocess.run(zstd.compress_argv(), input=t, capture_output=True, check=True).stdout
-
-
 class FakeBackup:
     """Does what run_backup does after attaching: stream, still_valid, commit, compare."""
 
@@ -184,18 +171,6 @@ class FakeBackup:
 
 
 # -- fixtures -------------------------------------------------------------------------
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    (src / "sub" / "a.txt").write_text("hello\n")
-    (src / "b.bin").write_bytes(bytes(range(256)) * 8)
-    return src
-
-
-@pytest.fixture
-def archive(tree: Path) -> bytes:
-    return make_archive(tree)
 
 
 @pytest.fixture
