@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     hash_cpu = statistics.median(cpu for cpu in hashing)
     print()
     print("Python threads (medians; user: where hashing shows, system: the kernel copying; "
-          "context switches: vol = blocked on a pipe, invol = preempted):")
+          "context switches: vol = waited (a pipe, the GIL), invol = preempted):")
     rows = (("B reader: readinto, sha256, write to /dev/null", results["B"], "reader"),
             ("C proxy:  readinto, sha256, frames into the pipe", c, "proxy"),
             ("C store:  frames from the pipe, sha256, write file", c, "store"))
