@@ -93,12 +93,14 @@ def _blame_invalid(exc: BaseException, answer: Mapping[str, Any],
 def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
                still_valid: Callable[[], bool], fields: Mapping[str, Any] | None = None,
                compare: Callable[[Any, str], bool] | None = None,
-               attach_fn: Callable[..., Attached] = attach) -> BackupSummary:
+               attach_fn: Callable[..., Attached] = attach,
+               on_attach: Callable[[Attached], None] | None = None) -> BackupSummary:
     """Back up the session ``answer`` describes into ``writer``; see the module doc.
 
     ``still_valid`` asks the agent about the duplicate (status is "healthy");
     ``compare(backup, source_dir)`` checks the stored archive against the
-    mounted duplicate (None: not verified).
+    mounted duplicate (None: not verified); ``on_attach`` hears where the
+    duplicate is mounted (a progress display sizes itself from it).
     """
     with UndoStack() as undo:
         try:
@@ -107,6 +109,8 @@ def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
             writer.abort()  # the store must not wait for an archive that will not come
             _blame_invalid(exc, answer, still_valid)
             raise
+        if on_attach is not None:
+            on_attach(att)
         src, member = source_of(att, str(answer.get("object_kind", "directory")))
         started = time.monotonic()
         stages = [Stage(tar.create_argv(src, member)), Stage(zstd.compress_argv())]

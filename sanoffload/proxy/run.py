@@ -19,6 +19,7 @@ drops and the agent releases the session after its grace period.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import time
@@ -104,6 +105,14 @@ class Progress:
         self.last = 0.0
         self.estimate: int | None = None
 
+    def attached(self, att: Any) -> None:
+        """Size the display from the duplicate's used space (the whole filesystem's)."""
+        try:
+            st = os.statvfs(att.mountpoint)
+        except OSError:
+            return
+        self.estimate = (st.f_blocks - st.f_bfree) * st.f_frsize
+
     def __call__(self, sent: int) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s:
@@ -183,9 +192,12 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
             verdict["detail"] = detail
             return same
 
+        extra: dict[str, Any] = {}
+        if progress is not None:
+            extra["on_attach"] = progress.attached
         try:
             summary = backup_fn(runner, answer, writer, still_valid=still_valid,
-                                compare=compare if verify else None)
+                                compare=compare if verify else None, **extra)
         except IntegrityError:
             log.error("the stored archive differs from the duplicate: %s",
                       verdict.get("detail", ""))

@@ -147,8 +147,11 @@ class FakeBackup:
 
     def __call__(self, runner: Any, answer: Any, writer: Any, *,
                  still_valid: Callable[[], bool], fields: Any = None,
-                 compare: Callable[[Any, str], bool] | None = None) -> BackupSummary:
+                 compare: Callable[[Any, str], bool] | None = None,
+                 on_attach: Callable[[Attached], None] | None = None) -> BackupSummary:
         self.calls.append({"answer": dict(answer), "compare": compare})
+        if on_attach is not None:
+            on_attach(Attached("/dev/sdx", str(self.src), str(self.src)))
         started = time.monotonic()
         try:
             writer.write_from(io.BytesIO(self.data))
@@ -389,6 +392,7 @@ def test_a_backup_reports_progress(lab: Lab, tree: Path, archive: bytes) -> None
     lab.run(FakeBackup(tree, archive), verify=False, progress=Progress(out=out, every_s=0))
     text = out.getvalue()
     assert "MiB" in text and text.endswith("\n")
+    assert "volume holds ~" in text  # sized from the mounted duplicate's used space
     assert lab.repo.list()[0].manifest.archive_bytes == len(archive)
 
 
