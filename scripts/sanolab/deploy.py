@@ -25,7 +25,7 @@ DATA = "/srv/data"
 AGENT_TOML = """\
 state_dir = "/var/lib/sanoffload"
 run_dir = "/run/sanoffload"
-freeze_deadline_s = 10
+freeze_deadline_s = 30     # the lab emulates the CPU (TCG): lvcreate alone takes seconds
 grace_s = {grace_s}
 lease_s = 3600
 
