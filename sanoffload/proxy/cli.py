@@ -195,19 +195,15 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
         with tempfile.TemporaryDirectory(prefix=".sanoffload-fetch-", dir=parent) as tmp:
             local = Repository(tmp, runner)
             with _store_client(app, loc, _ssh_options(ssh_opts)) as store:
-                with open(os.path.join(tmp, "archive"), "wb") as out:
-                    manifest = store.get(str(bid), out)
-                with open(os.path.join(tmp, "archive"), "rb") as src:
-                    fields = {k: manifest.get(k) for k in ("frozen_at", "duplicate_kind",
-                                                           "freeze_window_ms", "frozen_by",
-                                                           "session_id", "sha256",
-                                                           "archive_bytes")}
-                    w = local.writer(bid.host, manifest["path"], slug=bid.slug,
-                                     timestamp=bid.timestamp)
-                    with w:
-                        w.write_from(src)
-                        w.commit(fields)
-                os.unlink(os.path.join(tmp, "archive"))
+                # straight into a writer of the local repository: hashed and test-read
+                # on the way in like any stored backup, written once
+                w = local.writer(bid.host, "/", slug=bid.slug, timestamp=bid.timestamp)
+                with w:
+                    manifest = store.get(str(bid), w)  # type: ignore[arg-type]
+                    w.path = str(manifest["path"])
+                    w.commit({k: manifest.get(k) for k in (
+                        "frozen_at", "duplicate_kind", "freeze_window_ms", "frozen_by",
+                        "session_id", "sha256", "archive_bytes")})
             done = restore_local(local, bid, target, selected, force=force)
     click.echo(f"restored {done.backup} into {done.target} ({done.members} members checked)")
 

@@ -11,7 +11,7 @@ import logging
 import select
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 from ..channel.client import Client
@@ -62,8 +62,9 @@ class StoreClient(Client):
     def list(self, host: str | None = None) -> list[dict[str, Any]]:
         return list(check_reply(self.call("list", host=host), {"backups": list})["backups"])
 
-    def writer(self, host: str, path: str, fields: Mapping[str, Any]) -> RemoteWriter:
-        return RemoteWriter(self, host, path, fields)
+    def writer(self, host: str, path: str, fields: Mapping[str, Any], *,
+               progress: Callable[[int], None] | None = None) -> RemoteWriter:
+        return RemoteWriter(self, host, path, fields, progress=progress)
 
     def verify(self, backup_id: str, compared: Mapping[str, str] | None = None) -> dict:
         reply = self.call("verify", id=backup_id,
@@ -100,8 +101,11 @@ class RemoteWriter:
     """
 
     def __init__(self, store: StoreClient, host: str, path: str,
-                 fields: Mapping[str, Any]) -> None:
+                 fields: Mapping[str, Any], *,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.store = store
+        #: told the bytes sent so far after each chunk
+        self.progress = progress
         self.bytes = 0
         self._hash = hashlib.sha256()
         self._done = False
@@ -132,6 +136,8 @@ class RemoteWriter:
                 self._early_error()
                 raise
             self.bytes += n
+            if self.progress is not None:
+                self.progress(self.bytes)
             self._early_error()
         return self.bytes - start
 

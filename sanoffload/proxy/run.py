@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
 from ..errors import ConfigError, IntegrityError, UsageError
@@ -128,21 +128,6 @@ class Progress:
         self.out.flush()
 
 
-class _Counting:
-    """A stream wrapper telling a progress callback how much has been read."""
-
-    def __init__(self, stream: BinaryIO, report: Callable[[int], None]) -> None:
-        self.stream = stream
-        self.report = report
-        self.total = 0
-
-    def readinto(self, buf: Any) -> int:
-        n = self.stream.readinto(buf)  # type: ignore[attr-defined]
-        self.total += n or 0
-        self.report(self.total)
-        return n
-
-
 def backup(runner: Runner, source: Location, store: Location, *, verify: bool = True,
            kind: str | None = None, ssh_options: tuple[str, ...] = (),
            timeout: float = DEFAULT_CONNECTION_S, initiator: str | None = None,
@@ -171,10 +156,7 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
         fields = {k: answer[k] for k in ("duplicate_kind", "frozen_at", "freeze_window_ms",
                                          "frozen_by", "session_id")
                   if answer.get(k) is not None and not (k == "frozen_at" and not answer[k])}
-        writer = depot.writer(agent.host, source.path, fields)
-        if progress is not None:
-            inner = writer.write_from
-            writer.write_from = lambda s: inner(_Counting(s, progress))  # type: ignore
+        writer = depot.writer(agent.host, source.path, fields, progress=progress)
 
         def still_valid() -> bool:
             status = agent.status(sid)

@@ -29,7 +29,7 @@ from typing import Any
 from ..channel.protocol import CHUNK, Channel, Spec, check_message
 from ..channel.server import BrokenStream, Service
 from ..errors import AuthError, ProtocolError, ResourceError, SanoffloadError, UsageError
-from .manifest import VERIFIED_OK, VERIFY_FAILED, Verification
+from .manifest import VERIFIED_OK, VERIFY_FAILED, Verification, sender_fields, to_utc
 from .repo import BackupId, Repository
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,6 @@ class StoreService(Service):
         self._host_allowed(fields["host"])
         sent = dict(fields.get("fields") or {})
         when = sent.get("frozen_at")
-        from .manifest import sender_fields, to_utc
         try:
             sender_fields(sent)
             stamp = to_utc(when) if when is not None else None
