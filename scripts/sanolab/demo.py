@@ -41,25 +41,6 @@ echo 0 > $d/live/counter
 sync
 """
 
-TREE_SUM = r"""
-import hashlib, os, stat, sys
-root = os.fsencode(sys.argv[1]); h = hashlib.sha256(); n = 0
-for dp, ds, fs in os.walk(root):
-    ds.sort()
-    for name in sorted(ds + fs):
-        p = os.path.join(dp, name); st = os.lstat(p); n += 1
-        h.update(os.path.relpath(p, root) + b"\0")
-        h.update(repr((st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns if not
-                       stat.S_ISDIR(st.st_mode) else 0)).encode())
-        if stat.S_ISREG(st.st_mode):
-            h.update(open(p, "rb").read())
-        elif stat.S_ISLNK(st.st_mode):
-            h.update(os.readlink(p))
-        if not stat.S_ISLNK(st.st_mode):
-            for k in sorted(os.listxattr(p)):
-                h.update(k.encode() + os.getxattr(p, k))
-print(n, h.hexdigest())
-"""
 
 
 def say(text: str) -> None:
@@ -84,21 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         deploy.sh(runner, "bk1", f"rm -rf {deploy.REPO}/fs1")
         deploy.sh(runner, "fs1", SAMPLE, timeout=600)
         say("starting a writer on fs1 that keeps appending to /srv/data/live/counter")
-        deploy.sh(runner, "fs1", "touch /run/demo-writer.on; nohup sh -c 'i=0; while [ -e "
-                                 "/run/demo-writer.on ]; do i=$((i+1)); echo $i >> "
-                                 "/srv/data/live/counter; done' >/dev/null 2>&1 &")
+        deploy.start_writer(runner, "/srv/data/live/counter")
         time.sleep(2)
         say("px1: sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json")
         out = deploy.sh(runner, "px1", "sanoffload backup fs1:/srv/data --store "
                                        "bk1:/srv/backups --json", timeout=1800)
         summary = json.loads(out)
-        deploy.sh(runner, "fs1", "rm -f /run/demo-writer.on; sleep 1")
+        deploy.stop_writer(runner)
         bid = summary["backup_id"]
         say(f"restoring {bid} on bk1 (from the repository alone) into /restore")
         deploy.sh(runner, "bk1", f"rm -rf /restore && sanoffload store --repo {deploy.REPO} "
                                  f"restore {bid} /restore", timeout=900)
-        src = deploy.sh(runner, "fs1", f"python3 -c '{TREE_SUM}' /srv/data/sample").split()
-        dst = deploy.sh(runner, "bk1", f"python3 -c '{TREE_SUM}' /restore/sample").split()
+        src = deploy.digest(runner, "fs1", "/srv/data/sample")
+        dst = deploy.digest(runner, "bk1", "/restore/sample")
         restored = deploy.sh(runner, "bk1", "wc -l < /restore/live/counter").strip()
         now = deploy.sh(runner, "fs1", "wc -l < /srv/data/live/counter").strip()
         lines = deploy.sh(runner, "bk1", "cat /restore/live/counter").split()
@@ -121,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  verification      store: {summary['verification']['status']}, "
               f"compared with the duplicate: {(summary['compared'] or {}).get('status')}")
         print(f"  restore           {'identical to the source' if same else 'DIFFERS'} "
-              f"({src[0]} entries, sha256 {src[1][:16]}…)")
+              f"({len(src)} entries: contents, modes, owners, times, links, xattrs, ACLs)")
         print(f"  writer's file     {restored} lines at the freeze ({now} now): "
               f"{'consistent' if consistent else 'TORN'}")
         print(f"  left behind       {leftovers or 'nothing'} (fs1: no snapshot/session; "

@@ -12,7 +12,9 @@ back up. Used by the lab tests and by ``scripts/demo``.
 
 from __future__ import annotations
 
+import json
 import shlex
+from typing import Any
 
 from sanoffload.runner import Runner
 
@@ -59,6 +61,60 @@ def sh(runner: Runner, host: str, script: str, *, timeout: float = 300,
     ok = None if check else {c: "nonzero" for c in range(1, 256)}
     return vm.ssh(runner, host, ["sh", "-c", script], timeout=timeout, input=input,
                   ok_codes=ok).stdout
+
+
+# a stable description of a tree: names (hex), types, modes, owners, sizes,
+# mtimes, contents, link targets, hard-link groups, sparseness, xattrs and ACLs
+TREE_DIGEST = r"""
+import hashlib, json, os, stat, sys
+root = os.fsencode(sys.argv[1])
+seen, out = {}, {}
+for dirpath, dirs, files in os.walk(root):
+    dirs.sort()
+    for name in sorted(dirs + files):
+        p = os.path.join(dirpath, name)
+        st = os.lstat(p)
+        rel = os.path.relpath(p, root).hex()
+        e = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid}
+        if not stat.S_ISDIR(st.st_mode):
+            e["mtime"] = st.st_mtime_ns
+        else:
+            e["mtime"] = st.st_mtime_ns if name != b"ro" else "dir"
+        if stat.S_ISLNK(st.st_mode):
+            e["target"] = os.readlink(p).hex()
+        elif stat.S_ISREG(st.st_mode):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for b in iter(lambda: f.read(1 << 20), b""):
+                    h.update(b)
+            e.update(size=st.st_size, sha256=h.hexdigest(),
+                     sparse=st.st_blocks * 512 < st.st_size)
+            if st.st_nlink > 1:
+                e["link_group"] = seen.setdefault((st.st_dev, st.st_ino), rel)
+        if not stat.S_ISLNK(st.st_mode) and not stat.S_ISFIFO(st.st_mode):
+            e["xattrs"] = {k: os.getxattr(p, k).hex() for k in sorted(os.listxattr(p))}
+        out[rel] = e
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def digest(runner: Runner, host: str, root: str) -> dict[str, Any]:
+    """:data:`TREE_DIGEST` of ``root`` on ``host``: equal digests, equal trees."""
+    return json.loads(sh(runner, host, f"python3 -c {shlex.quote(TREE_DIGEST)} "
+                                       f"{shlex.quote(root)}"))
+
+
+WRITER_FLAG = "/run/sanoffload-writer.on"
+
+
+def start_writer(runner: Runner, path: str) -> None:
+    """On fs1, append numbered lines to ``path`` (from 1) until :func:`stop_writer`."""
+    sh(runner, "fs1", f"touch {WRITER_FLAG}; nohup sh -c 'i=0; while [ -e {WRITER_FLAG} ]; "
+                      f"do i=$((i+1)); echo $i >> {path}; done' >/dev/null 2>&1 &")
+
+
+def stop_writer(runner: Runner) -> None:
+    sh(runner, "fs1", f"rm -f {WRITER_FLAG}; sleep 1; sync", check=False)
 
 
 def hosts_file(runner: Runner, hosts: list[str]) -> None:

@@ -52,43 +52,8 @@ echo 0 > {LIVE}/counter
 sync
 """
 
-# a stable description of a tree: names (hex), types, modes, owners, sizes,
-# mtimes, contents, link targets, hard-link groups, sparseness, xattrs and ACLs
-DIGEST = r"""
-import hashlib, json, os, stat, sys
-root = os.fsencode(sys.argv[1])
-seen, out = {}, {}
-for dirpath, dirs, files in os.walk(root):
-    dirs.sort()
-    for name in sorted(dirs + files):
-        p = os.path.join(dirpath, name)
-        st = os.lstat(p)
-        rel = os.path.relpath(p, root).hex()
-        e = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid}
-        if not stat.S_ISDIR(st.st_mode):
-            e["mtime"] = st.st_mtime_ns
-        else:
-            e["mtime"] = st.st_mtime_ns if name != b"ro" else "dir"
-        if stat.S_ISLNK(st.st_mode):
-            e["target"] = os.readlink(p).hex()
-        elif stat.S_ISREG(st.st_mode):
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for b in iter(lambda: f.read(1 << 20), b""):
-                    h.update(b)
-            e.update(size=st.st_size, sha256=h.hexdigest(),
-                     sparse=st.st_blocks * 512 < st.st_size)
-            if st.st_nlink > 1:
-                e["link_group"] = seen.setdefault((st.st_dev, st.st_ino), rel)
-        if not stat.S_ISLNK(st.st_mode) and not stat.S_ISFIFO(st.st_mode):
-            e["xattrs"] = {k: os.getxattr(p, k).hex() for k in sorted(os.listxattr(p))}
-        out[rel] = e
-print(json.dumps(out, sort_keys=True))
-"""
-
-
 def digest(lab: Lab, host: str, root: str) -> dict:
-    return json.loads(lab.sh(host, ["python3", "-c", DIGEST, root]).stdout)
+    return deploy.digest(lab.runner, host, root)
 
 
 def px1(lab: Lab, args: list[str], *, check: bool = True, timeout: float = 900):
@@ -112,11 +77,12 @@ def assert_clean(lab: Lab) -> None:
 @pytest.fixture(scope="module")
 def site(lab: Lab) -> Iterator[Lab]:
     deploy.deploy(lab.runner, lab.hosts, grace_s=3)
+    lab.sh("bk1", f"rm -rf {deploy.REPO}/fs1")  # a reused lab may hold earlier backups
     lab.sh("fs1", MAKE_TREE, timeout=300)
     try:
         yield lab
     finally:
-        lab.sh("fs1", "rm -f /run/sanoffload-writer.on", check=False)
+        deploy.stop_writer(lab.runner)
         deploy.undeploy_volumes(lab.runner)
 
 
@@ -124,13 +90,11 @@ def test_backup_while_a_writer_writes_restores_the_frozen_state(site: Lab) -> No
     lab = site
     before = digest(lab, "fs1", TREE)
     # a writer that keeps appending numbered lines for the whole backup
-    lab.sh("fs1", f"touch /run/sanoffload-writer.on; nohup sh -c 'i=0; while [ -e "
-                  f"/run/sanoffload-writer.on ]; do i=$((i+1)); echo $i >> {LIVE}/counter; "
-                  "done' >/dev/null 2>&1 &")
+    deploy.start_writer(lab.runner, f"{LIVE}/counter")
     time.sleep(2)
     res = px1(lab, ["backup", "fs1:" + deploy.DATA, "--store", "bk1:" + deploy.REPO, "--json"])
     summary = json.loads(res.stdout)
-    lab.sh("fs1", "rm -f /run/sanoffload-writer.on; sleep 1; sync")
+    deploy.stop_writer(lab.runner)
     assert summary["verified"] is True
     assert summary["compared"]["status"] == "ok"
     assert summary["verification"]["status"] == "ok"
@@ -197,9 +161,7 @@ def test_killed_ssh_connection_makes_the_agent_release(site: Lab) -> None:
         pytest.fail("no session appeared on fs1")
     killed = time.monotonic()
     lab.sh("px1", "pkill -KILL -f '[s]sh .* fs1 sanoffload agent serve'")
-    # the proxy notices, cleans up on its side and fails
-    lab.sh("px1", "while kill -0 $(cat /tmp/bk.pid) 2>/dev/null; do sleep 0.5; done",
-           timeout=300)
+    # the agent, on its own (the proxy may still be waiting on the vanished LUN)
     while time.monotonic() - killed < 60:
         if not json.loads(lab.sh("fs1", ["sanoffload", "agent", "sessions",
                                          "--json"]).stdout):
@@ -207,6 +169,9 @@ def test_killed_ssh_connection_makes_the_agent_release(site: Lab) -> None:
         time.sleep(0.5)
     took = time.monotonic() - killed
     assert took < 3 + 30, f"the agent released the session only after {took:.0f} s"
+    # the proxy notices, cleans up on its side and fails
+    lab.sh("px1", "while kill -0 $(cat /tmp/bk.pid) 2>/dev/null; do sleep 0.5; done",
+           timeout=300)
     out = lab.sh("px1", ["cat", "/tmp/bk.out"]).stdout
     assert "sanoffload: error:" in out, out
     listed = json.loads(px1(lab, ["list", "--store", "bk1:" + deploy.REPO, "--json"]).stdout)
