@@ -12,11 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.hostile import Row, render, row_of
+
 REPO = Path(__file__).resolve().parents[1]
 # the lab tool lives in scripts/sanolab (not part of the installed package)
 sys.path.insert(0, str(REPO / "scripts"))
 
 TIER_MARKERS = ("unit", "host", "lab")
+
+#: hostile row -> worst result seen this run ("passed" < "skipped" < "FAILED")
+_hostile_results: dict[Row, str] = {}
+_RANK = {"passed": 0, "skipped": 1, "FAILED": 2}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -36,3 +42,27 @@ def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("host-tier tests need root (loop devices, mount, fsfreeze); "
                     "run them as root or select '-m unit'", pytrace=False)
+
+
+def _hostile_row(item: pytest.Item) -> list[Row]:
+    tier = next((t for t in TIER_MARKERS if item.get_closest_marker(t)), "?")
+    return [row_of(item.nodeid, tier, tuple(m.args)) for m in item.iter_markers("hostile")]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" or report.outcome != "passed":
+        result = "FAILED" if report.failed else report.outcome
+        for row in _hostile_row(item):
+            old = _hostile_results.get(row)
+            if old is None or _RANK[result] > _RANK[old]:
+                _hostile_results[row] = result
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _hostile_results:
+        return
+    terminalreporter.section("hostile inputs (docs/reliability.md)")
+    terminalreporter.write(render(_hostile_results, _hostile_results))

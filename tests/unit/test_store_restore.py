@@ -81,6 +81,9 @@ def test_names_without_dot_slash_pass_too() -> None:
     ([F(b".")], "target itself"),
     ([L(b"", b"/")], "target itself"),
 ])
+@pytest.mark.hostile("restore", "archive members that are absolute, hold '..', go through an "
+                     "earlier symlink or file, or hard-link outside",
+                     "archive refused before extraction (exit 3); nothing written")
 def test_dangerous_members_are_refused(members: list[Member], words: str) -> None:
     with pytest.raises(RefusedError, match=words):
         check_members(members)
