@@ -149,6 +149,22 @@ class CleanupError(SanoffloadError):
         super().__init__(f"{context}: {len(self.errors)} step(s) failed: {lines}")
 
 
+class CompletedWithWarnings(SanoffloadError):
+    """The work is done and stored, but something needs a look (a post-thaw hook failed).
+
+    Not a failure: the backup exists and is listed; its manifest holds the
+    warnings. Raised by the CLI after success so the exit code tells a scheduler.
+    """
+
+    exit_code = 14
+    kind = "warning"
+
+    def __init__(self, message: str, warnings: Sequence[str] = (), *,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.warnings = list(warnings)
+
+
 class Interrupted(SanoffloadError):
     """SIGINT, SIGTERM or SIGHUP arrived; cleanup has run."""
 
@@ -178,5 +194,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     11: ("protocol", "malformed or unsupported control-channel message"),
     12: ("integrity", "backup verification failed"),
     13: ("cleanup", "teardown could not remove everything; run 'sanoffload agent cleanup'"),
+    14: ("warning", "done and stored, with warnings (e.g. a post-thaw hook failed): see the "
+                    "manifest warnings"),
     130: ("interrupted", "stopped by SIGINT/SIGTERM/SIGHUP after cleaning up"),
 }
