@@ -74,6 +74,15 @@ class CommandError(SanoffloadError):
         self.stderr = stderr
 
 
+class LioError(CommandError):
+    """LIO (the kernel's iSCSI target, through rtslib-fb and configfs) refused or lost an object.
+
+    Not a command, but the same meaning to an operator: the tool under us
+    failed. It lives here so it keeps its class and exit code across the
+    control channel.
+    """
+
+
 class CommandNotFoundError(CommandError, MissingDependencyError):
     """The executable is not installed (or not on PATH)."""
 
@@ -147,6 +156,23 @@ class CleanupError(SanoffloadError):
         self.errors = list(errors)
         lines = "; ".join(f"{type(e).__name__}: {e}" for e in self.errors)
         super().__init__(f"{context}: {len(self.errors)} step(s) failed: {lines}")
+
+
+class JournalError(CleanupError):
+    """A record of the agent's journal cannot be read: nothing was removed.
+
+    Cleanup stops rather than guess: the objects the record names would look
+    like orphans and be removed while a backup may still use them. The file is
+    named so the operator can inspect, repair or remove it.
+    """
+
+    kind = "journal"
+
+    def __init__(self, message: str, *, paths: Sequence[str] = (),
+                 hint: str | None = None) -> None:
+        SanoffloadError.__init__(self, message, hint=hint)
+        self.errors = []
+        self.paths = list(paths)
 
 
 class CompletedWithWarnings(SanoffloadError):

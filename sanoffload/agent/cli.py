@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from ..cli import App, pass_app
+from ..errors import JournalError
+from ..text import printable
 from . import config as agent_config
 from .session import DUPLICATE_KINDS, Agent
 
@@ -105,8 +107,14 @@ def sessions(ctx: click.Context, app: App, as_json: bool) -> None:
       sanoffload agent sessions --json
     """
     rows = _agent(app, _config(ctx)).sessions()
-    _emit(rows, as_json, "\n".join(f"{r['session_id']}  {r['status']}  {r.get('path', '')}"
+    _emit(rows, as_json, "\n".join(f"{r['session_id']}  {r['status']}  "
+                                   f"{printable(str(r.get('path', r.get('record', ''))))}"
                                    for r in rows) or "no sessions")
+    bad = [str(r["record"]) for r in rows if r["status"] == "unreadable"]
+    if bad:
+        # listed, and said in the exit code too: a monitor must notice
+        raise JournalError(f"{len(bad)} journal record(s) unreadable: {', '.join(bad)}",
+                           paths=bad, hint="sanoffload agent status SESSION says why")
 
 
 @agent.command()

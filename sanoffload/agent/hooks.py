@@ -14,7 +14,10 @@ Each hook runs through the runner with its own timeout, ``cwd=/`` and::
 
 A failing pre-freeze hook aborts before anything is frozen; post-thaw hook
 failures are collected and returned, never raised (the filesystem is thawed
-by then, and one failing hook must not stop the others from running).
+by then, and one failing hook must not stop the others from running). They
+are not dropped either: each becomes a warning line (:meth:`HookFailure.warning`)
+in prepare's answer, so the backup ends "done, with warnings" (exit 14) and a
+database left in backup mode shows in the manifest, not only in the agent's log.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Literal
 
 from ..errors import CommandError, CommandTimeoutError, FreezeError, RefusedError
 from ..runner import Result, Runner
+from ..text import printable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ DEFAULT_HOOK_TIMEOUT = 60.0
 #: how much of a failing hook's stderr lands in the error message
 TAIL_LINES = 5
 TAIL_CHARS = 500
+#: the longest warning line a failed post-thaw hook gives the proxy (and its manifest)
+WARNING_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,13 @@ class HookFailure:
     message: str
     returncode: int | None = None
     stderr_tail: str = ""
+
+    def warning(self) -> str:
+        """One printable, bounded line for the proxy: which hook, its exit code, what it said."""
+        code = f" (exit {self.returncode})" if self.returncode is not None else ""
+        line = (f"{self.phase} hook {printable(self.hook.path)} failed{code}: "
+                f"{printable(self.stderr_tail or self.message)}")
+        return line if len(line) <= WARNING_CHARS else line[:WARNING_CHARS - 1] + "…"
 
 
 def stderr_tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:

@@ -5,6 +5,12 @@ crash, a SIGKILL or a reboot the cleanup pass knows everything that may exist,
 including what was half made. Files are replaced atomically (write, fsync,
 rename, fsync the directory): a reader sees the old record or the new one,
 never a torn one.
+
+A record that cannot be read anyway (a full disk, a hand edit, a bad sector)
+is never guessed at: :meth:`Journal.load` raises
+:class:`~sanoffload.errors.JournalError` naming the file, and
+:meth:`Journal.check` does the same for the whole journal before cleanup, whose
+orphan sweep would otherwise take that session's objects for leftovers.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import JournalError, UsageError
+from ..text import printable
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 
@@ -63,10 +70,34 @@ class SessionRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SessionRecord:
+    def from_dict(cls, data: Any) -> SessionRecord:
+        """A record from its JSON form; ValueError/TypeError/UsageError for anything else."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a record is a JSON object, not {type(data).__name__}")
         data = dict(data)
-        data["resources"] = [Resource(**r) for r in data.get("resources", [])]
-        return cls(**data)
+        resources = data.get("resources", [])
+        if not isinstance(resources, list) or not all(isinstance(r, dict) for r in resources):
+            raise TypeError("resources must be a list of objects")
+        data["resources"] = [Resource(**r) for r in resources]
+        rec = cls(**data)
+        _check_types(rec)
+        return rec
+
+
+def _check_types(rec: SessionRecord) -> None:
+    # what status and cleanup compare and format: a wrong type there is a traceback later
+    for name in ("session_id", "client", "initiator", "path", "state"):
+        if not isinstance(getattr(rec, name), str):
+            raise TypeError(f"{name} must be a string")
+    for name in ("created", "lease_expires"):
+        value = getattr(rec, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number")
+    if not isinstance(rec.info, dict):
+        raise TypeError("info must be an object")
+    for res in rec.resources:
+        if not isinstance(res.fields, dict) or not isinstance(res.state, str):
+            raise TypeError(f"resource {res.kind}: fields must be an object, state a string")
 
 
 class Journal:
@@ -119,31 +150,63 @@ class Journal:
         self.save(record)
 
     def load(self, session_id: str) -> SessionRecord | None:
-        try:
-            data = json.loads(self._path(session_id).read_text())
-        except FileNotFoundError:
+        """The session's record; None if there is none; JournalError if it cannot be read."""
+        path = self._path(session_id)
+        if not path.exists():
             return None
-        return SessionRecord.from_dict(data)
+        return self._read(path)
+
+    def _read(self, path: Path) -> SessionRecord:
+        try:
+            rec = SessionRecord.from_dict(json.loads(path.read_bytes()))
+            if f"{rec.session_id}.json" != path.name:
+                raise ValueError(f"it holds session {rec.session_id!r}")
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, TypeError, RecursionError, UsageError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, RecursionError):
+                why = "nested too deeply"
+            raise JournalError(
+                f"journal record {path} is unreadable ({printable(why)[:200]})",
+                paths=[str(path)],
+                hint="inspect it; once the objects it names are gone, move it out of "
+                     f"{self.dir}") from None
+        return rec
+
+    def _files(self) -> list[Path]:
+        return sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
 
     def __iter__(self) -> Iterator[SessionRecord]:
-        if not self.dir.is_dir():
-            return
-        for p in sorted(self.dir.glob("*.json")):
+        """The readable records (see :meth:`check` and :meth:`broken` for the others)."""
+        for p in self._files():
             try:
-                yield SessionRecord.from_dict(json.loads(p.read_text()))
-            except (OSError, ValueError, TypeError):
-                # kept on disk for the operator; broken() names it
-                continue
+                yield self._read(p)
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except JournalError:
+                continue  # kept on disk for the operator; broken() names it
 
-    def broken(self) -> list[Path]:
-        """Records that cannot be read (cleanup reports them instead of guessing)."""
+    def broken(self) -> list[JournalError]:
+        """The records that cannot be read, one error each (naming the file)."""
         bad = []
-        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+        for p in self._files():
             try:
-                SessionRecord.from_dict(json.loads(p.read_text()))
-            except (OSError, ValueError, TypeError):
-                bad.append(p)
+                self._read(p)
+            except FileNotFoundError:
+                continue
+            except JournalError as exc:
+                bad.append(exc)
         return bad
+
+    def check(self, doing: str) -> None:
+        """Raise JournalError naming every unreadable record: ``doing`` stops, untouched."""
+        bad = self.broken()
+        if bad:
+            paths = [p for exc in bad for p in exc.paths]
+            raise JournalError(f"{doing}: nothing was done: "
+                               + "; ".join(exc.message for exc in bad),
+                               paths=paths, hint=bad[0].hint)
 
     def remove(self, session_id: str) -> None:
         self._path(session_id).unlink(missing_ok=True)

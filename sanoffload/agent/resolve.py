@@ -170,7 +170,7 @@ def _check_lv(path: str, lv: LogicalVolume) -> None:
     name = lv.full_name
     if lv.is_hidden:
         raise _refuse(path, f"on {name}, an LV internal to LVM")
-    if lv.is_sanoffload:
+    if lv.looks_like_ours:
         raise _refuse(path, f"on {name}, which sanoffload made (tag {lvm.SANOFFLOAD_TAG!r} or "
                             f"name {lvm.NAME_PREFIX}*)")
     if lv.is_snapshot:

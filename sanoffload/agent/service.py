@@ -4,13 +4,17 @@ Ops (JSON lines, see :mod:`sanoffload.channel.protocol`)::
 
     {"op": "ping"}                                   -> {"time": 1764151773.2}
     {"op": "prepare", "path": "/srv/data", "initiator": "iqn…:px1", "kind": null}
-                                                     -> {"session": {...prepare's answer...}}
+                                                     -> {"session": {...prepare's answer...,
+                                                         "warnings": ["post-thaw hook …"]}}
     {"op": "status", "session_id": "fs1-1a2b3c4d"}   -> {"status": "healthy", ...}
     {"op": "release", "session_id": "fs1-1a2b3c4d"}  -> {"released": ["lio-target ...", ...]}
 
 The client name comes from the forced command sshd ran for the proxy's key,
 never from the request: a proxy can only use its own initiators and roots, and
-only see and release its own sessions. A session lives with its connection:
+only see and release its own sessions. ``warnings`` lists, one printable line
+each, the post-thaw hooks that failed (empty when all went well): the backup is
+good, but an application may be left in backup mode, and the proxy records it.
+A session lives with its connection:
 when the connection ends (cleanly or not, or sshd hangs up with SIGHUP) the
 sessions it prepared and did not release are released after ``grace_s``.
 """

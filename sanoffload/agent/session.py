@@ -19,7 +19,7 @@ import string
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,11 @@ class Prepared:
     lease_expires: float
     #: wall-clock time (epoch seconds) of the freeze: what the backup is named by
     frozen_at: float = 0.0
+    #: one printable, bounded line per post-thaw hook that failed; empty when all went well
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "warnings": list(self.warnings)}
 
 
 def _alive(pid: Any) -> bool:
@@ -205,8 +207,9 @@ class Agent:
             self.journal.done(rec, bs_res)
             self.journal.done(rec, tgt_res)
             rec.state = "ready"
+            warnings = [f.warning() for f in q.post_thaw_failures]
             rec.info.update({"window_ms": q.window_ms, "frozen_by": q.frozen_by,
-                             "identifier": export.identifier})
+                             "identifier": export.identifier, "warnings": warnings})
             self.journal.save(rec)
             undo.commit()
         log.info("session %s ready: %s frozen %.1f ms by %s, exported as %s", sid,
@@ -218,7 +221,7 @@ class Agent:
             chap_secret=chap_secret, fstype=obj.mount.fstype, path_in_fs=obj.path_in_fs,
             object_kind=obj.kind, duplicate_kind=dup.kind, frozen_at=frozen_at,
             freeze_window_ms=round(q.window_ms, 1), frozen_by=q.frozen_by,
-            lease_expires=rec.lease_expires)
+            lease_expires=rec.lease_expires, warnings=warnings)
 
     def _finish_failed(self, rec: SessionRecord) -> None:
         # runs last on the failure path: all undos before it succeeded or were reported
@@ -248,6 +251,7 @@ class Agent:
 
     # -- status / release ----------------------------------------------------
     def status(self, session_id: str) -> dict[str, Any]:
+        """The session's state; JournalError (exit 13) naming the file if its record is unreadable."""
         rec = self.journal.load(session_id)
         if rec is None:
             return {"session_id": session_id, "status": "unknown"}
@@ -298,7 +302,11 @@ class Agent:
         return done
 
     def sessions(self) -> list[dict[str, Any]]:
-        return [self.status(r.session_id) for r in self.journal]
+        """Every session's status; an unreadable record is a row ``status: unreadable``."""
+        rows = [self.status(r.session_id) for r in self.journal]
+        rows += [{"session_id": Path(path).stem, "status": "unreadable", "record": path}
+                 for exc in self.journal.broken() for path in exc.paths]
+        return sorted(rows, key=lambda r: str(r["session_id"]))
 
     # -- cleanup -------------------------------------------------------------
     def cleanup(self, *, all_sessions: bool = False) -> dict[str, Any]:
@@ -311,7 +319,14 @@ class Agent:
 
         At agent start-up nothing should survive (``all_sessions``); run later,
         only failed, half-prepared and expired sessions are released.
+
+        An unreadable journal record stops the sweep before anything is removed
+        (JournalError naming the file): its session's objects would look like
+        orphans. prepare's pass (``orphans=False``) releases only what readable
+        records name, so it goes on.
         """
+        if orphans:
+            self.journal.check("agent cleanup")
         released, errors = [], []
         now = self.clock()
         for rec in list(self.journal):
@@ -329,14 +344,14 @@ class Agent:
                 undo()
             except Exception as exc:
                 errors.append(exc)
-        report = {"released": released, "orphans_removed": [w for w, _ in found],
-                  "broken_records": [str(p) for p in self.journal.broken()]}
+        report = {"released": released, "orphans_removed": [w for w, _ in found]}
         if errors:
             raise CleanupError(errors, context="agent cleanup")
         return report
 
     def _orphans(self) -> list[tuple[str, Callable[[], Any]]]:
-        """Marked objects no journal record accounts for."""
+        """Our objects no journal record accounts for: LVs by their tag (never by name,
+        see LogicalVolume.is_ours), LIO objects by sanoffload's naming (LioExporter.ours)."""
         known_lvs = {(r.fields.get("vg"), r.fields.get("name")) for rec in self.journal
                      for r in rec.resources if r.kind in DUPLICATE_KINDS}
         known_targets = {r.fields.get("iqn") for rec in self.journal for r in rec.resources
@@ -358,7 +373,7 @@ class Agent:
                     found.append((f"LIO backstore {bs}",
                                   lambda bs=bs: self.controller.unexpose("", bs)))
             for lv in lvm.list_lvs(self.runner):
-                if lv.is_sanoffload and (lv.vg, lv.name) not in known_lvs and not lv.is_hidden:
+                if lv.is_ours and (lv.vg, lv.name) not in known_lvs and not lv.is_hidden:
                     ctl = self.controller
                     found.append((f"LV {lv.full_name}",
                                   lambda lv=lv: ctl.remove_leftovers(lv.vg, lv.name,

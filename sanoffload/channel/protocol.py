@@ -118,21 +118,45 @@ def error_reply(exc: BaseException) -> dict[str, Any]:
     return {"ok": False, "error": err}
 
 
+def _class_for_code(code: Any) -> type[SanoffloadError]:
+    """The most general class of errors.py raising exit ``code`` (SanoffloadError if none).
+
+    An error type this side does not know (a newer peer's, or one defined
+    outside errors.py) still keeps its exit code and its meaning: a LioError
+    is a CommandError here, exit 5, not "a bug".
+    """
+    if not _type_ok(code, int) or code not in _errors.EXIT_CODES or code in (0, 1):
+        return SanoffloadError
+    kind = _errors.EXIT_CODES[code][0]
+    found = [c for c in vars(_errors).values()
+             if isinstance(c, type) and issubclass(c, SanoffloadError)
+             and c.exit_code == code and c.kind == kind]
+    return min(found, key=lambda c: len(c.__mro__), default=SanoffloadError)
+
+
 def raise_error(reply: Mapping[str, Any], peer: str) -> None:
-    """Raise the sanoffload error a failed reply carries (ProtocolError for an unknown kind)."""
+    """Raise the sanoffload error a failed reply carries (ProtocolError for a reply without one).
+
+    A type errors.py does not define becomes the class its exit code stands for.
+    """
     err = reply.get("error")
     if not isinstance(err, dict) or not isinstance(err.get("message"), str):
         raise ProtocolError(f"{peer} answered a failure without an error message")
     cls = getattr(_errors, str(err.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, SanoffloadError)):
-        cls = SanoffloadError  # an unknown kind: exit code 1, the message still shown
+        cls = _class_for_code(err.get("exit_code"))
     hint = err.get("hint") if isinstance(err.get("hint"), str) else None
     message = f"{peer}: {err['message']}"
-    if cls in (_errors.CleanupError, _errors.Interrupted):
+    if issubclass(cls, (_errors.CleanupError, _errors.Interrupted)):
         # their constructors take other things than a message: build the base part only
         exc = cls.__new__(cls)
         SanoffloadError.__init__(exc, message, hint=hint)
-        exc.errors, exc.signum = [], 0  # type: ignore[attr-defined]
+        if isinstance(exc, _errors.CleanupError):
+            exc.errors = []
+        if isinstance(exc, _errors.JournalError):
+            exc.paths = []
+        if isinstance(exc, _errors.Interrupted):
+            exc.signum = 0
         raise exc
     raise cls(message, hint=hint)
 

@@ -9,8 +9,16 @@ rtslib-fb. What one export builds, as an operator sees it in ``targetcli ls``::
         luns/lun0                         -> the backstore
         acls/PROXY-INITIATOR-IQN          CHAP user/secret; mapped_lun0 write-protected
 
-Everything carries sanoffload's mark (the backstore name prefix and the
-target IQN prefix), so a cleanup pass can find what a crash left behind.
+Everything carries sanoffload's mark, so a cleanup pass can find what a
+crash left behind. LIO objects cannot be tagged, so the mark is the name, and
+:meth:`LioExporter.ours` takes only what no one else would make: a target named
+``TARGET_IQN_PREFIX`` + a session id (a naming authority of ours), and a
+read-only block backstore named ``sanoffload-`` + a session id that serves no
+LUN of anyone else's target (deleting a backstore deletes its LUNs).
+
+Every rtslib-fb exception (``RTSLibError``, ``RTSLibNotInCFSError``) and every
+OSError from configfs becomes a :class:`~sanoffload.errors.LioError` (exit 5)
+in one place, :meth:`LioExporter._lio`, so none reaches the proxy as "a bug".
 
 The identifier the proxy's udev shows (``/sys/block/sdX/device/wwid``,
 ``/dev/disk/by-id/wwn-0x…``) is LIO's NAA designator, which LIO derives from
@@ -22,15 +30,17 @@ group, what the LUN presents, and checks it against the derivation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
 
-from ..errors import MissingDependencyError, ResourceError, SanoffloadError
+from ..errors import LioError, MissingDependencyError, ResourceError
 from ..iqn import valid_iqn
 
 log = logging.getLogger(__name__)
@@ -38,13 +48,10 @@ log = logging.getLogger(__name__)
 TARGET_IQN_PREFIX = "iqn.2026-11.org.sanoffload:"
 BACKSTORE_PREFIX = "sanoffload-"
 LIO_IEEE_COMPANY_ID = "001405"
-
-
-class LioError(SanoffloadError):
-    """LIO refused or lost an object sanoffload asked for."""
-
-    exit_code = 5
-    kind = "command-failed"
+#: a session id as the agent makes them (``HOST-8HEX``, see agent.session.new_session_id)
+_SESSION_RE = r"[a-z0-9][a-z0-9-]{0,40}-[0-9a-f]{8}"
+_OUR_TARGET_RE = re.compile(re.escape(TARGET_IQN_PREFIX) + _SESSION_RE)
+_OUR_BACKSTORE_RE = re.compile(re.escape(BACKSTORE_PREFIX) + _SESSION_RE)
 
 
 def naa_from_serial(serial: str) -> str:
@@ -146,14 +153,34 @@ class LioExporter:
     def _find_backstore(self, root: Any, name: str) -> Any | None:
         return next((so for so in root.storage_objects if so.name == name), None)
 
+    @contextlib.contextmanager
+    def _lio(self, what: str) -> Iterator[None]:
+        """rtslib's and configfs's exceptions, as our own error naming what was being done."""
+        caught: tuple[type[BaseException], ...] = (OSError,)
+        rts_error = getattr(self.rts, "RTSLibError", None)  # RTSLibNotInCFSError is one too
+        if isinstance(rts_error, type) and issubclass(rts_error, Exception):
+            caught += (rts_error,)
+        try:
+            yield
+        except caught as exc:
+            raise LioError(f"LIO: {what}: {type(exc).__name__}: {exc}") from exc
+
     def ours(self) -> dict[str, list[str]]:
-        """sanoffload's objects in LIO, by their marks."""
+        """sanoffload's objects in LIO, by their marks (see the module's docstring)."""
         root = self._root()
-        return {
-            "targets": [t.wwn for t in root.targets if t.wwn.startswith(TARGET_IQN_PREFIX)],
-            "backstores": [so.name for so in root.storage_objects
-                           if so.name.startswith(BACKSTORE_PREFIX)],
-        }
+        with self._lio("listing objects"):
+            targets = [t.wwn for t in root.targets if _OUR_TARGET_RE.fullmatch(t.wwn)]
+            backstores = [so.name for so in root.storage_objects if self._is_ours(so, targets)]
+        return {"targets": targets, "backstores": backstores}
+
+    @staticmethod
+    def _is_ours(so: Any, our_targets: list[str]) -> bool:
+        if not _OUR_BACKSTORE_RE.fullmatch(so.name) or so.plugin != "block":
+            return False
+        if not so.readonly:
+            return False  # ours are always read-only: a writable one is someone else's
+        # so.delete() takes the LUNs it serves with it: never another target's
+        return all(lun.parent_tpg.parent_target.wwn in our_targets for lun in so.attached_luns)
 
     # -- export ----------------------------------------------------------------
     def export(self, spec: ExportSpec) -> Export:
@@ -164,6 +191,10 @@ class LioExporter:
         """
         if not valid_iqn(spec.initiator_iqn):
             raise ValueError(f"invalid initiator IQN {spec.initiator_iqn!r}")
+        with self._lio(f"exporting {spec.device} as {spec.target_iqn}"):
+            return self._export(spec)
+
+    def _export(self, spec: ExportSpec) -> Export:
         r = self.rts
         root = self._root()
         so = self._find_backstore(root, spec.backstore)
@@ -201,6 +232,10 @@ class LioExporter:
         Reads the storage object behind the TPG's LUN and its VPD unit serial
         from configfs, and returns the NAA designator the initiator will see.
         """
+        with self._lio(f"identifying {target_iqn} lun {lun}"):
+            return self._identify(target_iqn, lun)
+
+    def _identify(self, target_iqn: str, lun: int) -> str:
         root = self._root()
         tgt = self._find_target(root, target_iqn)
         if tgt is None:
@@ -224,6 +259,11 @@ class LioExporter:
 
         Idempotent: what is already gone is not an error. Returns what it removed.
         """
+        with self._lio(f"removing {target_iqn or 'no target'} and "
+                       f"{backstore or 'no backstore'}"):
+            return self._unexport(target_iqn, backstore)
+
+    def _unexport(self, target_iqn: str, backstore: str) -> list[str]:
         removed: list[str] = []
         root = self._root()
         tgt = self._find_target(root, target_iqn)

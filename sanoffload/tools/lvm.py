@@ -48,7 +48,8 @@ LV_FIELDS: tuple[str, ...] = (
     "raid_sync_action", "lv_health_status", "lv_active")
 VG_FIELDS: tuple[str, ...] = ("vg_name", "vg_size", "vg_free", "vg_extent_size", "vg_tags")
 
-#: the tag every LV sanoffload creates carries (and the name prefix it uses)
+#: the tag every LV sanoffload creates carries: what makes an LV ours (and the name
+#: prefix it uses, which makes an LV look like ours but proves nothing)
 SANOFFLOAD_TAG = "sanoffload"
 NAME_PREFIX = "sanoffload-"
 
@@ -216,10 +217,20 @@ class LogicalVolume:
         return self._bit(4) in "id"
 
     @property
-    def is_sanoffload(self) -> bool:
-        """Made by sanoffload: tagged, or named like it (a mirror split cannot be tagged
-        in the same command, see lvs_msplit)."""
-        return SANOFFLOAD_TAG in self.tags or self.name.startswith(NAME_PREFIX)
+    def is_ours(self) -> bool:
+        """Made by sanoffload: it carries the tag. Only the tag decides ownership
+        (as in ceph-volume): a name anyone can give, and cleanup removes what is ours.
+
+        A mirror split is untagged for a moment (lvconvert takes no --addtag, see
+        lvs_msplit); the journal, written before the split, accounts for it.
+        """
+        return SANOFFLOAD_TAG in self.tags
+
+    @property
+    def looks_like_ours(self) -> bool:
+        """Tagged or named like sanoffload's LVs: never backed up (a refusal costs nothing),
+        never removed on the strength of the name alone (see :attr:`is_ours`)."""
+        return self.is_ours or self.name.startswith(NAME_PREFIX)
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,41 @@ def wait_for_output(proc: subprocess.Popen[bytes], needle: bytes, timeout: float
             buf += chunk
 
 
+#: where the kernel parks a task waiting for a frozen filesystem (/proc/PID/wchan):
+#: sb_start_write() (via mnt_want_write for an open(O_CREAT)) waits on the superblock's
+#: percpu rw-semaphore until the thaw
+FREEZE_WAITS = ("percpu_rwsem_wait", "__percpu_down_read", "percpu_down_read",
+                "__sb_start_write", "sb_start_write", "mnt_want_write")
+#: the writer's marker, written to a pipe immediately before its blocking write
+WRITER_MARK = b"W"
+
+
 def start_writer(mountpoint: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["sh", "-c", f"echo late > {mountpoint}/late.txt"])
+    """A shell that writes WRITER_MARK to its stdout (a pipe), then ``late.txt`` on the fs.
+
+    ``echo`` is a shell builtin and the redirection is the shell's own open():
+    the process that said the marker is the one that blocks.
+    """
+    return subprocess.Popen(["sh", "-c", 'printf W; echo late > "$1"', "sh",
+                             f"{mountpoint}/late.txt"], stdout=subprocess.PIPE)
+
+
+def kernel_wait(pid: int) -> tuple[str, str]:
+    """``(state, where)`` of ``pid``: its /proc state letter and the kernel function it sleeps in.
+
+    ``where`` is /proc/PID/wchan, or, where the kernel hides that ("0"), the
+    first freeze wait named in /proc/PID/stack (root only).
+    """
+    stat_line = Path(f"/proc/{pid}/stat").read_text()
+    state = stat_line.rpartition(")")[2].split()[0]  # the name in (...) may hold spaces
+    wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    if wchan in ("", "0"):
+        try:
+            stack = Path(f"/proc/{pid}/stack").read_text()
+        except OSError:
+            stack = ""
+        wchan = next((w for w in FREEZE_WAITS if f"{w}+" in stack), wchan)
+    return state, wchan
 
 
 def wait_bounded(proc: subprocess.Popen[bytes], limit: float, since: float) -> float | None:
@@ -121,9 +154,30 @@ def wait_bounded(proc: subprocess.Popen[bytes], limit: float, since: float) -> f
     return time.monotonic() - since if proc.poll() is not None else None
 
 
-def assert_blocked(writer: subprocess.Popen[bytes]) -> None:
-    time.sleep(0.3)
-    assert writer.poll() is None, "the writer was not blocked: the filesystem is not frozen"
+def assert_blocked(writer: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Prove ``writer`` is inside its write, held by the freeze (bounded waits only).
+
+    It said its marker (so it ran up to the write), and the kernel shows it in
+    uninterruptible sleep ('D') in a freeze wait. A writer that never got
+    scheduled, or sleeps anywhere else, fails here.
+    """
+    assert writer.stdout is not None
+    ready, _, _ = select.select([writer.stdout.fileno()], [], [], timeout)
+    assert ready, f"the writer did not reach its write within {timeout}s"
+    assert os.read(writer.stdout.fileno(), 1) == WRITER_MARK, "the writer ended before its write"
+    end = time.monotonic() + timeout
+    state, where = "?", "?"
+    while time.monotonic() < end:
+        assert writer.poll() is None, "the writer finished: the filesystem is not frozen"
+        try:
+            state, where = kernel_wait(writer.pid)
+        except FileNotFoundError:
+            continue  # it just ended: poll() says so next round
+        if state == "D" and where in FREEZE_WAITS:
+            return
+        time.sleep(0.005)  # polls the kernel's view; the deadline bounds it
+    raise AssertionError(f"the writer is not held by the freeze after {timeout}s: "
+                         f"state {state!r}, waiting in {where!r}")
 
 
 def reports(state_dir: Path) -> list[dict[str, object]]:
@@ -247,6 +301,7 @@ def test_normal_path_measures_the_window_and_disarms_the_guard(
     seen: dict[str, object] = {}
 
     def duplicate() -> str:
+        seen["started"] = time.monotonic()
         (guard,) = guard_pids(mp)
         seen["guard"] = guard
         # the guard outlives what is aimed at it; only SIGKILL stops it
@@ -256,6 +311,7 @@ def test_normal_path_measures_the_window_and_disarms_the_guard(
         procs.append(writer)
         assert_blocked(writer)
         seen["guard_alive"] = psutil.Process(guard).status() != psutil.STATUS_ZOMBIE
+        seen["took_ms"] = (time.monotonic() - float(seen["started"])) * 1000  # type: ignore[arg-type]
         return "dup-ok"
 
     with frozen_fs_safety(loopfs, host_runner, procs):
@@ -263,8 +319,8 @@ def test_normal_path_measures_the_window_and_disarms_the_guard(
                                   state_dir=state_dir, path=mp / "data")
         print(f"\n[{loopfs.fstype}] (c) frozen window {q.window_ms:.0f} ms")
         assert q.result == "dup-ok" and q.frozen_by == "fsfreeze"
-        # the duplicate step took >= 0.3 s, and far less than the deadline
-        assert 300 <= q.window_ms < DEADLINE_S * 1000
+        # the window covers the whole duplicate step, and is far less than the deadline
+        assert float(seen["took_ms"]) <= q.window_ms < DEADLINE_S * 1000  # type: ignore[arg-type]
         assert q.post_thaw_failures == ()
         assert seen["guard_alive"] is True
         assert q.guard_report is not None
@@ -336,3 +392,21 @@ def test_someone_elses_freeze_is_not_ours_to_thaw(loopfs: LoopFs, host_runner: R
         # still frozen: the guard was disarmed, not let loose on the other freeze
         assert fsfreeze.unfreeze(host_runner, loopfs.mountpoint) is True
     assert reports(state_dir) == []
+
+
+# --------------------------------------------------------------------------
+# the witness itself
+# --------------------------------------------------------------------------
+
+@pytest.mark.hostile("tests", "a writer that never reached its write, or sleeps elsewhere "
+                     "(not held by a freeze)", "assert_blocked fails instead of passing")
+@pytest.mark.parametrize("script", ["exec sleep 30", "printf W; exec sleep 30"],
+                         ids=["never-said-the-marker", "sleeps-elsewhere"])
+def test_assert_blocked_fails_for_a_writer_not_held_by_a_freeze(script: str) -> None:
+    writer = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
+    try:
+        with pytest.raises(AssertionError):
+            assert_blocked(writer, timeout=1.0)
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)

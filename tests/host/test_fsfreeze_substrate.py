@@ -10,11 +10,11 @@ be killed, so the test thaws before it joins.
 from __future__ import annotations
 
 import subprocess
-import time
 
 from sanoffload.runner import Runner
 
 from .conftest import LoopFs
+from .test_freeze_guard import assert_blocked, start_writer
 
 MARK = b"sanoffload-freeze-flush-marker-" + b"x" * 33
 
@@ -34,9 +34,9 @@ def test_freeze_blocks_writers_and_flushes_dirty_data(loopfs: LoopFs, host_runne
     writer = None
     try:
         assert _device_contains(loopfs.device, MARK), "freeze did not write out dirty data"
-        writer = subprocess.Popen(["sh", "-c", f"echo late > {loopfs.mountpoint}/late.txt"])
-        time.sleep(1.0)
-        assert writer.poll() is None, "a write went through on a frozen filesystem"
+        writer = start_writer(loopfs.mountpoint)
+        # said its marker, then held in the kernel's freeze wait: not merely slow to start
+        assert_blocked(writer)
     finally:
         host_runner.run(["fsfreeze", "--unfreeze", str(loopfs.mountpoint)])
     assert writer is not None

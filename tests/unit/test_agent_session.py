@@ -22,7 +22,13 @@ from sanoffload.agent import config as agent_config
 from sanoffload.agent.controller import Duplicate
 from sanoffload.agent.journal import SESSION_ID_RE, Journal, Resource, SessionRecord
 from sanoffload.agent.session import CHAP_SECRET_LEN, Agent, Prepared, new_session_id
-from sanoffload.errors import AuthError, CleanupError, CommandError, ResourceError
+from sanoffload.errors import (
+    AuthError,
+    CleanupError,
+    CommandError,
+    JournalError,
+    ResourceError,
+)
 from sanoffload.runner import MASK, FakeRunner
 from sanoffload.tools import lio, lvm
 from tests.unit.fakes_agent import Clock, FakeController, FakeResolver
@@ -588,7 +594,7 @@ def test_cleanup_releases_failed_preparing_and_expired_only(tmp_path: Path) -> N
     report = env.agent.cleanup()
     assert sorted(report["released"]) == sorted([expired, "fs1-0000000f", "fs1-0000000a",
                                                   "fs1-0000000b"])
-    assert report["orphans_removed"] == [] and report["broken_records"] == []
+    assert report["orphans_removed"] == []
     assert env.files() == [f"{ready.session_id}.json"]
     kept = env.journal.load(ready.session_id)
     assert kept is not None and kept.state == "ready"
@@ -653,15 +659,23 @@ def test_cleanup_goes_on_past_a_failing_release(env: Env) -> None:
         assert rec is not None and rec.state == "failed"
 
 
-def test_cleanup_reports_broken_records(env: Env) -> None:
+def test_cleanup_stops_at_a_broken_record_and_prepare_goes_on(env: Env) -> None:
     p = env.prepare()
+    env.journal.save(failed_record("fs1-0000000f"))
     bad = env.sessions_dir / "fs1-0000000d.json"
     bad.write_text("{not json")
-    report = env.agent.cleanup()
-    assert report["released"] == []
-    assert report["broken_records"] == [str(bad)]
+    env.ctl.calls.clear()
+    with pytest.raises(JournalError) as info:
+        env.agent.cleanup()
+    assert info.value.paths == [str(bad)] and info.value.exit_code == 13
+    assert env.ctl.calls == []  # nothing released, nothing removed
     assert bad.exists()  # kept for the operator
     assert env.journal.load(p.session_id) is not None
+    assert env.journal.load("fs1-0000000f") is not None
+    # prepare's own pass releases only what readable records name: it goes on
+    env.agent.release(p.session_id)
+    env.prepare()
+    assert env.journal.load("fs1-0000000f") is None
 
 
 # --------------------------------------------------------------------------

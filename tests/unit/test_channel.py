@@ -25,7 +25,9 @@ from sanoffload.channel.protocol import (MAX_CHUNK, MAX_LINE, VERSIONS, Channel,
                                          check_message, check_reply, error_reply, negotiate,
                                          raise_error)
 from sanoffload.channel.server import Service, refuse, serve
-from sanoffload.errors import (AuthError, CleanupError, CommandError, Interrupted, ProtocolError,
+from sanoffload.errors import (AuthError, CleanupError, CommandError, CompletedWithWarnings,
+                               IntegrityError, Interrupted, JournalError, LioError,
+                               MissingDependencyError, ProtocolError, ResourceError,
                                SanoffloadError, UsageError)
 
 pytestmark = pytest.mark.unit
@@ -582,3 +584,48 @@ def test_ssh_argv_puts_the_destination_after_double_dash() -> None:
     assert argv.index("BatchMode=yes") < i
     assert argv[i - 2:i] == ["-i", "/etc/sanoffload/key"]  # options before the destination
     assert "-T" in argv[:i]
+
+
+# --------------------------------------------------------------------------
+# every error keeps its exit code across the channel
+# --------------------------------------------------------------------------
+
+@pytest.mark.hostile("channel", "an error class the proxy does not know (LioError, a newer "
+                     "peer's), with its exit code", "keeps its exit code and meaning, not 1")
+@pytest.mark.parametrize("kind,code,cls", [
+    ("LioError", 5, CommandError), ("NewerPeersError", 7, ResourceError),
+    ("FrobError", 4, MissingDependencyError), ("BrokenStream", 12, IntegrityError),
+    ("FrobError", 13, CleanupError), ("FrobError", 130, Interrupted),
+    ("FrobError", 14, CompletedWithWarnings)])
+def test_an_unknown_type_keeps_a_known_exit_code(kind: str, code: int,
+                                                 cls: type[SanoffloadError]) -> None:
+    reply = {"ok": False, "error": {"type": kind, "message": "it broke", "exit_code": code}}
+    with pytest.raises(SanoffloadError) as info:
+        raise_error(json.loads(json.dumps(reply)), "fs1")
+    assert isinstance(info.value, cls)
+    assert info.value.exit_code == code
+    assert info.value.message == "fs1: it broke"
+
+
+@pytest.mark.parametrize("code", [0, 99, -5, True, "5", 5.0, None, 2**70])
+def test_an_unknown_type_with_a_bad_exit_code_is_a_plain_error(code: Any) -> None:
+    reply = {"ok": False, "error": {"type": "FrobError", "message": "it broke",
+                                    "exit_code": code}}
+    with pytest.raises(SanoffloadError) as info:
+        raise_error(reply, "fs1")
+    assert type(info.value) is SanoffloadError and info.value.exit_code == 1
+
+
+def test_lio_error_arrives_as_itself_with_exit_5() -> None:
+    reply = json.loads(json.dumps(error_reply(LioError("LIO has no target iqn.x"))))
+    assert reply["error"]["exit_code"] == 5
+    with pytest.raises(LioError) as info:
+        raise_error(reply, "fs1")
+    assert info.value.exit_code == 5 and isinstance(info.value, CommandError)
+
+
+def test_a_journal_error_comes_back_with_its_code() -> None:
+    reply = error_reply(JournalError("journal record /x.json is unreadable", paths=["/x.json"]))
+    with pytest.raises(JournalError) as info:
+        raise_error(json.loads(json.dumps(reply)), "fs1")
+    assert info.value.exit_code == 13 and "/x.json" in info.value.message

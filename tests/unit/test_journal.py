@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sanoffload.agent.journal import Journal, SessionRecord
-from sanoffload.errors import UsageError
+from sanoffload.errors import JournalError, UsageError
 
 pytestmark = pytest.mark.unit
 
@@ -72,4 +72,41 @@ def test_a_corrupt_record_does_not_hide_the_others(tmp_path: Path) -> None:
     j.save(_record("fs1-good"))
     (tmp_path / "sessions" / "fs1-bad.json").write_text("{not json")
     assert [r.session_id for r in j] == ["fs1-good"]
-    assert [p.name for p in j.broken()] == ["fs1-bad.json"]
+    assert [exc.paths for exc in j.broken()] == [[str(tmp_path / "sessions" / "fs1-bad.json")]]
+
+
+@pytest.mark.hostile("agent", "a journal record that is not JSON, has fields of the wrong "
+                     "type, or names another session than its file", "JournalError naming "
+                     "the file (exit 13), no traceback")
+@pytest.mark.parametrize("content", [
+    "{not json", "", "null", "[]", '{"session_id": "fs1-bad"}',
+    ('{"session_id": "fs1-bad", "client": "px1", "initiator": "i", "path": "/", '
+     '"lease_expires": "soon"}'),
+    ('{"session_id": "fs1-bad", "client": "px1", "initiator": "i", "path": "/", '
+     '"resources": [{"kind": "snapshot", "fields": []}]}'),
+    ('{"session_id": "fs1-bad", "client": "px1", "initiator": "i", "path": "/", '
+     '"resources": ["x"]}'),
+    '{"session_id": "fs1-other", "client": "px1", "initiator": "i", "path": "/"}',
+    '{"session_id": "../x", "client": "px1", "initiator": "i", "path": "/"}',
+    "[" * 30_000 + "]" * 30_000,
+], ids=["bad-json", "empty", "null", "list", "fields-missing", "lease-a-string",
+        "fields-a-list", "resource-a-string", "another-session", "bad-id", "30000-deep"])
+def test_loading_a_corrupt_record_names_the_file(tmp_path: Path, content: str) -> None:
+    j = Journal(tmp_path)
+    bad = tmp_path / "sessions" / "fs1-bad.json"
+    bad.parent.mkdir()
+    bad.write_text(content)
+    with pytest.raises(JournalError) as info:
+        j.load("fs1-bad")
+    assert info.value.exit_code == 13 and info.value.paths == [str(bad)]
+    assert str(bad) in info.value.message and "\n" not in str(info.value)
+    assert list(j) == []
+    with pytest.raises(JournalError, match="cleanup: nothing was done: journal record"):
+        j.check("cleanup")
+
+
+def test_check_passes_a_readable_journal(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.check("cleanup")  # no directory yet
+    j.save(_record())
+    j.check("cleanup")

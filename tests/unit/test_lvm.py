@@ -82,7 +82,7 @@ def test_list_lvs_parses_every_field_of_a_linear_lv() -> None:
     assert lin.is_open and lin.is_active
     assert not (lin.is_snapshot or lin.is_thin or lin.is_thin_pool or lin.is_raid1
                 or lin.is_mirror or lin.is_invalid or lin.is_half_made or lin.is_hidden
-                or lin.is_tracked_split_image or lin.is_sanoffload)
+                or lin.is_tracked_split_image or lin.looks_like_ours)
     assert lin.is_in_sync  # nothing to sync on a linear LV
 
 
@@ -120,7 +120,7 @@ def test_overflowed_snapshot_is_invalid() -> None:
     lvs = lvs_of("lvs_overflow")
     snap1, snap2 = lvs["sanoffload-snap1"], lvs["sanoffload-snap2"]
     assert snap1.attr == "swi-I-s---" and snap1.is_invalid and snap1.is_snapshot
-    assert snap1.origin == "lin" and snap1.tags == ["sanoffload"] and snap1.is_sanoffload
+    assert snap1.origin == "lin" and snap1.tags == ["sanoffload"] and snap1.is_ours
     assert snap2.is_snapshot and not snap2.is_invalid
     with pytest.raises(DuplicateInvalidError, match="sanoffload-snap1 is invalid") as exc:
         lvm.ensure_valid(snap1)
@@ -147,7 +147,7 @@ def test_thin_snapshot_is_a_snapshot() -> None:
 def test_half_made_snapshot_after_frozen_lvcreate() -> None:
     snap3 = lvs_of("lvs_after_frozen")["sanoffload-snap3"]
     assert snap3.attr == "-wi-i-----"
-    assert snap3.is_half_made and snap3.is_sanoffload
+    assert snap3.is_half_made and snap3.is_ours
     # never became a snapshot: no 's', no origin
     assert not snap3.is_snapshot and snap3.origin == ""
     with pytest.raises(DuplicateInvalidError, match="never completed"):
@@ -163,10 +163,10 @@ def test_tracked_split_image() -> None:
     assert not any(lv.is_tracked_split_image for lv in lvs_of("lvs_merged").values())
 
 
-def test_mirror_split_is_ours_by_name_though_untagged() -> None:
+def test_mirror_split_looks_like_ours_by_name_but_only_a_tag_makes_it_ours() -> None:
     lvs = lvs_of("lvs_msplit")
     msplit = lvs["sanoffload-msplit"]
-    assert msplit.tags == [] and msplit.is_sanoffload
+    assert msplit.tags == [] and msplit.looks_like_ours and not msplit.is_ours
     assert not lvs["m1"].is_mirror and lvs["m1"].segtype == "linear"
 
 

@@ -42,7 +42,7 @@ def test_volumes_read_alike(release: str) -> None:
     assert lvs["m1"].is_mirror and lvs["m1"].is_in_sync
     assert lvs["r1_rimage_0"].is_hidden
     assert all(lv.is_active for n, lv in lvs.items() if not n.endswith("_pmspare"))
-    assert not any(lv.is_sanoffload for lv in lvs.values())
+    assert not any(lv.looks_like_ours for lv in lvs.values())
     vg = lvm.get_vg(feed(FakeRunner(), "vgs", "vgs", release=release), "datavg")
     assert 0 < vg.free < vg.size and vg.extent_size == 4 << 20
 
@@ -51,7 +51,7 @@ def test_volumes_read_alike(release: str) -> None:
 def test_an_overflowed_snapshot_is_invalid_and_a_thin_one_is_not(release: str) -> None:
     lvs = lvs_of("lvs_overflow", release)
     snap = lvs["sanoffload-snap1"]
-    assert snap.is_snapshot and snap.is_invalid and snap.is_sanoffload
+    assert snap.is_snapshot and snap.is_invalid and snap.is_ours
     with pytest.raises(Exception, match="invalid"):
         lvm.ensure_valid(snap)
     tsnap = lvs["sanoffload-tsnap"]
@@ -66,7 +66,7 @@ def test_raid1_split_and_merge_read_alike(release: str) -> None:
     assert "r1_rimage_1" in merged and not merged["r1_rimage_1"].is_tracked_split_image
     assert merged["r1"].is_raid1
     msplit = lvs_of("lvs_msplit", release)
-    assert msplit["sanoffload-msplit"].is_sanoffload
+    assert msplit["sanoffload-msplit"].looks_like_ours
     assert not msplit["m1"].is_mirror  # one leg left: linear
 
 
