@@ -23,6 +23,9 @@ from ..tools import tar
 
 log = logging.getLogger(__name__)
 
+#: the most backups a store's list may name (pages are read until the end, up to this)
+MAX_LISTED = 1_000_000
+
 
 class AgentClient(Client):
     """``prepare``, ``status``, ``release`` and ``ping`` on a first server's agent."""
@@ -60,7 +63,27 @@ class StoreClient(Client):
     service = "store"
 
     def list(self, host: str | None = None) -> list[dict[str, Any]]:
-        return list(check_reply(self.call("list", host=host), {"backups": list})["backups"])
+        """Every backup the store lists (of ``host``), read a page at a time.
+
+        A page names the last id it holds as ``next`` when more follow; each
+        ``next`` must be past the one before (ids order as their three parts), so
+        a store cannot keep the proxy reading forever.
+        """
+        out: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            reply = check_reply(self.call("list", host=host, after=after), {"backups": list})
+            out.extend(reply["backups"])
+            following = reply.get("next")
+            if following is None:
+                return out
+            if (not isinstance(following, str) or not reply["backups"]
+                    or (after is not None and following.split("/") <= after.split("/"))):
+                raise ProtocolError(f"{self.name}: the list did not move on past "
+                                    f"{after or 'its first page'}")
+            if len(out) > MAX_LISTED:
+                raise ProtocolError(f"{self.name}: lists more than {MAX_LISTED} backups")
+            after = following
 
     def writer(self, host: str, path: str, fields: Mapping[str, Any], *,
                progress: Callable[[int], None] | None = None) -> RemoteWriter:

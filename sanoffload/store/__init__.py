@@ -10,9 +10,9 @@
 
 from .manifest import Manifest, Verification
 from .prune import Policy, prune, select
-from .repo import Backup, BackupId, BackupWriter, Repository, slug_for_path
+from .repo import Backup, BackupId, BackupWriter, Broken, Quota, Repository, slug_for_path
 from .restore import check_members, restore, stream_out
 
-__all__ = ["Backup", "BackupId", "BackupWriter", "Manifest", "Policy", "Repository",
-           "Verification", "check_members", "prune", "restore", "select", "slug_for_path",
+__all__ = ["Backup", "BackupId", "BackupWriter", "Broken", "Manifest", "Policy", "Quota",
+           "Repository", "Verification", "check_members", "prune", "restore", "select", "slug_for_path",
            "stream_out"]

@@ -1,18 +1,26 @@
-"""``sanoffload store ...``: the backup server's operator commands."""
+"""``sanoffload store ...``: the backup server's operator commands.
+
+Everything printed that a manifest, an archive or a peer supplied (paths,
+warnings, reasons) goes through :func:`~sanoffload.text.printable`: a newline
+cannot forge a row, an escape sequence cannot reach the terminal. JSON output
+is escaped by the encoder.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from ..cli import App, pass_app
 from ..errors import IntegrityError, UsageError
+from ..text import printable
 from ..tools import tar
 from .prune import Policy, prune as prune_repo
-from .repo import Backup, Repository
+from .repo import Backup, BackupId, Repository
 from .restore import restore as restore_backup, stream_out
 
 
@@ -22,7 +30,9 @@ def _repo(ctx: click.Context, app: App) -> Repository:
     return Repository(ctx.meta["store_repo"], app.get_runner())
 
 
-def _size(n: int) -> str:
+def _size(n: Any) -> str:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        return "?"  # a remote store's listing is checked here, not trusted
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -30,7 +40,7 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -66,28 +76,50 @@ def store(ctx: click.Context, repo_dir: str | None) -> None:
 def list_(ctx: click.Context, app: App, host: str | None, as_json: bool) -> None:
     """List the complete backups (a backup still being received is never shown).
 
+    A backup whose manifest cannot be read is listed as BROKEN with the reason
+    (in JSON: {"id", "broken"}); a backup with warnings says how many.
+
     \b
     Example:
       sanoffload store --repo /srv/backups list --host fs1 --json
     """
-    backups = _repo(ctx, app).list(host=host)
+    entries = [b.to_dict() for b in _repo(ctx, app).catalog(host=host)]
     if as_json:
-        _echo_json([b.to_dict() for b in backups])
+        _echo_json(entries)
         return
-    click.echo(format_backups([b.to_dict() for b in backups]))
+    click.echo(format_backups(entries))
+
+
+def _status(value: Any) -> str:
+    status = value.get("status") if isinstance(value, dict) else None
+    return printable(status) if isinstance(status, str) else "-"
 
 
 def format_backups(backups: list[dict[str, Any]]) -> str:
-    """The catalog as a table (from manifests as dicts: local or from a remote store)."""
+    """The catalog as a table (from manifests as dicts: local or from a remote store).
+
+    Every cell is made printable; a broken backup shows BROKEN and why, a
+    backup with warnings "[warnings: N]" after its path.
+    """
     if not backups:
         return "no backups"
     rows = [("ID", "SIZE", "MEMBERS", "VERIFIED", "COMPARED", "PATH")]
     for b in backups:
+        if not isinstance(b, dict):
+            continue
+        ident = printable(str(b.get("id", "?")))
+        if b.get("broken") is not None:
+            rows.append((ident, "-", "-", "BROKEN", "-",
+                         f"(manifest: {printable(str(b['broken']))})"))
+            continue
         members = b.get("member_count")
-        rows.append((str(b["id"]), _size(int(b.get("archive_bytes") or 0)),
-                     "-" if members is None else str(members),
-                     (b.get("verification") or {}).get("status", "-"),
-                     (b.get("compared") or {}).get("status", "-"), str(b.get("path", ""))))
+        where = printable(str(b.get("path", "")))
+        warnings = b.get("warnings")
+        if isinstance(warnings, list) and warnings:
+            where += f"  [warnings: {len(warnings)}]"
+        rows.append((ident, _size(b.get("archive_bytes")),
+                     printable(str(members)) if members is not None else "-",
+                     _status(b.get("verification")), _status(b.get("compared")), where))
     return _table(rows)
 
 
@@ -112,7 +144,8 @@ def verify(ctx: click.Context, app: App, backup_ids: tuple[str, ...], all_: bool
     repo = _repo(ctx, app)
     if all_ == bool(backup_ids):
         raise UsageError("name the backups to verify, or give --all")
-    ids: list[Any] = [b.id for b in repo.list()] if all_ else list(backup_ids)
+    # --all includes the backups whose manifest is broken: each is reported failed
+    ids: list[BackupId | str] = list(repo.ids()) if all_ else list(backup_ids)
     results: list[dict[str, Any]] = []
     failures: list[IntegrityError] = []
     for bid in ids:
@@ -122,7 +155,7 @@ def verify(ctx: click.Context, app: App, backup_ids: tuple[str, ...], all_: bool
             failures.append(exc)
             results.append({"id": str(bid), "ok": False, "detail": exc.message})
             if not as_json:
-                click.echo(f"FAILED {bid}: {exc.message}")
+                click.echo(f"FAILED {printable(str(bid))}: {printable(exc.message)}")
             continue
         results.append({"id": str(backup.id), "ok": True, "detail": ""})
         if not as_json:
@@ -172,7 +205,10 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
     verb = "would remove" if dry_run else "removed"
     for backup in plan.remove:
         click.echo(f"{verb} {backup.id}")
-    click.echo(f"{len(plan.keep)} kept, {len(plan.remove)} {verb}")
+    for broken in plan.broken:
+        click.echo(f"broken {broken.id} (left alone: {printable(broken.reason)})")
+    click.echo(f"{len(plan.keep)} kept, {len(plan.remove)} {verb}"
+               + (f", {len(plan.broken)} broken left alone" if plan.broken else ""))
 
 
 @store.command()
@@ -180,10 +216,15 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
 @click.argument("target", type=click.Path())
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--force", is_flag=True, help="Restore into a non-empty TARGET, replacing files.")
+@click.option("--devices", is_flag=True,
+              help="Restore device nodes too (left out unless asked for: an archive from a "
+                   "proxy's key could hold a world-writable disk device).")
+@click.option("--setid", is_flag=True,
+              help="Keep set-uid/set-gid bits (dropped unless asked for).")
 @pass_app
 @click.pass_context
 def restore(ctx: click.Context, app: App, backup_id: str, target: str, paths: tuple[str, ...],
-            force: bool) -> None:
+            force: bool, devices: bool, setid: bool) -> None:
     """Restore BACKUP_ID into TARGET, whole or only PATHS (relative to the backup's root).
 
     The archive's checksum and every member name are checked before anything
@@ -193,21 +234,24 @@ def restore(ctx: click.Context, app: App, backup_id: str, target: str, paths: tu
     Examples:
       sanoffload store --repo /srv/backup restore fs1/srv-data-3f2a9c1e/20261126T102933Z /restore
       sanoffload store --repo /srv/backup restore ID /restore etc/app.conf www
+      sanoffload store --repo /srv/backup restore ID /restore --devices --setid
       sanoffload store --repo /srv/backup restore ID - | ssh fs2 'zstd -d | tar -x ...'
     """
     repo = _repo(ctx, app)
     if target == "-":
-        if paths or force:
-            raise UsageError("restore to stdout (-) takes no PATHS and no --force")
+        if paths or force or devices or setid:
+            raise UsageError("restore to stdout (-) takes no PATHS, --force, --devices or "
+                             "--setid")
         stream_out(repo, backup_id, click.get_binary_stream("stdout"))
         return
-    done = restore_backup(repo, backup_id, target, [os.fsencode(p) for p in paths], force=force)
+    done = restore_backup(repo, backup_id, target, [os.fsencode(p) for p in paths], force=force,
+                          devices=devices, setid=setid)
     what = f"{len(done.selected)} selected path(s)" if done.selected else "everything"
     if done.link_targets:
         what += (f" and {len(done.link_targets)} hard-linked file(s) they need: "
-                 + ", ".join(f"'{tar.show(n)}'" for n in done.link_targets))
-    click.echo(f"restored {done.backup} into {done.target}: {what} ({done.members} members "
-               "checked)")
+                 + ", ".join(f"'{printable(tar.show(n))}'" for n in done.link_targets))
+    click.echo(f"restored {done.backup} into {printable(str(done.target))}: {what} "
+               f"({done.members} members checked)")
 
 
 @store.command()

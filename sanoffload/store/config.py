@@ -10,7 +10,9 @@ selects one, so a proxy's key reaches its own repository and no other::
 
 Without the file, ``store serve --repo DIR --client NAME`` serves DIR with no
 quota. Every problem is a ConfigError naming the file and the key; unknown
-keys are refused.
+keys are refused. A client's name is recorded in the manifests of the backups
+it puts (what its quota is charged for), so it is checked like one: letters,
+digits, ``_.-``, at most 64.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class StoreClient:
     repo: str
     quota_bytes: int | None = None
     hosts: tuple[str, ...] | None = None
+
+
+def check_client(name: object) -> str:
+    """A client's name as the forced command gives it; AuthError if it cannot be one."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise AuthError(f"invalid client name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -, "
+                        "starting with a letter or digit")
+    return name
 
 
 def parse(text: str, source: str) -> dict[str, StoreClient]:
@@ -85,6 +95,7 @@ def parse(text: str, source: str) -> dict[str, StoreClient]:
 
 def client_for(name: str, *, path: str = DEFAULT_PATH, repo: str | None = None) -> StoreClient:
     """The client ``name``: from the config file if there is one, else ``repo`` unrestricted."""
+    check_client(name)
     text = read_text(path)
     if text is None:
         if repo is None:

@@ -9,13 +9,23 @@
      "freeze_window_ms": 41.7, "frozen_by": "fsfreeze", "session_id": "fs1-1a2b3c4d",
      "source_bytes": 5242880, "file_count": 120, "member_count": 131,
      "stored_at": "2026-11-26T10:31:02Z", "sanoffload_version": "0.1.0",
+     "client": "px1", "warnings": ["post-thaw hook db failed: exit 3"],
      "verification": {"status": "ok", "checked_at": "2026-11-26T10:31:02Z", "detail": ""}}
 
 ``archive_bytes``, ``sha256``, ``member_count`` (archive members as ``tar
---list`` counts them), ``stored_at`` and ``verification`` are the store's own
-findings; the sender's fields (:data:`SENDER_FIELDS`) are checked for type and
-range because they come from the network. Keys this version does not know are
-kept in ``extra`` so a manifest round-trips unchanged.
+--list`` counts them), ``stored_at``, ``client`` (who put it: the forced
+command's ``--client``, what the quota charges) and ``verification`` are the
+store's own findings; the sender's fields (:data:`SENDER_FIELDS`) are checked
+for type and range because they come from the network, and bounded
+(:data:`MAX_SOURCE_BYTES`, :data:`MAX_FILE_COUNT`, :data:`MAX_FREEZE_WINDOW_MS`,
+the warnings' limits) so no value a sender gives can stretch a time limit or a
+reply without bound. ``warnings`` are the sender's "succeeded, but look" notes
+(a post-thaw hook failed): at most :data:`MAX_WARNINGS`, each at most
+:data:`MAX_WARNING_CHARS` characters, :data:`MAX_WARNINGS_JSON` bytes in all;
+a sender's strings may hold no control characters (a stored manifest's are
+shown escaped). Keys this version does not know are kept in ``extra`` so a
+manifest round-trips unchanged; their nesting is bounded (:data:`MAX_DEPTH`) so
+writing them back out cannot exhaust the stack.
 """
 
 from __future__ import annotations
@@ -29,12 +39,23 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import __version__
+from ..text import has_control
 
 FORMAT = 1
 COMPRESSION = "zstd"
 ARCHIVE_FORMAT = "gnu-tar-posix"
-#: the largest manifest the store reads (they are a few hundred bytes)
-MAX_BYTES = 64 * 1024
+#: the largest manifest the store reads (a few hundred bytes, plus the warnings)
+MAX_BYTES = 512 * 1024
+#: how deep unknown keys' values may nest
+MAX_DEPTH = 32
+#: the sender's notes: how many, how long each, how big in all (as JSON, non-ASCII escaped)
+MAX_WARNINGS = 100
+MAX_WARNING_CHARS = 4096
+MAX_WARNINGS_JSON = 400 * 1024
+#: bounds on the sender's counts: 1 PiB of source, 2**40 files, a day-long freeze
+MAX_SOURCE_BYTES = 1 << 50
+MAX_FILE_COUNT = 1 << 40
+MAX_FREEZE_WINDOW_MS = 86_400_000.0
 
 VERIFIED_OK, VERIFY_FAILED, NOT_VERIFIED = "ok", "failed", "not-verified"
 _STATUSES = (VERIFIED_OK, VERIFY_FAILED, NOT_VERIFIED)
@@ -45,7 +66,7 @@ _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 #: what a sender (the proxy) may say about a backup, and the check each value gets
 SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_ms", "frozen_by",
                                   "session_id", "source_bytes", "file_count", "sha256",
-                                  "archive_bytes")
+                                  "archive_bytes", "warnings")
 
 
 def utc_iso(when: datetime, *, millis: bool = False) -> str:
@@ -62,7 +83,10 @@ def parse_iso(text: str) -> datetime:
     when = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     if when.tzinfo is None:
         raise ValueError(f"time without a zone: {text!r}")
-    return when.astimezone(timezone.utc)
+    try:
+        return when.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59-01:00 is past the last instant Python knows
+        raise ValueError(f"time out of range: {text!r}") from None
 
 
 def to_utc(value: datetime | str | float | int) -> datetime:
@@ -72,7 +96,10 @@ def to_utc(value: datetime | str | float | int) -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("naive datetime: give it a zone")
-        return value.astimezone(timezone.utc)
+        try:
+            return value.astimezone(timezone.utc)
+        except OverflowError:
+            raise ValueError(f"time out of range: {value!r}") from None
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or not 0 <= value < 2**33:
             raise ValueError(f"epoch seconds out of range: {value!r}")
@@ -130,6 +157,10 @@ class Manifest:
     compression: str = COMPRESSION
     archive_format: str = ARCHIVE_FORMAT
     format: int = FORMAT
+    #: the client that put it (None: stored before the store recorded it, or locally)
+    client: str | None = None
+    #: the sender's "succeeded, but look" notes (a post-thaw hook failed)
+    warnings: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -148,7 +179,7 @@ class Manifest:
         if self.format > FORMAT:
             raise ValueError(f"manifest format {self.format} is newer than this sanoffload "
                              f"reads ({FORMAT})")
-        for name in ("duplicate_kind", "frozen_by", "session_id"):
+        for name in ("duplicate_kind", "frozen_by", "session_id", "client"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not _WORD_RE.fullmatch(value)):
                 raise ValueError(f"manifest: {name} must be a short word: {value!r}")
@@ -165,8 +196,12 @@ class Manifest:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Verification):
                 raise ValueError(f"manifest: {name} must be a Verification")
+        # a list from JSON becomes the tuple a frozen manifest holds
+        object.__setattr__(self, "warnings", _check_warnings(self.warnings))
         if not isinstance(self.extra, dict):
             raise ValueError("manifest: extra must be a mapping")
+        if _depth(self.extra) > MAX_DEPTH:
+            raise ValueError(f"manifest: unknown keys nest deeper than {MAX_DEPTH} levels")
 
     @property
     def backup_id(self) -> str:
@@ -181,6 +216,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         extra = data.pop("extra")
+        data["warnings"] = list(self.warnings)
         return {**extra, **data}
 
     def to_json(self) -> bytes:
@@ -210,9 +246,51 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Manifest:
+        """Parse and check a manifest; ValueError (never another exception) if it is bad."""
         if len(raw) > MAX_BYTES:
             raise ValueError(f"manifest larger than {MAX_BYTES} bytes")
-        return cls.from_dict(json.loads(raw))
+        try:
+            data = json.loads(raw)
+        except RecursionError:  # 30,000 nested brackets
+            raise ValueError("manifest: JSON nested too deeply") from None
+        except ValueError as exc:
+            raise ValueError(f"manifest: not JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, OverflowError, RecursionError) as exc:
+            raise ValueError(f"manifest: {type(exc).__name__}: {exc}") from None
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in ``value`` (iteratively: no recursion to exhaust)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _check_warnings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) for w in value):
+        raise ValueError("warnings: must be a list of strings")
+    if len(value) > MAX_WARNINGS:
+        raise ValueError(f"warnings: at most {MAX_WARNINGS}, not {len(value)}")
+    if any(len(w) > MAX_WARNING_CHARS for w in value):
+        raise ValueError(f"warnings: each at most {MAX_WARNING_CHARS} characters")
+    # ASCII-escaped JSON is what the channel sends: the bound keeps a list reply in its line
+    if len(json.dumps(list(value))) > MAX_WARNINGS_JSON:
+        raise ValueError(f"warnings: more than {MAX_WARNINGS_JSON} bytes of JSON in all")
+    return tuple(value)
 
 
 def _check_count(name: str, value: Any, *, optional: bool = True) -> None:
@@ -243,9 +321,26 @@ def sender_fields(values: Mapping[str, Any] | None) -> dict[str, Any]:
             if not isinstance(value, str) or not _SHA256_RE.fullmatch(value.lower()):
                 raise ValueError(f"sha256 must be 64 hex digits: {value!r}")
             value = value.lower()
+        elif key == "warnings":
+            value = list(_check_warnings(value))
+            if any(has_control(w) for w in value):
+                raise ValueError("warnings: a warning holds a control character or escape "
+                                 "sequence (send it through sanoffload.text.printable)")
+        elif key in _SENDER_MAXIMA and _is_number(value) and value > _SENDER_MAXIMA[key]:
+            raise ValueError(f"{key} must be at most {_SENDER_MAXIMA[key]}: {value!r}")
         out[key] = value
     # the same checks a stored manifest gets, on a stand-in for the rest
     probe = {k: v for k, v in out.items() if k not in ("sha256", "archive_bytes")}
     Manifest(host="h", path="/", slug="s", timestamp="t", archive_bytes=out.get("archive_bytes", 0),
              sha256="0" * 64, **probe)
     return out
+
+
+#: the largest value a sender may give for each count (a type error is the Manifest's to report)
+_SENDER_MAXIMA: dict[str, float] = {"source_bytes": MAX_SOURCE_BYTES,
+                                    "file_count": MAX_FILE_COUNT,
+                                    "freeze_window_ms": MAX_FREEZE_WINDOW_MS}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -11,7 +11,10 @@ Semantics are restic's ``forget`` (borg's ``prune`` is alike), per object
   rule counts its own slots (the newest backup of today counts for ``last``
   and for ``daily`` alike);
 * the newest backup is always kept, whatever the policy, so no object is ever
-  left without a backup.
+  left without a backup;
+* a backup whose manifest is broken (unreadable, or naming another backup) is
+  never removed and takes no slot: nothing prune decides rests on a manifest
+  it cannot read. The plan names them (``broken``) for the operator.
 
 :func:`select` is the pure part (unit-tested); :func:`prune` applies it.
 """
@@ -25,7 +28,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ..errors import UsageError
-from .repo import Backup, Repository
+from .repo import Backup, Broken, Repository
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +118,14 @@ class Plan:
     keep: list[tuple[Backup, tuple[str, ...]]] = field(default_factory=list)
     remove: list[Backup] = field(default_factory=list)
     dry_run: bool = False
+    #: backups whose manifest is broken: left alone
+    broken: list[Broken] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy.to_dict(), "dry_run": self.dry_run,
                 "keep": [{"id": str(b.id), "reasons": list(r)} for b, r in self.keep],
-                "remove": [str(b.id) for b in self.remove]}
+                "remove": [str(b.id) for b in self.remove],
+                "broken": [{"id": str(b.id), "reason": b.reason} for b in self.broken]}
 
 
 def prune(repo: Repository, policy: Policy, *, host: str | None = None,
@@ -133,7 +139,11 @@ def prune(repo: Repository, policy: Policy, *, host: str | None = None,
                          "the newest backup of each object)")
     plan = Plan(policy, dry_run=dry_run)
     groups: dict[tuple[str, str], list[Backup]] = {}
-    for backup in repo.list(host=host, slug=slug):
+    for backup in repo.catalog(host=host, slug=slug):
+        if isinstance(backup, Broken):
+            log.warning("prune: %s has a broken manifest: left alone", backup.id)
+            plan.broken.append(backup)
+            continue
         groups.setdefault((backup.id.host, backup.id.slug), []).append(backup)
     for members in groups.values():
         by_id = {b.id: b for b in members}

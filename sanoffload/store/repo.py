@@ -16,13 +16,43 @@ both are ignored (:meth:`Repository.leftovers` names them).
 Every name that reaches the filesystem is checked first (:func:`check_host`,
 :func:`check_slug`, :func:`check_timestamp`): a strict ASCII charset, no ``/``,
 no ``..``, no leading ``.`` or ``-``, bounded length, so nothing a sender or an
-operator types can reach outside the repository.
+operator types can reach outside the repository. A backed-up path may hold no
+control characters (:func:`check_path`): it is printed by every listing.
+
+A manifest that cannot be read (bad JSON, nested 30,000 deep, a time out of
+range) or that names another backup makes that backup :class:`Broken`: listed as
+such, never pruned, failed by verify; the rest of the repository goes on.
+
+**Live and dead writers.** A writer holds an exclusive ``flock`` on its partial
+file's descriptor from creating it until the archive is published or removed.
+A partial whose lock can be taken belongs to a dead writer (SIGKILL, a power
+cut): a retry of the same backup, or the next backup of the object, removes it;
+a live one is refused ("a backup of this id is being written"). Partials are
+created and swept only under the repository's own lock (a ``flock`` on its root
+directory), so a sweeper never removes a name a new writer has just taken.
+
+**Quota: reserve, then commit** (:class:`Quota`). A client is charged for the
+backups it put (the manifest's ``client``); a backup stored before the store
+recorded the client (no ``client``) is charged to every client that may read
+its host, as before. A put reserves quota before it writes: a reservation file
+per put in ``.sanoffload-reservations/``, flock-held by the writer like its
+partial, grown in steps (:data:`QUOTA_STEP`, or a quarter of what it holds)
+under the repository lock, where the client's stored bytes plus every live
+reservation of that client must stay within the quota. Publishing the manifest
+moves the bytes from "reserved" to "stored"; then the reservation goes. A dead
+put's reservation is not counted (its lock is free) and is removed when seen.
+Concurrent puts of one client can therefore never store more than its quota
+together; a put that would exceed it is refused (ResourceError) and leaves
+nothing.
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -30,6 +60,7 @@ import secrets
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,9 +70,10 @@ from typing import Any, BinaryIO
 from ..errors import (CommandError, CommandNotFoundError, CommandTimeoutError, IntegrityError,
                       RefusedError, ResourceError, UsageError)
 from ..runner import Runner
+from ..text import has_control, printable
 from ..tools import tar, zstd
-from .manifest import (NOT_VERIFIED, VERIFIED_OK, VERIFY_FAILED, Manifest, Verification,
-                       sender_fields, to_utc, utc_iso)
+from .manifest import (MAX_BYTES, NOT_VERIFIED, VERIFIED_OK, VERIFY_FAILED, Manifest,
+                       Verification, sender_fields, to_utc, utc_iso)
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +82,17 @@ MANIFEST_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
 #: every read and write moves this much at a time
 CHUNK = 1 << 20
-#: a time limit for reading a whole archive: this floor, plus one second per RATE bytes
+#: a time limit for reading a whole archive: this floor, plus one second per RATE bytes,
+#: never more than MAX_TIMEOUT whatever sizes a manifest or a sender claims
 MIN_TIMEOUT = 3600.0
 RATE = 8 << 20
+MAX_TIMEOUT = 48 * 3600.0
+#: the longest backed-up path
+MAX_PATH = 4096
+#: the puts' quota reservations (leading ".": never taken for a host)
+RESERVATIONS = ".sanoffload-reservations"
+#: how far ahead of its data a put reserves quota (at least; or a quarter of what it holds)
+QUOTA_STEP = 64 << 20
 
 _HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -103,6 +143,19 @@ def parse_timestamp(name: str) -> datetime:
         tzinfo=timezone.utc)
 
 
+def check_path(path: object) -> str:
+    """A backed-up path as a sender gives it: absolute, bounded, no control characters."""
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise RefusedError(f"invalid path {printable(repr(path))}: must be absolute")
+    if len(path) > MAX_PATH:
+        raise RefusedError(f"invalid path: longer than {MAX_PATH} characters")
+    if has_control(path):
+        # it is printed by every listing: a newline forges a row, an escape retitles a terminal
+        raise RefusedError(f"invalid path '{printable(path)}': holds a control character or "
+                           "escape sequence")
+    return path
+
+
 def slug_for_path(path: str) -> str:
     """The slug of a backed-up path: readable, plus a hash so that no two paths share one.
 
@@ -110,8 +163,7 @@ def slug_for_path(path: str) -> str:
     and ``/srv-data`` read alike but hash apart, so they never share a directory
     (or a prune policy).
     """
-    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
-        raise RefusedError(f"invalid path {path!r}: must be absolute")
+    check_path(path)
     digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:8]
     readable = _SLUG_UNSAFE.sub("-", path.encode("ascii", "replace").decode()).strip("-._")
     readable = readable.replace("..", "-")[:80].rstrip("-._") or "root"
@@ -159,9 +211,41 @@ class Backup:
         return {"id": str(self.id), **self.manifest.to_dict()}
 
 
+@dataclass(frozen=True)
+class Broken:
+    """A backup whose manifest cannot be read or names another backup.
+
+    Listed as broken, failed by verify, never pruned (nothing about it can be
+    trusted, its time included); ``reason`` comes from the file: print it
+    through :func:`~sanoffload.text.printable`.
+    """
+
+    id: BackupId
+    reason: str
+    archive: Path
+    manifest_path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": str(self.id), "broken": self.reason}
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A client's share of a repository: what the backups it put may take in all.
+
+    ``hosts``: the source hosts the client may read (None: all); backups stored
+    without a recorded client are charged to it when their host is one of these.
+    """
+
+    client: str
+    limit: int
+    hosts: tuple[str, ...] | None = None
+
+
 def read_timeout(*sizes: int | None) -> float:
-    """How long reading (or extracting) an archive of these sizes may take."""
-    return MIN_TIMEOUT + max((s or 0) for s in (0, *sizes)) / RATE
+    """How long reading (or extracting) an archive of these sizes may take (capped)."""
+    biggest = max((s for s in (0, *sizes) if isinstance(s, int)), default=0)
+    return min(MAX_TIMEOUT, MIN_TIMEOUT + biggest / RATE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -179,6 +263,54 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 #: link(2) failing with these means "this filesystem has no hard links"
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _open_locked(path: Path) -> int | None:
+    """``path`` opened and exclusively flock-ed without waiting; None if a live holder has it.
+
+    Never follows a symlink and never blocks on a FIFO. FileNotFoundError if
+    there is nothing there.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sweep_partial(path: Path) -> None:
+    """Remove a dead writer's partial file; ResourceError if its writer is alive.
+
+    Call with the repository lock held: no new writer can take the name meanwhile.
+    """
+    try:
+        fd = _open_locked(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        path.unlink(missing_ok=True)  # a symlink under a partial's name: not ours, not followed
+        return
+    if fd is None:
+        raise ResourceError(f"a backup of this id is being written ({path.name} is held by a "
+                            "live put)", hint="wait for it, or stop the put that holds it")
+    try:
+        here = os.lstat(path)
+        mine = os.fstat(fd)
+        # the writer may have published and gone between open and lock: remove only what we hold
+        if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+            log.warning("%s: removing a partial file whose writer is gone", path)
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _publish(partial: Path, final: Path) -> None:
@@ -227,6 +359,61 @@ class Repository:
             raise UsageError("this repository was opened without a command runner")
         return self.runner
 
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """The repository's lock: held while partials and reservations are made, grown, swept.
+
+        Held for file operations only (never while data flows), so waiting is short.
+        """
+        # the root directory itself is the lock: no file of ours to leave behind or to replace
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def charged(self, client: str, hosts: tuple[str, ...] | None = None) -> int:
+        """Stored bytes charged to ``client``: the backups it put, plus those of no recorded
+        client whose host it may read (``hosts``; None: any)."""
+        total = 0
+        for b in self.list():
+            owner = b.manifest.client
+            if owner == client or (owner is None and (hosts is None or b.id.host in hosts)):
+                total += b.manifest.archive_bytes
+        return total
+
+    def reserved(self, client: str, *, besides: Path | None = None) -> int:
+        """Bytes live puts of ``client`` have reserved (but ``besides``); dead ones are removed.
+
+        Call with the repository lock held.
+        """
+        directory = self.root / RESERVATIONS
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return 0
+        total = 0
+        for name in names:
+            path = directory / name
+            if path == besides:
+                continue
+            try:
+                fd = _open_locked(path)
+            except OSError:
+                continue  # gone meanwhile, or not a reservation of ours
+            if fd is not None:  # its put is gone: it holds nothing
+                path.unlink(missing_ok=True)
+                os.close(fd)
+                continue
+            try:
+                data = json.loads(path.read_bytes()[:4096])
+                if data.get("client") == client:
+                    total += int(data["bytes"])
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.warning("%s: unreadable quota reservation: %s", path, exc)
+        return total
+
     # -- places -------------------------------------------------------------
     def _dir(self, host: str, slug: str, *, create: bool = False) -> Path:
         """``<repo>/<host>/<slug>``; refuses a symlink or non-directory on the way."""
@@ -262,10 +449,13 @@ class Repository:
 
     # -- writing --------------------------------------------------------------
     def writer(self, host: str, path: str, *, slug: str | None = None,
-               timestamp: str | datetime | None = None) -> BackupWriter:
+               timestamp: str | datetime | None = None, client: str | None = None,
+               quota: Quota | None = None) -> BackupWriter:
         """A new backup to stream into; publish it with :meth:`BackupWriter.commit`.
 
         ``timestamp`` defaults to now (UTC); the sender's freeze time is better.
+        ``client`` (or ``quota.client``) is recorded in the manifest; with
+        ``quota`` the writer reserves before it writes (see the module docstring).
         """
         if isinstance(timestamp, datetime):
             timestamp = format_timestamp(timestamp)
@@ -273,14 +463,19 @@ class Repository:
             timestamp = format_timestamp(datetime.now(timezone.utc))
         if slug is None:
             slug = slug_for_path(path)
-        elif not isinstance(path, str) or not path.startswith("/"):
-            raise RefusedError(f"invalid path {path!r}: must be absolute")
+        else:
+            check_path(path)
+        if quota is not None:
+            if client is not None and client != quota.client:
+                raise ValueError(f"client {client!r} with the quota of {quota.client!r}")
+            client = quota.client
         bid = BackupId(host, slug, timestamp)
-        return BackupWriter(self, bid, path)
+        return BackupWriter(self, bid, path, client=client, quota=quota)
 
     def put(self, host: str, path: str, stream: BinaryIO,
             manifest_fields: Mapping[str, Any] | None = None, *, slug: str | None = None,
-            verify: bool = True) -> BackupId:
+            verify: bool = True, client: str | None = None,
+            quota: Quota | None = None) -> BackupId:
         """Store the ``.tar.zst`` read from ``stream`` (to its end) as a backup of HOST:PATH.
 
         Reads CHUNK bytes at a time and hashes them on the way (no second pass
@@ -297,41 +492,54 @@ class Repository:
         except ValueError as exc:
             raise UsageError(f"manifest fields: {exc}") from None
         when = to_utc(fields["frozen_at"]) if "frozen_at" in fields else None
-        with self.writer(host, path, slug=slug, timestamp=when) as w:
+        with self.writer(host, path, slug=slug, timestamp=when, client=client,
+                         quota=quota) as w:
             w.write_from(stream)
             return w.commit(fields, verify=verify).id
 
     # -- reading --------------------------------------------------------------
-    def _load(self, bid: BackupId) -> Backup | None:
+    def _load(self, bid: BackupId) -> Backup | Broken | None:
+        """The backup ``bid``; Broken if its manifest is bad; None if either file is missing."""
         directory = self._dir(bid.host, bid.slug)
         archive = directory / (bid.timestamp + ARCHIVE_SUFFIX)
         mpath = directory / (bid.timestamp + MANIFEST_SUFFIX)
+
+        def broken(reason: str) -> Broken:
+            log.warning("%s: %s", mpath, printable(reason))
+            return Broken(bid, reason[:300], archive, mpath)
+
         try:
             if not stat.S_ISREG(os.lstat(archive).st_mode):
                 return None
-            with open(mpath, "rb") as f:
-                raw = f.read(1 << 17)
+            # no symlink followed, no FIFO waited on
+            fd = os.open(mpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return broken("the manifest is not a regular file")
+                raw = f.read(MAX_BYTES + 1)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            return broken(f"cannot read the manifest: {exc.strerror or exc}")
         try:
             manifest = Manifest.from_json(raw)
         except ValueError as exc:
-            log.warning("%s: unreadable manifest, backup not listed: %s", mpath, exc)
-            return None
+            return broken(f"unreadable manifest: {exc}")
         if manifest.backup_id != str(bid):
-            log.warning("%s: manifest names %s, not this place: not listed", mpath,
-                        manifest.backup_id)
-            return None
+            return broken(f"the manifest names {manifest.backup_id}, not this backup")
         return Backup(bid, manifest, archive, mpath)
 
     def get(self, bid: BackupId | str) -> Backup:
-        """The complete backup ``bid``; UsageError if there is none."""
+        """The complete backup ``bid``; UsageError if there is none, IntegrityError if its
+        manifest is broken."""
         if isinstance(bid, str):
             bid = BackupId.parse(bid)
-        backup = self._load(bid)
-        if backup is None:
+        found = self._load(bid)
+        if found is None:
             raise UsageError(f"no such backup: {bid}")
-        return backup
+        if isinstance(found, Broken):
+            raise IntegrityError(f"{bid}: {found.reason}")
+        return found
 
     def _subdirs(self, path: Path, check: Any) -> Iterator[str]:
         try:
@@ -346,18 +554,23 @@ class Repository:
             if entry.is_dir(follow_symlinks=False):
                 yield entry.name
 
-    def list(self, host: str | None = None, slug: str | None = None) -> list[Backup]:
-        """Every complete backup (optionally of one host / object), oldest first per object."""
-        out: list[Backup] = []
+    def ids(self, host: str | None = None, slug: str | None = None, *,
+            after: BackupId | None = None) -> Iterator[BackupId]:
+        """The ids that have an archive and a manifest (unread), in order; only those past
+        ``after`` if given. Cheap: directory listings only."""
         hosts = [check_host(host)] if host else list(self._subdirs(self.root, check_host))
         for h in hosts:
+            if after is not None and h < after.host:
+                continue
             slugs = ([check_slug(slug)] if slug
                      else list(self._subdirs(self.root / h, check_slug)))
             for s in slugs:
+                if after is not None and (h, s) < (after.host, after.slug):
+                    continue
                 directory = self._dir(h, s)
                 try:
                     names = set(os.listdir(directory))
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
                     continue
                 for name in sorted(names):
                     ts = name[:-len(MANIFEST_SUFFIX)]
@@ -367,12 +580,30 @@ class Repository:
                         bid = BackupId(h, s, ts)
                     except RefusedError:
                         continue
-                    backup = self._load(bid)
-                    if backup is not None:
-                        out.append(backup)
-        return sorted(out, key=lambda b: b.id)
+                    if after is None or bid > after:
+                        yield bid
 
-    def leftovers(self) -> list[tuple[Path, str]]:
+    def catalog(self, host: str | None = None, slug: str | None = None, *,
+                after: BackupId | None = None) -> Iterator[Backup | Broken]:
+        """Every backup, complete or broken, in id order (past ``after``), read lazily."""
+        for bid in self.ids(host, slug, after=after):
+            found = self._load(bid)
+            if found is not None:
+                yield found
+
+    def list(self, host: str | None = None, slug: str | None = None) -> list[Backup]:
+        """Every complete backup (optionally of one host / object), oldest first per object.
+
+        Broken ones are left out (:meth:`broken` names them).
+        """
+        return [b for b in self.catalog(host, slug) if isinstance(b, Backup)]
+
+    def broken(self, host: str | None = None, slug: str | None = None) -> builtins.list[Broken]:
+        """The backups whose manifest cannot be read or names another backup."""
+        return [b for b in self.catalog(host, slug) if isinstance(b, Broken)]
+
+    # builtins.list: "list" in this class is the method above
+    def leftovers(self) -> builtins.list[tuple[Path, str]]:
         """What :meth:`list` leaves out: partial files (an upload running or cut off),
         archives without manifest or the other way round, unreadable manifests."""
         found: list[tuple[Path, str]] = []
@@ -392,9 +623,10 @@ class Repository:
                             continue
                         if ts + other not in names:
                             found.append((directory / name, why))
-                        elif suffix == MANIFEST_SUFFIX and self._load(BackupId(h, s, ts)) is None:
-                            found.append((directory / name, "manifest unreadable or about "
-                                                            "another backup"))
+                        elif suffix == MANIFEST_SUFFIX:
+                            loaded = self._load(BackupId(h, s, ts))
+                            if isinstance(loaded, Broken):
+                                found.append((directory / name, f"broken: {loaded.reason}"))
         return found
 
     # -- checking -------------------------------------------------------------
@@ -525,29 +757,80 @@ class BackupWriter:
         with repo.writer("fs1", "/srv/data") as w:
             w.write_from(stream)        # or w.write(chunk) per frame of a protocol
             w.commit({"file_count": 120})
+
+    The partial file's descriptor stays open, flock-ed, until the archive is
+    published or removed: that lock is how a sweeper tells this live writer
+    from a dead one. With a :class:`Quota`, every write stays within what the
+    writer has reserved (see the module docstring).
     """
 
-    def __init__(self, repo: Repository, bid: BackupId, path: str) -> None:
+    def __init__(self, repo: Repository, bid: BackupId, path: str, *,
+                 client: str | None = None, quota: Quota | None = None) -> None:
         self.repo = repo
         self.id = bid
         self.path = path
+        self.client = client
+        self.quota = quota
         self.bytes = 0
         self._hash = hashlib.sha256()
+        self._fd: int | None = None
+        self._reservation: _Reservation | None = None
+        self._sealed = False
+        self._done = False
         self.directory = repo._dir(bid.host, bid.slug, create=True)
         self.archive = self.directory / (bid.timestamp + ARCHIVE_SUFFIX)
         self.manifest_path = self.directory / (bid.timestamp + MANIFEST_SUFFIX)
         self.partial = self.directory / (bid.timestamp + ARCHIVE_SUFFIX + PARTIAL_SUFFIX)
-        if self.archive.exists() or self.manifest_path.exists():
-            raise ResourceError(f"backup {bid} already exists")
-        try:
+        with repo.lock():
+            if self.archive.exists() or self.manifest_path.exists():
+                raise ResourceError(f"backup {bid} already exists")
+            if quota is not None:
+                used = repo.charged(quota.client, quota.hosts)
+                others = repo.reserved(quota.client)
+                if used + others >= quota.limit:
+                    receiving = f", {others} bytes being received" if others else ""
+                    raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes "
+                                        f"is used up ({used} bytes stored{receiving})",
+                                        hint="prune old backups")
+            self._sweep_dead_partials()
             # O_EXCL: a second upload of the same backup fails here instead of mixing bytes
-            self._fd: int | None = os.open(
-                self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600)
-        except FileExistsError:
-            raise ResourceError(f"backup {bid} is being received already "
-                                f"({self.partial.name} exists)") from None
-        self._done = False
+            fd = os.open(self.partial,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new, under the lock: free
+                if quota is not None:
+                    self._reservation = _Reservation.create(repo, quota.client, bid)
+            except BaseException:
+                os.close(fd)
+                self.partial.unlink(missing_ok=True)
+                raise
+            self._fd = fd
+
+    def _sweep_dead_partials(self) -> None:
+        """Remove this object's partials left by dead writers; refuse if ours is alive."""
+        _sweep_partial(self.partial)
+        suffix = ARCHIVE_SUFFIX + PARTIAL_SUFFIX
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(suffix) and _TIMESTAMP_RE.fullmatch(name[:-len(suffix)]):
+                try:
+                    _sweep_partial(self.directory / name)
+                except (ResourceError, OSError):
+                    continue  # alive, or not ours to judge: another put's business
+
+    def _reserve(self, need: int) -> None:
+        """Hold at least ``need`` bytes of the client's quota, or ResourceError."""
+        reservation, quota = self._reservation, self.quota
+        assert reservation is not None and quota is not None
+        with self.repo.lock():
+            used = self.repo.charged(quota.client, quota.hosts)
+            others = self.repo.reserved(quota.client, besides=reservation.path)
+            room = quota.limit - used - others
+            if need > room:
+                raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes would "
+                                    f"be exceeded by {self.id} ({used} bytes stored, {others} "
+                                    "being received by other puts)", hint="prune old backups")
+            # ahead of the data, so that growing is rare; never past the room there is
+            reservation.set(min(room, need + max(QUOTA_STEP, reservation.bytes // 4)))
 
     def __enter__(self) -> BackupWriter:
         return self
@@ -559,9 +842,11 @@ class BackupWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append one chunk of the compressed archive."""
-        if self._fd is None:
+        if self._fd is None or self._sealed:
             raise ValueError("backup writer is closed")
         view = memoryview(data).cast("B")
+        if self._reservation is not None and self.bytes + len(view) > self._reservation.bytes:
+            self._reserve(self.bytes + len(view))
         self._hash.update(view)
         try:
             _write_all(self._fd, view)
@@ -597,19 +882,27 @@ class BackupWriter:
         return self._hash.hexdigest()
 
     def abort(self) -> None:
-        """Forget this backup: close and remove the partial file (and anything published)."""
+        """Forget this backup: remove the partial file (and anything published), then unlock."""
         self._done = True
+        if self._fd is not None:
+            # removed while still locked: a sweeper that gets the lock finds nothing to remove
+            self.partial.unlink(missing_ok=True)
+        self._close()
+
+    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self.partial.unlink(missing_ok=True)
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
 
     def commit(self, fields: Mapping[str, Any] | None = None, *, verify: bool = True) -> Backup:
         """fsync, check against the sender's counts, test-read, publish archive then manifest.
 
         Any failure removes everything this writer made, published or not.
         """
-        if self._fd is None or self._done:
+        if self._fd is None or self._done or self._sealed:
             raise ValueError("backup writer is closed")
         try:
             backup = self._commit(fields, verify)
@@ -617,6 +910,8 @@ class BackupWriter:
             self.abort()
             raise
         self._done = True
+        # the manifest is published: the bytes are charged as stored, the reservation can go
+        self._close()
         log.info("stored %s: %d bytes, sha256 %s", self.id, self.bytes, backup.manifest.sha256)
         return backup
 
@@ -627,10 +922,10 @@ class BackupWriter:
         except ValueError as exc:
             raise UsageError(f"manifest fields: {exc}") from None
         os.fsync(self._fd)
-        # read-only from now on: nothing should ever write into a stored archive
+        # read-only from now on: nothing should ever write into a stored archive; the
+        # descriptor stays open (and locked) until the end: the put is alive until then
         os.fchmod(self._fd, 0o440)
-        os.close(self._fd)
-        self._fd = None
+        self._sealed = True
         digest = self.sha256
         expected = values.pop("sha256", None)
         if expected is not None and expected != digest:
@@ -650,7 +945,7 @@ class BackupWriter:
         manifest = Manifest(host=self.id.host, path=self.path, slug=self.id.slug,
                             timestamp=self.id.timestamp, archive_bytes=self.bytes, sha256=digest,
                             member_count=members, stored_at=utc_iso(datetime.now(timezone.utc)),
-                            verification=check, **values)
+                            verification=check, client=self.client, **values)
         _publish(self.partial, self.archive)
         try:
             _fsync_dir(self.directory)
@@ -667,3 +962,49 @@ class BackupWriter:
             self.archive.unlink(missing_ok=True)
             raise
         return Backup(self.id, manifest, self.archive, self.manifest_path)
+
+
+class _Reservation:
+    """One put's claim on its client's quota: a flock-held file naming the client and bytes."""
+
+    def __init__(self, path: Path, fd: int, client: str, bid: BackupId) -> None:
+        self.path = path
+        self.fd = fd
+        self.client = client
+        self.id = bid
+        self.bytes = 0
+
+    @classmethod
+    def create(cls, repo: Repository, client: str, bid: BackupId) -> _Reservation:
+        """A new, empty reservation; call with the repository lock held."""
+        directory = repo.root / RESERVATIONS
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                raise ResourceError(f"{directory} is not a directory: cannot reserve quota") \
+                    from None
+        path = directory / f"{secrets.token_hex(8)}.json"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            reservation = cls(path, fd, client, bid)
+            reservation.set(0)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return reservation
+
+    def set(self, size: int) -> None:
+        """Hold ``size`` bytes; call with the repository lock held (readers hold it too)."""
+        data = json.dumps({"client": self.client, "bytes": size, "id": str(self.id)}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+        self.bytes = size
+
+    def release(self) -> None:
+        """Give the bytes back: the file goes, then the lock."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)

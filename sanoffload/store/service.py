@@ -3,7 +3,8 @@
 Ops (JSON lines, see :mod:`sanoffload.channel.protocol`)::
 
     {"op": "ping"}                                 -> {"time": …}
-    {"op": "list", "host": "fs1"}                  -> {"backups": [{id, manifest fields…}, …]}
+    {"op": "list", "host": "fs1", "after": ID}     -> {"backups": [{id, manifest fields…}
+                                                       or {id, broken}, …], "next": ID|null}
     {"op": "put", "host": "fs1", "path": "/srv/data", "fields": {frozen_at, …}}
         <- {"ok": true, "id": "fs1/srv-data-…/2026…Z"}     (the writer is open)
         -> {"chunk": N} + N bytes, …, {"chunk": 0}
@@ -18,35 +19,45 @@ A client can add backups and read them, never delete or overwrite one (prune
 runs on the store itself): a stolen proxy key cannot destroy the history. A
 failure half-way through a put removes the partial file; the error reply goes
 out at once and the connection closes (the peer may still be sending).
+
+``list`` answers a page at a time, each reply at most :data:`PAGE_BYTES` of
+JSON (a line is at most 1 MiB): ``next`` names the last id of the page when
+more follow, and the client asks again with ``after`` set to it. A backup
+whose manifest is broken is listed as ``{id, broken: reason}``.
+
+The quota (``quota_bytes``) is the client's own: it is charged for the
+backups it put (recorded as ``client`` in their manifests), and concurrent
+puts reserve before they write, so together they cannot pass it
+(:class:`~sanoffload.store.repo.Quota`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
-from ..channel.protocol import CHUNK, Channel, Spec, check_message
+from ..channel.protocol import CHUNK, MAX_LINE, Channel, Spec, check_message
 from ..channel.server import BrokenStream, Service
 from ..errors import AuthError, ProtocolError, ResourceError, SanoffloadError, UsageError
+from ..text import printable
+from .config import check_client
 from .manifest import VERIFIED_OK, VERIFY_FAILED, Verification, sender_fields, to_utc
-from .repo import BackupId, Repository
+from .repo import BackupId, Quota, Repository
 
 log = logging.getLogger(__name__)
 
 SPECS = {
     "ping": Spec(),
-    "list": Spec(optional={"host": str, "slug": str}),
+    "list": Spec(optional={"host": str, "slug": str, "after": str}),
     "put": Spec(required={"host": str, "path": str}, optional={"fields": dict}),
     "get": Spec(required={"id": str}),
     "verify": Spec(required={"id": str}, optional={"compared": dict}),
 }
 _AFTER_DATA = {"commit": Spec(optional={"fields": dict}), "abort": Spec(optional={"reason": str})}
-
-
-def used_bytes(repo: Repository) -> int:
-    """Bytes of the complete backups in ``repo`` (what a quota counts)."""
-    return sum(b.manifest.archive_bytes for b in repo.list())
+#: the most JSON one list reply carries (half a line: the envelope and one more entry fit)
+PAGE_BYTES = MAX_LINE // 2
 
 
 class StoreService(Service):
@@ -58,7 +69,7 @@ class StoreService(Service):
     def __init__(self, repo: Repository, client: str, *, quota_bytes: int | None = None,
                  hosts: tuple[str, ...] | None = None) -> None:
         self.repo = repo
-        self.client = client
+        self.client = check_client(client)
         self.quota_bytes = quota_bytes
         #: the source hosts this client may store and read (None: any)
         self.hosts = hosts
@@ -75,11 +86,7 @@ class StoreService(Service):
         if op == "ping":
             return {"time": time.time()}
         if op == "list":
-            if fields.get("host") is not None:
-                self._host_allowed(fields["host"])
-            backups = [b for b in self.repo.list(fields.get("host"), fields.get("slug"))
-                       if self.hosts is None or b.id.host in self.hosts]
-            return {"backups": [b.to_dict() for b in backups]}
+            return self._list(fields)
         if op == "put":
             return self._put(fields, channel)
         bid = BackupId.parse(fields["id"])
@@ -87,6 +94,27 @@ class StoreService(Service):
         if op == "get":
             return self._get(bid, channel)
         return self._verify(bid, fields.get("compared"))
+
+    # -- list --------------------------------------------------------------------
+    def _list(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if fields.get("host") is not None:
+            self._host_allowed(fields["host"])
+        after = BackupId.parse(fields["after"]) if fields.get("after") is not None else None
+        page: list[dict[str, Any]] = []
+        size = 0
+        for entry in self.repo.catalog(fields.get("host"), fields.get("slug"), after=after):
+            if self.hosts is not None and entry.id.host not in self.hosts:
+                continue
+            item = entry.to_dict()
+            n = len(json.dumps(item, separators=(",", ":"))) + 1
+            if n > PAGE_BYTES:  # cannot happen with manifests this store wrote
+                item = {"id": str(entry.id), "broken": "manifest too large to send"}
+                n = len(json.dumps(item)) + 1
+            if page and size + n > PAGE_BYTES:
+                return {"backups": page, "next": page[-1]["id"]}
+            page.append(item)
+            size += n
+        return {"backups": page, "next": None}
 
     # -- put ---------------------------------------------------------------------
     def _put(self, fields: dict[str, Any], channel: Channel) -> dict[str, Any]:
@@ -98,21 +126,17 @@ class StoreService(Service):
             stamp = to_utc(when) if when is not None else None
         except ValueError as exc:
             raise UsageError(f"put: manifest fields: {exc}") from None
-        used = used_bytes(self.repo) if self.quota_bytes is not None else 0
-        if self.quota_bytes is not None and used >= self.quota_bytes:
-            raise ResourceError(f"client {self.client}'s quota of {self.quota_bytes} bytes is "
-                                f"used up ({used} bytes stored)", hint="prune old backups")
-        writer = self.repo.writer(fields["host"], fields["path"], timestamp=stamp)
+        quota = (Quota(self.client, self.quota_bytes, self.hosts)
+                 if self.quota_bytes is not None else None)
+        # the writer checks the quota (and reserves) before the data: a refusal is an answer
+        writer = self.repo.writer(fields["host"], fields["path"], timestamp=stamp,
+                                  client=self.client, quota=quota)
         backup = None
         with writer:
             channel.send({"ok": True, "id": str(writer.id)})
             try:
                 for chunk in channel.recv_chunks():
                     writer.write(chunk)
-                    if self.quota_bytes is not None and used + writer.bytes > self.quota_bytes:
-                        raise ResourceError(f"client {self.client}'s quota of "
-                                            f"{self.quota_bytes} bytes would be exceeded by "
-                                            f"{writer.id}", hint="prune old backups")
             except SanoffloadError as exc:
                 raise BrokenStream(exc) from None
             except OSError as exc:
@@ -122,10 +146,9 @@ class StoreService(Service):
             except ProtocolError as exc:  # out of step after the data: hang up
                 raise BrokenStream(exc) from None
             if op == "abort":
-                log.info("client %s aborted %s: %s", self.client, writer.id,
-                         after.get("reason", ""))
-                raise UsageError(f"{writer.id}: aborted by the sender: "
-                                 f"{after.get('reason') or 'no reason given'}")
+                reason = printable(after.get("reason") or "no reason given")[:200]
+                log.info("client %s aborted %s: %s", self.client, writer.id, reason)
+                raise UsageError(f"{writer.id}: aborted by the sender: {reason}")
             final = dict(sent)
             final.update(after.get("fields") or {})
             try:
@@ -157,6 +180,7 @@ class StoreService(Service):
             if (status not in (VERIFIED_OK, VERIFY_FAILED) or not isinstance(detail, str)
                     or set(compared) - {"status", "detail"}):
                 raise ProtocolError("verify: 'compared' must be {status: ok|failed, detail}")
-            self.repo.record_compare(bid, Verification.now(status, detail))
+            # tar's own words about the tree: file names may hold anything, stored escaped
+            self.repo.record_compare(bid, Verification.now(status, printable(detail)))
         backup = self.repo.verify(bid)
         return {"backup": backup.to_dict()}

@@ -157,3 +157,48 @@ def test_restore_to_stdout_streams_the_archive(setup: tuple[Path, FakeRunner, li
 def test_store_is_listed_in_the_top_level_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(["--help"]) == 0
     assert "store" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, devices, setid", [([], False, False),
+                                                   (["--devices"], True, False),
+                                                   (["--setid"], False, True),
+                                                   (["--devices", "--setid"], True, True)])
+def test_restore_passes_devices_and_setid_only_when_asked(
+        setup: tuple[Path, FakeRunner, list[BackupId]], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, flags: list[str], devices: bool, setid: bool) -> None:
+    from sanoffload.errors import UsageError
+    from sanoffload.store import cli as store_cli
+    from sanoffload.store.restore import Restored
+
+    repo, _, ids = setup
+    seen: dict[str, object] = {}
+
+    def restore(repo: Repository, backup_id: str, target: str, paths: list[bytes],
+                **kw: object) -> Restored:
+        seen.update(kw)
+        raise UsageError("stop here")  # only the wiring is under test
+
+    monkeypatch.setattr(store_cli, "restore_backup", restore)
+    assert cli.run(["store", "--repo", str(repo), "restore", str(ids[0]),
+                    str(repo.parent / "t"), *flags]) == 2
+    assert seen == {"force": False, "devices": devices, "setid": setid}
+    assert cli.run(["store", "--repo", str(repo), "restore", str(ids[0]), "-", *flags]) == \
+        (2 if flags else 0)
+
+
+def test_list_escapes_and_marks_warnings_and_broken_rows() -> None:
+    from sanoffload.store.cli import format_backups
+
+    table = format_backups([
+        {"id": "fs1/s/20261126T102933Z", "archive_bytes": 10, "path": "/a\nb\x1b[2J",
+         "warnings": ["w1", "w2"], "verification": {"status": "ok\x07"}},
+        {"id": "fs1/s/20261127T102933Z", "broken": "unreadable manifest: x\ny"},
+        {"id": "fs1/s/20261128T102933Z", "archive_bytes": "lots", "verification": "ok",
+         "member_count": "3\n4"},
+    ])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "\x1b" not in table and "\x07" not in table
+    assert "/a\\nb\\x1b[2J  [warnings: 2]" in lines[1] and "ok\\x07" in lines[1]
+    assert "BROKEN" in lines[2] and "x\\ny" in lines[2]
+    assert lines[3].split()[1:4] == ["?", "3\\n4", "-"]

@@ -91,7 +91,7 @@ def test_backup_id_round_trip() -> None:
 
 
 @pytest.mark.parametrize("path", [
-    "/srv/data", "/", "/srv-data", "/srv/data/", "/a b/c\nd", "/données/été", "/../../etc",
+    "/srv/data", "/", "/srv-data", "/srv/data/", "/a b/c d", "/données/été", "/../../etc",
     "/.hidden", "/" + "x" * 300, "/-rf", "/a..b", "/srv/data.partial",
 ])
 def test_slugs_of_any_absolute_path_are_valid(path: str) -> None:
@@ -106,8 +106,9 @@ def test_slugs_are_readable_and_never_shared() -> None:
     assert slug_for_path("/srv/data") == slug_for_path("/srv/data")
 
 
-@pytest.mark.parametrize("path", ["srv/data", "", "relative", "/a\0b"])
-def test_slug_needs_an_absolute_path(path: str) -> None:
+@pytest.mark.parametrize("path", ["srv/data", "", "relative", "/a\0b", "/a\nb", "/\x1b[2Jx",
+                                  "/\u202ex", "/" + "x" * 4096])
+def test_slug_needs_an_absolute_path_without_control_characters(path: str) -> None:
     with pytest.raises(RefusedError):
         slug_for_path(path)
 

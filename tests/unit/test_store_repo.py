@@ -162,8 +162,12 @@ def test_an_archive_without_manifest_or_with_a_bad_one_is_not_listed(tmp_path: P
     (d / "..json").write_text("{}")
     assert [b.id for b in repo.list()] == [bid]
     assert [(p.name, why.split()[0]) for p, why in repo.leftovers()] == [
-        ("20261101T000000Z.tar.zst", "archive"), ("20261102T000000Z.json", "manifest"),
-        ("20261103T000000Z.json", "manifest"), ("20261104T000000Z.json", "manifest")]
+        ("20261101T000000Z.tar.zst", "archive"), ("20261102T000000Z.json", "broken:"),
+        ("20261103T000000Z.json", "broken:"), ("20261104T000000Z.json", "manifest")]
+    # the two with both files but a bad manifest are listed as broken, with the reason
+    assert [(b.id.timestamp, b.reason.split(":")[0]) for b in repo.broken()] == [
+        ("20261102T000000Z", "unreadable manifest"),
+        ("20261103T000000Z", f"the manifest names {bid}, not this backup")]
 
 
 def test_sender_checksum_or_size_mismatch_stores_nothing(tmp_path: Path) -> None:
