@@ -17,7 +17,7 @@ import logging
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from ..errors import AuthError, CommandError, ProtocolError, SanoffloadError
 from ..pipeline import Stage
@@ -195,7 +195,7 @@ class Client:
         if complaint and not quiet:
             log.warning("%s", complaint)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: Any) -> None:
