@@ -24,15 +24,49 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from .errors import CommandError, CommandTimeoutError
+from .text import printable
 
 OkCodes = Mapping[int, str]
+#: one argv element: Linux paths are bytes, so bytes (and paths) are as good as str
+Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes] | int
+
+
+def fs_str(arg: Arg) -> str:
+    """``arg`` as the str that encodes back to its exact bytes (``os.fsdecode``'s surrogateescape)."""
+    if isinstance(arg, int):
+        return str(arg)
+    return os.fsdecode(arg)
+
+
+#: how much of a failed command's output its error message keeps
+DETAIL_LINES = 4
+DETAIL_WIDTH = 300
+
+
+def error_detail(output: str) -> str:
+    """The lines of a failed command's output that say why, as one printable line.
+
+    Tools print the causes first and a summary last (tar: "Cannot write: No
+    space left on device" ... "Exiting with failure status due to previous
+    errors"), so the first distinct lines are kept along with the last, each
+    cut to DETAIL_WIDTH and escaped; the rest is counted, not shown.
+    """
+    lines = list(dict.fromkeys(line.strip() for line in output.splitlines() if line.strip()))
+    if not lines:
+        return "no output"
+    keep = lines[:DETAIL_LINES - 1]
+    if lines[-1] not in keep:
+        keep.append(lines[-1])
+    text = "; ".join(printable(line[:DETAIL_WIDTH]) for line in keep)
+    more = len(lines) - len(keep)
+    return f"{text} (and {more} more line{'s' if more > 1 else ''})" if more else text
 
 
 @dataclass(frozen=True)
 class Stage:
     """One command of a pipeline and the exit codes it may end with (named)."""
 
-    argv: Sequence[str]
+    argv: Sequence[Arg]
     ok_codes: OkCodes | None = None
 
 
@@ -143,11 +177,7 @@ def _check(results: list[StageResult], shown: Sequence[tuple[str, ...]],
                                   argv=shown[0])
     failed = [r for r in results if r.code_name == "error"]
     if failed:
-        parts = []
-        for r in failed:
-            lines = r.stderr.strip().splitlines()
-            parts.append(f"{r.argv[0]} exited {r.returncode}: "
-                         f"{lines[-1] if lines else 'no output'}")
+        parts = [f"{r.argv[0]} exited {r.returncode}: {error_detail(r.stderr)}" for r in failed]
         raise CommandError(f"pipeline {_describe(shown)} failed: {'; '.join(parts)}",
                            argv=failed[0].argv, returncode=failed[0].returncode,
                            stderr=failed[0].stderr)
@@ -190,24 +220,27 @@ def start(stages: Sequence[Stage], shown: Sequence[tuple[str, ...]], *,
 
     exes = []
     for stage in stages:
-        exe = resolve(stage.argv[0])
+        exe = resolve(fs_str(stage.argv[0]))
         if exe is None:
-            raise _NotFound(f"install the package that provides '{stage.argv[0]}'")
+            raise _NotFound(f"install the package that provides "
+                            f"'{printable(os.fsencode(fs_str(stage.argv[0])))}'")
         exes.append(exe)
     procs: list[subprocess.Popen[bytes]] = []
     errs: list[IO[bytes]] = []
     prev: IO[bytes] | int | None = subprocess.DEVNULL if stdin is None else stdin
     try:
         for i, (stage, exe) in enumerate(zip(stages, exes)):
-            err = tempfile.TemporaryFile()
+            err: IO[bytes] = tempfile.TemporaryFile()
             errs.append(err)
             proc = subprocess.Popen(
-                [exe, *stage.argv[1:]], stdin=prev, stdout=subprocess.PIPE, stderr=err,
+                [exe, *(fs_str(a) for a in stage.argv[1:])], stdin=prev,
+                stdout=subprocess.PIPE, stderr=err,
                 env=env, close_fds=True,
                 # one group for all stages: the first stage leads it
                 process_group=0 if i == 0 else procs[0].pid)
-            if i > 0 and procs[i - 1].stdout is not None:
-                procs[i - 1].stdout.close()  # only the next stage holds the pipe now
+            before = procs[i - 1].stdout if i > 0 else None
+            if before is not None:
+                before.close()  # only the next stage holds the pipe now
             procs.append(proc)
             prev = proc.stdout
     except BaseException:

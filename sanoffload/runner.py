@@ -15,25 +15,34 @@ Rules every call follows:
   ``ok_codes`` (``{15: "session exists"}``): the name lands in the result and
   the log;
 * secrets (CHAP passwords...) registered on the runner or passed per call are
-  replaced by ``***`` in logs, results and error messages.
+  replaced by ``***`` in logs, results and error messages;
+* argv elements are ``str``, ``bytes`` or paths: Linux paths are bytes, so a
+  ``b"\\xff"`` (or its ``os.fsdecode`` form) reaches the command byte for byte;
+  logged and raised forms show it escaped (``\\xff``), never raw;
+* a failure's message keeps the lines that say why (tar's "Cannot write: No
+  space left on device"), not only the summary line a tool ends with.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
-from .pipeline import PipelineLike, Stage
+from .pipeline import Arg, PipelineLike, Stage, error_detail, fs_str
 from .pipeline import start as start_pipeline
 from .signals import deferred as deferred_signals
+from .text import printable
 
 log = logging.getLogger(__name__)
 # sh logs every chunk at DEBUG; our own lines say what matters
@@ -47,6 +56,29 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SECRET_FLAG_WORDS = ("password", "passwd", "secret", "chap")
 
 OkCodes = Mapping[int, str]
+
+#: the codec sh encodes argv with: the filesystem encoding with surrogateescape, so an
+#: argument os.fsdecode made from b"\xff" goes out as b"\xff" (sh's default, strict
+#: UTF-8, raises UnicodeEncodeError in the forked child instead)
+_ARGV_CODEC = "sanoffload-argv"
+
+
+def _argv_codec(name: str) -> codecs.CodecInfo | None:
+    if name != _ARGV_CODEC.replace("-", "_") and name != _ARGV_CODEC:
+        return None
+    fs_enc, fs_err = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+    def encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
+        return text.encode(fs_enc, fs_err), len(text)
+
+    def decode(data: Any, errors: str = "strict") -> tuple[str, int]:
+        raw = bytes(data)
+        return raw.decode(fs_enc, fs_err), len(raw)
+
+    return codecs.CodecInfo(encode, decode, name=_ARGV_CODEC)
+
+
+codecs.register(_argv_codec)
 
 
 @dataclass(frozen=True)
@@ -103,7 +135,12 @@ class Runner:
                 text = text.replace(secret, MASK)
         return text
 
-    def mask_argv(self, argv: Sequence[str], extra: Iterable[str] = ()) -> tuple[str, ...]:
+    def mask_argv(self, argv: Sequence[Arg], extra: Iterable[str] = ()) -> tuple[str, ...]:
+        """``argv`` as logged and raised: secrets masked, odd bytes and controls escaped."""
+        return tuple(printable(os.fsencode(a))
+                     for a in self._mask_args([fs_str(a) for a in argv], extra))
+
+    def _mask_args(self, argv: Sequence[str], extra: Iterable[str]) -> list[str]:
         out: list[str] = []
         hide_next = False
         for arg in argv:
@@ -122,7 +159,7 @@ class Runner:
             out.append(self.mask(arg, extra))
             # "-v SECRET" after "-n node.session.auth.password" is the iscsiadm idiom
             hide_next = any(w in low for w in _SECRET_FLAG_WORDS) and not eq
-        return tuple(out)
+        return out
 
     # -- environment --------------------------------------------------------
     def build_env(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -134,27 +171,30 @@ class Runner:
         return base
 
     # -- running ------------------------------------------------------------
-    def run(self, argv: Sequence[str], *, timeout: float | None = None,
+    def run(self, argv: Sequence[Arg], *, timeout: float | None = None,
             ok_codes: OkCodes | None = None, input: bytes | str | None = None,
             secrets: Iterable[str] = (), cwd: str | None = None,
-            env: Mapping[str, str] | None = None) -> Result:
+            env: Mapping[str, str] | None = None, pass_fds: Iterable[int] = ()) -> Result:
         """Run ``argv`` to completion and return its :class:`Result`.
 
+        ``pass_fds``: descriptors the command inherits (a directory it reaches
+        as ``/proc/self/fd/N``, never by a path someone could swap).
         Raises :class:`CommandNotFoundError`, :class:`CommandTimeoutError`, or
         :class:`CommandError` for an exit code not in ``ok_codes``.
         """
         if not argv:
             raise ValueError("empty argv")
-        argv = [str(a) for a in argv]
+        args = [fs_str(a) for a in argv]
         secrets = tuple(secrets)
         codes: dict[int, str] = {0: "ok"}
         codes.update(ok_codes or {})
         limit = self.default_timeout if timeout is None else timeout
-        shown = self.mask_argv(argv, secrets)
+        shown = self.mask_argv(args, secrets)
         log.debug("run: %s (timeout %.0fs)", " ".join(shown), limit)
         started = time.monotonic()
         try:
-            raw = self._execute(argv, timeout=limit, input=input, cwd=cwd, env=self.build_env(env))
+            raw = self._execute(args, timeout=limit, input=input, cwd=cwd, env=self.build_env(env),
+                                pass_fds=tuple(pass_fds))
         except _NotFound as exc:
             raise CommandNotFoundError(f"command not found: {shown[0]}", argv=shown,
                                        hint=exc.hint) from None
@@ -172,9 +212,8 @@ class Runner:
                      code_name=codes.get(raw.returncode, "error"))
         log.debug("done: %s rc=%d (%s) in %.2fs", shown[0], res.returncode, res.code_name, took)
         if raw.returncode not in codes:
-            detail = (res.stderr.strip() or res.stdout.strip()).splitlines()
-            tail = detail[-1] if detail else "no output"
-            raise CommandError(f"{' '.join(shown)} failed with exit code {raw.returncode}: {tail}",
+            detail = error_detail(res.stderr.strip() or res.stdout)
+            raise CommandError(f"{' '.join(shown)} failed with exit code {raw.returncode}: {detail}",
                                argv=shown, returncode=raw.returncode, stdout=res.stdout,
                                stderr=res.stderr)
         return res
@@ -187,7 +226,7 @@ class Runner:
         """Path of ``name`` on the runner's PATH, or None."""
         return shutil.which(name, path=self.build_env()["PATH"])
 
-    def spawn(self, argv: Sequence[str], *, pass_fds: Iterable[int] = (),
+    def spawn(self, argv: Sequence[Arg], *, pass_fds: Iterable[int] = (),
               log_path: str | None = None, env: Mapping[str, str] | None = None,
               secrets: Iterable[str] = ()) -> Spawned:
         """Start a long-lived helper (a guard, a pipeline stage) and return at once.
@@ -196,11 +235,11 @@ class Runner:
         our death) do not reach it; ``pass_fds`` are the only descriptors it
         inherits. Its output goes to ``log_path`` (or nowhere).
         """
-        argv = [str(a) for a in argv]
-        shown = self.mask_argv(argv, tuple(secrets))
+        args = [fs_str(a) for a in argv]
+        shown = self.mask_argv(args, tuple(secrets))
         log.debug("spawn: %s", " ".join(shown))
         try:
-            return self._spawn(argv, pass_fds=tuple(pass_fds), log_path=log_path,
+            return self._spawn(args, pass_fds=tuple(pass_fds), log_path=log_path,
                                env=self.build_env(env))
         except _NotFound as exc:
             raise CommandNotFoundError(f"command not found: {shown[0]}", argv=shown,
@@ -218,7 +257,7 @@ class Runner:
         if not stages:
             raise ValueError("empty pipeline")
         secrets = tuple(secrets)
-        shown = [self.mask_argv([str(a) for a in st.argv], secrets) for st in stages]
+        shown = [self.mask_argv(st.argv, secrets) for st in stages]
         limit = self.default_timeout if timeout is None else timeout
         log.debug("pipeline: %s (timeout %.0fs)", " | ".join(" ".join(a) for a in shown), limit)
         try:
@@ -229,8 +268,27 @@ class Runner:
             raise CommandNotFoundError(f"command not found in pipeline: {exc.hint}",
                                        hint=exc.hint) from None
 
+    @contextlib.contextmanager
+    def stream(self, argv: Sequence[Arg], *, timeout: float | None = None,
+               ok_codes: OkCodes | None = None, env: Mapping[str, str] | None = None,
+               secrets: Iterable[str] = ()) -> Iterator[IO[bytes]]:
+        """Run ``argv`` and yield its stdout to read as it comes (never a file, never all in memory).
+
+        The command runs in its own process group under one deadline, its
+        stderr kept for the error. When the block ends normally, what is left
+        unread is read to EOF and the exit status checked (CommandError,
+        CommandTimeoutError); when it ends by an exception, the group is killed
+        and reaped, and the exception goes on.
+        """
+        with self.pipeline([Stage(argv, ok_codes)], timeout=timeout, env=env,
+                           secrets=secrets) as p:
+            yield p.stdout
+            while p.stdout.read(1 << 16):
+                pass
+            p.wait()
+
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
-                 cwd: str | None, env: dict[str, str]) -> _Raw:
+                 cwd: str | None, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> _Raw:
         raise NotImplementedError
 
     def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
@@ -309,19 +367,23 @@ class CommandRunner(Runner):
     """Runs commands for real, through the ``sh`` library."""
 
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
-                 cwd: str | None, env: dict[str, str]) -> _Raw:
+                 cwd: str | None, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> _Raw:
         import sh  # only the runner touches sh
 
         exe = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env["PATH"])
         if exe is None or not os.access(exe, os.X_OK):
             raise _NotFound(f"install the package that provides '{argv[0]}'")
         proc = None
+        extra: dict[str, Any] = {"_pass_fds": set(pass_fds)} if pass_fds else {}
         try:
+            for fd in pass_fds:
+                os.set_inheritable(fd, True)
             with deferred_signals():
                 proc = sh.Command(exe)(
                     *argv[1:], _env=env, _in=input, _cwd=cwd, _timeout=timeout,
                     _ok_code=list(range(0, 256)), _tty_out=False, _bg=True, _bg_exc=False,
-                    _new_group=True, _return_cmd=True, _truncate_exc=False)
+                    _new_group=True, _return_cmd=True, _truncate_exc=False,
+                    _encoding=_ARGV_CODEC, **extra)
             proc.wait()
         except sh.TimeoutException:
             # sh killed the leader; children it left (pipes, helpers) die with the group
@@ -337,6 +399,9 @@ class CommandRunner(Runner):
                 _kill_group(proc.pid)
                 _reap(proc)
             raise
+        finally:
+            for fd in pass_fds:
+                os.set_inheritable(fd, False)
         return _Raw(proc.exit_code, proc.stdout, proc.stderr)
 
 
@@ -358,7 +423,7 @@ class CommandRunner(Runner):
                     *argv[1:], _env=env, _bg=True, _bg_exc=False, _new_session=True,
                     _pass_fds=set(pass_fds), _ok_code=list(range(0, 256)), _tty_out=False,
                     _out=log_path or os.devnull, _err_to_out=True, _return_cmd=True,
-                    _truncate_exc=False)
+                    _truncate_exc=False, _encoding=_ARGV_CODEC)
         finally:
             for fd in pass_fds:
                 os.set_inheritable(fd, False)
@@ -423,6 +488,7 @@ class Call:
     timeout: float
     input: bytes | str | None
     env: dict[str, str] = field(default_factory=dict)
+    pass_fds: tuple[int, ...] = ()
 
 
 class FakeRunner(Runner):
@@ -481,7 +547,7 @@ class FakeRunner(Runner):
 
         rules = []
         for stage in stages:
-            argv = [str(a) for a in stage.argv]
+            argv = [fs_str(a) for a in stage.argv]
             self.calls.append(Call(argv, timeout, None, env))
             rules.append(self._answer(argv, "pipeline stage "))
         return FakePipeline(stages, shown, io.BytesIO(_enc(rules[-1].stdout)),
@@ -489,8 +555,8 @@ class FakeRunner(Runner):
                             timed_out=any(r.timeout for r in rules), mask=mask)
 
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
-                 cwd: str | None, env: dict[str, str]) -> _Raw:
-        self.calls.append(Call(list(argv), timeout, input, env))
+                 cwd: str | None, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> _Raw:
+        self.calls.append(Call(list(argv), timeout, input, env, pass_fds))
         rule = self._answer(argv, "")
         if rule.timeout:
             raise _TimedOut(_enc(rule.stdout), _enc(rule.stderr))

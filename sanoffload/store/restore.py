@@ -1,23 +1,60 @@
 """Restore: give back exactly what was at the freeze, and nothing outside the target.
 
-Order of work, each step before anything is written::
+Order of work, each step before anything is written into the target::
 
     1. the archive's size and sha256 against the manifest    (IntegrityError, exit 12)
-    2. tar --list --verbose --numeric-owner --quoting-style=c ... --index-file=LISTING
+    2. tar --list --verbose --numeric-owner --quoting-style=c ...   read through a pipe;
        every member checked (:func:`check_members`)          (RefusedError, exit 3)
-    3. tar --extract ... --directory=TARGET                   (see sanoffload.tools.tar)
-
-A damaged archive is therefore refused before the target is touched; an
-extraction that fails anyway (disk full, interrupted) into a target that was
-empty or absent empties it again, so a half-restored tree never stays behind
-looking like a restore.
+       device nodes refused unless ``devices``               (RefusedError, exit 3)
+    3. tar --extract ... --directory=/proc/self/fd/N          into a private staging
+       directory inside the target (see below)
+    4. set-uid/set-gid bits cleared on files unless ``setid``
+    5. each staged entry moved into the target with no-follow checks, the
+       staging directory removed
 
 The member check refuses an archive holding a member that is absolute, has a
 ``..`` component (``./a/../../b`` included), sits below a member that is not a
 directory (a symlink made earlier in the archive, then written through), or is
 a hard link to anything but an earlier member. GNU tar defends itself too (it
 strips ``/`` and ``../``, delays outward symlinks); the store refuses such an
-archive outright, since sanoffload never makes one.
+archive outright, since sanoffload never makes one. The listing comes from
+tar's stdout, never a file: it is whole, or the restore fails.
+
+Why staging, and why it is safe against races. tar extracting straight into
+the target follows a symlink it finds there (``TARGET/x -> /etc`` and a member
+``./x/file`` writes ``/etc/file``, as root), and checking the target first
+leaves a window before tar runs. So tar never sees the target:
+
+* ``TARGET/.sanoffload-restore-XXXX`` (0700, ours: checked with fstat on a
+  descriptor opened with O_NOFOLLOW) holds ``root/``, the directory tar
+  extracts into. tar gets it as ``/proc/self/fd/N``: the kernel resolves that
+  to the very directory we opened, whatever anyone renames or plants by its
+  path meanwhile. Nobody else can reach anything below the 0700 directory
+  (``root/`` itself takes the archive's ``./`` mode at tar's end, a level
+  below), so device nodes and set-id files there are never exposed, and
+  what tar wrote is exactly what the archive holds.
+* Moving into place works on directory descriptors only: every directory of
+  the target that is entered is opened with O_NOFOLLOW|O_DIRECTORY relative to
+  its parent's descriptor, and entries move with ``renameat``, which never
+  follows the last component (a symlink at the destination is replaced, not
+  written through; a file's inode is replaced, never written into). A
+  symlink swapped in after a check makes the open fail, it is not followed.
+  So nothing is written except into directories reached from the target
+  without following a symlink.
+* The target directory's own mode, owner, ACL, xattrs and times are ours:
+  0700 when restore creates it, unchanged when it exists (the archive's ``./``
+  member lands on ``root/`` and is dropped with it).
+* When extraction fails (disk full, a damaged block, a signal), only the
+  staging directory is removed: the target is left as it was, ``--force``
+  or not. A failure while moving into a target that was empty or absent
+  empties it again.
+
+With ``--force``, an existing directory where the backup has one is merged
+into (its contents kept unless the backup holds the same names; its
+attributes set from the backup); a file or symlink is replaced; a non-empty
+directory where the backup has a file is left alone and reported
+(ResourceError, exit 7) rather than deleted. Staging needs the target's
+filesystem to hold the restored data while old files are still there.
 
 Selected paths are matched against the archive's own spelling (``./etc/x``)
 and passed to tar as a NUL-separated list. A selected hard link whose data
@@ -27,20 +64,31 @@ archived first) brings that name along, or tar could not make the link.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import stat
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import (CommandError, CommandNotFoundError, CommandTimeoutError, IntegrityError,
-                      RefusedError, UsageError)
+from ..errors import (
+    CommandError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    IntegrityError,
+    RefusedError,
+    ResourceError,
+    UsageError,
+)
+from ..text import printable
 from ..tools import tar
-from ..tools.tar import DIRECTORY, HARDLINK, Member
+from ..tools.tar import BLOCKDEV, CHARDEV, DIRECTORY, HARDLINK, Member
 from .repo import CHUNK, Backup, BackupId, Repository, read_timeout
 
 log = logging.getLogger(__name__)
@@ -68,6 +116,11 @@ class Checked:
     selected: tuple[bytes, ...] = ()
     #: members outside the selection that selected hard links need (they hold the data)
     link_targets: tuple[bytes, ...] = ()
+    #: device nodes (c, b) among what is extracted, as the archive spells them
+    devices: tuple[bytes, ...] = ()
+    #: directory members extracted ("etc/ssl": parts joined, no "./"); a directory tar makes
+    #: only to hold a selected path is not one, and its attributes are not the backup's
+    dirs: frozenset[bytes] = field(default_factory=frozenset)
 
     @property
     def names(self) -> tuple[bytes, ...]:
@@ -101,6 +154,8 @@ def check_members(members: Iterable[Member], select: Sequence[bytes] = ()) -> Ch
     link_targets: dict[bytes, bytes] = {}
     # names that were ever something other than a directory: nothing may go below them
     not_dirs: set[bytes] = set()
+    dirs: set[bytes] = set()
+    devices: list[tuple[tuple[bytes, ...], bytes]] = []
     count = 0
     for member in members:
         count += 1
@@ -132,35 +187,191 @@ def check_members(members: Iterable[Member], select: Sequence[bytes] = ()) -> Ch
                 link_targets.setdefault(target, member.link)
         if member.kind != DIRECTORY:
             not_dirs.add(key)
+        elif parts and (not wanted or _selected(parts, wanted)):
+            dirs.add(key)
+        if member.kind in (CHARDEV, BLOCKDEV):
+            devices.append((parts, member.name))
         if key in wanted and key not in found:
             # as the archive spells it ("./etc/x"): tar matches names literally
             found[key] = member.name.rstrip(b"/") or member.name
     missing = [wanted[k] for k in wanted if k not in found]
     if missing:
         raise UsageError("not in the backup: " + ", ".join(f"'{tar.show(p)}'" for p in missing))
-    return Checked(count, tuple(found[k] for k in wanted), tuple(link_targets.values()))
+    extracted_devices = tuple(
+        name for parts, name in devices
+        if not wanted or _selected(parts, wanted) or b"/".join(parts) in link_targets)
+    return Checked(count, tuple(found[k] for k in wanted), tuple(link_targets.values()),
+                   extracted_devices, frozenset(dirs))
 
 
-def _target_state(target: Path) -> str:
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: the staging directory's name inside the target (random: the archive cannot aim at it)
+STAGING_PREFIX = ".sanoffload-restore-"
+
+
+def _target_state(target: bytes) -> str:
     """``absent``, ``empty`` or ``full``; RefusedError if it is not a directory."""
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return "absent"
+    except OSError as exc:  # a component that is a file, a loop of symlinks, no access
+        raise RefusedError(f"restore target {printable(target)} cannot be made: "
+                           f"{exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise RefusedError(f"restore target {target} exists and is not a directory")
+        raise RefusedError(f"restore target {printable(target)} exists and is not a directory")
     with os.scandir(target) as it:
         return "full" if next(it, None) is not None else "empty"
 
 
-def _empty(target: Path) -> None:
-    """Remove everything below ``target`` (symlinks themselves, never what they point to)."""
-    with os.scandir(target) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+def _open_dir(name: str | bytes, dir_fd: int | None, shown: bytes) -> int:
+    """A directory's descriptor, never through a symlink (RefusedError if it is one)."""
+    try:
+        return os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise RefusedError(f"restore: {printable(shown)} is not a directory (a symlink?): "
+                               "restore never writes through a symlink") from None
+        raise
+
+
+def _private_dir(parent: int, name: str, shown: bytes) -> int:
+    """Make ``name`` (0700) in ``parent`` and open it, checking it is the one just made."""
+    os.mkdir(name, 0o700, dir_fd=parent)
+    fd = _open_dir(name, parent, shown)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise RefusedError(f"restore: {printable(shown)} was replaced while being made")
+    return fd
+
+
+#: below this much room (or with no inode left) a failed extraction is reported as disk full
+FULL_BELOW = 1 << 20
+
+
+def _space_left(fd: int) -> str | None:
+    """What is missing on the filesystem holding ``fd``, if it is (nearly) full."""
+    st = os.fstatvfs(fd)
+    if st.f_bfree * st.f_frsize < FULL_BELOW:
+        return (f"no space left on device (ENOSPC): {st.f_bfree * st.f_frsize} bytes free "
+                "on the target's filesystem")
+    if st.f_files and st.f_ffree == 0:
+        return "no space left on device (ENOSPC): no free inodes on the target's filesystem"
+    return None
+
+
+def _clear_setid(root: int) -> int:
+    """Clear set-uid/set-gid on every file below ``root`` (private: nobody else can reach it).
+
+    Directories keep set-gid (it only makes new files inherit the group). Returns the count.
+    """
+    cleared = 0
+    for _path, _dirs, files, dfd in os.fwalk(".", dir_fd=root):
+        for name in files:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID),
+                         dir_fd=dfd)
+                cleared += 1
+    return cleared
+
+
+_ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def _copy_dir_attributes(src: int, dst: int, st: os.stat_result) -> None:
+    """Give the existing directory ``dst`` the staged one's owner, xattrs, ACLs, mode, times."""
+    os.fchown(dst, st.st_uid, st.st_gid)
+    names = set(os.listxattr(src))
+    for name in names:
+        os.setxattr(dst, name, os.getxattr(src, name))
+    for name in _ACL_XATTRS:
+        if name not in names:
+            try:
+                os.removexattr(dst, name)
+            except OSError as exc:  # none there, or no ACL support: nothing to remove
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@dataclass
+class _Merge:
+    """Moves a staged tree into the target, on descriptors only (see the module docstring)."""
+
+    dirs: frozenset[bytes]
+    target: bytes
+    conflicts: list[bytes] = field(default_factory=list)
+
+    def move(self, src: int, dst: int, prefix: bytes = b"") -> None:
+        for name in sorted(os.listdir(src)):
+            key = prefix + os.fsencode(name)
+            shown = os.path.join(self.target, key)
+            s_st = os.stat(name, dir_fd=src, follow_symlinks=False)
+            try:
+                d_st: os.stat_result | None = os.stat(name, dir_fd=dst, follow_symlinks=False)
+            except FileNotFoundError:
+                d_st = None
+            try:
+                if d_st is not None and stat.S_ISDIR(s_st.st_mode) \
+                        and stat.S_ISDIR(d_st.st_mode):
+                    self._into(name, src, dst, key, s_st)
+                    continue
+                if d_st is not None and stat.S_ISDIR(d_st.st_mode):
+                    try:
+                        os.rmdir(name, dir_fd=dst)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOTEMPTY:
+                            raise
+                        self.conflicts.append(key)
+                        continue
+                elif d_st is not None and stat.S_ISDIR(s_st.st_mode):
+                    os.unlink(name, dir_fd=dst)  # rename puts no directory over a file
+                # never follows the last component: a symlink there is replaced, not used
+                os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+                if stat.S_ISDIR(s_st.st_mode):
+                    # some filesystems stamp a directory whose ".." changed
+                    os.utime(name, ns=(s_st.st_atime_ns, s_st.st_mtime_ns), dir_fd=dst,
+                             follow_symlinks=False)
+            except OSError as exc:
+                raise ResourceError(f"restore: cannot move {printable(shown)} into place: "
+                                    f"{exc.strerror}") from None
+
+    def _into(self, name: str, src: int, dst: int, key: bytes, st: os.stat_result) -> None:
+        sub_src = _open_dir(name, src, key)
+        try:
+            sub_dst = _open_dir(name, dst, os.path.join(self.target, key))
+            try:
+                self.move(sub_src, sub_dst, key + b"/")
+                if key in self.dirs:
+                    _copy_dir_attributes(sub_src, sub_dst, st)
+            finally:
+                os.close(sub_dst)
+        finally:
+            os.close(sub_src)
+
+
+def _remove_all(fd: int, keep: str | None = None) -> None:
+    """Remove every entry in the directory ``fd`` (symlinks themselves, never their targets)."""
+    for name in os.listdir(fd):
+        if name == keep:
+            continue
+        if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+
+
+@contextmanager
+def _fds() -> Iterator[list[int]]:
+    opened: list[int] = []
+    try:
+        yield opened
+    finally:
+        for fd in reversed(opened):
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -171,68 +382,141 @@ class Restored:
     selected: tuple[bytes, ...]
     #: restored too: the first names of hard-linked files selected under another name
     link_targets: tuple[bytes, ...] = ()
+    #: files whose set-uid/set-gid bits were cleared (``setid`` False)
+    setid_cleared: int = 0
 
 
 def restore(repo: Repository, backup_id: BackupId | str,
             target: str | bytes | os.PathLike[str],
             paths: Sequence[bytes | str] = (), *, force: bool = False,
-            timeout: float | None = None) -> Restored:
+            timeout: float | None = None, devices: bool = False,
+            setid: bool = False) -> Restored:
     """Extract a backup (or ``paths`` of it, each with everything below) into ``target``.
 
-    ``target`` is made if absent; an existing non-empty one is refused unless
-    ``force`` (then files in it are replaced). Checks the archive first (see
-    the module docstring); nothing is written when a check fails.
+    ``target`` is made (0700) if absent; an existing non-empty one is refused
+    unless ``force`` (then what the backup holds replaces what is there).
+    ``devices``: restore device nodes (otherwise an archive holding any among
+    what is restored is refused). ``setid``: keep set-uid/set-gid bits on
+    files (otherwise cleared). Checks the archive first (see the module
+    docstring); nothing is written when a check fails.
     """
     backup = repo.get(backup_id)
-    dest = Path(os.fsdecode(os.path.abspath(target)))
+    dest = os.fsencode(os.path.abspath(os.fspath(target)))
+    shown = printable(dest)
     select = [os.fsencode(p) for p in paths]
-    repo_root = os.path.realpath(repo.root)
+    repo_root = os.fsencode(os.path.realpath(repo.root))
     real = os.path.realpath(dest)
-    if real == repo_root or real.startswith(repo_root.rstrip("/") + "/"):
-        raise RefusedError(f"restore target {dest} is inside the repository")
+    if real == repo_root or real.startswith(repo_root.rstrip(b"/") + b"/"):
+        raise RefusedError(f"restore target {shown} is inside the repository")
     state = _target_state(dest)
     if state == "full" and not force:
-        raise RefusedError(f"restore target {dest} is not empty (--force replaces what "
+        raise RefusedError(f"restore target {shown} is not empty (--force replaces what "
                            "the backup holds)")
     m = backup.manifest
     limit = timeout if timeout is not None else read_timeout(m.archive_bytes, m.source_bytes)
     repo.check_sha256(backup)
     runner = repo.command_runner()
-    with repo.scratch() as tmp:
-        listing = Path(tmp) / "members"
+    try:
+        checked = check_members(tar.list_members(runner, backup.archive, timeout=limit), select)
+    except (CommandNotFoundError, CommandTimeoutError):
+        raise
+    except CommandError as exc:
+        raise IntegrityError(f"{backup.id}: cannot list the archive: {exc}") from None
+    except ValueError as exc:
+        raise RefusedError(f"{backup.id}: {exc}") from None
+    if checked.devices and not devices:
+        names = ", ".join(f"'{tar.show(n)}'" for n in checked.devices[:3])
+        more = f" and {len(checked.devices) - 3} more" if len(checked.devices) > 3 else ""
+        raise RefusedError(f"{backup.id}: archive holds device nodes ({names}{more}): pass "
+                           "--devices to restore them")
+    if state == "absent":
         try:
-            tar.list_to_file(runner, backup.archive, listing, timeout=limit)
-        except (CommandNotFoundError, CommandTimeoutError):
-            raise
-        except CommandError as exc:
-            raise IntegrityError(f"{backup.id}: cannot list the archive: {exc}") from None
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.mkdir(dest, 0o700)
+        except OSError as exc:
+            raise RefusedError(f"restore target {shown} cannot be made: {exc.strerror}") from None
+    staging = STAGING_PREFIX + secrets.token_hex(8)
+    cleared = 0
+    merge = _Merge(checked.dirs, dest)
+    done = False
+    with _fds() as fds:
         try:
-            checked = check_members((mem for _, mem in tar.read_listing(listing)), select)
-        except ValueError as exc:
-            raise RefusedError(f"{backup.id}: {exc}") from None
-        files_from = None
-        if checked.selected:
-            files_from = Path(tmp) / "selected"
-            tar.write_files_from(files_from, checked.names)
-        if state == "absent":
-            dest.mkdir(parents=True, mode=0o700)
-        try:
-            tar.extract(runner, backup.archive, dest, timeout=limit, files_from=files_from)
+            fds.append(tfd := _open_dir(dest, None, dest))
+            if state == "absent" and os.fstat(tfd).st_uid != os.geteuid():
+                raise RefusedError(f"restore target {shown} was replaced while being made")
+            fds.append(sfd := _private_dir(tfd, staging, os.path.join(dest, staging.encode())))
+            fds.append(rfd := _private_dir(sfd, "root", os.path.join(dest, staging.encode())))
         except BaseException as exc:
-            if state != "full":
-                # it was empty: make it so again rather than leave half a tree
-                log.error("restore of %s into %s failed: removing what was extracted",
-                          backup.id, dest)
-                try:
-                    _empty(dest)
-                    if state == "absent":
-                        dest.rmdir()
-                except OSError as cleanup:  # the restore's own error is the one to show
-                    exc.add_note(f"{dest} could not be emptied again: {cleanup}")
+            if fds[1:]:
+                shutil.rmtree(staging, dir_fd=fds[0], ignore_errors=True)
+            if state == "absent":
+                _rmdir_quietly(dest)
+            if isinstance(exc, OSError):
+                raise RefusedError(f"restore target {shown}: cannot make the staging directory "
+                                   f"there: {exc.strerror}") from None
             raise
-    log.info("restored %s into %s (%d members%s)", backup.id, dest, checked.members,
-             f", {len(checked.selected)} selected" if checked.selected else "")
-    return Restored(backup.id, dest, checked.members, checked.selected, checked.link_targets)
+        try:
+            try:
+                files_from = None
+                if checked.selected:
+                    files_from = f"/proc/self/fd/{sfd}/selected"
+                    tar.write_files_from(files_from, checked.names)
+                try:
+                    tar.extract(runner, backup.archive, f"/proc/self/fd/{rfd}", timeout=limit,
+                                files_from=files_from, pass_fds=(rfd, sfd))
+                except CommandError as exc:
+                    # tar says "Wrote only 2048 of 10240 bytes" for a short write: the
+                    # filesystem, still holding what was staged, tells the cause
+                    full = _space_left(rfd)
+                    if full:
+                        raise ResourceError(f"restore into {shown} failed: {full}: "
+                                            f"{exc.message}") from exc
+                    raise
+                if not setid:
+                    cleared = _clear_setid(rfd)
+            except BaseException:
+                # nothing reached the target: it stays as it was, --force or not
+                log.error("restore of %s into %s failed: the target is unchanged",
+                          backup.id, shown)
+                raise
+            try:
+                merge.move(rfd, tfd)
+                done = True
+            except BaseException as exc:
+                if state != "full":
+                    # it was empty: make it so again rather than leave half a tree
+                    log.error("restore of %s into %s failed: removing what was moved there",
+                              backup.id, shown)
+                    try:
+                        _remove_all(tfd, keep=staging)
+                    except OSError as cleanup:  # the restore's own error is the one to show
+                        exc.add_note(f"{shown} could not be emptied again: {cleanup}")
+                raise
+        finally:
+            try:
+                shutil.rmtree(staging, dir_fd=tfd)
+            except OSError as exc:
+                log.error("restore: could not remove %s: %s",
+                          printable(os.path.join(dest, staging.encode())), exc)
+            if state == "absent" and not done and not os.listdir(tfd):
+                _rmdir_quietly(dest)
+    if merge.conflicts:
+        names = ", ".join(f"'{tar.show(k)}'" for k in merge.conflicts[:5])
+        raise ResourceError(f"restored {backup.id} into {shown} except {len(merge.conflicts)} "
+                            f"path(s) where a non-empty directory holds what the backup has as "
+                            f"a file, left as they were: {names}")
+    log.info("restored %s into %s (%d members%s%s)", backup.id, shown, checked.members,
+             f", {len(checked.selected)} selected" if checked.selected else "",
+             f", set-id bits cleared on {cleared} files" if cleared else "")
+    return Restored(backup.id, Path(os.fsdecode(dest)), checked.members, checked.selected,
+                    checked.link_targets, cleared)
+
+
+def _rmdir_quietly(path: bytes) -> None:
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        log.error("restore: could not remove %s again: %s", printable(path), exc)
 
 
 def stream_out(repo: Repository, backup_id: BackupId | str, out: BinaryIO) -> Backup:

@@ -8,14 +8,16 @@ Create (the proxy; the archive goes to stdout, into ``zstd -T0 -q -c``)::
     tar --create --file=- --directory=SRC --format=posix --numeric-owner \\
         --xattrs --xattrs-include='*' --acls --sparse .
 
-List (the store; the listing goes to a file, never into memory)::
+List (the store; the listing comes through a pipe, parsed line by line as it
+arrives, never into a file and never whole into memory)::
 
     tar --list [--verbose --numeric-owner] --quoting-style=c --force-local \\
-        --zstd --file=ARCHIVE --index-file=LISTING
+        --zstd --file=ARCHIVE
 
-Extract (the store; only after the member list was checked)::
+Extract (the store; only after the member list was checked, into a private
+staging directory that restore hands over as ``/proc/self/fd/N``)::
 
-    tar --extract --force-local --zstd --file=ARCHIVE --directory=TARGET \\
+    tar --extract --force-local --zstd --file=ARCHIVE --directory=STAGING \\
         --numeric-owner --same-owner --preserve-permissions \\
         --xattrs --xattrs-include='*' --acls --delay-directory-restore \\
         [--no-wildcards --anchored --null --verbatim-files-from --no-unquote --files-from=LIST]
@@ -46,16 +48,25 @@ Why these options:
 * ``--null --verbatim-files-from --no-unquote``: selected paths travel in a
   NUL-separated file, byte for byte: newlines, backslashes, non-UTF-8 bytes
   and a leading ``-`` mean nothing special.
+* no ``--index-file``: GNU tar ignores write errors on it, so on a full disk
+  the listing was silently cut short. Read from tar's stdout, the listing is
+  whole or the listing fails: tar's exit status is checked after the last
+  line, and a last line without its newline is an error.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
+from ..errors import CommandError
 from ..runner import Result, Runner
+
+#: the longest listing line read: far above two PATH_MAX names C-escaped; a longer one is
+#: refused rather than held in memory
+MAX_LINE = 1 << 20
 
 #: what ``create_argv`` puts between ``--directory`` and the ``.``
 CREATE_OPTIONS: tuple[str, ...] = (
@@ -105,11 +116,13 @@ def compare_argv(archive: str | os.PathLike[str], source_dir: str | os.PathLike[
             f"--directory={os.fspath(source_dir)}", "--numeric-owner"]
 
 
-def list_argv(archive: str | os.PathLike[str], index_file: str | os.PathLike[str], *,
+def list_argv(archive: str | bytes | os.PathLike[str],
+              index_file: str | os.PathLike[str] | None = None, *,
               verbose: bool = True, zstd: bool = True) -> list[str]:
-    """``tar --list [--verbose --numeric-owner] --quoting-style=c ... --index-file=LISTING``.
+    """``tar --list [--verbose --numeric-owner] --quoting-style=c ... [--index-file=LISTING]``.
 
-    One line per member in LISTING; :func:`read_listing` parses the verbose form.
+    One line per member, on stdout (``index_file`` None: see :func:`list_members`)
+    or in LISTING (kept for the benchmark; a full disk cuts LISTING short unnoticed).
     """
     argv = ["tar", "--list"]
     if verbose:
@@ -117,43 +130,104 @@ def list_argv(archive: str | os.PathLike[str], index_file: str | os.PathLike[str
     argv += ["--quoting-style=c", "--force-local"]
     if zstd:
         argv.append("--zstd")
-    argv += [f"--file={os.fspath(archive)}", f"--index-file={os.fspath(index_file)}"]
+    argv.append("--file=" + os.fsdecode(archive))
+    if index_file is not None:
+        argv.append(f"--index-file={os.fspath(index_file)}")
     return argv
 
 
-def extract_argv(target: str | os.PathLike[str], archive: str | os.PathLike[str] = "-", *,
-                 zstd: bool = True, files_from: str | os.PathLike[str] | None = None) -> list[str]:
+def extract_argv(target: str | bytes | os.PathLike[str],
+                 archive: str | bytes | os.PathLike[str] = "-", *,
+                 zstd: bool = True,
+                 files_from: str | bytes | os.PathLike[str] | None = None) -> list[str]:
     """``tar --extract --force-local --zstd --file=ARCHIVE --directory=TARGET <EXTRACT_OPTIONS>``.
 
     ``archive`` "-" reads stdin; ``zstd`` False when the stream is already
     decompressed. ``files_from``: a NUL-separated list of member names to
-    extract (each with everything below it); None extracts everything.
+    extract (each with everything below it); None extracts everything. Paths
+    may be bytes: the argv holds their ``os.fsdecode`` form, which the runner
+    turns back into the same bytes.
     """
     argv = ["tar", "--extract", "--force-local"]
     if zstd:
         argv.append("--zstd")
-    argv += [f"--file={os.fspath(archive)}", f"--directory={os.fspath(target)}",
+    argv += ["--file=" + os.fsdecode(archive), "--directory=" + os.fsdecode(target),
              *EXTRACT_OPTIONS]
     if files_from is not None:
-        argv += [*_SELECT_OPTIONS, f"--files-from={os.fspath(files_from)}"]
+        argv += [*_SELECT_OPTIONS, "--files-from=" + os.fsdecode(files_from)]
     return argv
 
 
 def list_to_file(runner: Runner, archive: str | os.PathLike[str],
                  index_file: str | os.PathLike[str], *, timeout: float,
                  verbose: bool = True) -> Result:
-    """Run :func:`list_argv`; raises CommandError if the archive cannot be read to its end.
-
-    tar reads (and zstd decompresses) the whole archive, so this is also the
-    test-read: a damaged block or a truncated stream fails it.
+    """Run :func:`list_argv` into LISTING. Superseded: GNU tar ignores write errors on
+    ``--index-file`` (a full disk cuts LISTING short unnoticed); use
+    :func:`count_members` or :func:`list_members`.
     """
     return runner.run(list_argv(archive, index_file, verbose=verbose), timeout=timeout)
 
 
-def extract(runner: Runner, archive: str | os.PathLike[str], target: str | os.PathLike[str], *,
-            timeout: float, files_from: str | os.PathLike[str] | None = None) -> Result:
-    """Run :func:`extract_argv` on a stored ``.tar.zst`` (check its members first)."""
-    return runner.run(extract_argv(target, archive, files_from=files_from), timeout=timeout)
+def list_members(runner: Runner, archive: str | bytes | os.PathLike[str], *,
+                 timeout: float) -> Generator[Member, None, None]:
+    """Every member of a stored ``.tar.zst``, in archive order, parsed as tar lists it.
+
+    The verbose listing comes through a pipe and is parsed lazily: memory
+    stays flat whatever the archive holds. tar reads (and zstd decompresses)
+    the whole archive, so a damaged or truncated archive raises CommandError
+    once the last line is read. A line that does not parse, is longer than
+    MAX_LINE or lacks its newline at the end raises ValueError naming it
+    (tar is killed). Closing the iterator early kills tar too.
+    """
+    number, cut = 0, b""
+    with runner.stream(list_argv(archive), timeout=timeout) as out:
+        while line := out.readline(MAX_LINE + 1):
+            number += 1
+            if not line.endswith(b"\n"):
+                if len(line) > MAX_LINE:
+                    raise ValueError(f"listing line {number}: longer than {MAX_LINE} bytes: "
+                                     f"{show(line[:120])}")
+                # tar ends every line: its exit status (checked as the block ends) says why
+                cut = line
+                break
+            yield parse_numbered(number, line)
+    if cut:
+        raise ValueError(f"listing line {number}: cut short: {show(cut[:120])}")
+
+
+def count_members(runner: Runner, archive: str | bytes | os.PathLike[str], *,
+                  timeout: float) -> int:
+    """How many members a stored ``.tar.zst`` holds (a non-verbose listing, through a pipe).
+
+    Also the test-read: tar reads the whole archive; a damaged block or a
+    truncated stream raises CommandError. One line per member: newlines in
+    names are escaped by ``--quoting-style=c``.
+    """
+    argv = list_argv(archive, verbose=False)
+    count, last = 0, b"\n"
+    with runner.stream(argv, timeout=timeout) as out:
+        while chunk := out.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":
+        # tar ends every line; a cut one with exit status 0 means the listing is not whole
+        raise CommandError(f"tar --list: the listing was cut short after {count} members",
+                           argv=runner.mask_argv(argv), returncode=0)
+    return count
+
+
+def extract(runner: Runner, archive: str | bytes | os.PathLike[str],
+            target: str | bytes | os.PathLike[str], *, timeout: float,
+            files_from: str | bytes | os.PathLike[str] | None = None,
+            pass_fds: Iterable[int] = ()) -> Result:
+    """Run :func:`extract_argv` on a stored ``.tar.zst`` (check its members first).
+
+    ``target`` may be ``/proc/self/fd/N`` with N in ``pass_fds``: tar then
+    extracts into the very directory that descriptor holds, whatever its path
+    has become since.
+    """
+    return runner.run(extract_argv(target, archive, files_from=files_from), timeout=timeout,
+                      pass_fds=pass_fds)
 
 
 def write_files_from(path: str | os.PathLike[str], names: Iterable[bytes]) -> None:
@@ -260,18 +334,13 @@ def parse_list_line(line: bytes) -> Member:
     return Member(kind, name, link)
 
 
-def read_listing(index_file: str | os.PathLike[str]) -> Iterator[tuple[int, Member]]:
-    """(line number, member) for each line of a verbose listing file, read as a stream.
-
-    Raises ValueError naming the line that does not parse.
-    """
-    with open(index_file, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                yield number, parse_list_line(line)
-            except ValueError as exc:
-                text = show(line.rstrip(b"\n")[:120])
-                raise ValueError(f"listing line {number}: {exc}: {text}") from None
+def parse_numbered(number: int, line: bytes) -> Member:
+    """:func:`parse_list_line`, its ValueError naming the line (number and text, escaped)."""
+    try:
+        return parse_list_line(line)
+    except ValueError as exc:
+        text = show(line.rstrip(b"\n")[:120])
+        raise ValueError(f"listing line {number}: {exc}: {text}") from None
 
 
 def count_lines(path: str | os.PathLike[str]) -> int:

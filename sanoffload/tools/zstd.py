@@ -36,17 +36,17 @@ def compress_argv(*, level: int | None = None, threads: int = 0) -> list[str]:
     return argv
 
 
-def decompress_argv(archive: str | os.PathLike[str] = "-") -> list[str]:
+def decompress_argv(archive: str | bytes | os.PathLike[str] = "-") -> list[str]:
     """``zstd -d -q -c ARCHIVE``: the decompressed stream on stdout ("-": from stdin)."""
-    path = os.fspath(archive)
+    path = os.fsdecode(archive)  # bytes paths: the runner encodes this back byte for byte
     # "--" would make "-" a file named "-": only a real path gets it
     return ["zstd", "-d", "-q", "-c", path] if path == "-" else ["zstd", "-d", "-q", "-c", "--",
                                                                  path]
 
 
-def check(runner: Runner, archive: str | os.PathLike[str], *, timeout: float) -> Result:
+def check(runner: Runner, archive: str | bytes | os.PathLike[str], *, timeout: float) -> Result:
     """``zstd -t -q -- ARCHIVE``: raises CommandError (exit 1) if any frame is damaged.
 
     zstd reads the file itself and keeps nothing but its window in memory.
     """
-    return runner.run(["zstd", "-t", "-q", "--", os.fspath(archive)], timeout=timeout)
+    return runner.run(["zstd", "-t", "-q", "--", os.fsdecode(archive)], timeout=timeout)

@@ -190,11 +190,19 @@ def snapshot(root: bytes) -> dict[bytes, dict[str, Any]]:
     return out
 
 
-def assert_same_tree(src: bytes, dst: bytes) -> None:
+def assert_same_tree(src: bytes, dst: bytes, *, setid: bool = True) -> None:
+    """Every entry alike, but the root (the target directory is ours, not the archive's
+    ``./``); ``setid`` False: files' set-uid/set-gid bits are expected cleared."""
     a, b = snapshot(src), snapshot(dst)
     assert sorted(a) == sorted(b)
     for rel in a:
-        assert a[rel] == b[rel], rel
+        if rel == b".":
+            assert b[rel]["type"] == stat.S_IFDIR
+            continue
+        want = dict(a[rel])
+        if not setid and want["type"] == stat.S_IFREG:
+            want["mode"] = oct(int(want["mode"], 8) & ~0o6000)
+        assert want == b[rel], rel
 
 
 def assert_sparse(path: bytes) -> None:
@@ -291,8 +299,9 @@ def test_restore_into_an_empty_target_is_exact(source: tuple[bytes, dict[str, An
     assert backup.manifest.archive_bytes < 2 * MiB
     target = place / "restored"
     target.mkdir()
-    done = restore(repo, bid, target)
-    assert done.members == len(snapshot(src))
+    os.chmod(target, 0o711)
+    done = restore(repo, bid, target, setid=True)
+    assert done.members == len(snapshot(src)) and done.setid_cleared == 0
     assert_same_tree(src, os.fsencode(target))
     assert_sparse(os.path.join(os.fsencode(target), SPARSE))
     got = snapshot(os.fsencode(target))
@@ -305,8 +314,10 @@ def test_restore_into_an_empty_target_is_exact(source: tuple[bytes, dict[str, An
     for ns in ("trusted", "security"):
         if features[ns]:
             assert got[b"plain.txt"]["xattrs"][f"{ns}.sanoffload"]
-    assert got[b"."]["xattrs"]["user.root"] == b"on the root itself"
-    assert got[b"."]["uid"] == 4321 and got[b"."]["mode"] == "0o750"
+    # the target is ours: the archive's "./" (uid 4321, 0750, an xattr) does not change it
+    assert got[b"."]["uid"] == 0 and got[b"."]["mode"] == "0o711"
+    assert got[b"."]["xattrs"] == {}
+    assert not [n for n in os.listdir(target) if n.startswith(".sanoffload")]
     assert got[b"hard-a"]["same_inode_as"] == sorted([b"hard-a", b"dir/hard-b",
                                                        b"new\nline hard"])
     assert stat.S_ISFIFO(got[b"fifo"]["type"])
@@ -319,8 +330,10 @@ def test_restore_into_an_absent_target_and_verify(source: tuple[bytes, dict[str,
     bid = archive_into(repo, src)
     assert repo.verify(bid).manifest.verification.ok  # type: ignore[union-attr]
     target = place / "a" / "b"
-    restore(repo, bid, target)
-    assert_same_tree(src, os.fsencode(target))
+    done = restore(repo, bid, target)
+    assert_same_tree(src, os.fsencode(target), setid=False)
+    assert done.setid_cleared == 1  # "setuid"; "setgid-dir" keeps its set-gid
+    assert stat.S_IMODE(target.lstat().st_mode) == 0o700 and target.lstat().st_uid == 0
 
 
 def test_restore_of_selected_paths(source: tuple[bytes, dict[str, Any]], repo: Repository,
@@ -511,7 +524,7 @@ def test_cli_list_verify_restore(source: tuple[bytes, dict[str, Any]], repo: Rep
     target = place / "t"
     assert cli.run([*base, "restore", str(bid), str(target)]) == 0
     assert "restored" in capsys.readouterr().out
-    assert_same_tree(src, os.fsencode(target))
+    assert_same_tree(src, os.fsencode(target), setid=False)
     # not empty now: refused without --force, one line, exit 3, nothing changed
     (target / "plain.txt").write_bytes(b"changed since")
     assert cli.run([*base, "restore", str(bid), str(target)]) == 3
@@ -520,10 +533,11 @@ def test_cli_list_verify_restore(source: tuple[bytes, dict[str, Any]], repo: Rep
     assert (target / "plain.txt").read_bytes() == b"changed since"
     assert cli.run([*base, "restore", str(bid), str(target), "plain.txt", "--force"]) == 0
     assert (target / "plain.txt").read_bytes() == b"hello\n"
-    # a whole restore over it puts the root's own times back too
+    # a whole restore over it puts the directories' own times back too
     (target / "dir" / "sub" / "deep.bin").write_bytes(b"changed again")
+    os.chmod(target / "dir", 0o700)
     assert cli.run([*base, "restore", str(bid), str(target), "--force"]) == 0
-    assert_same_tree(src, os.fsencode(target))
+    assert_same_tree(src, os.fsencode(target), setid=False)
 
 
 def test_force_over_a_planted_symlink_does_not_write_through_it(
@@ -539,4 +553,4 @@ def test_force_over_a_planted_symlink_does_not_write_through_it(
     restore(repo, bid, target, force=True)
     assert list(outside.iterdir()) == []
     assert not (target / "dir").is_symlink() and (target / "dir" / "sub" / "deep.bin").is_file()
-    assert_same_tree(src, os.fsencode(target))
+    assert_same_tree(src, os.fsencode(target), setid=False)

@@ -87,3 +87,16 @@ def test_fake_pipeline_answers_from_rules_with_the_same_checks() -> None:
         with fake.pipeline([Stage(["tar", "-cf", "-", "x"]), Stage(["zstd", "-c"])]) as p:
             p.wait()
     assert fake.argvs()[0] == ["tar", "-cf", "-", "x"]
+
+
+def test_a_failing_stage_keeps_the_lines_that_say_why() -> None:
+    script = ("for i in 1 2 3 4 5; do echo \"tar: ./f$i: Cannot write: No space left on device\""
+              " >&2; done; echo 'tar: Exiting with failure status due to previous errors' >&2;"
+              " exit 2")
+    with pytest.raises(CommandError) as info:
+        with CommandRunner().pipeline([Stage(["sh", "-c", script])]) as p:
+            p.stdout.read()
+            p.wait()
+    msg = str(info.value)
+    assert "./f1: Cannot write: No space left on device" in msg
+    assert msg.endswith("Exiting with failure status due to previous errors (and 2 more lines)")

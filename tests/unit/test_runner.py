@@ -12,8 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sanoffload.errors import (CommandError, CommandNotFoundError, CommandTimeoutError,
-                               Interrupted, MissingDependencyError)
+from sanoffload.errors import (
+    CommandError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    Interrupted,
+    MissingDependencyError,
+)
+from sanoffload.pipeline import Stage
 from sanoffload.runner import MASK, CommandRunner, FakeRunner, Runner
 from sanoffload.signals import install_signal_handlers
 
@@ -118,16 +124,143 @@ def test_zero_is_ok() -> None:
     assert res.ok and res.code_name == "ok" and res.duration >= 0
 
 
-def test_unlisted_exit_code_raises_with_stderr_tail() -> None:
+def test_unlisted_exit_code_raises_with_stderr_lines() -> None:
     script = "echo first-line >&2; echo the-last-line >&2; exit 7"
     with pytest.raises(CommandError) as info:
         CommandRunner().run(["sh", "-c", script], ok_codes={15: "session exists"})
     exc = info.value
     assert type(exc) is CommandError and exc.exit_code == 5
     assert exc.returncode == 7
-    # only the tail of stderr, not all of it (the script text itself holds both words)
-    assert exc.message.endswith("failed with exit code 7: the-last-line")
+    assert exc.message.endswith("failed with exit code 7: first-line; the-last-line")
     assert exc.stderr == "first-line\nthe-last-line\n"
+
+
+#: what GNU tar 1.34 prints when an extraction runs out of space (recorded on a full ext4)
+TAR_ENOSPC = "".join(f"tar: ./f{i}: Cannot write: No space left on device\n" for i in range(40)) + \
+    "tar: Exiting with failure status due to previous errors\n"
+
+
+@pytest.mark.hostile("restore", "a failing command whose cause is in an early stderr line, "
+                     "followed by a summary line", "the error message names the cause")
+def test_failure_message_keeps_the_cause_not_only_the_summary() -> None:
+    with pytest.raises(CommandError) as info:
+        CommandRunner().run(["sh", "-c", 'printf "%s" "$1" >&2; exit 2', "sh", TAR_ENOSPC])
+    msg = info.value.message
+    assert "Cannot write: No space left on device" in msg
+    assert msg.endswith("Exiting with failure status due to previous errors (and 37 more lines)")
+    assert len(msg.partition("exit code 2: ")[2]) < 1500  # bounded, however much was printed
+    fake = FakeRunner().on("tar", returncode=2, stderr=TAR_ENOSPC)
+    with pytest.raises(CommandError, match="No space left on device"):
+        fake.run(["tar", "--extract"])
+
+
+@pytest.mark.hostile("restore", "a failing command printing terminal escapes and a newline "
+                     "in a name", "message is one line with the escapes shown as text")
+def test_failure_message_is_escaped() -> None:
+    with pytest.raises(CommandError) as info:
+        FakeRunner().on("tar", returncode=2,
+                        stderr="tar: ./a\x1b]0;owned\x07b: Cannot open\n").run(["tar", "-x"])
+    assert "\x1b" not in info.value.message and "\\x1b]0;owned\\x07b" in info.value.message
+
+
+# --------------------------------------------------------------------------
+# real runner: argv is bytes on Linux
+# --------------------------------------------------------------------------
+
+@pytest.mark.hostile("agent", "a non-UTF-8 path (b'\\xff', or os.fsdecode's '\\udcff') in argv",
+                     "reaches the command byte for byte; shown escaped")
+def test_bytes_and_surrogate_args_reach_the_command_exactly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="sanoffload")
+    base = os.fsencode(tmp_path)
+    runner = CommandRunner()
+    res = runner.run(["touch", base + b"/a\xff", os.fsdecode(base + b"/b\xfe"),
+                      tmp_path / os.fsdecode(b"c\xfd")])
+    assert sorted(os.listdir(base)) == [b"a\xff", b"b\xfe", b"c\xfd"]
+    assert res.argv[1] == os.fsdecode(base) + "/a\\xff"
+    assert res.argv[2] == os.fsdecode(base) + "/b\\xfe"
+    assert "\udcfe" not in _records_text(caplog) and "a\\xff" in _records_text(caplog)
+    with pytest.raises(CommandError) as info:
+        runner.run(["ls", base + b"/missing\xff\n"])
+    assert "missing\\xff\\n" in info.value.message and "\n" not in info.value.message
+    with runner.pipeline([Stage(["ls", base])]) as p:
+        assert p.stdout.read() == b"a\xff\nb\xfe\nc\xfd\n"
+        p.wait()
+    with runner.stream(["ls", "-1", "--", base]) as out:
+        assert out.read() == b"a\xff\nb\xfe\nc\xfd\n"
+    spawned = runner.spawn(["touch", base + b"/d\xfc"])
+    assert spawned.wait(10) == 0 and os.path.exists(base + b"/d\xfc")
+
+
+def test_fake_records_bytes_args_as_their_fsdecode_form() -> None:
+    fake = FakeRunner().on("tar")
+    fake.run(["tar", b"--directory=/t\xff"])
+    assert fake.argvs() == [["tar", os.fsdecode(b"--directory=/t\xff")]]
+
+
+def test_pass_fds_reach_the_command(tmp_path: Path) -> None:
+    (tmp_path / "inside").write_text("x")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        res = CommandRunner().run(["ls", f"/proc/self/fd/{fd}"], pass_fds=[fd])
+        assert res.stdout == "inside\n"
+        assert not os.get_inheritable(fd)
+        with pytest.raises(CommandError):  # not passed: not there
+            CommandRunner().run(["ls", f"/proc/self/fd/{fd}"])
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# Runner.stream: a command's stdout read as it comes
+# --------------------------------------------------------------------------
+
+def test_stream_reads_as_it_comes_and_checks_the_exit_status() -> None:
+    runner = CommandRunner()
+    with runner.stream(["sh", "-c", "printf 'a\\nb\\n'"], timeout=10) as out:
+        assert list(out) == [b"a\n", b"b\n"]
+    with runner.stream(["sh", "-c", "exit 3"], ok_codes={3: "fine"}) as out:
+        assert out.read() == b""
+
+
+@pytest.mark.hostile("store", "a streamed command that fails after part of its output",
+                     "CommandError naming its stderr once the stream ends")
+def test_stream_failure_after_partial_output_is_an_error() -> None:
+    got: list[bytes] = []
+    with pytest.raises(CommandError, match="Unexpected EOF in archive") as info:
+        with CommandRunner().stream(
+                ["sh", "-c", "echo one; echo 'tar: Unexpected EOF in archive' >&2; exit 2"],
+                timeout=10) as out:
+            got += list(out)
+    assert got == [b"one\n"] and info.value.returncode == 2
+    # unread output is read to its end before the status is checked
+    with pytest.raises(CommandError, match="exited 2"):
+        with CommandRunner().stream(["sh", "-c", "seq 100000; exit 2"]) as out:
+            out.readline()
+
+
+def test_stream_deadline_and_early_exit_kill_the_command(tmp_path: Path) -> None:
+    runner = CommandRunner()
+    started = time.monotonic()
+    with pytest.raises(CommandTimeoutError):
+        with runner.stream(["sh", "-c", "echo go; sleep 60"], timeout=1) as out:
+            out.read()
+    assert time.monotonic() - started < 10
+    pidfile = tmp_path / "pid"
+    with pytest.raises(ValueError):
+        with runner.stream(["sh", "-c", f"echo $$ > {pidfile}; echo ready; exec sleep 60"],
+                           timeout=60) as out:
+            assert out.readline() == b"ready\n"
+            raise ValueError("the reader gave up")
+    assert _gone(int(pidfile.read_text()))
+
+
+def test_fake_stream_answers_from_a_rule() -> None:
+    fake = FakeRunner().on("tar", "--list", stdout=b"x\n", returncode=2, stderr="tar: cut\n")
+    with pytest.raises(CommandError, match="tar: cut"):
+        with fake.stream(["tar", "--list"], timeout=5) as out:
+            assert out.read() == b"x\n"
+    assert fake.calls[0].timeout == 5
 
 
 def test_stdout_tail_used_when_stderr_empty() -> None:

@@ -128,13 +128,6 @@ def test_bad_selections(path: bytes, words: str) -> None:
 # restore(): the order of checks, with a fake runner
 # --------------------------------------------------------------------------
 
-def listing(lines: bytes) -> Callable[[list[str]], None]:
-    def write(argv: list[str]) -> None:
-        index = next(a for a in argv if a.startswith("--index-file="))
-        Path(index.partition("=")[2]).write_bytes(lines)
-    return write
-
-
 GOOD_LISTING = (b'drwxr-xr-x 0/0 0 2026-11-26 10:32 "./"\n'
                 b'-rw-r--r-- 0/0 2 2026-11-26 10:32 "./a b"\n'
                 b'hrw-r--r-- 0/0 0 2026-11-26 10:32 "./hard" link to "./a b"\n')
@@ -155,16 +148,19 @@ def setup(tmp_path: Path) -> tuple[Repository, BackupId, FakeRunner, Path]:
 def test_restore_lists_checks_then_extracts(setup: tuple[Repository, BackupId, FakeRunner,
                                                          Path]) -> None:
     repo, bid, runner, tmp = setup
-    runner.on("tar", "--list", action=listing(GOOD_LISTING))
+    runner.on("tar", "--list", stdout=GOOD_LISTING)
     runner.on("tar", "--extract")
     done = restore(repo, bid, tmp / "new" / "target")
     assert done.members == 3 and done.selected == ()
     assert [a[:2] for a in runner.argvs()] == [["tar", "--list"], ["tar", "--extract"]]
     extract = runner.argvs()[1]
     assert f"--file={repo.archive_path(bid)}" in extract
-    assert f"--directory={tmp / 'new' / 'target'}" in extract
+    # tar gets the private staging directory by descriptor, never the target's path
+    assert any(a.startswith("--directory=/proc/self/fd/") for a in extract)
     assert not any(a.startswith("--files-from") for a in extract)
     assert (tmp / "new" / "target").is_dir()
+    assert os.listdir(tmp / "new" / "target") == []  # the fake extracted nothing
+    assert (tmp / "new" / "target").stat().st_mode & 0o777 == 0o700
 
 
 def test_restore_of_selected_paths_passes_them_as_a_nul_list(
@@ -176,7 +172,7 @@ def test_restore_of_selected_paths_passes_them_as_a_nul_list(
         sel = next(a for a in argv if a.startswith("--files-from="))
         seen.append(Path(sel.partition("=")[2]).read_bytes())
 
-    runner.on("tar", "--list", action=listing(GOOD_LISTING))
+    runner.on("tar", "--list", stdout=GOOD_LISTING)
     runner.on("tar", "--extract", action=grab)
     done = restore(repo, bid, tmp / "t", ["hard", b"a b"])
     assert seen == [b"./hard\0./a b\0"]
@@ -205,7 +201,7 @@ def test_corrupt_archive_is_refused_before_anything_runs(
 def test_malicious_listing_is_refused_and_nothing_is_extracted(
         setup: tuple[Repository, BackupId, FakeRunner, Path]) -> None:
     repo, bid, runner, tmp = setup
-    runner.on("tar", "--list", action=listing(EVIL_LISTING))
+    runner.on("tar", "--list", stdout=EVIL_LISTING)
     with pytest.raises(RefusedError, match="through"):
         restore(repo, bid, tmp / "t")
     assert not runner.called("tar", "--extract")
@@ -216,7 +212,7 @@ def test_unparseable_listing_is_refused(setup: tuple[Repository, BackupId, FakeR
                                                      Path]) -> None:
     repo, bid, runner, tmp = setup
     runner.on("tar", "--list",
-              action=listing(b'Vrw 0/0 0 2026-11-26 10:32 "x" --Volume Header--\n'))
+              stdout=b'Vrw 0/0 0 2026-11-26 10:32 "x" --Volume Header--\n')
     with pytest.raises(RefusedError, match="listing line 1"):
         restore(repo, bid, tmp / "t")
     assert not runner.called("tar", "--extract")
@@ -240,7 +236,7 @@ def test_non_empty_target_needs_force(setup: tuple[Repository, BackupId, FakeRun
     with pytest.raises(RefusedError, match="not empty"):
         restore(repo, bid, target)
     assert runner.calls == []
-    runner.on("tar", "--list", action=listing(GOOD_LISTING))
+    runner.on("tar", "--list", stdout=GOOD_LISTING)
     runner.on("tar", "--extract", returncode=2, stderr="tar: ./a b: Cannot open: No space")
     with pytest.raises(CommandError):
         restore(repo, bid, target, force=True)
@@ -278,6 +274,7 @@ def test_failed_extraction_into_an_empty_target_leaves_it_empty(
 
     def half(argv: list[str]) -> None:
         target = Path(next(a for a in argv if a.startswith("--directory="))[12:])
+        assert target.parent == Path("/proc/self/fd")
         (target / "a b").write_text("half")
         (target / "sub").mkdir()
         (target / "sub" / "x").write_text("half")
@@ -285,7 +282,7 @@ def test_failed_extraction_into_an_empty_target_leaves_it_empty(
 
     (tmp / "outside").mkdir()
     (tmp / "outside" / "precious").write_text("keep")
-    runner.on("tar", "--list", action=listing(GOOD_LISTING))
+    runner.on("tar", "--list", stdout=GOOD_LISTING)
     runner.on("tar", "--extract", returncode=2, stderr="tar: Error is not recoverable",
               action=half)
     (tmp / "empty").mkdir()

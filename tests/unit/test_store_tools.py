@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,9 +64,10 @@ def test_extract_argv_restores_everything_and_never_absolute_names() -> None:
 
 
 def test_list_argv() -> None:
-    assert tar.list_argv("/r/a:b.tar.zst", "/tmp/l") == [
+    assert tar.list_argv("/r/a:b.tar.zst") == [
         "tar", "--list", "--verbose", "--numeric-owner", "--quoting-style=c", "--force-local",
-        "--zstd", "--file=/r/a:b.tar.zst", "--index-file=/tmp/l"]
+        "--zstd", "--file=/r/a:b.tar.zst"]
+    assert tar.list_argv("/r/a:b.tar.zst", "/tmp/l")[-1] == "--index-file=/tmp/l"
     assert tar.list_argv("/r/a", "/tmp/l", verbose=False)[:3] == ["tar", "--list",
                                                                   "--quoting-style=c"]
 
@@ -116,13 +118,82 @@ def test_anything_else_in_a_listing_is_refused(line: bytes) -> None:
         parse_list_line(line)
 
 
-def test_read_listing_names_the_bad_line(tmp_path: Path) -> None:
+def test_count_lines(tmp_path: Path) -> None:
     p = tmp_path / "l"
-    p.write_bytes(REAL_LISTING + b"Vrw 0/0 0 2026 x \"v\" --Volume Header--\n")
-    with pytest.raises(ValueError, match="listing line 12"):
-        list(tar.read_listing(p))
     p.write_bytes(b'"a"\n"b\\nc"\n"d"\n')
     assert tar.count_lines(p) == 3
+
+
+# --------------------------------------------------------------------------
+# the listing through a pipe
+# --------------------------------------------------------------------------
+
+def test_list_members_reads_tars_stdout_and_parses_it() -> None:
+    runner = FakeRunner().on("tar", "--list", stdout=REAL_LISTING)
+    members = list(tar.list_members(runner, "/r/a.tar.zst", timeout=77))
+    assert len(members) == 11 and members[5] == Member("l", b"./l -> x", b"a b")
+    call = runner.calls[0]
+    assert call.argv == tar.list_argv("/r/a.tar.zst") and call.timeout == 77
+    assert not any(a.startswith("--index-file") for a in call.argv)
+
+
+def test_list_members_names_the_bad_line() -> None:
+    runner = FakeRunner().on("tar", "--list",
+                             stdout=REAL_LISTING + b'Vrw 0/0 0 2026 x "v\x1b[2J" --Volume Header--\n')
+    with pytest.raises(ValueError, match="listing line 12") as info:
+        list(tar.list_members(runner, "/r/a", timeout=9))
+    assert "\x1b" not in str(info.value)
+
+
+@pytest.mark.hostile("store", "the member listing cut short: tar fails after part of it",
+                     "the listing fails (CommandError with tar's reason), never a short list")
+@pytest.mark.parametrize("cut", [len(REAL_LISTING) // 2, len(REAL_LISTING) - 1,
+                                 REAL_LISTING.index(b"\n") + 1])
+def test_list_members_fails_when_tar_fails_after_partial_output(cut: int) -> None:
+    runner = FakeRunner().on("tar", "--list", stdout=REAL_LISTING[:cut], returncode=2,
+                             stderr="tar: Unexpected EOF in archive\n"
+                                    "tar: Error is not recoverable: exiting now\n")
+    got: list[Member] = []
+    with pytest.raises(CommandError, match="Unexpected EOF in archive"):
+        for member in tar.list_members(runner, "/r/a", timeout=9):
+            got.append(member)
+    assert 0 < len(got) < 11
+    with pytest.raises(CommandError, match="Unexpected EOF"):
+        tar.count_members(runner, "/r/a", timeout=9)
+
+
+@pytest.mark.hostile("store", "a member listing whose last line lacks its end, or a line of "
+                     "megabytes", "the listing fails naming the line; nothing held in memory")
+def test_a_cut_or_endless_line_is_refused_even_if_tar_says_ok() -> None:
+    runner = FakeRunner().on("tar", "--list", stdout=REAL_LISTING[:-1])
+    with pytest.raises(ValueError, match="listing line 11: cut short"):
+        list(tar.list_members(runner, "/r/a", timeout=9))
+    with pytest.raises(CommandError, match="cut short after 10 members"):
+        tar.count_members(runner, "/r/a", timeout=9)
+    runner = FakeRunner().on("tar", "--list",
+                             stdout=b'-rw 0/0 1 2026-11-26 10:32 "' + b"a" * (tar.MAX_LINE + 5))
+    with pytest.raises(ValueError, match="listing line 1: longer than"):
+        list(tar.list_members(runner, "/r/a", timeout=9))
+
+
+def test_count_members_counts_a_non_verbose_listing() -> None:
+    runner = FakeRunner().on("tar", "--list", stdout=b'"./"\n"./a\\nb"\n"./c"\n')
+    assert tar.count_members(runner, "/r/a", timeout=5) == 3
+    assert runner.calls[0].argv == tar.list_argv("/r/a", verbose=False)
+    assert tar.count_members(FakeRunner().on("tar"), "/r/a", timeout=5) == 0
+
+
+def test_stopping_early_kills_the_listing() -> None:
+    runner = FakeRunner().on("tar", "--list", stdout=REAL_LISTING)
+    members = tar.list_members(runner, "/r/a", timeout=9)
+    assert next(members) == Member("d", b"./")
+    members.close()  # e.g. the member check refused the archive
+
+
+def test_bytes_paths_in_tar_argv_round_trip() -> None:
+    argv = tar.extract_argv(b"/t\xff", b"/r/a\xfe.tar.zst", files_from=b"/s\xfd")
+    assert [os.fsencode(a) for a in argv if a.startswith(("--directory", "--file"))] == [
+        b"--file=/r/a\xfe.tar.zst", b"--directory=/t\xff", b"--files-from=/s\xfd"]
 
 
 def test_files_from_is_nul_separated_bytes(tmp_path: Path) -> None:
@@ -139,3 +210,10 @@ def test_zstd_check_runs_through_the_runner() -> None:
         zstd.check(runner, "/r/a.tar.zst", timeout=99)
     assert runner.argvs() == [["zstd", "-t", "-q", "--", "/r/a.tar.zst"]]
     assert runner.calls[0].timeout == 99
+
+
+def test_zstd_takes_bytes_paths() -> None:
+    assert [os.fsencode(a) for a in zstd.decompress_argv(b"/r/a\xff.zst")][-1] == b"/r/a\xff.zst"
+    runner = FakeRunner().on("zstd", "-t")
+    zstd.check(runner, b"/r/a\xff.zst", timeout=5)
+    assert os.fsencode(runner.argvs()[0][-1]) == b"/r/a\xff.zst"
