@@ -28,9 +28,10 @@ import click
 
 from . import __version__
 from .doctor import ROLES, Host, Report, run_checks
-from .errors import SanoffloadError
+from .errors import CompletedWithWarnings, SanoffloadError
 from .runner import CommandRunner, Runner
 from .signals import install_signal_handlers
+from .text import printable
 
 log = logging.getLogger("sanoffload")
 
@@ -43,6 +44,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "verify": "sanoffload.proxy.cli:verify",
     "restore": "sanoffload.proxy.cli:restore",
     "prune": "sanoffload.proxy.cli:prune",
+    "proxy": "sanoffload.proxy.cli:proxy",
     "install-units": "sanoffload.install_units:install_units",
 }
 
@@ -205,9 +207,10 @@ def doctor(app: App, role: str, as_json: bool) -> None:
 # main
 # --------------------------------------------------------------------------
 
-def _error_line(message: str) -> str:
-    # one line whatever the message holds, so scripts can grep stderr
-    return "sanoffload: error: " + " ".join(message.split())
+def _error_line(message: str, what: str = "error") -> str:
+    # one line whatever the message holds, so scripts can grep stderr; a peer's
+    # message may carry terminal escapes, which are shown, not obeyed
+    return f"sanoffload: {what}: " + printable(" ".join(message.split()))
 
 
 def run(argv: Sequence[str] | None = None, *, app: App | None = None) -> int:
@@ -221,7 +224,9 @@ def run(argv: Sequence[str] | None = None, *, app: App | None = None) -> int:
     except SanoffloadError as exc:
         if app.debug:
             traceback.print_exc()
-        click.echo(_error_line(str(exc)), err=True)
+        # done and stored, but look: not an "error" line
+        what = "warning" if isinstance(exc, CompletedWithWarnings) else "error"
+        click.echo(_error_line(str(exc), what), err=True)
         return exc.exit_code
     except click.exceptions.ClickException as exc:
         exc.show()

@@ -26,7 +26,8 @@ UNIT_MODE = 0o644
 ROLE_UNITS: dict[str, tuple[str, ...]] = {
     "agent": ("sanoffload-cleanup.service", "sanoffload-lease.service",
               "sanoffload-lease.timer"),
-    "proxy": ("sanoffload-backup@.service", "sanoffload-backup@.timer"),
+    "proxy": ("sanoffload-backup@.service", "sanoffload-backup@.timer",
+              "sanoffload-proxy-cleanup.service"),
 }
 ROLES = (*ROLE_UNITS, "all")
 
@@ -35,6 +36,7 @@ NEXT_STEPS: dict[str, str] = {
     "agent": "next, on the first server: systemctl daemon-reload && "
              "systemctl enable --now sanoffload-cleanup.service sanoffload-lease.timer",
     "proxy": "next, on the proxy: systemctl daemon-reload && "
+             "systemctl enable sanoffload-proxy-cleanup.service && "
              "systemctl enable --now sanoffload-backup@JOB.timer "
              "(one per /etc/sanoffload/jobs/JOB.toml)",
 }
@@ -163,7 +165,7 @@ def describe(step: Step, dry_run: bool) -> str:
               type=click.Path(file_okay=False), help="Directory to write the unit files to.")
 @click.option("--role", type=click.Choice(ROLES), default="all", show_default=True,
               help="agent: boot cleanup and lease timer (first server); "
-                   "proxy: the per-job backup service and timer.")
+                   "proxy: the per-job backup service and timer, boot-time cleanup.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
 @click.option("--force", is_flag=True,
               help="Replace unit files that differ from sanoffload's (else refused).")

@@ -18,6 +18,11 @@ The target IQN is the backup session's own (the agent makes one per
 session), so a session or mount already there is a leftover of an earlier
 attempt of this same backup: it is reused, and its undo registered like a
 new one's, so that it is cleaned up with the rest.
+
+With a :class:`~sanoffload.proxy.journal.ProxyJournal`, each of the node
+record, the session and the mount is written down before it is made and
+struck off once undone, so a proxy killed outright (SIGKILL, power) leaves a
+record ``sanoffload proxy cleanup`` undoes (see :mod:`sanoffload.proxy.journal`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..tools import iscsiadm
 from ..undo import UndoStack
 from . import mount
 from .devices import DEFAULT_DEADLINE_S, DeviceWaiter, check_identifier
+from .journal import Held, ProxyJournal
 
 log = logging.getLogger(__name__)
 
@@ -112,40 +118,81 @@ def attach(runner: Runner, answer: Mapping[str, Any], undo: UndoStack, *,
            waiter_factory: WaiterFactory = DeviceWaiter,
            device_deadline_s: float = DEFAULT_DEADLINE_S,
            replacement_timeout: int = iscsiadm.DEFAULT_REPLACEMENT_TIMEOUT,
-           mount_root: str = mount.MOUNT_ROOT) -> Attached:
+           mount_root: str = mount.MOUNT_ROOT,
+           journal: ProxyJournal | None = None) -> Attached:
     """Log in to the agent's export, find its disk, mount it read-only; see the module doc.
 
     Idempotent: an existing session to the target is not logged in again and
     a mount of the same disk at the session's mount point is reused.
+    ``journal`` (None: none) records each resource before it is made.
     """
     req = AttachRequest.from_answer(answer)
     # masked everywhere from now on, not only in the call that passes it
     runner.add_secret(req.chap_secret)
     target, portal = req.target, req.portal
+    held = _begin(journal, req, mount.mountpoint_for(req.session_id, mount_root), undo)
 
     existing = iscsiadm.find_session(runner, target, portal)
     if existing is None:
-        _make_node(runner, req, undo, replacement_timeout)
+        _make_node(runner, req, undo, replacement_timeout, held)
     else:
         log.info("already logged in to %s at %s (session %d): not logging in again",
                  target, portal, existing.sid)
-        undo.push(f"iscsi node {target}", iscsiadm.delete_node, runner, target, portal)
+        _intend(held, "node")
+        undo.push(f"iscsi node {target}", _undone, held, "node",
+                  iscsiadm.delete_node, runner, target, portal)
 
     with waiter_factory(req.identifier, deadline_s=device_deadline_s) as waiter:
         if existing is None:
-            _login(runner, req, undo)
+            _login(runner, req, undo, held)
         else:
-            undo.push(f"iscsi session {target}", iscsiadm.logout, runner, target, portal)
+            _intend(held, "session")
+            undo.push(f"iscsi session {target}", _undone, held, "session",
+                      iscsiadm.logout, runner, target, portal)
         device = waiter.wait(lambda: iscsiadm.rescan(runner, target, portal))
 
-    mountpoint = _mount(runner, req, device, undo, mount_root)
+    mountpoint = _mount(runner, req, device, undo, mount_root, held)
     obj = mount.check_object(mountpoint, req.path_in_fs, req.object_kind)
     log.info("attached %s: %s mounted at %s, object %s", req.session_id, device, mountpoint, obj)
     return Attached(device=device, mountpoint=mountpoint, object_path=obj)
 
 
+def _begin(journal: ProxyJournal | None, req: AttachRequest, mountpoint: str,
+           undo: UndoStack) -> Held | None:
+    """Lock and record the attachment before anything is made (no journal: None)."""
+    if journal is None:
+        return None
+    try:
+        held = journal.begin(req.session_id, req.target, req.portal, mountpoint)
+    except OSError as exc:
+        raise ResourceError(f"cannot write the proxy's journal in {journal.dir}: "
+                            f"{exc.strerror or exc}",
+                            hint="the proxy runs as root; is /var/lib writable?") from None
+    # pushed first, so it runs last: the record goes only if every undo struck its entry off
+    undo.push(f"journal record of {req.session_id}", _finish, held)
+    return held
+
+
+def _finish(held: Held) -> None:
+    if not held.finish():
+        log.warning("session %s: %s still to undo; 'sanoffload proxy cleanup' will retry",
+                    held.record.session_id, ", ".join(held.record.resources))
+
+
+def _intend(held: Held | None, kind: str) -> None:
+    if held is not None:
+        held.intend(kind)
+
+
+def _undone(held: Held | None, kind: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Run an undo step; once it succeeded, strike ``kind`` off the journal record."""
+    fn(*args)
+    if held is not None:
+        held.gone(kind)
+
+
 def _make_node(runner: Runner, req: AttachRequest, undo: UndoStack,
-               replacement_timeout: int) -> None:
+               replacement_timeout: int, held: Held | None = None) -> None:
     target, portal = req.target, req.portal
     offered = iscsiadm.discover(runner, portal)
     if not any(d.target == target for d in offered):
@@ -154,28 +201,43 @@ def _make_node(runner: Runner, req: AttachRequest, undo: UndoStack,
             f"(offered: {', '.join(sorted({d.target for d in offered})) or 'nothing'})",
             hint="the agent may have released the session (lease expired), or its ACL "
                  "does not name this proxy's initiator (/etc/iscsi/initiatorname.iscsi)")
+    _intend(held, "node")
+    # registered first: a failed or killed "-o new" may still have written the record,
+    # and deleting one that is not there is a no-op (exit 21)
+    undo.push(f"iscsi node {target}", _undone, held, "node",
+              iscsiadm.delete_node, runner, target, portal)
     iscsiadm.create_node(runner, target, portal)
-    undo.push(f"iscsi node {target}", iscsiadm.delete_node, runner, target, portal)
     iscsiadm.set_chap(runner, target, portal, req.chap_user, req.chap_secret)
     iscsiadm.set_replacement_timeout(runner, target, portal, replacement_timeout)
     iscsiadm.set_startup_manual(runner, target, portal)
 
 
-def _login(runner: Runner, req: AttachRequest, undo: UndoStack) -> None:
+def _login(runner: Runner, req: AttachRequest, undo: UndoStack,
+           held: Held | None = None) -> None:
     target, portal = req.target, req.portal
+    _intend(held, "session")
     try:
         iscsiadm.login(runner, target, portal)
     except CommandTimeoutError:
         # iscsid carries on with a login whose iscsiadm was killed: it may yet succeed
-        undo.push(f"iscsi session {target}", iscsiadm.logout, runner, target, portal)
+        undo.push(f"iscsi session {target}", _undone, held, "session",
+                  iscsiadm.logout, runner, target, portal)
         raise
-    undo.push(f"iscsi session {target}", iscsiadm.logout, runner, target, portal)
+    except BaseException:
+        if held is not None:
+            held.gone("session")  # refused: no session was made
+        raise
+    undo.push(f"iscsi session {target}", _undone, held, "session",
+              iscsiadm.logout, runner, target, portal)
 
 
 def _mount(runner: Runner, req: AttachRequest, device: str, undo: UndoStack,
-           root: str) -> str:
+           root: str, held: Held | None = None) -> str:
+    _intend(held, "mount")
     mountpoint = mount.make_mountpoint(req.session_id, root)
-    undo.push(f"mount point {mountpoint}", mount.remove_mountpoint, mountpoint)
+    # "mount" is struck off only when the directory is gone: rmdir fails on a mount still there
+    undo.push(f"mount point {mountpoint}", _undone, held, "mount",
+              mount.remove_mountpoint, mountpoint)
     if os.path.ismount(mountpoint):
         current = mount.mounted_device(runner, mountpoint)
         if (current is not None and mount.is_same_device(current.source, device)

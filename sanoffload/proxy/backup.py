@@ -3,7 +3,7 @@
 Given the agent's ``prepare`` answer, the proxy (claims 1-3, 10-12):
 
 1. sets a path to the duplicate from its identifier and mounts it read-only
-   (:func:`sanoffload.proxy.attach.attach`);
+   (:func:`sanoffload.proxy.attach.attach`, journaled: :mod:`sanoffload.proxy.journal`);
 2. streams ``tar --create … | zstd -T0 -q -c`` of the backup object into a
    store writer, which hashes the bytes on the way (no second pass);
 3. asks whether the duplicate stayed valid (a classic snapshot can overflow
@@ -31,6 +31,7 @@ from ..runner import Runner
 from ..tools import tar, zstd
 from ..undo import UndoStack
 from .attach import Attached, attach
+from .journal import ProxyJournal
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,16 @@ def _blame_invalid(exc: BaseException, answer: Mapping[str, Any],
         raise _invalid(answer) from exc
 
 
+def journaled_attach(runner: Runner, answer: Mapping[str, Any], undo: UndoStack) -> Attached:
+    """:func:`~sanoffload.proxy.attach.attach` with the proxy's journal, so what a killed
+    proxy left is found by ``sanoffload proxy cleanup``."""
+    return attach(runner, answer, undo, journal=ProxyJournal())
+
+
 def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
                still_valid: Callable[[], bool], fields: Mapping[str, Any] | None = None,
                compare: Callable[[Any, str], bool] | None = None,
-               attach_fn: Callable[..., Attached] = attach,
+               attach_fn: Callable[..., Attached] = journaled_attach,
                on_attach: Callable[[Attached], None] | None = None) -> BackupSummary:
     """Back up the session ``answer`` describes into ``writer``; see the module doc.
 

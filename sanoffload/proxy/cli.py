@@ -1,4 +1,5 @@
-"""The proxy's commands: ``sanoffload backup``, ``list``, ``verify``, ``restore``, ``prune``.
+"""The proxy's commands: ``sanoffload backup``, ``list``, ``verify``, ``restore``, ``prune``,
+``proxy cleanup``.
 
 ``--store`` is ``HOST:/PATH`` (a backup server, over ssh to its forced
 ``store serve`` command) or a local ``/PATH`` (a repository on this host).
@@ -15,8 +16,9 @@ from typing import Any
 import click
 
 from ..cli import App, pass_app
-from ..errors import IntegrityError, RefusedError, UsageError
+from ..errors import CompletedWithWarnings, IntegrityError, RefusedError, UsageError
 from ..store.cli import format_backups
+from ..text import printable
 from .run import DEFAULT_CONNECTION_S, Location, Progress, parse_location, store_connector
 
 STORE_HELP = "The backup server's repository: HOST:/PATH over ssh, or a local /PATH."
@@ -39,6 +41,34 @@ def _store_client(app: App, loc: Location, ssh: tuple[str, ...]) -> Any:
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _escaped(value: Any) -> Any:
+    """``value`` with every string in it made printable (a store's rows are not ours)."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
+    """The store's rows for the table: strings escaped, counts that are not counts dropped."""
+    rows: list[dict[str, Any]] = []
+    for b in backups:
+        row = _escaped(b) if isinstance(b, dict) else {"id": printable(repr(b))}
+        for key in ("archive_bytes", "member_count"):
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                row[key] = None
+        for key in ("verification", "compared"):
+            if row.get(key) is not None and not isinstance(row[key], dict):
+                row[key] = {"status": printable(str(row[key]))}
+        row.setdefault("id", "?")
+        rows.append(row)
+    return rows
 
 
 @click.command()
@@ -66,6 +96,10 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
     The first server freezes the filesystem only to duplicate the volume and
     exports the duplicate to this proxy alone; this proxy reads it and sends
     the archive to the store, then everything is released.
+
+    Exits 14 (after storing and releasing) when the first server reported
+    warnings, e.g. a failed post-thaw hook; they are in the manifest and in
+    --json's "warnings".
 
     \b
     Examples:
@@ -97,15 +131,25 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
     show = sys.stderr.isatty() if progress is None else progress
     summary = run(app.get_runner(), source_loc, target, verify=verify is not False, kind=kind,
                   ssh_options=ssh, timeout=timeout, progress=Progress() if show else None)
+    warnings = list(summary.get("warnings") or [])
     if as_json:
         _echo_json(summary)
-        return
-    verified = {True: "compared with the duplicate: identical", None: "not compared"}.get(
-        summary["verified"], "DIFFERS")
-    click.echo(f"backup {summary['backup_id']}: {summary['archive_bytes']} bytes in "
-               f"{summary['stream_seconds']:.1f} s ({summary['throughput_mib_s']:.1f} MiB/s), "
-               f"{summary['duplicate_kind']} frozen {summary['freeze_window_ms']} ms by "
-               f"{summary['frozen_by']}; {verified}")
+    else:
+        verified = {True: "compared with the duplicate: identical", None: "not compared"}.get(
+            summary["verified"], "DIFFERS")
+        said = f"; {len(warnings)} warning(s)" if warnings else ""
+        click.echo(f"backup {printable(str(summary['backup_id']))}: {summary['archive_bytes']} "
+                   f"bytes in {summary['stream_seconds']:.1f} s "
+                   f"({summary['throughput_mib_s']:.1f} MiB/s), "
+                   f"{printable(str(summary['duplicate_kind']))} frozen "
+                   f"{summary['freeze_window_ms']} ms by {printable(str(summary['frozen_by']))}"
+                   f"; {verified}{said}")
+    if warnings:
+        # stored and released by now: the exit code tells a scheduler to look
+        raise CompletedWithWarnings(
+            f"backup {printable(str(summary['backup_id']))} is stored, with "
+            f"{len(warnings)} warning(s) from {source_loc.host}: "
+            + " | ".join(printable(w) for w in warnings), warnings)
 
 
 @click.command("list")
@@ -127,7 +171,7 @@ def list_(app: App, store_loc: str, host: str | None, ssh_opts: tuple[str, ...],
     if as_json:
         _echo_json(backups)
     else:
-        click.echo(format_backups(backups))
+        click.echo(format_backups(_printable_rows(backups)))
 
 
 @click.command()
@@ -148,9 +192,9 @@ def verify(app: App, backup_ids: tuple[str, ...], store_loc: str,
         for bid in backup_ids:
             try:
                 store.verify(bid)
-                click.echo(f"ok {bid}")
+                click.echo(f"ok {printable(bid)}")
             except IntegrityError as exc:
-                click.echo(f"FAILED {bid}: {exc.message}")
+                click.echo(f"FAILED {printable(bid)}: {printable(exc.message)}")
                 failed.append(bid)
     if failed:
         raise IntegrityError(f"{len(failed)} of {len(backup_ids)} backup(s) failed verification")
@@ -162,14 +206,20 @@ def verify(app: App, backup_ids: tuple[str, ...], store_loc: str,
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--store", "store_loc", required=True, metavar="STORE", help=STORE_HELP)
 @click.option("--force", is_flag=True, help="Restore into a non-empty TARGET, replacing files.")
+@click.option("--devices", is_flag=True,
+              help="Also restore device nodes (left out by default: an archive is not trusted "
+                   "to make /dev entries).")
+@click.option("--setid", is_flag=True,
+              help="Keep set-user-ID and set-group-ID bits (dropped by default).")
 @click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT")
 @pass_app
 def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store_loc: str,
-            force: bool, ssh_opts: tuple[str, ...]) -> None:
+            force: bool, devices: bool, setid: bool, ssh_opts: tuple[str, ...]) -> None:
     """Restore BACKUP_ID from STORE into TARGET on this host (whole, or only PATHS).
 
     The archive is fetched (sha256 checked), every member name is checked,
     and only then is anything written. The first server is never needed.
+    Device nodes and set-id bits are restored only with --devices / --setid.
 
     \b
     Examples:
@@ -184,7 +234,8 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
     bid = BackupId.parse(backup_id)
     selected = [os.fsencode(p) for p in paths]
     if loc.host is None:
-        done = restore_local(Repository(loc.path, runner), bid, target, selected, force=force)
+        done = restore_local(Repository(loc.path, runner), bid, target, selected, force=force,
+                             devices=devices, setid=setid)
     else:
         # fetched into a private repository beside the target: checked like any stored backup
         parent = os.path.dirname(os.path.abspath(target)) or "/"
@@ -204,8 +255,10 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
                     w.commit({k: manifest.get(k) for k in (
                         "frozen_at", "duplicate_kind", "freeze_window_ms", "frozen_by",
                         "session_id", "sha256", "archive_bytes")})
-            done = restore_local(local, bid, target, selected, force=force)
-    click.echo(f"restored {done.backup} into {done.target} ({done.members} members checked)")
+            done = restore_local(local, bid, target, selected, force=force, devices=devices,
+                                 setid=setid)
+    click.echo(f"restored {printable(str(done.backup))} into {printable(str(done.target))} "
+               f"({done.members} members checked)")
 
 
 @click.command()
@@ -238,3 +291,48 @@ def prune(ctx: click.Context, store_loc: str, **options: Any) -> None:
                            f"ssh {loc.host} sanoffload prune --store {loc.path} …")
     ctx.meta["store_repo"] = loc.path
     ctx.invoke(store_cli.prune, **options)
+
+
+@click.group()
+def proxy() -> None:
+    """Housekeeping on the backup proxy.
+
+    \b
+    Example:
+      sanoffload proxy cleanup
+    """
+
+
+@proxy.command("cleanup")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON array: per attachment its session_id, action and detail.")
+@pass_app
+def cleanup_cmd(app: App, as_json: bool) -> None:
+    """Undo what a killed backup left on this proxy: mount, iSCSI session, node record.
+
+    Works from the proxy's journal (/var/lib/sanoffload/proxy): only what a
+    sanoffload backup recorded is touched, and an attachment whose backup
+    is still running is skipped. Run at boot by sanoffload-proxy-cleanup.service.
+    Exits 13 if something could not be removed (it stays recorded for the next run).
+
+    \b
+    Example:
+      sanoffload proxy cleanup
+    """
+    from .cleanup import Outcome, cleanup
+
+    seen: list[Outcome] = []
+
+    def show(outcome: Outcome) -> None:
+        seen.append(outcome)
+        if not as_json:  # one line as each is done: a later failure still shows what was
+            click.echo(str(outcome))
+
+    try:
+        cleanup(app.get_runner(), on_outcome=show)
+    finally:
+        if as_json:
+            _echo_json([{"session_id": o.session_id, "action": o.action, "detail": o.detail}
+                        for o in seen])
+    if not seen and not as_json:
+        click.echo("nothing to clean up")

@@ -13,7 +13,12 @@ On the proxy::
 Every step registers its undo the moment its resource exists; on success,
 failure, SIGTERM or Ctrl-C the mount, the iSCSI session and the agent's
 session go, in that order. Should the proxy die outright, its ssh connection
-drops and the agent releases the session after its grace period.
+drops and the agent releases the session after its grace period, and the
+proxy's journal names what ``sanoffload proxy cleanup`` must undo here.
+
+The agent's ``warnings`` (a post-thaw hook failed: a database may still be in
+backup mode) are logged as they arrive, stored in the manifest and returned in
+the summary; the caller decides the exit code (14) once everything is released.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
-from ..errors import ConfigError, IntegrityError, UsageError
+from ..errors import ConfigError, IntegrityError, ProtocolError, UsageError
 from ..runner import Runner
+from ..text import printable
 from ..undo import UndoStack
 from . import jobs
-from .backup import run_backup
+from .attach import Attached
+from .backup import journaled_attach, run_backup
 from .peers import AgentClient, StoreClient, compare_with
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,33 @@ def local_initiator(path: str = INITIATOR_FILE) -> str:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     raise ConfigError(f"{path}: no InitiatorName= line")
+
+
+#: bounds on what the agent's warnings may put into a manifest and onto a terminal
+MAX_WARNINGS = 32
+MAX_WARNING_CHARS = 1000
+
+
+def answer_warnings(answer: Mapping[str, Any]) -> list[str]:
+    """The agent's ``warnings`` (optional: none is []), escaped and bounded.
+
+    Escaped here, once: they hold hook output (newlines, escape sequences),
+    and the manifest, the JSON summary and the terminal all get the same text.
+    """
+    raw = answer.get("warnings")
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+        raise ProtocolError("the agent's answer has malformed 'warnings' "
+                            "(want a list of strings)")
+    out = [_clip(printable(w)) for w in raw[:MAX_WARNINGS]]
+    if len(raw) > MAX_WARNINGS:
+        out.append(f"... and {len(raw) - MAX_WARNINGS} more warning(s) (see the agent's log)")
+    return out
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_WARNING_CHARS else text[:MAX_WARNING_CHARS - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -133,8 +167,13 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
            timeout: float = DEFAULT_CONNECTION_S, initiator: str | None = None,
            progress: Progress | None = None,
            agent_conn: Connector | None = None, store_conn: Connector | None = None,
-           backup_fn: Callable[..., Any] = run_backup) -> dict[str, Any]:
-    """Back up ``source`` (on its first server) into ``store``; returns the summary."""
+           attach_fn: Callable[..., Attached] = journaled_attach) -> dict[str, Any]:
+    """Back up ``source`` (on its first server) into ``store``; returns the summary.
+
+    ``summary["warnings"]`` holds the agent's warnings (escaped); non-empty
+    means the backup is stored but needs a look (the CLI exits 14).
+    ``attach_fn`` makes the duplicate readable here (tests inject their own).
+    """
     if source.host is None:
         raise UsageError(f"{source}: name the first server (HOST:/PATH): a backup is "
                          "always taken off-host")
@@ -153,9 +192,14 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
         log.info("%s: session %s, %s frozen %.1f ms by %s", source, sid,
                  answer.get("duplicate_kind"), answer.get("freeze_window_ms", 0),
                  answer.get("frozen_by"))
+        warnings = answer_warnings(answer)
+        for w in warnings:
+            log.warning("%s: %s", source.host, w)
         fields = {k: answer[k] for k in ("duplicate_kind", "frozen_at", "freeze_window_ms",
                                          "frozen_by", "session_id")
                   if answer.get(k) is not None and not (k == "frozen_at" and not answer[k])}
+        if warnings:  # only then: a manifest without warnings stays as it was
+            fields["warnings"] = warnings
         writer = depot.writer(agent.host, source.path, fields, progress=progress)
 
         def still_valid() -> bool:
@@ -178,8 +222,9 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
         if progress is not None:
             extra["on_attach"] = progress.attached
         try:
-            summary = backup_fn(runner, answer, writer, still_valid=still_valid,
-                                compare=compare if verify else None, **extra)
+            summary = run_backup(runner, answer, writer, still_valid=still_valid,
+                                 compare=compare if verify else None, attach_fn=attach_fn,
+                                 **extra)
         except IntegrityError:
             log.error("the stored archive differs from the duplicate: %s",
                       verdict.get("detail", ""))
@@ -199,6 +244,7 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
         "throughput_mib_s": round(summary.throughput_mib_s, 2),
         "verified": summary.verified,
         "verification": stored.get("verification"), "compared": stored.get("compared"),
+        "warnings": warnings,
     }
 
 

@@ -3,6 +3,8 @@
 * ``sanoffload-cleanup.service``: first server, at boot: ``agent cleanup --all``.
 * ``sanoffload-lease.service`` + ``.timer``: first server, every minute: ``agent cleanup``.
 * ``sanoffload-backup@.service`` + ``@.timer``: proxy, one instance per job, daily.
+* ``sanoffload-proxy-cleanup.service``: proxy, at boot: ``proxy cleanup`` (what a killed
+  backup left: node records, sessions, mounts).
 
 They are package data (``*.service``, ``*.timer``), read with importlib.resources
 so they work from a wheel, an editable install or a zip alike.

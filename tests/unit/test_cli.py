@@ -21,7 +21,7 @@ import pytest
 import sanoffload
 from sanoffload import cli
 from sanoffload.doctor import Host
-from sanoffload.errors import Interrupted, RefusedError, ResourceError
+from sanoffload.errors import CompletedWithWarnings, Interrupted, RefusedError, ResourceError
 from sanoffload.signals import install_signal_handlers
 
 from ..fixtures.doctor import fakehost as fh
@@ -201,6 +201,35 @@ def test_sanoffload_error_is_one_line_with_its_exit_code(
     assert cli.run(["doctor", "--role", "agent"]) == 7
     err = capsys.readouterr().err
     assert err == "sanoffload: error: volume group vg0 has only 1 GiB free (hint: extend it)\n"
+
+
+@pytest.mark.hostile("proxy", "a peer's error message with terminal escape sequences",
+                     "printed escaped on the one error line")
+def test_an_error_message_from_elsewhere_is_printed_escaped(
+        fake_machine: FakeMachine, monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
+    fake_machine()
+
+    def boom(role: str, host: Host) -> None:
+        raise ResourceError("store says: \x1b]0;pwned\x07disk full\x1b[2J\u202e")
+
+    monkeypatch.setattr(cli, "run_checks", boom)
+    assert cli.run(["doctor", "--role", "agent"]) == 7
+    err = capsys.readouterr().err
+    assert err == ("sanoffload: error: store says: \\x1b]0;pwned\\x07disk full"
+                   "\\x1b[2J\\u202e\n")
+
+
+def test_a_warning_exit_is_a_warning_line_with_code_14(
+        fake_machine: FakeMachine, monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
+    fake_machine()
+
+    def done_but(role: str, host: Host) -> None:
+        raise CompletedWithWarnings("backup X is stored, with 1 warning(s)", ["hook failed"])
+
+    monkeypatch.setattr(cli, "run_checks", done_but)
+    assert cli.run(["doctor", "--role", "agent"]) == 14
+    assert capsys.readouterr().err == ("sanoffload: warning: backup X is stored, "
+                                       "with 1 warning(s)\n")
 
 
 def test_unexpected_error_is_one_line_exit_1(

@@ -10,6 +10,7 @@ checked with ``sanoffload.proxy.run.backup`` replaced by a recorder.
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import json
 import logging
@@ -30,6 +31,7 @@ from sanoffload.proxy.run import Location, Progress
 from sanoffload.runner import CommandRunner, FakeRunner
 from sanoffload.store.repo import BackupId, Repository
 from sanoffload.store.service import StoreService
+from tests.unit.conftest import make_archive
 
 pytestmark = pytest.mark.unit
 
@@ -255,6 +257,47 @@ def test_list_a_local_store(store: tuple[Path, list[BackupId]], capsys: Capsys) 
     assert json.loads(capsys.readouterr().out) == []
 
 
+class HostileStore(StoreService):
+    """A store whose list answers rows forged to rewrite the terminal and the table."""
+
+    def __init__(self, root: Path, rows: list[Any]) -> None:
+        super().__init__(Repository(root, CommandRunner()), "px1")
+        self.rows = rows
+
+    def handle(self, op: str, fields: dict[str, Any], channel: Any) -> Any:
+        if op == "list":
+            return {"backups": self.rows, "next": None}
+        return super().handle(op, fields, channel)
+
+
+@pytest.mark.hostile("proxy", "store's list rows with newlines, escape sequences, bad counts",
+                     "every field printed escaped, one line per backup")
+def test_list_escapes_every_field_from_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: Capsys) -> None:
+    rows = [
+        {"id": "fs1/x/20261120T100000Z\nfs1/forged/20261120T100000Z", "archive_bytes": 10,
+         "member_count": 2, "path": "/srv/\x1b]0;pwned\x07data\x1b[2J",
+         "verification": {"status": "ok\r\x1b[1A"}, "compared": {"status": "\u202efailed"}},
+        {"id": "fs1/y/20261120T100000Z", "archive_bytes": "12\x1b", "member_count": [1],
+         "path": "/srv/y", "verification": "ok\n", "compared": None},
+    ]
+    monkeypatch.setattr("sanoffload.proxy.cli.store_connector",
+                        lambda runner, loc, ssh=(), **kw: in_process_connector(
+                            lambda ch: serve(HostileStore(tmp_path, rows), ch), peer="bk1"))
+    assert cli.run(["list", "--store", "bk1:/srv/backups"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r\u202e")
+    lines = out.splitlines()
+    assert len(lines) == 3, out  # the header and one line per backup: no forged row
+    assert "fs1/x/20261120T100000Z\\nfs1/forged" in lines[1]
+    assert "/srv/\\x1b]0;pwned\\x07data\\x1b[2J" in lines[1]
+    assert lines[2].split()[0] == "fs1/y/20261120T100000Z"
+    # --json: the JSON encoder escapes them itself
+    assert cli.run(["list", "--store", "bk1:/srv/backups", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and json.loads(out)[0]["path"] == rows[0]["path"]
+
+
 def test_list_needs_a_store(capsys: Capsys) -> None:
     assert cli.run(["list"]) == 2
     assert "--store" in capsys.readouterr().err
@@ -309,6 +352,46 @@ def test_restore_from_a_local_store(store: tuple[Path, list[BackupId]], tmp_path
     # --force replaces what the backup holds
     assert cli.run(["restore", "--store", str(root), str(ids[0]), str(target), "--force"]) == 0
     assert (target / "sub" / "a.txt").read_text() == "hello from fs1\n"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], {"devices": False, "setid": False}),
+    (["--devices"], {"devices": True, "setid": False}),
+    (["--setid", "--devices"], {"devices": True, "setid": True}),
+])
+def test_restore_passes_devices_and_setid_through(store: tuple[Path, list[BackupId]],
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  flags: list[str],
+                                                  expected: dict[str, bool]) -> None:
+    restore_mod = importlib.import_module("sanoffload.store.restore")
+    seen: list[dict[str, Any]] = []
+    real = restore_mod.restore
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append({k: kwargs.get(k) for k in ("devices", "setid")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(restore_mod, "restore", recording)
+    root, ids = store
+    assert cli.run(["restore", "--store", str(root), str(ids[0]), str(tmp_path / "out"),
+                    *flags]) == 0
+    assert seen == [expected]
+
+
+def test_restore_keeps_setid_bits_only_when_asked(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tool").write_text("#!/bin/sh\n")
+    (src / "tool").chmod(0o4755)
+    root = tmp_path / "repo"
+    root.mkdir()
+    bid = Repository(root, CommandRunner()).put("fs1", "/srv/data", io.BytesIO(make_archive(src)),
+                                                {"frozen_at": T0}, verify=False)
+    assert cli.run(["restore", "--store", str(root), str(bid), str(tmp_path / "plain")]) == 0
+    assert (tmp_path / "plain" / "tool").stat().st_mode & 0o7777 == 0o755
+    assert cli.run(["restore", "--store", str(root), str(bid), str(tmp_path / "kept"),
+                    "--setid"]) == 0
+    assert (tmp_path / "kept" / "tool").stat().st_mode & 0o7777 == 0o4755
 
 
 def test_restore_only_some_paths(store: tuple[Path, list[BackupId]], tmp_path: Path) -> None:

@@ -7,19 +7,18 @@ test-reads with the real ``zstd -t`` and ``tar --list``). Both are reached
 through in_process_connector, so the proxy's AgentClient, StoreClient,
 RemoteWriter and compare_with (a real ``tar --diff``) all run for real.
 
-``backup_fn`` is injected: :class:`FakeBackup` does what run_backup does
-(stream, still_valid, commit, compare, abort on failure) without attaching
-anything; one test runs the real run_backup with a fake attach instead.
+Only the attach step is injected (:class:`FakeAttach`: no iSCSI, no mount;
+the "duplicate" is a tree in tmp_path): run_backup itself runs for real, with
+the real tar and zstd.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
+import json
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,17 +27,19 @@ from typing import Any
 
 import pytest
 
+from sanoffload import cli
 from sanoffload.agent.service import AgentService
 from sanoffload.channel.client import Connection, in_process_connector
 from sanoffload.channel.server import serve
 from sanoffload.errors import (AuthError, CommandError, ConfigError, DuplicateInvalidError,
-                               IntegrityError, RefusedError, UsageError)
+                               IntegrityError, ProtocolError, RefusedError, UsageError)
+from sanoffload.proxy import run as proxy_run
 from sanoffload.proxy.attach import Attached
-from sanoffload.proxy.backup import BackupSummary, run_backup
 from sanoffload.proxy.run import Location, Progress, backup, local_initiator, parse_location
 from sanoffload.runner import CommandRunner
 from sanoffload.store.repo import Repository, format_timestamp, slug_for_path
 from sanoffload.store.service import StoreService
+from sanoffload.text import printable
 from sanoffload.undo import UndoStack
 
 from .fakes_agent import Answer
@@ -71,6 +72,10 @@ class FakeAgent:
         self.calls: list[tuple[Any, ...]] = []
         self.health = "healthy"
         self.refuse: BaseException | None = None
+        #: what prepare answers as "warnings" (None: the key is absent, as from older agents)
+        self.warnings: Any = None
+        #: called when status is asked (after the stream, before the commit)
+        self.on_status: Callable[[], None] | None = None
         self.lock = threading.Lock()
         self.owners: dict[str, str] = {}
 
@@ -82,8 +87,9 @@ class FakeAgent:
                 raise self.refuse
             sid = "fs1-0a1b2c3d"
             self.owners[sid] = str(client)
+        extra = {} if self.warnings is None else {"warnings": self.warnings}
         return Answer({
-            "session_id": sid, "identifier": "naa.60014050a1b2c3d4",
+            **extra, "session_id": sid, "identifier": "naa.60014050a1b2c3d4",
             "target_iqn": f"iqn.2026-11.org.sanoffload:{sid}", "portals": ["192.0.2.10:3260"],
             "lun": 0, "unit_serial": "0a1b2c3d", "chap_user": "px1",
             "chap_secret": "s3cret-never-stored", "fstype": "ext4", "path_in_fs": "data",
@@ -97,6 +103,8 @@ class FakeAgent:
     def status(self, session_id: str) -> dict[str, Any]:
         with self.lock:
             self.calls.append(("status", session_id))
+        if self.on_status is not None:
+            self.on_status()
         return {"session_id": session_id, "status": self.health}
 
     def release(self, session_id: str) -> list[str]:
@@ -132,45 +140,25 @@ class Served:
         self.connector = connect
 
 
-# -- the fake run_backup ----------------------------------------------------------------
-class FakeBackup:
-    """Does what run_backup does after attaching: stream, still_valid, commit, compare."""
+# -- the fake attach ------------------------------------------------------------------
+class FakeAttach:
+    """Stands in for the iSCSI login and the read-only mount: the "duplicate" is ``tree``.
 
-    def __init__(self, src: Path, data: bytes,
-                 before_compare: Callable[[], None] | None = None) -> None:
-        self.src = src
-        self.data = data
-        self.before_compare = before_compare
-        self.calls: list[dict[str, Any]] = []
-        self.compared: list[Any] = []
-        self.aborted = False
+    Everything else is the real run_backup: tar | zstd of the tree, the store's
+    writer, still_valid, commit, compare_with's ``tar --diff``, abort on failure.
+    """
 
-    def __call__(self, runner: Any, answer: Any, writer: Any, *,
-                 still_valid: Callable[[], bool], fields: Any = None,
-                 compare: Callable[[Any, str], bool] | None = None,
-                 on_attach: Callable[[Attached], None] | None = None) -> BackupSummary:
-        self.calls.append({"answer": dict(answer), "compare": compare})
-        if on_attach is not None:
-            on_attach(Attached("/dev/sdx", str(self.src), str(self.src)))
-        started = time.monotonic()
-        try:
-            writer.write_from(io.BytesIO(self.data))
-            if not still_valid():
-                raise DuplicateInvalidError("the duplicate became invalid while it was read")
-            stored = writer.commit(dict(fields or {}))
-        except BaseException:
-            self.aborted = True
-            writer.abort()
-            raise
-        verified: bool | None = None
-        if compare is not None:
-            if self.before_compare is not None:
-                self.before_compare()
-            verified = compare(stored, str(self.src))
-            self.compared.append(verified)
-            if not verified:
-                raise IntegrityError(f"the stored archive {stored['id']} differs")
-        return BackupSummary(stored, writer.bytes, time.monotonic() - started, verified)
+    def __init__(self, tree: Path, fail: BaseException | None = None) -> None:
+        self.tree = tree
+        self.fail = fail
+        self.events: list[str] = []
+
+    def __call__(self, runner: Any, answer: Any, undo: UndoStack) -> Attached:
+        self.events.append(f"attach {answer['identifier']}")
+        if self.fail is not None:
+            raise self.fail
+        undo.push("detach", self.events.append, "detached")
+        return Attached("/dev/sdz", str(self.tree.parent), str(self.tree))
 
 
 # -- fixtures -------------------------------------------------------------------------
@@ -195,12 +183,15 @@ class Lab:
                                                       sleep=lambda s: None), "fs1")
         self.store_side = Served(lambda: StoreService(repo, "px1"), "bk1")
 
-    def run(self, backup_fn: Any, *, source: Location = SOURCE, verify: bool = True,
+    def run(self, attach: Any, *, source: Location = SOURCE, verify: bool = True,
             kind: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
         return backup(CommandRunner(), source, Location("bk1", str(self.repo.root)),
-                      verify=verify, kind=kind, initiator=INITIATOR, timeout=60,
-                      progress=progress, agent_conn=self.agent_side.connector,
-                      store_conn=self.store_side.connector, backup_fn=backup_fn)
+                      **self.wiring(attach), verify=verify, kind=kind, progress=progress)
+
+    def wiring(self, attach: Any) -> dict[str, Any]:
+        """What a test gives run.backup besides its arguments: the peers and the attach."""
+        return {"initiator": INITIATOR, "timeout": 60, "agent_conn": self.agent_side.connector,
+                "store_conn": self.store_side.connector, "attach_fn": attach}
 
     def check_peers_done(self) -> None:
         """Both connections were made once and hung up cleanly; no server thread failed."""
@@ -220,9 +211,9 @@ def no_leftovers(repo: Repository) -> bool:
 
 
 # -- success ----------------------------------------------------------------------------
-def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path, archive: bytes) -> None:
-    fake = FakeBackup(tree, archive)
-    summary = lab.run(fake)
+def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path) -> None:
+    attach = FakeAttach(tree)
+    summary = lab.run(attach)
 
     [stored] = lab.repo.list()
     assert summary["backup_id"] == str(stored.id)
@@ -233,13 +224,16 @@ def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path, archive:
     # ... at the agent's freeze time
     assert stored.id.timestamp == format_timestamp(datetime.fromtimestamp(FROZEN_AT,
                                                                          timezone.utc))
-    # what is stored is what was sent, and the summary says so
+    # what is stored is run_backup's tar | zstd of the (stand-in) duplicate
     on_disk = lab.repo.archive_path(stored.id).read_bytes()
-    assert on_disk == archive
-    assert summary["sha256"] == hashlib.sha256(archive).hexdigest() == stored.manifest.sha256
-    assert summary["archive_bytes"] == len(archive)
-    # compared with the (stand-in) duplicate, and the verdict recorded in the manifest
-    assert fake.compared == [True]
+    assert summary["sha256"] == hashlib.sha256(on_disk).hexdigest() == stored.manifest.sha256
+    assert summary["archive_bytes"] == len(on_disk)
+    listing = subprocess.run(["tar", "--zstd", "-tf", str(stored.archive)], capture_output=True,
+                             check=True, text=True).stdout.split()
+    assert "./sub/a.txt" in listing and "./b.bin" in listing
+    # attached once, detached once (before the release)
+    assert attach.events == ["attach naa.60014050a1b2c3d4", "detached"]
+    # compared with the duplicate, and the verdict recorded in the manifest
     assert summary["verified"] is True
     assert stored.manifest.compared is not None and stored.manifest.compared.status == "ok"
     assert summary["compared"]["status"] == "ok"
@@ -254,6 +248,7 @@ def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path, archive:
     assert summary["source"] == "root@fs1.lab.example:/srv/data"
     assert (summary["duplicate_kind"], summary["frozen_by"], summary["freeze_window_ms"]) == (
         "thin-snapshot", "fsfreeze", 41.7)
+    assert summary["warnings"] == []
     # the agent: one prepare of this path for this initiator, asked once, released once
     assert lab.agent.ops("prepare") == [("prepare", "/srv/data", INITIATOR, None, "px1")]
     assert lab.agent.ops("status") == [("status", "fs1-0a1b2c3d")]
@@ -263,56 +258,103 @@ def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path, archive:
     lab.check_peers_done()
 
 
-def test_the_kind_is_passed_to_the_agent(lab: Lab, tree: Path, archive: bytes) -> None:
-    summary = lab.run(FakeBackup(tree, archive), kind="mirror-split", verify=False)
+def test_the_kind_is_passed_to_the_agent(lab: Lab, tree: Path) -> None:
+    summary = lab.run(FakeAttach(tree), kind="mirror-split", verify=False)
     assert lab.agent.ops("prepare")[0][3] == "mirror-split"
     assert summary["duplicate_kind"] == "mirror-split"
     assert lab.repo.list()[0].manifest.duplicate_kind == "mirror-split"
 
 
-def test_without_verify_nothing_is_compared(lab: Lab, tree: Path, archive: bytes) -> None:
-    fake = FakeBackup(tree, archive)
-    summary = lab.run(fake, verify=False)
-    assert fake.calls[0]["compare"] is None and fake.compared == []
+def test_without_verify_nothing_is_compared(lab: Lab, tree: Path) -> None:
+    attach = FakeAttach(tree)
+    summary = lab.run(attach, verify=False)
     [stored] = lab.repo.list()
     assert stored.manifest.compared is None
     assert summary["compared"] is None and summary["verified"] is None
     assert summary["backup_id"] == str(stored.id)
+    assert attach.events[-1] == "detached"
     assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
     lab.check_peers_done()
 
 
-def test_the_real_run_backup_with_a_fake_attach(lab: Lab, tree: Path) -> None:
-    """run_backup's own tar | zstd and compare_with's tar --diff, against the tree."""
-    events: list[str] = []
+# -- warnings from the agent (post-thaw hooks) --------------------------------------------
+HOOK_FAILED = ("post-thaw hook /usr/local/sbin/db-end-backup failed (exit 1): "
+               "ERROR: still in backup mode\n\x1b]0;owned\x07\x1b[2J")
 
-    def attach(runner: Any, answer: Any, undo: UndoStack) -> Attached:
-        events.append(f"attach {answer['identifier']}")
-        undo.push("detach", events.append, "detached")
-        return Attached("/dev/sdz", str(tree.parent), str(tree))
 
-    summary = lab.run(functools.partial(run_backup, attach_fn=attach))
-    assert events == ["attach naa.60014050a1b2c3d4", "detached"]
+@pytest.mark.hostile("proxy", "post-thaw hook warning with a newline and terminal escapes",
+                     "stored escaped in the manifest and summary; backup kept")
+def test_the_agents_warnings_reach_the_manifest_and_the_summary(lab: Lab, tree: Path) -> None:
+    lab.agent.warnings = [HOOK_FAILED]
+    summary = lab.run(FakeAttach(tree))
+    escaped = printable(HOOK_FAILED)
+    assert summary["warnings"] == [escaped]
+    assert "\x1b" not in escaped and "\n" not in escaped and "\\x1b]0;owned" in escaped
     [stored] = lab.repo.list()
-    compared = stored.manifest.compared
-    assert summary["verified"] is True and compared is not None and compared.status == "ok"
-    # the stored archive restores to the tree it was made from
-    listing = subprocess.run(["tar", "--zstd", "-tf", str(stored.archive)], capture_output=True,
-                             check=True, text=True).stdout.split()
-    assert "./sub/a.txt" in listing and "./b.bin" in listing
+    assert json.loads(stored.manifest_path.read_text())["warnings"] == [escaped]
+    # the backup itself is whole: stored, compared, released
+    assert summary["verified"] is True and summary["backup_id"] == str(stored.id)
     assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
     lab.check_peers_done()
+
+
+@pytest.mark.hostile("proxy", "agent answers 'warnings' that is not a list of strings",
+                     "protocol error (11); nothing stored, session released")
+@pytest.mark.parametrize("bad", ["one string", [1, 2], {"w": "x"}, [None]])
+def test_malformed_warnings_are_a_protocol_error(lab: Lab, tree: Path, bad: Any) -> None:
+    lab.agent.warnings = bad
+    attach = FakeAttach(tree)
+    with pytest.raises(ProtocolError, match="warnings") as info:
+        lab.run(attach)
+    assert info.value.exit_code == 11
+    assert attach.events == []
+    assert lab.repo.list() == [] and no_leftovers(lab.repo)
+    assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
+    lab.check_peers_done()
+
+
+@pytest.mark.hostile("proxy", "agent answers 40 warnings of 5,000 characters each",
+                     "bounded: at most 32 (+1 saying how many more), each clipped")
+def test_warnings_are_bounded(lab: Lab, tree: Path) -> None:
+    lab.agent.warnings = ["w" * 5000] * 40
+    summary = lab.run(FakeAttach(tree), verify=False)
+    assert len(summary["warnings"]) == 33
+    assert all(len(w) <= 1000 for w in summary["warnings"])
+    assert "8 more" in summary["warnings"][-1]
+
+
+def test_warnings_make_the_backup_command_exit_14_after_release(
+        lab: Lab, tree: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the CLI: JSON on stdout, the warnings escaped on stderr, exit 14 last."""
+    lab.agent.warnings = [HOOK_FAILED, "post-thaw hook /x timed out after 60 s"]
+    real = proxy_run.backup
+    monkeypatch.setattr(proxy_run, "backup", lambda runner, source, store, **kw: real(
+        CommandRunner(), source, store, **{**kw, **lab.wiring(FakeAttach(tree))}))
+    code = cli.run(["backup", "fs1:/srv/data", "--store", "bk1:" + str(lab.repo.root),
+                    "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 14
+    summary = json.loads(out)
+    assert summary["warnings"] == [printable(HOOK_FAILED), "post-thaw hook /x timed out after 60 s"]
+    assert "\x1b" not in err and "\x07" not in err
+    assert err.count("sanoffload: WARNING: fs1: post-thaw hook") == 2
+    last = err.splitlines()[-1]
+    assert last.startswith(f"sanoffload: warning: backup {summary['backup_id']} is stored, "
+                           "with 2 warning(s) from fs1")
+    # the backup is listed, and the session was released before the command ended
+    assert [str(b.id) for b in lab.repo.list()] == [summary["backup_id"]]
+    assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
 
 
 # -- failures -----------------------------------------------------------------------------
-def test_an_invalid_duplicate_is_discarded_and_released(lab: Lab, tree: Path,
-                                                        archive: bytes) -> None:
+def test_an_invalid_duplicate_is_discarded_and_released(lab: Lab, tree: Path) -> None:
     lab.agent.health = "invalid"
-    fake = FakeBackup(tree, archive)
+    attach = FakeAttach(tree)
     with pytest.raises(DuplicateInvalidError) as info:
-        lab.run(fake)
+        lab.run(attach)
     assert info.value.exit_code == 8
-    assert fake.aborted
+    assert attach.events[-1] == "detached"
     assert lab.repo.list() == []
     assert no_leftovers(lab.repo)
     assert lab.agent.ops("status") == [("status", "fs1-0a1b2c3d")]
@@ -320,13 +362,13 @@ def test_an_invalid_duplicate_is_discarded_and_released(lab: Lab, tree: Path,
     lab.check_peers_done()
 
 
-def test_a_difference_found_by_the_comparison_is_recorded(lab: Lab, tree: Path,
-                                                          archive: bytes) -> None:
-    def change() -> None:  # the duplicate no longer matches what was stored
+def test_a_difference_found_by_the_comparison_is_recorded(lab: Lab, tree: Path) -> None:
+    def change() -> None:  # asked after the stream: the duplicate no longer matches the archive
         (tree / "sub" / "a.txt").write_text("changed after the archive was made\n")
 
+    lab.agent.on_status = change
     with pytest.raises(IntegrityError) as info:
-        lab.run(FakeBackup(tree, archive, before_compare=change))
+        lab.run(FakeAttach(tree))
     assert info.value.exit_code == 12
     [stored] = lab.repo.list()
     compared = stored.manifest.compared
@@ -336,14 +378,13 @@ def test_a_difference_found_by_the_comparison_is_recorded(lab: Lab, tree: Path,
     lab.check_peers_done()
 
 
-def test_a_refused_prepare_stores_nothing_and_releases_nothing(lab: Lab, tree: Path,
-                                                               archive: bytes) -> None:
+def test_a_refused_prepare_stores_nothing_and_releases_nothing(lab: Lab, tree: Path) -> None:
     lab.agent.refuse = RefusedError("/srv/data: not on a logical volume")
-    fake = FakeBackup(tree, archive)
+    attach = FakeAttach(tree)
     with pytest.raises(RefusedError, match="not on a logical volume") as info:
-        lab.run(fake)
+        lab.run(attach)
     assert info.value.exit_code == 3
-    assert fake.calls == []
+    assert attach.events == []
     assert lab.agent.ops("release") == [] and lab.agent.ops("status") == []
     assert lab.repo.list() == [] and no_leftovers(lab.repo)
     assert list(lab.repo.root.iterdir()) == []  # not even a put was begun
@@ -354,14 +395,14 @@ def test_a_source_without_a_host_is_refused_before_any_connection(repo: Reposito
     def must_not_connect() -> Connection:
         pytest.fail("a connector was called")
 
-    def must_not_run(*args: Any, **kwargs: Any) -> Any:
-        pytest.fail("backup_fn was called")
+    def must_not_attach(*args: Any, **kwargs: Any) -> Any:
+        pytest.fail("attach was called")
 
     with pytest.raises(UsageError, match="name the first server") as info:
         # initiator None: reading /etc/iscsi must not come first either
         backup(CommandRunner(), Location(None, "/srv/data"), Location(None, str(repo.root)),
                agent_conn=must_not_connect, store_conn=must_not_connect,
-               backup_fn=must_not_run)
+               attach_fn=must_not_attach)
     assert type(info.value) is UsageError and info.value.exit_code == 2
 
 
@@ -387,13 +428,13 @@ def test_progress_is_quiet_within_its_interval() -> None:
     assert out.getvalue() == first
 
 
-def test_a_backup_reports_progress(lab: Lab, tree: Path, archive: bytes) -> None:
+def test_a_backup_reports_progress(lab: Lab, tree: Path) -> None:
     out = io.StringIO()
-    lab.run(FakeBackup(tree, archive), verify=False, progress=Progress(out=out, every_s=0))
+    summary = lab.run(FakeAttach(tree), verify=False, progress=Progress(out=out, every_s=0))
     text = out.getvalue()
     assert "MiB" in text and text.endswith("\n")
     assert "volume holds ~" in text  # sized from the mounted duplicate's used space
-    assert lab.repo.list()[0].manifest.archive_bytes == len(archive)
+    assert lab.repo.list()[0].manifest.archive_bytes == summary["archive_bytes"] > 0
 
 
 # -- local_initiator, parse_location -------------------------------------------------------
@@ -444,11 +485,9 @@ def test_location_text() -> None:
 
 def test_a_failed_attach_stores_nothing_and_releases(lab: Lab, tree: Path) -> None:
     """run_backup fails before streaming: the open put is dropped, the session released."""
-    def attach(runner: Any, answer: Any, undo: UndoStack) -> Attached:
-        raise CommandError("iscsiadm exited 24: login failed")
-
+    attach = FakeAttach(tree, fail=CommandError("iscsiadm exited 24: login failed"))
     with pytest.raises(CommandError, match="login failed"):
-        lab.run(functools.partial(run_backup, attach_fn=attach))
+        lab.run(attach)
     assert lab.repo.list() == [] and no_leftovers(lab.repo)
     # asked once: had the duplicate become invalid, that would be the error to show
     assert lab.agent.ops("status") == [("status", "fs1-0a1b2c3d")]
@@ -459,18 +498,17 @@ def test_a_failed_attach_stores_nothing_and_releases(lab: Lab, tree: Path) -> No
 def test_a_read_error_on_an_invalid_duplicate_is_reported_as_invalid(lab: Lab,
                                                                      tree: Path) -> None:
     """An overflowed snapshot fails the mount or the read with EIO: say what it really is."""
-    def attach(runner: Any, answer: Any, undo: UndoStack) -> Attached:
-        raise CommandError("mount: /run/sanoffload/mnt/x: can't read superblock")
-
+    attach = FakeAttach(tree, fail=CommandError("mount: /run/sanoffload/mnt/x: can't read "
+                                                "superblock"))
     lab.agent.health = "invalid"
     with pytest.raises(DuplicateInvalidError, match="became invalid") as exc:
-        lab.run(functools.partial(run_backup, attach_fn=attach))
+        lab.run(attach)
     assert isinstance(exc.value.__cause__, CommandError)
     assert lab.repo.list() == [] and no_leftovers(lab.repo)
     assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
 
 
-def test_a_zero_freeze_window_is_recorded(lab: Lab, tree: Path, archive: bytes,
+def test_a_zero_freeze_window_is_recorded(lab: Lab, tree: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     prepare = lab.agent.prepare
 
@@ -480,6 +518,6 @@ def test_a_zero_freeze_window_is_recorded(lab: Lab, tree: Path, archive: bytes,
         return answer
 
     monkeypatch.setattr(lab.agent, "prepare", fast)
-    summary = lab.run(FakeBackup(tree, archive), verify=False)
+    summary = lab.run(FakeAttach(tree), verify=False)
     assert summary["freeze_window_ms"] == 0.0
     assert lab.repo.list()[0].manifest.freeze_window_ms == 0.0

@@ -133,6 +133,25 @@ def test_backup_service_keeps_iscsi_and_mounts_working(
         assert key not in service, key
 
 
+def test_proxy_cleanup_runs_at_boot_before_any_backup(
+        units: dict[str, configparser.ConfigParser],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    unit = units["sanoffload-proxy-cleanup.service"]
+    argv = unit["Service"]["ExecStart"].split()
+    assert argv[:2] == ["/usr/bin/env", "sanoffload"]
+    assert argv[2:] == ["proxy", "cleanup"]
+    assert cli.run([*argv[2:], "--help"]) == 0  # a command line the CLI knows
+    assert "Usage: sanoffload proxy cleanup" in capsys.readouterr().out
+    assert unit["Service"]["Type"] == "oneshot"
+    # the journal survives reboots (node records do too); nothing journaled, nothing to do
+    assert unit["Unit"]["ConditionDirectoryNotEmpty"] == "/var/lib/sanoffload/proxy"
+    assert {"local-fs.target", "iscsid.service"} <= set(unit["Unit"]["After"].split())
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    assert "sanoffload-proxy-cleanup.service" in ROLE_UNITS["proxy"]
+    after = units["sanoffload-backup@.service"]["Unit"]["After"].split()
+    assert "sanoffload-proxy-cleanup.service" in after
+
+
 def test_backup_timer_is_daily_per_instance(units: dict[str, configparser.ConfigParser]) -> None:
     timer = units["sanoffload-backup@.timer"]
     assert timer["Timer"]["OnCalendar"] == "daily"
