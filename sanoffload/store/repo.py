@@ -655,10 +655,8 @@ class Repository:
         runner = self.command_runner()
         try:
             zstd.check(runner, archive, timeout=timeout)
-            with self.scratch() as tmp:
-                listing = Path(tmp) / "members"
-                tar.list_to_file(runner, archive, listing, timeout=timeout, verbose=False)
-                return tar.count_lines(listing)
+            # through a pipe: a listing written to a file on a full disk is cut silently
+            return tar.count_members(runner, archive, timeout=timeout)
         except (CommandNotFoundError, CommandTimeoutError):
             raise
         except CommandError as exc:

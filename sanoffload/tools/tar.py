@@ -158,16 +158,6 @@ def extract_argv(target: str | bytes | os.PathLike[str],
     return argv
 
 
-def list_to_file(runner: Runner, archive: str | os.PathLike[str],
-                 index_file: str | os.PathLike[str], *, timeout: float,
-                 verbose: bool = True) -> Result:
-    """Run :func:`list_argv` into LISTING. Superseded: GNU tar ignores write errors on
-    ``--index-file`` (a full disk cuts LISTING short unnoticed); use
-    :func:`count_members` or :func:`list_members`.
-    """
-    return runner.run(list_argv(archive, index_file, verbose=verbose), timeout=timeout)
-
-
 def list_members(runner: Runner, archive: str | bytes | os.PathLike[str], *,
                  timeout: float) -> Generator[Member, None, None]:
     """Every member of a stored ``.tar.zst``, in archive order, parsed as tar lists it.
@@ -341,12 +331,3 @@ def parse_numbered(number: int, line: bytes) -> Member:
     except ValueError as exc:
         text = show(line.rstrip(b"\n")[:120])
         raise ValueError(f"listing line {number}: {exc}: {text}") from None
-
-
-def count_lines(path: str | os.PathLike[str]) -> int:
-    """Lines in a (non-verbose) listing: one per member, newlines in names are escaped."""
-    count = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            count += chunk.count(b"\n")
-    return count

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sanoffload.runner import FakeRunner
 from sanoffload.tools import tar, zstd
 
 
@@ -30,3 +31,9 @@ def tree(tmp_path: Path) -> Path:
 def archive(tree: Path) -> bytes:
     """``tree`` as a real ``.tar.zst``."""
     return make_archive(tree)
+
+
+def listing_runner(members: int = 3) -> FakeRunner:
+    """zstd -t passes; ``tar --list`` prints ``members`` lines on its stdout."""
+    return FakeRunner().on("zstd", "-t").on(
+        "tar", "--list", stdout=b"".join(b'"./m%d"\n' % i for i in range(members)))

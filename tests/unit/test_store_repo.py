@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.conftest import listing_runner
+
 from sanoffload.errors import (CommandNotFoundError, IntegrityError, Interrupted, RefusedError,
                                ResourceError, UsageError)
 from sanoffload.runner import FakeRunner
@@ -22,18 +24,6 @@ pytestmark = pytest.mark.unit
 DATA = os.urandom(3 * CHUNK + 12345)  # several chunks and a tail
 FROZEN = "2026-11-26T10:29:33.120Z"
 TS = "20261126T102933Z"
-
-
-def listing_runner(members: int = 3) -> FakeRunner:
-    """zstd -t passes; tar --list writes ``members`` lines to its --index-file."""
-    def write_index(argv: list[str]) -> None:
-        index = next(a for a in argv if a.startswith("--index-file="))
-        Path(index.partition("=")[2]).write_bytes(b"".join(b'"./m%d"\n' % i
-                                                           for i in range(members)))
-    runner = FakeRunner()
-    runner.on("zstd", "-t")
-    runner.on("tar", "--list", action=write_index)
-    return runner
 
 
 def all_files(root: Path) -> list[str]:
@@ -94,7 +84,7 @@ def test_put_writes_archive_then_manifest_and_hashes_on_the_way(tmp_path: Path) 
     # the test-read ran on the partial name, before publishing
     assert [c[:2] for c in runner.argvs()] == [["zstd", "-t"], ["tar", "--list"]]
     assert all(a.endswith(".tar.zst.partial") for a in
-               (runner.argvs()[0][-1], runner.argvs()[1][-2].partition("=")[2]))
+               (runner.argvs()[0][-1], runner.argvs()[1][-1].partition("=")[2]))
     assert "--force-local" in runner.argvs()[1] and "--zstd" in runner.argvs()[1]
     assert [b.id for b in repo.list()] == [bid]
     assert repo.get(str(bid)).manifest.sha256 == m["sha256"]
@@ -304,8 +294,7 @@ def test_verify_catches_a_member_count_change(
     repo, bid, runner = stored
     runner.rules.clear()
     runner.on("zstd", "-t")
-    runner.on("tar", "--list", action=lambda argv: Path(
-        next(a for a in argv if a.startswith("--index-file="))[13:]).write_bytes(b'"./a"\n'))
+    runner.on("tar", "--list", stdout=b'"./a"\n')
     with pytest.raises(IntegrityError, match="1 archive members"):
         repo.verify(bid)
 
@@ -349,14 +338,12 @@ def test_publishing_without_hard_links_still_never_replaces(
     assert len(all_files(tmp_path)) == 2
 
 
-def test_listings_go_to_a_hidden_scratch_directory_in_the_repository(
+def test_the_member_listing_is_read_from_tar_stdout_not_a_file(
         stored: tuple[Repository, BackupId, FakeRunner]) -> None:
     repo, bid, runner = stored
     repo.verify(bid)
-    index = next(a for a in runner.argvs()[1] if a.startswith("--index-file="))
-    assert Path(index.partition("=")[2]).parent.parent == repo.root
-    assert Path(index.partition("=")[2]).parent.name.startswith(".sanoffload-tmp-")
-    assert sorted(p.name for p in repo.root.iterdir()) == ["fs1"]  # cleaned up
+    assert not any(a.startswith("--index-file") for a in runner.argvs()[1])
+    assert sorted(p.name for p in repo.root.iterdir()) == ["fs1"]  # nothing written there
     assert [b.id for b in repo.list()] == [bid]
 
 

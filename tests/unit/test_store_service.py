@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.unit.conftest import listing_runner
+
 from sanoffload.channel.client import in_process_connector
 from sanoffload.channel.protocol import CHUNK
 from sanoffload.channel.server import serve
@@ -42,14 +44,6 @@ TS = "20261126T102933Z"
 def repo(tmp_path: Path) -> Repository:
     (tmp_path / "repo").mkdir()
     return Repository(tmp_path / "repo", CommandRunner())
-
-
-def listing_runner(members: int = 3) -> FakeRunner:
-    """zstd -t passes; tar --list writes ``members`` lines to its --index-file."""
-    def write_index(argv: list[str]) -> None:
-        index = next(a for a in argv if a.startswith("--index-file="))
-        Path(index.partition("=")[2]).write_bytes(b"./m\n" * members)
-    return FakeRunner().on("zstd", "-t").on("tar", "--list", action=write_index)
 
 
 @pytest.fixture

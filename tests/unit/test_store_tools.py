@@ -118,16 +118,6 @@ def test_anything_else_in_a_listing_is_refused(line: bytes) -> None:
         parse_list_line(line)
 
 
-def test_count_lines(tmp_path: Path) -> None:
-    p = tmp_path / "l"
-    p.write_bytes(b'"a"\n"b\\nc"\n"d"\n')
-    assert tar.count_lines(p) == 3
-
-
-# --------------------------------------------------------------------------
-# the listing through a pipe
-# --------------------------------------------------------------------------
-
 def test_list_members_reads_tars_stdout_and_parses_it() -> None:
     runner = FakeRunner().on("tar", "--list", stdout=REAL_LISTING)
     members = list(tar.list_members(runner, "/r/a.tar.zst", timeout=77))
