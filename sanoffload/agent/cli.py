@@ -9,9 +9,10 @@ import click
 
 from ..cli import App, pass_app
 from ..errors import JournalError
+from ..kinds import DuplicateKind
 from ..text import printable
 from . import config as agent_config
-from .session import DUPLICATE_KINDS, Agent
+from .session import Agent
 
 
 def _agent(app: App, config_path: str) -> Agent:
@@ -44,8 +45,9 @@ def _config(ctx: click.Context) -> str:
 @agent.command()
 @click.argument("path")
 @click.option("--initiator", required=True, help="The proxy's iSCSI initiator name (IQN).")
-@click.option("--kind", type=click.Choice(DUPLICATE_KINDS), default=None,
-              help="Duplicate kind (default: chosen from the volume).")
+@click.option("--kind", default=None,
+              help=f"Duplicate kind: {', '.join(DuplicateKind.values())} "
+                   "(default: chosen from the volume).")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 @pass_app
 @click.pass_context
@@ -57,7 +59,9 @@ def prepare(ctx: click.Context, app: App, path: str, initiator: str, kind: str |
     Example:
       sanoffload agent prepare /srv/data --initiator iqn.2026-11.org.example:px1 --json
     """
-    answer = _agent(app, _config(ctx)).prepare(path, initiator, kind=kind).to_dict()
+    # parsed here, not by click: the same UsageError (exit 2, one line) as over the channel
+    dup_kind = None if kind is None else DuplicateKind.parse(kind, where="--kind")
+    answer = _agent(app, _config(ctx)).prepare(path, initiator, kind=dup_kind).to_dict()
     _emit(answer, as_json,
           f"session {answer['session_id']}: {answer['identifier']} "
           f"{answer['target_iqn']} lun {answer['lun']} at {','.join(answer['portals'])} "

@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..configfile import read_text
-from ..errors import AuthError, ConfigError
+from ..errors import AuthError, ConfigError, UsageError
 from ..iqn import valid_iqn
+from ..kinds import FreezeMode
 from .hooks import DEFAULT_HOOK_TIMEOUT, Hooks
 
 DEFAULT_PATH = "/etc/sanoffload/agent.toml"
@@ -127,7 +128,7 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     run_dir: str = DEFAULT_RUN_DIR
     freeze_deadline_s: float = DEFAULT_FREEZE_DEADLINE_S
-    freeze: str = "auto"
+    freeze: FreezeMode = FreezeMode.AUTO
     lease_s: int = DEFAULT_LEASE_S
     grace_s: float = DEFAULT_GRACE_S
     snapshot: SnapshotPolicy = field(default_factory=SnapshotPolicy)
@@ -243,7 +244,7 @@ class _Checker:
 _TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "freeze", "lease_s", "grace_s", "portal",
              "snapshot", "thin", "hooks", "clients"}
 #: auto: fsfreeze where the kernel nests it with LVM's suspend (>= 6.6), else LVM's suspend
-FREEZE_MODES = ("auto", "fsfreeze", "lvm")
+FREEZE_MODES: tuple[str, ...] = FreezeMode.values()
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
@@ -280,9 +281,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         c.number(hooks_t.get("timeout_s", DEFAULT_HOOK_TIMEOUT), "hooks.timeout_s"))
 
     clients = _clients(c, top.get("clients"))
-    freeze = top.get("freeze", "auto")
-    if freeze not in FREEZE_MODES:
-        raise c.error("freeze", f"must be one of {', '.join(FREEZE_MODES)}, not {freeze!r}")
+    try:
+        freeze = FreezeMode.parse(top.get("freeze", FreezeMode.AUTO.value))
+    except UsageError as exc:
+        raise c.error("freeze", exc.message) from None
 
     return Config(
         path=source, portal=portal, clients=clients,

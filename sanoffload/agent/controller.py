@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..errors import CommandError, RefusedError
+from ..errors import CommandError, RefusedError, SanoffloadError
+from ..kinds import DuplicateKind, FreezeMode, WhoFreezes
 from ..runner import Runner
 from ..tools import lio, lvm
 from .config import Config
@@ -26,30 +27,81 @@ from .resolve import BackupObject
 log = logging.getLogger(__name__)
 
 Health = Literal["healthy", "invalid", "missing"]
+OrphanKind = Literal["lv", "lio-target", "lio-backstore"]
 
+
+@dataclass(frozen=True)
+class Accounted:
+    """What the journal accounts for: a marked object outside it is an orphan."""
+
+    #: (vg, name) of every journaled duplicate, intended or made
+    duplicates: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+    targets: frozenset[str] = field(default_factory=frozenset)
+    backstores: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """An object carrying sanoffload's mark that no journal record accounts for.
+
+    Made by a controller's :meth:`StorageController.orphans` and handed back,
+    unchanged, to its :meth:`StorageController.remove_orphan`.
+    """
+
+    kind: OrphanKind
+    name: str
+    #: the LV's volume group (kind "lv")
+    vg: str = ""
+    #: the origin of an orphaned snapshot LV, whose ``-real`` device may go with it
+    origin: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "lv":
+            return f"LV {self.vg}/{self.name}"
+        return f"LIO {'target' if self.kind == 'lio-target' else 'backstore'} {self.name}"
 
 
 @dataclass(frozen=True)
 class Duplicate:
     """Where the duplicate lives (enough to find and undo it after a crash)."""
 
-    kind: str  # snapshot | thin-snapshot | raid1-split | mirror-split
+    kind: DuplicateKind
     vg: str
     name: str  # the duplicate's LV name
     origin: str  # the origin LV's name
+
+    def __post_init__(self) -> None:
+        # built from journal records too: their kind is text until here
+        object.__setattr__(self, "kind", DuplicateKind.parse(self.kind))
 
     @property
     def device(self) -> str:
         return f"/dev/{self.vg}/{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "kind": self.kind.value}
 
 
 class StorageController(Protocol):
+    """What the agent's session asks of the storage (this host's, or a storage node's).
+
+    The session never looks behind it: cleanup after a crash goes through
+    :meth:`discard_partial` and :meth:`orphans`/:meth:`remove_orphan` too.
+    """
+
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate: ...
 
     def discard(self, dup: Duplicate) -> None: ...
+
+    def discard_partial(self, dup: Duplicate) -> list[str]:
+        """Remove what an interrupted :meth:`duplicate` may have half made (before discard)."""
+        ...
+
+    def orphans(self, accounted: Accounted) -> Sequence[Orphan]:
+        """Our marked objects the journal does not account for (read-only)."""
+        ...
+
+    def remove_orphan(self, orphan: Orphan) -> list[str]: ...
 
     def expose(self, dup: Duplicate, spec: lio.ExportSpec) -> lio.Export: ...
 
@@ -59,7 +111,7 @@ class StorageController(Protocol):
 
     def health(self, dup: Duplicate) -> Health: ...
 
-    def who_freezes(self, kind: str) -> Literal["fsfreeze", "lvm"]: ...
+    def who_freezes(self, kind: DuplicateKind) -> WhoFreezes: ...
 
 
 def kernel_allows_nested_freeze(release: str | None = None) -> bool:
@@ -103,7 +155,7 @@ class LocalController:
             self._exporter = lio.LioExporter()
         return self._exporter
 
-    def who_freezes(self, kind: str) -> Literal["fsfreeze", "lvm"]:
+    def who_freezes(self, kind: DuplicateKind) -> WhoFreezes:
         """Who inhibits writes and flushes for ``kind`` on this kernel.
 
         A snapshot suspends the origin device, and LVM freezes the filesystem
@@ -111,25 +163,25 @@ class LocalController:
         ("suspend ioctl ... Device or resource busy"), so there LVM's own
         suspend is the quiesce step. Splitting a mirror works under fsfreeze.
         """
-        if self.config.freeze in ("fsfreeze", "lvm"):
-            return self.config.freeze  # type: ignore[return-value]
-        if kind in ("snapshot", "thin-snapshot") and not self.nested_freeze:
-            return "lvm"
-        return "fsfreeze"
+        if self.config.freeze is not FreezeMode.AUTO:
+            return WhoFreezes(self.config.freeze.value)
+        if DuplicateKind(kind).is_snapshot and not self.nested_freeze:
+            return WhoFreezes.LVM
+        return WhoFreezes.FSFREEZE
 
     # -- duplicate ---------------------------------------------------------
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
         lv = obj.lv
         kind = obj.duplicate_kind
         tags = (lvm.SANOFFLOAD_TAG,)
-        if kind == "snapshot":
+        if kind is DuplicateKind.SNAPSHOT:
             vg = lvm.get_vg(self.runner, lv.vg)
             size = lvm.snapshot_size(lv.size_bytes, vg, self.config.snapshot.percent,
                                      self.config.snapshot.min_bytes)
             with _explain_nested_freeze(lv.full_name):
                 lvm.create_snapshot(self.runner, lv, name, size, tags)
             return Duplicate(kind, lv.vg, name, lv.name)
-        if kind == "thin-snapshot":
+        if kind is DuplicateKind.THIN_SNAPSHOT:
             pool = lvm.get_lv(self.runner, lv.vg, lv.pool_lv)
             if pool is None:
                 raise RefusedError(f"thin pool {lv.vg}/{lv.pool_lv} of {lv.full_name} not found")
@@ -138,13 +190,13 @@ class LocalController:
             with _explain_nested_freeze(lv.full_name):
                 lvm.create_thin_snapshot(self.runner, lv, name, tags)
             return Duplicate(kind, lv.vg, name, lv.name)
-        if kind == "raid1-split":
+        if kind is DuplicateKind.RAID1_SPLIT:
             image = lvm.split_raid1(self.runner, lv)
             return Duplicate(kind, lv.vg, image.name, lv.name)
-        if kind == "mirror-split":
+        if kind is DuplicateKind.MIRROR_SPLIT:
             lvm.split_mirror(self.runner, lv, name, tags)
             return Duplicate(kind, lv.vg, name, lv.name)
-        raise RefusedError(f"unknown duplicate kind {kind!r}")
+        raise RefusedError(f"unknown duplicate kind {kind}")
 
     def remove_leftovers(self, vg: str, name: str, origin: str | None = None) -> list[str]:
         """Remove a half-made snapshot LV and the dm devices a failed lvcreate leaves.
@@ -159,22 +211,55 @@ class LocalController:
         removed = []
         if lvm.remove_lv(self.runner, vg, name):
             removed.append(f"LV {vg}/{name}")
-        dm_name = f"{vg.replace('-', '--')}-{name.replace('-', '--')}"
-        for dev in (f"{dm_name}-cow", dm_name):
-            res = self.runner.run(["dmsetup", "remove", "--retry", dev],
-                                  ok_codes={1: "no such device"})
-            if res.ok:
+        dm = lvm.dm_name(vg, name)
+        for dev in (f"{dm}-cow", dm):
+            if lvm.dm_remove(self.runner, dev):
                 removed.append(f"dm device {dev}")
         if origin:
             removed += self._remove_orphan_real(vg, origin)
         return removed
 
+    def discard_partial(self, dup: Duplicate) -> list[str]:
+        """A failed or interrupted lvcreate can leave a half-made LV and dm devices.
+
+        Only snapshots leave such debris: a split either happened or not.
+        """
+        if not dup.kind.is_snapshot:
+            return []
+        return self.remove_leftovers(dup.vg, dup.name, dup.origin)
+
+    def orphans(self, accounted: Accounted) -> list[Orphan]:
+        """LVs by their tag (never by name, see LogicalVolume.is_ours), LIO objects by
+        sanoffload's naming (LioExporter.ours), that ``accounted`` does not name."""
+        found: list[Orphan] = []
+        try:
+            ours = self.exporter.ours()
+        except SanoffloadError:
+            # no LIO here (or it cannot be read): nothing of ours can be exported either
+            ours = {"targets": [], "backstores": []}
+        found += [Orphan("lio-target", iqn) for iqn in ours["targets"]
+                  if iqn not in accounted.targets]
+        found += [Orphan("lio-backstore", bs) for bs in ours["backstores"]
+                  if bs not in accounted.backstores]
+        found += [Orphan("lv", lv.name, vg=lv.vg, origin=lv.origin or "")
+                  for lv in lvm.list_lvs(self.runner)
+                  if lv.is_ours and (lv.vg, lv.name) not in accounted.duplicates
+                  and not lv.is_hidden]
+        return found
+
+    def remove_orphan(self, orphan: Orphan) -> list[str]:
+        if orphan.kind == "lio-target":
+            return self.unexpose(orphan.name, "")
+        if orphan.kind == "lio-backstore":
+            return self.unexpose("", orphan.name)
+        return self.remove_leftovers(orphan.vg, orphan.name, orphan.origin or None)
+
     def discard(self, dup: Duplicate) -> None:
         """Drop the duplicate (or give a split image back to its mirror)."""
-        if dup.kind in ("snapshot", "thin-snapshot"):
+        if dup.kind.is_snapshot:
             lvm.remove_lv(self.runner, dup.vg, dup.name)
             self._remove_orphan_real(dup.vg, dup.origin)
-        elif dup.kind == "raid1-split":
+        elif dup.kind is DuplicateKind.RAID1_SPLIT:
             # before the split returned, the journal only knows our planned name: then any
             # tracked image of the origin is the one this session split off
             images = [lv for lv in lvm.list_lvs(self.runner, dup.vg)
@@ -182,7 +267,7 @@ class LocalController:
                       and (lv.name == dup.name or lv.name.startswith(f"{dup.origin}_rimage_"))]
             for image in images[:1]:
                 lvm.merge_raid1(self.runner, image)
-        elif dup.kind == "mirror-split":
+        elif dup.kind is DuplicateKind.MIRROR_SPLIT:
             origin = lvm.get_lv(self.runner, dup.vg, dup.origin)
             if origin is not None and not origin.is_mirror:
                 lvm.readd_mirror(self.runner, origin, dup.name)
@@ -193,11 +278,9 @@ class LocalController:
         """An origin with no snapshot left must not keep a ``-real`` device."""
         if any(lv.origin == origin for lv in lvm.list_lvs(self.runner, vg)):
             return []
-        dm = f"{vg.replace('-', '--')}-{origin.replace('-', '--')}-real"
-        res = self.runner.run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", dm],
-                              ok_codes={1: "no such device"})
-        if res.ok and res.stdout.strip() == "0":
-            self.runner.run(["dmsetup", "remove", "--retry", dm], ok_codes={1: "no such device"})
+        dm = f"{lvm.dm_name(vg, origin)}-real"
+        if lvm.dm_open_count(self.runner, dm) == 0:
+            lvm.dm_remove(self.runner, dm)
             return [f"dm device {dm}"]
         return []
 

@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JournalError, UsageError
+from ..kinds import DuplicateKind
 from ..text import printable
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 
-#: the kinds of resource a session can hold, in the order release undoes them
-RESOURCE_KINDS = ("lio-target", "lio-backstore", "frozen", "snapshot", "thin-snapshot",
-                  "raid1-split", "mirror-split")
+#: the kinds of resource a session can hold, in the order release undoes them; a
+#: duplicate is journaled under its DuplicateKind's value
+RESOURCE_KINDS: tuple[str, ...] = ("lio-target", "lio-backstore", "frozen",
+                                   *DuplicateKind.values())
 
 
 @dataclass

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import CommandError, CommandTimeoutError, FreezeError, UsageError
+from ..kinds import WhoFreezes
 from ..runner import Runner
 from ..tools import fsfreeze
 from .guard import DEFAULT_STATE_DIR, FreezeGuard
@@ -37,7 +38,6 @@ from .hooks import HookFailure, Hooks, check_hooks, run_post_thaw, run_pre_freez
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-WhoFreezes = Literal["fsfreeze", "lvm"]
 #: extra time a freeze may take beyond the deadline (the kernel flushes first);
 #: the guard thaws at the deadline anyway
 FREEZE_TIMEOUT_SLACK = 30.0
@@ -77,7 +77,7 @@ class Quiesced(Generic[T]):
 def quiesce_and_duplicate(
         runner: Runner, mountpoint: str | os.PathLike[str], duplicate: Callable[[], T], *,
         hooks: Hooks | None = None, deadline_s: float = 10.0,
-        who_freezes: WhoFreezes = "fsfreeze",
+        who_freezes: WhoFreezes | str = WhoFreezes.FSFREEZE,
         state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
         path: str | os.PathLike[str] | None = None,
         discard: Callable[[T], None] | None = None,
@@ -91,8 +91,7 @@ def quiesce_and_duplicate(
     ``duplicate()`` had returned, since that duplicate may not be consistent.
     Whatever happens, the filesystem is thawed and post-thaw hooks run.
     """
-    if who_freezes not in ("fsfreeze", "lvm"):
-        raise UsageError(f"who_freezes must be 'fsfreeze' or 'lvm', not {who_freezes!r}")
+    who = WhoFreezes.parse(who_freezes, where="who_freezes")
     if deadline_s <= 0:
         raise UsageError(f"freeze deadline must be positive, not {deadline_s}")
     mp = os.fspath(mountpoint)
@@ -103,7 +102,7 @@ def quiesce_and_duplicate(
     try:
         run_pre_freeze(runner, hooks, mp, target)
         _flush(runner, mp)
-        if who_freezes == "lvm":
+        if who is WhoFreezes.LVM:
             out = _duplicate_lvm_frozen(mp, duplicate, deadline_s)
         else:
             out = _duplicate_frozen(runner, mp, duplicate, deadline_s=deadline_s,
@@ -134,7 +133,7 @@ def _duplicate_lvm_frozen(mp: str, duplicate: Callable[[], T], deadline_s: float
     if window_ms > deadline_s * 1000:
         log.warning("%s: LVM's freeze window (%.1f ms) exceeded the deadline (%.1f s)", mp,
                     window_ms, deadline_s)
-    return Quiesced(result, window_ms, "lvm")
+    return Quiesced(result, window_ms, WhoFreezes.LVM)
 
 
 def _duplicate_frozen(runner: Runner, mp: str, duplicate: Callable[[], T], *, deadline_s: float,
@@ -185,7 +184,7 @@ def _duplicate_frozen(runner: Runner, mp: str, duplicate: Callable[[], T], *, de
     window_ms = (t1 - t0) * 1000 if t1 else 0.0
     if thawed_by_us and not guard.fired:
         log.info("%s: frozen for %.1f ms (fsfreeze)", mp, window_ms)
-        return Quiesced(result, window_ms, "fsfreeze", guard_report=report)  # type: ignore[arg-type]
+        return Quiesced(result, window_ms, WhoFreezes.FSFREEZE, guard_report=report)  # type: ignore[arg-type]
 
     if guard.fired:
         why = (f"freeze deadline exceeded: {mp} was still frozen {deadline_s:g}s after the "

@@ -20,17 +20,17 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from ..errors import RefusedError
+from ..kinds import DuplicateKind, ObjectKind
 from ..runner import Runner
 from ..tools import findmnt, lvm
 from ..tools.findmnt import Mount
 from ..tools.lvm import LogicalVolume
 
-Kind = Literal["directory", "file"]
-DuplicateKind = Literal["snapshot", "thin-snapshot", "raid1-split", "mirror-split"]
-DUPLICATE_KINDS: tuple[str, ...] = ("snapshot", "thin-snapshot", "raid1-split", "mirror-split")
+#: kept for the proxy's job files (proxy/jobs.py), which check against the strings
+DUPLICATE_KINDS: tuple[str, ...] = DuplicateKind.values()
 #: filesystems whose freeze, snapshot and read-only mount on the proxy are tested
 SUPPORTED_FSTYPES: tuple[str, ...] = ("ext4", "xfs")
 #: a copy-on-write snapshot works on these without knowing their layout
@@ -64,7 +64,7 @@ class BackupObject:
 
     requested_path: str
     real_path: str
-    kind: Kind
+    kind: ObjectKind
     mount: Mount
     lv: LogicalVolume
     #: relative to the filesystem's root ("." for it): what the proxy joins to
@@ -74,6 +74,11 @@ class BackupObject:
     duplicate_kind: DuplicateKind
     #: the allowed root (real path) the object lies in
     root: str
+
+    def __post_init__(self) -> None:
+        # the enums hold past here even for an object a test or a caller built from text
+        object.__setattr__(self, "kind", ObjectKind.parse(self.kind))
+        object.__setattr__(self, "duplicate_kind", DuplicateKind.parse(self.duplicate_kind))
 
 
 def _inside(path: str, root: str) -> bool:
@@ -97,13 +102,13 @@ def _refuse(path: str, reason: str, hint: str | None = None) -> RefusedError:
 def fitting_kinds(lv: LogicalVolume) -> tuple[DuplicateKind, ...]:
     """The duplicate kinds that work for ``lv``, the suggested one first."""
     if lv.is_thin:
-        return ("thin-snapshot",)
+        return (DuplicateKind.THIN_SNAPSHOT,)
     if lv.is_raid1:
-        return ("raid1-split", "snapshot")
+        return (DuplicateKind.RAID1_SPLIT, DuplicateKind.SNAPSHOT)
     if lv.is_mirror:
-        return ("mirror-split", "snapshot")
+        return (DuplicateKind.MIRROR_SPLIT, DuplicateKind.SNAPSHOT)
     if lv.segtype in _PLAIN_SEGTYPES or lv.segtype.startswith("raid"):
-        return ("snapshot",)
+        return (DuplicateKind.SNAPSHOT,)
     return ()
 
 
@@ -137,7 +142,7 @@ def _check_roots(fs: FS, path: str, real: str, allowed_roots: Sequence[str]) -> 
     raise _refuse(path, f"outside the allowed roots ({', '.join(allowed_roots)})")
 
 
-def _check_kind(fs: FS, path: str, real: str) -> Kind:
+def _check_kind(fs: FS, path: str, real: str) -> ObjectKind:
     try:
         st = fs.stat(real)
     except (FileNotFoundError, NotADirectoryError):
@@ -147,9 +152,9 @@ def _check_kind(fs: FS, path: str, real: str) -> Kind:
             raise _refuse(path, "symlink loop") from None
         raise _refuse(path, f"cannot be examined: {exc.strerror or exc}") from None
     if stat.S_ISDIR(st.st_mode):
-        return "directory"
+        return ObjectKind.DIRECTORY
     if stat.S_ISREG(st.st_mode):
-        return "file"
+        return ObjectKind.FILE
     raise _refuse(path, f"not a directory or regular file: it is {_type_name(st.st_mode)}")
 
 
@@ -190,7 +195,8 @@ def _check_lv(path: str, lv: LogicalVolume) -> None:
                             f"({copied} copied)", hint="wait for the resync to finish")
 
 
-def _choose_kind(path: str, lv: LogicalVolume, override: str | None) -> DuplicateKind:
+def _choose_kind(path: str, lv: LogicalVolume,
+                 override: DuplicateKind | None) -> DuplicateKind:
     fitting = fitting_kinds(lv)
     if not fitting:
         raise _refuse(path, f"on {lv.full_name}, of segment type {lv.segtype}, which "
@@ -200,7 +206,8 @@ def _choose_kind(path: str, lv: LogicalVolume, override: str | None) -> Duplicat
     for kind in fitting:
         if kind == override:
             return kind
-    raise _refuse(path, f"duplicate kind {override!r} does not fit {lv.full_name} (segment type "
+    raise _refuse(path, f"duplicate kind '{override.value}' does not fit {lv.full_name} "
+                        f"(segment type "
                         f"{lv.segtype}; possible: {', '.join(fitting)})")
 
 
@@ -215,17 +222,17 @@ def _path_in_fs(path: str, real: str, mount: Mount) -> str:
 
 
 def resolve(runner: Runner, path: str, allowed_roots: Sequence[str], *,
-            duplicate_kind: str | None = None, fs: FS | None = None) -> BackupObject:
+            duplicate_kind: DuplicateKind | str | None = None,
+            fs: FS | None = None) -> BackupObject:
     """Resolve ``path`` for a client allowed ``allowed_roots``; RefusedError names why not.
 
     ``duplicate_kind`` overrides the suggestion drawn from the LV's segment
-    type; one that does not fit the LV is refused.
+    type; one that does not fit the LV is refused (exit 3). One that is no
+    duplicate kind at all is a UsageError (exit 2), as at every other edge.
     """
     fs = fs or OsFS()
+    override = None if duplicate_kind is None else DuplicateKind.parse(duplicate_kind)
     _check_path_syntax(path)
-    if duplicate_kind is not None and duplicate_kind not in DUPLICATE_KINDS:
-        raise _refuse(path, f"unknown duplicate kind {duplicate_kind!r} "
-                            f"(one of {', '.join(DUPLICATE_KINDS)})")
     real = fs.realpath(path)
     root = _check_roots(fs, path, real, allowed_roots)
     kind = _check_kind(fs, path, real)
@@ -237,7 +244,7 @@ def resolve(runner: Runner, path: str, allowed_roots: Sequence[str], *,
         raise _refuse(path, f"not on LVM: {mount.target} is mounted from {mount.source} "
                             f"({mount.major}:{mount.minor}), not a logical volume")
     _check_lv(path, lv)
-    chosen = _choose_kind(path, lv, duplicate_kind)
+    chosen = _choose_kind(path, lv, override)
     return BackupObject(requested_path=path, real_path=real, kind=kind, mount=mount, lv=lv,
                         path_in_fs=_path_in_fs(path, real, mount), duplicate_kind=chosen,
                         root=root)

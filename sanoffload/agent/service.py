@@ -30,8 +30,9 @@ from typing import Any
 
 from ..channel.protocol import Channel, Spec
 from ..channel.server import Service
-from ..errors import AuthError, CleanupError, Interrupted, UsageError
-from .session import DUPLICATE_KINDS, Agent
+from ..errors import AuthError, CleanupError, Interrupted
+from ..kinds import DuplicateKind
+from .session import Agent
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,9 @@ class AgentService(Service):
         if op == "ping":
             return {"time": time.time()}
         if op == "prepare":
-            kind = fields.get("kind")
-            if kind is not None and kind not in DUPLICATE_KINDS:
-                raise UsageError(
-                    f"prepare: unknown duplicate kind {kind!r} "
-                    f"(known: {', '.join(DUPLICATE_KINDS)})")
+            raw = fields.get("kind")
+            # checked here, before anything is looked at: exit 2 like every other edge
+            kind = None if raw is None else DuplicateKind.parse(raw, where="prepare")
             answer = self.agent.prepare(fields["path"], fields["initiator"], kind=kind,
                                         client=self.client).to_dict()
             self.open.append(answer["session_id"])

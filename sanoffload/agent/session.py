@@ -11,6 +11,7 @@ frozen, exported or duplicated.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -25,12 +26,13 @@ from typing import Any
 
 import psutil
 
-from ..errors import AuthError, CleanupError, ResourceError, SanoffloadError
+from ..errors import AuthError, CleanupError, ResourceError
+from ..kinds import DuplicateKind, ObjectKind, WhoFreezes
 from ..runner import Runner
-from ..undo import UndoStack
 from ..tools import fsfreeze, lio, lvm
+from ..undo import UndoStack
 from .config import Client, Config
-from .controller import Duplicate, LocalController, StorageController
+from .controller import Accounted, Duplicate, LocalController, StorageController
 from .journal import Journal, Resource, SessionRecord
 from .quiesce import quiesce_and_duplicate
 from .resolve import BackupObject, resolve
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 _SECRET_ALPHABET = string.ascii_letters + string.digits
 #: CHAP secrets between 12 and 16 characters work with every initiator we know
 CHAP_SECRET_LEN = 16
-DUPLICATE_KINDS = ("snapshot", "thin-snapshot", "raid1-split", "mirror-split")
+#: the journal's resource kind of a duplicate is its DuplicateKind's value
+DUPLICATE_KINDS: tuple[str, ...] = DuplicateKind.values()
 
 
 def new_session_id(host: str) -> str:
@@ -64,10 +67,10 @@ class Prepared:
     chap_secret: str
     fstype: str
     path_in_fs: str
-    object_kind: str  # directory | file
-    duplicate_kind: str
+    object_kind: ObjectKind
+    duplicate_kind: DuplicateKind
     freeze_window_ms: float
-    frozen_by: str
+    frozen_by: WhoFreezes
     lease_expires: float
     #: wall-clock time (epoch seconds) of the freeze: what the backup is named by
     frozen_at: float = 0.0
@@ -75,7 +78,10 @@ class Prepared:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "warnings": list(self.warnings)}
+        """The wire form: the enums as their plain string values."""
+        return {**self.__dict__, "warnings": list(self.warnings),
+                "object_kind": self.object_kind.value,
+                "duplicate_kind": self.duplicate_kind.value, "frozen_by": self.frozen_by.value}
 
 
 def _alive(pid: Any) -> bool:
@@ -120,7 +126,7 @@ class Agent:
                 self._held = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def prepare(self, path: str, initiator: str, *, kind: str | None = None,
+    def prepare(self, path: str, initiator: str, *, kind: DuplicateKind | None = None,
                 client: str | None = None) -> Prepared:
         """Answer a proxy's request.
 
@@ -155,7 +161,8 @@ class Agent:
                             path=obj.real_path, created=now,
                             lease_expires=now + self.config.lease_s,
                             info={"mountpoint": obj.mount.target, "fstype": obj.mount.fstype,
-                                  "origin": obj.lv.full_name, "kind": obj.duplicate_kind,
+                                  "origin": obj.lv.full_name,
+                                  "kind": obj.duplicate_kind.value,
                                   "pid": os.getpid()})
         self.journal.save(rec)
         with UndoStack() as undo:
@@ -165,7 +172,7 @@ class Agent:
             who = self.controller.who_freezes(obj.duplicate_kind)
             # the undo is registered with the intent: it is idempotent, and for an intended
             # duplicate it also removes what a failed lvcreate half made
-            dup_res = self.journal.intend(rec, obj.duplicate_kind, vg=obj.lv.vg,
+            dup_res = self.journal.intend(rec, obj.duplicate_kind.value, vg=obj.lv.vg,
                                           name=dup_name, origin=obj.lv.name)
             undo.push(f"{obj.duplicate_kind} {dup_name}", self._undo, rec, dup_res)
             # journaled for a crash only: once quiesce returns or raises, it has thawed
@@ -185,8 +192,9 @@ class Agent:
             finally:
                 self.journal.forget(rec, frozen)
             dup = q.result
-            # the split image of a raid1 keeps LVM's name (LV_rimage_N): journal what it is
-            self.journal.done(rec, dup_res, name=dup.name)
+            # the split image of a raid1 keeps LVM's name (LV_rimage_N), and a storage node
+            # may place the copy elsewhere: journal where it is
+            self.journal.done(rec, dup_res, vg=dup.vg, name=dup.name)
 
             serial = lio.new_serial()
             chap_secret = "".join(secrets.choice(_SECRET_ALPHABET)
@@ -208,7 +216,7 @@ class Agent:
             self.journal.done(rec, tgt_res)
             rec.state = "ready"
             warnings = [f.warning() for f in q.post_thaw_failures]
-            rec.info.update({"window_ms": q.window_ms, "frozen_by": q.frozen_by,
+            rec.info.update({"window_ms": q.window_ms, "frozen_by": q.frozen_by.value,
                              "identifier": export.identifier, "warnings": warnings})
             self.journal.save(rec)
             undo.commit()
@@ -241,11 +249,9 @@ class Agent:
         elif res.kind == "frozen":
             fsfreeze.unfreeze(self.runner, f["mountpoint"])
         elif res.kind in DUPLICATE_KINDS:
-            dup = Duplicate(res.kind, f["vg"], f["name"], f["origin"])
-            if res.state == "intended" and res.kind in ("snapshot", "thin-snapshot"):
-                # a failed or interrupted lvcreate can leave a half-made LV and dm devices
-                if isinstance(self.controller, LocalController):
-                    self.controller.remove_leftovers(dup.vg, dup.name, dup.origin)
+            dup = Duplicate(DuplicateKind(res.kind), f["vg"], f["name"], f["origin"])
+            if res.state == "intended":
+                self.controller.discard_partial(dup)
             self.controller.discard(dup)
         self.journal.forget(rec, res)
 
@@ -263,8 +269,8 @@ class Agent:
             status = "expired"
         elif dup_res is not None:
             f = dup_res.fields
-            status = self.controller.health(Duplicate(dup_res.kind, f["vg"], f["name"],
-                                                      f["origin"]))
+            status = self.controller.health(Duplicate(DuplicateKind(dup_res.kind), f["vg"],
+                                                      f["name"], f["origin"]))
         return {"session_id": session_id, "status": status, "state": rec.state,
                 "lease_expires": rec.lease_expires, "path": rec.path, **rec.info}
 
@@ -350,32 +356,16 @@ class Agent:
         return report
 
     def _orphans(self) -> list[tuple[str, Callable[[], Any]]]:
-        """Our objects no journal record accounts for: LVs by their tag (never by name,
-        see LogicalVolume.is_ours), LIO objects by sanoffload's naming (LioExporter.ours)."""
-        known_lvs = {(r.fields.get("vg"), r.fields.get("name")) for rec in self.journal
-                     for r in rec.resources if r.kind in DUPLICATE_KINDS}
-        known_targets = {r.fields.get("iqn") for rec in self.journal for r in rec.resources
-                         if r.kind == "lio-target"}
-        known_bs = {r.fields.get("name") for rec in self.journal for r in rec.resources
-                    if r.kind == "lio-backstore"}
-        found: list[tuple[str, Callable[[], Any]]] = []
-        if isinstance(self.controller, LocalController):
-            try:
-                ours = self.controller.exporter.ours()
-            except SanoffloadError:
-                ours = {"targets": [], "backstores": []}
-            for iqn in ours["targets"]:
-                if iqn not in known_targets:
-                    found.append((f"LIO target {iqn}",
-                                  lambda iqn=iqn: self.controller.unexpose(iqn, "")))
-            for bs in ours["backstores"]:
-                if bs not in known_bs:
-                    found.append((f"LIO backstore {bs}",
-                                  lambda bs=bs: self.controller.unexpose("", bs)))
-            for lv in lvm.list_lvs(self.runner):
-                if lv.is_ours and (lv.vg, lv.name) not in known_lvs and not lv.is_hidden:
-                    ctl = self.controller
-                    found.append((f"LV {lv.full_name}",
-                                  lambda lv=lv: ctl.remove_leftovers(lv.vg, lv.name,
-                                                                     lv.origin or None)))
-        return found
+        """Our objects no journal record accounts for, as the controller finds them."""
+        recs = list(self.journal)
+        accounted = Accounted(
+            duplicates=frozenset((str(r.fields.get("vg")), str(r.fields.get("name")))
+                                 for rec in recs for r in rec.resources
+                                 if r.kind in DUPLICATE_KINDS),
+            targets=frozenset(str(r.fields.get("iqn")) for rec in recs for r in rec.resources
+                              if r.kind == "lio-target"),
+            backstores=frozenset(str(r.fields.get("name")) for rec in recs
+                                 for r in rec.resources if r.kind == "lio-backstore"))
+        ctl = self.controller
+        return [(str(o), functools.partial(ctl.remove_orphan, o))
+                for o in ctl.orphans(accounted)]

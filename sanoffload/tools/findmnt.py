@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CommandError, RefusedError
+from ..requirements import Requirement
 from ..runner import Runner
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("findmnt", "mount table query tool", roles=("agent",),
+                fails_without="cannot map a backup path to its filesystem and device",
+                executables=("findmnt",)),
+)
 
 COLUMNS = "TARGET,SOURCE,FSTYPE,OPTIONS,MAJ:MIN"
 #: findmnt's exit code when it finds nothing; with --target that means no such path

@@ -15,7 +15,16 @@ from __future__ import annotations
 import os
 
 from ..errors import CommandError
+from ..requirements import Requirement
 from ..runner import Result, Runner
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("fsfreeze", "filesystem flush and freeze tools (sync, fsfreeze)",
+                roles=("agent",),
+                fails_without="cannot flush or quiesce the filesystem, so no consistent "
+                              "duplicate can be made",
+                executables=("fsfreeze", "sync")),
+)
 
 #: fsfreeze's exit code for any failure, tolerated by unfreeze and told apart by stderr
 NOT_FROZEN: dict[int, str] = {1: "not frozen"}

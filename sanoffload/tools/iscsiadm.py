@@ -33,7 +33,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import AuthError, CommandError
+from ..requirements import Requirement
 from ..runner import Result, Runner
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("iscsiadm", "open-iscsi initiator tool", roles=("proxy",),
+                fails_without="cannot discover or log in to the exported duplicate",
+                executables=("iscsiadm",), kernel=("iscsid", "SCSI", "iscsi_tcp")),
+)
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,15 @@ from typing import Any
 
 from ..errors import LioError, MissingDependencyError, ResourceError
 from ..iqn import valid_iqn
+from ..requirements import Requirement
 
 log = logging.getLogger(__name__)
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("rtslib_fb", "Python module rtslib_fb (drives LIO)", roles=("agent", "storage"),
+                fails_without="the duplicate cannot be exported as an iSCSI target",
+                python=("rtslib_fb",), kernel=("configfs", "LIO", "iscsi_target_mod", "SCSI")),
+)
 
 TARGET_IQN_PREFIX = "iqn.2026-11.org.sanoffload:"
 BACKSTORE_PREFIX = "sanoffload-"

@@ -19,6 +19,11 @@ Changes (names and tags are validated first, so none can pass as an option)::
     lvchange --addtag T VG/LV
     lvremove --yes VG/LV
 
+What a failed ``lvcreate`` leaves below LVM (device-mapper devices, by name)::
+
+    dmsetup info -c --noheadings -o open DM_NAME    # how many hold it open
+    dmsetup remove --retry DM_NAME
+
 LVM exits 5 (ECMD_FAILED) for nearly every failure, so a tolerated 5 is always
 told apart by its message. The ``lv_attr`` positions used below are those of
 lvs(8), NOTES ("The lv_attr bits are").
@@ -34,9 +39,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CommandError, DuplicateInvalidError, RefusedError, ResourceError
+from ..requirements import Requirement
 from ..runner import Runner
 
 log = logging.getLogger(__name__)
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("lvm", "LVM tools (lvs, vgs, lvcreate, lvconvert, lvchange, lvremove)",
+                roles=("agent", "storage"),
+                fails_without="cannot list volumes, nor make, split or remove the duplicate",
+                executables=("lvs", "vgs", "lvcreate", "lvconvert", "lvchange", "lvremove"),
+                kernel=("device-mapper",)),
+    Requirement("dmsetup", "device-mapper tool", roles=("agent", "storage"),
+                fails_without="cannot inspect or remove device-mapper devices left by an "
+                              "interrupted run",
+                executables=("dmsetup",)),
+)
+#: dmsetup exit 1: no such device (already gone)
+DM_NO_DEVICE: dict[int, str] = {1: "no such device"}
 
 #: LVM prints one warning per inherited descriptor on stderr without this
 LVM_ENV: Mapping[str, str] = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
@@ -584,3 +604,23 @@ def remove_lv(runner: Runner, vg: str, name: str, *, timeout: float | None = Non
     raise CommandError(f"{' '.join(res.argv)} failed with exit code {res.returncode}: "
                        f"{detail[-1] if detail else 'no output'}", argv=res.argv,
                        returncode=res.returncode, stdout=res.stdout, stderr=res.stderr)
+
+
+def dm_name(vg: str, name: str) -> str:
+    """The device-mapper name of ``vg/name`` (LVM doubles each '-' inside a part)."""
+    return f"{vg.replace('-', '--')}-{name.replace('-', '--')}"
+
+
+def dm_remove(runner: Runner, device: str) -> bool:
+    """``dmsetup remove --retry DEVICE``: True if removed, False if there was none."""
+    return runner.run(["dmsetup", "remove", "--retry", device], ok_codes=DM_NO_DEVICE).ok
+
+
+def dm_open_count(runner: Runner, device: str) -> int | None:
+    """How many hold ``device`` open; None if there is no such device."""
+    res = runner.run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", device],
+                     ok_codes=DM_NO_DEVICE)
+    if not res.ok:
+        return None
+    text = res.stdout.strip()
+    return int(text) if text.isdigit() else None

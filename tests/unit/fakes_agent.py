@@ -20,14 +20,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from sanoffload.agent.controller import Duplicate, Health
+from sanoffload.agent.controller import Accounted, Duplicate, Health, Orphan
 from sanoffload.agent.resolve import BackupObject
+from sanoffload.kinds import DuplicateKind, ObjectKind, WhoFreezes
 from sanoffload.tools import lio
 from sanoffload.tools.findmnt import Mount
 from sanoffload.tools.lvm import LogicalVolume
 from tests.unit.recorded import load
+
 
 def recorded_lv(name: str, vg: str = "datavg") -> LogicalVolume:
     """The row for ``vg/name`` of the recorded ``lvs --all`` (lvs_all.out)."""
@@ -68,9 +70,9 @@ class FakeResolver:
                  duplicate_kind: str | None = None) -> BackupObject:
         self.calls.append((path, tuple(allowed_roots), duplicate_kind))
         rel = os.path.relpath(path, self.mount.target)
-        return BackupObject(requested_path=path, real_path=path, kind="directory",
+        return BackupObject(requested_path=path, real_path=path, kind=ObjectKind.DIRECTORY,
                             mount=self.mount, lv=self.lv, path_in_fs=rel,
-                            duplicate_kind=duplicate_kind or "snapshot",  # type: ignore[arg-type]
+                            duplicate_kind=DuplicateKind.parse(duplicate_kind or "snapshot"),
                             root="/srv")
 
 
@@ -122,9 +124,9 @@ class FakeController:
         return not (self.duplicates or self.targets or self.backstores)
 
     # -- the protocol -------------------------------------------------------
-    def who_freezes(self, kind: str) -> Literal["fsfreeze", "lvm"]:
+    def who_freezes(self, kind: DuplicateKind) -> WhoFreezes:
         self.calls.append(("who_freezes", kind))
-        return "lvm"
+        return WhoFreezes.LVM
 
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
         self._enter("duplicate", obj, name)
@@ -161,6 +163,28 @@ class FakeController:
     def health(self, dup: Duplicate) -> Health:
         self._enter("health", dup)
         return self.health_answer
+
+    def discard_partial(self, dup: Duplicate) -> list[str]:
+        self._enter("discard_partial", dup)
+        return []
+
+    def orphans(self, accounted: Accounted) -> list[Orphan]:
+        self._enter("orphans", accounted)
+        found = [Orphan("lv", d.name, vg=d.vg, origin=d.origin)
+                 for d in self.duplicates.values() if (d.vg, d.name) not in accounted.duplicates]
+        found += [Orphan("lio-target", t) for t in sorted(self.targets - accounted.targets)]
+        found += [Orphan("lio-backstore", b)
+                  for b in sorted(self.backstores - accounted.backstores)]
+        return found
+
+    def remove_orphan(self, orphan: Orphan) -> list[str]:
+        self._enter("remove_orphan", orphan)
+        if orphan.kind == "lv":
+            self.duplicates.pop((orphan.vg, orphan.name), None)
+            return [str(orphan)]
+        if orphan.kind == "lio-target":
+            return self.unexpose(orphan.name, "")
+        return self.unexpose("", orphan.name)
 
 
 class Answer:

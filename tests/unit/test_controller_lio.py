@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from sanoffload.agent import config as agent_config
-from sanoffload.agent.controller import Duplicate, LocalController, kernel_allows_nested_freeze
+from sanoffload.agent.controller import (
+    Duplicate,
+    LocalController,
+    kernel_allows_nested_freeze,
+)
+from sanoffload.kinds import DuplicateKind
 from sanoffload.runner import FakeRunner
 from sanoffload.tools import lio
 
@@ -36,13 +41,14 @@ def test_nested_freeze_by_kernel_release(release: str, nested: bool) -> None:
 
 def test_who_freezes_follows_kernel_kind_and_override() -> None:
     old = _controller(FakeRunner(), "6.1.0-50-amd64")
-    assert old.who_freezes("snapshot") == "lvm"
-    assert old.who_freezes("thin-snapshot") == "lvm"
-    assert old.who_freezes("raid1-split") == "fsfreeze"  # fsfreeze + split worked on 6.1
+    assert old.who_freezes(DuplicateKind.SNAPSHOT) == "lvm"
+    assert old.who_freezes(DuplicateKind.THIN_SNAPSHOT) == "lvm"
+    # fsfreeze + split worked on 6.1
+    assert old.who_freezes(DuplicateKind.RAID1_SPLIT) == "fsfreeze"
     new = _controller(FakeRunner(), "6.12.57+deb13-amd64")
-    assert new.who_freezes("snapshot") == "fsfreeze"
+    assert new.who_freezes(DuplicateKind.SNAPSHOT) == "fsfreeze"
     forced = _controller(FakeRunner(), "6.12.57+deb13-amd64", freeze="lvm")
-    assert forced.who_freezes("raid1-split") == "lvm"
+    assert forced.who_freezes(DuplicateKind.RAID1_SPLIT) == "lvm"
 
 
 def test_leftovers_of_a_failed_lvcreate_are_removed_by_name() -> None:
@@ -74,9 +80,9 @@ def test_health_reports_an_overflowed_snapshot_invalid() -> None:
     runner = FakeRunner()
     feed(runner, "lvs", "lvs_overflow")
     ctl = _controller(runner, "6.1.0")
-    assert ctl.health(Duplicate("snapshot", "datavg", "sanoffload-snap1", "lin")) == "invalid"
-    assert ctl.health(Duplicate("snapshot", "datavg", "sanoffload-snap2", "lin")) == "healthy"
-    assert ctl.health(Duplicate("snapshot", "datavg", "gone", "lin")) == "missing"
+    assert ctl.health(Duplicate(DuplicateKind.SNAPSHOT, "datavg", "sanoffload-snap1", "lin")) == "invalid"
+    assert ctl.health(Duplicate(DuplicateKind.SNAPSHOT, "datavg", "sanoffload-snap2", "lin")) == "healthy"
+    assert ctl.health(Duplicate(DuplicateKind.SNAPSHOT, "datavg", "gone", "lin")) == "missing"
 
 
 def test_identifier_is_lio_naa_of_the_serial() -> None:

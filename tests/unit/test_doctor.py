@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -235,7 +236,7 @@ def test_udev_needs_running_daemon(tmp_path: Path) -> None:
 
 
 def test_udevadm_missing(tmp_path: Path) -> None:
-    report = run_checks("agent", fh.fake_host(tmp_path, tools=fh.ALL_TOOLS - {"udevadm"}))
+    report = run_checks("proxy", fh.fake_host(tmp_path, tools=fh.ALL_TOOLS - {"udevadm"}))
     assert report.missing == ["udev"]
     assert "udevadm not found" in report.check("udev").detail
 
@@ -407,3 +408,110 @@ def test_probe_that_cannot_read_counts_as_missing(tmp_path: Path) -> None:
         report = run_checks("store", host)
     assert report.missing == ["tar"]
     assert report.check("tar").detail.startswith("check failed: [Errno 13] Permission denied")
+
+
+# --------------------------------------------------------------------------
+# doctor asks for what the code runs, collected from the wrappers' declarations
+# --------------------------------------------------------------------------
+
+_RUNS = {"run", "spawn", "stream", "Stage"}
+
+
+def _executables_in(tree: ast.AST) -> set[str]:
+    """argv[0] of every argv literal: passed to run/spawn/stream/Stage, kept in ``argv``,
+    or returned (the ``*_argv`` builders and iscsiadm's ``_node``)."""
+    argvs: list[ast.List] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
+                node.func, "id", "")
+            if name in _RUNS and node.args and isinstance(node.args[0], ast.List):
+                argvs.append(node.args[0])
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
+            if any(isinstance(t, ast.Name) and t.id == "argv" for t in node.targets):
+                argvs.append(node.value)
+        elif isinstance(node, ast.Return) and isinstance(node.value, ast.List):
+            argvs.append(node.value)
+        elif isinstance(node, ast.IfExp):
+            argvs += [v for v in (node.body, node.orelse) if isinstance(v, ast.List)]
+    return {a.elts[0].value for a in argvs
+            if a.elts and isinstance(a.elts[0], ast.Constant) and isinstance(a.elts[0].value, str)}
+
+
+def _run_by_the_package() -> dict[str, set[str]]:
+    """executable -> the modules that run it (doctor's own probes aside)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / "sanoffload").rglob("*.py")):
+        if path.name == "doctor.py":
+            continue
+        for exe in _executables_in(ast.parse(path.read_text(), str(path))):
+            found.setdefault(exe, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+class LookingRunner(fh.ToolsFakeRunner):
+    """Records which executables doctor looks for."""
+
+    def __init__(self) -> None:
+        super().__init__(fh.ALL_TOOLS)
+        self.looked: list[str] = []
+        base = fh.fake_runner()
+        self.rules = base.rules
+
+    def which(self, name: str) -> str | None:
+        self.looked.append(name)
+        return super().which(name)
+
+
+def _looked_for(tmp_path: Path, role: str) -> set[str]:
+    runner = LookingRunner()
+    run_checks(role, fh.fake_host(tmp_path / role, runner=runner))
+    return set(runner.looked)
+
+
+def test_the_scan_sees_the_commands_we_know_of() -> None:
+    # the scan itself works: these are run through the runner today
+    assert {"lvs", "lvcreate", "lvremove", "fsfreeze", "sync", "findmnt", "dmsetup",
+            "iscsiadm", "tar", "zstd", "ssh", "mount", "umount", "blkid"} <= set(
+        _run_by_the_package())
+
+
+@pytest.mark.hostile("tests", "a command the code runs that doctor does not ask for "
+                              "(blkid on the proxy, lvconvert, sync)",
+                     "the test names it and the module that runs it")
+def test_every_command_the_package_runs_is_checked_for_some_role(tmp_path: Path) -> None:
+    looked = set().union(*(_looked_for(tmp_path, role) for role in ROLES))
+    missing = {exe: sorted(mods) for exe, mods in _run_by_the_package().items()
+               if exe not in looked}
+    assert missing == {}, f"run but not declared (add it to that module's REQUIRES): {missing}"
+
+
+def test_agent_role_asks_only_for_what_the_agent_runs(tmp_path: Path) -> None:
+    looked = _looked_for(tmp_path, "agent")
+    assert not looked & {"lsblk", "blkid", "udevadm"}
+    assert "udev" not in names("agent")
+    assert {"lvs", "vgs", "lvcreate", "lvconvert", "lvchange", "lvremove", "dmsetup",
+            "fsfreeze", "sync", "findmnt"} <= looked
+
+
+def test_doctor_builds_its_checks_from_the_wrappers_declarations() -> None:
+    from sanoffload.doctor import requirements_for
+    from sanoffload.requirements import Requirement
+    from sanoffload.tools import fsfreeze, lvm
+
+    assert lvm.REQUIRES[0].executables and "agent" in lvm.REQUIRES[0].roles
+    mine = Requirement("thing", "a thing", roles=("agent",), fails_without="no thing",
+                       executables=("thingctl",), kernel=("configfs",))
+    built = requirements_for("agent", [*fsfreeze.REQUIRES, mine])
+    assert [n.name for n in built] == ["fsfreeze", "thing", "configfs"]
+    assert requirements_for("proxy", [mine]) == ()
+
+
+@pytest.mark.parametrize("kw", [{"roles": ("nas",)}, {"kernel": ("zfs",)},
+                                {"fails_without": "two\nlines"}])
+def test_a_declaration_typo_is_refused_at_import(kw: dict[str, object]) -> None:
+    from sanoffload.requirements import Requirement
+
+    args: dict[str, object] = {"roles": ("agent",), "fails_without": "x", **kw}
+    with pytest.raises(ValueError):
+        Requirement("x", "x", **args)  # type: ignore[arg-type]

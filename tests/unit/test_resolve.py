@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import pytest
 
 from sanoffload.agent.resolve import OsFS, resolve
-from sanoffload.errors import RefusedError
+from sanoffload.errors import RefusedError, UsageError
 from sanoffload.runner import FakeRunner
 from tests.unit.recorded import feed, load
 
@@ -281,9 +281,11 @@ def test_no_roots() -> None:
 
 
 def test_unknown_duplicate_kind() -> None:
+    # not a refusal of the path (3) but a bad argument (2), as at every edge (test_kinds.py)
     runner = lab()
-    refused(runner, "/srv/lin/dir", match="unknown duplicate kind 'clone'",
-            duplicate_kind="clone")
+    with pytest.raises(UsageError, match="unknown duplicate kind 'clone'") as exc:
+        resolve(runner, "/srv/lin/dir", ["/srv"], fs=LAB, duplicate_kind="clone")
+    assert exc.value.exit_code == 2
     assert runner.calls == []
 
 

@@ -1,0 +1,109 @@
+"""The values with a fixed set of members, one enum each, checked once at the edge.
+
+A duplicate kind, who freezes and an object kind arrive as text (the agent's
+config, the command line, the control channel, a job file, a manifest) and are
+turned into a member by ``parse`` where they arrive; past that edge the code
+holds members. A value that is not a member is always the same error:
+:class:`~sanoffload.errors.UsageError` (exit 2) listing the valid values.
+
+The members are ``str`` (StrEnum): on the wire, in JSON and in the journal
+they are the same strings as before, so peers of an older version and
+existing records read the same.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Self
+
+from .errors import UsageError
+from .text import printable
+
+#: how much of a bad value an error message repeats (it came from elsewhere)
+_SHOWN = 60
+
+
+class Choice(StrEnum):
+    """Base of sanoffload's enums: ``parse`` text into a member, ``values`` for help texts."""
+
+    @classmethod
+    def label(cls) -> str:
+        """What a member is called in messages ("duplicate kind")."""
+        return cls.__name__.lower()
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, text: Any, *, where: str = "") -> Self:
+        """The member whose value is ``text``; UsageError (exit 2) naming the valid values.
+
+        ``where`` (a config key, an option, an op) prefixes the message.
+        """
+        if isinstance(text, cls):
+            return text
+        if isinstance(text, str):
+            try:
+                return cls(text)
+            except ValueError:
+                pass
+        shown = printable(repr(text))
+        if len(shown) > _SHOWN:
+            shown = shown[:_SHOWN] + "…"
+        prefix = f"{where}: " if where else ""
+        raise UsageError(f"{prefix}unknown {cls.label()} {shown} "
+                         f"(one of: {', '.join(cls.values())})")
+
+
+class DuplicateKind(Choice):
+    """How the duplicate of a volume is made."""
+
+    SNAPSHOT = "snapshot"
+    THIN_SNAPSHOT = "thin-snapshot"
+    RAID1_SPLIT = "raid1-split"
+    MIRROR_SPLIT = "mirror-split"
+
+    @classmethod
+    def label(cls) -> str:
+        return "duplicate kind"
+
+    @property
+    def is_snapshot(self) -> bool:
+        """Copy-on-write (classic or thin), as opposed to a split-off mirror image."""
+        return self in (DuplicateKind.SNAPSHOT, DuplicateKind.THIN_SNAPSHOT)
+
+
+class FreezeMode(Choice):
+    """The agent config's ``freeze``: who should inhibit writes while the duplicate is made."""
+
+    #: fsfreeze where the kernel nests it with LVM's suspend (>= 6.6), else LVM's suspend
+    AUTO = "auto"
+    FSFREEZE = "fsfreeze"
+    LVM = "lvm"
+
+    @classmethod
+    def label(cls) -> str:
+        return "freeze mode"
+
+
+class WhoFreezes(Choice):
+    """Who actually inhibits writes for one duplicate (a FreezeMode with ``auto`` decided)."""
+
+    FSFREEZE = "fsfreeze"
+    LVM = "lvm"
+
+    @classmethod
+    def label(cls) -> str:
+        return "freezer"
+
+
+class ObjectKind(Choice):
+    """What a backup object is."""
+
+    DIRECTORY = "directory"
+    FILE = "file"
+
+    @classmethod
+    def label(cls) -> str:
+        return "object kind"
