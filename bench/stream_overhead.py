@@ -274,7 +274,7 @@ def case_c(src: Source, runner: CommandRunner, work: str) -> tuple[Sample, str]:
         m = Meter()
         client = StoreClient(connector, name="bench-store")
         try:
-            # like proxy.backup.run_backup: the put is open before the pipeline starts
+            # like proxy.stream.stream_duplicate: the put is open before the pipeline starts
             writer = client.writer("bench", "/bench/src", {"duplicate_kind": "snapshot"})
             t_setup = m.now()
             with runner.pipeline(stages(src), timeout=TIMEOUT_S) as pipe:

@@ -24,10 +24,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .channel import client
 from .errors import CommandError, MissingDependencyError
+from .proxy import devices, mount
 from .requirements import ROLES, Requirement
 from .runner import Runner
-from .tools import findmnt, fsfreeze, iscsiadm, lio, lvm
+from .tools import findmnt, fsfreeze, iscsiadm, lio, lvm, tar, zstd
 
 #: short timeout: doctor must answer quickly even when a tool hangs
 PROBE_TIMEOUT = 10.0
@@ -337,34 +339,14 @@ class Need:
     optional: bool = False
 
 
-#: the wrappers that declare REQUIRES (see sanoffload/requirements.py)
-DECLARING_MODULES: tuple[ModuleType, ...] = (lvm, fsfreeze, findmnt, lio, iscsiadm)
+#: the modules that declare REQUIRES (see sanoffload/requirements.py): each wrapper in
+#: tools/, and the proxy's and the channel's modules that run a tool or use a library
+DECLARING_MODULES: tuple[ModuleType, ...] = (lvm, fsfreeze, findmnt, lio, iscsiadm, tar, zstd,
+                                             mount, devices, client)
 
-#: needs of code that does not declare them yet (its modules are being reworked): each
-#: entry names where it belongs and moves there as that module's REQUIRES
-UNDECLARED: tuple[Requirement, ...] = (
-    # sanoffload/tools/tar.py
-    Requirement("tar", "GNU tar", roles=("proxy", "store"),
-                fails_without="cannot write, list, verify or restore backup archives",
-                executables=("tar",)),
-    # sanoffload/tools/zstd.py
-    Requirement("zstd", "zstd compressor", roles=("proxy", "store"),
-                fails_without="cannot compress, verify or restore backup archives",
-                executables=("zstd",)),
-    # sanoffload/proxy/mount.py
-    Requirement("mount", "mount, umount and blkid", roles=("proxy",),
-                fails_without="cannot check and mount the duplicate read-only to back it up",
-                executables=("mount", "umount", "blkid")),
-    # sanoffload/proxy/devices.py
-    Requirement("pyudev", "Python module pyudev (with libudev)", roles=("proxy",),
-                fails_without="cannot match the logged-in LUN to its block device",
-                python=("pyudev",), kernel=("udev",)),
-    # sanoffload/channel/client.py
-    Requirement("ssh", "OpenSSH client", roles=("proxy",), optional_for=("store",),
-                fails_without="no control channel to an agent or a store (it is OpenSSH); "
-                              "a store without it only restores locally",
-                executables=("ssh",)),
-    # the store's forced command (sanoffload store serve) is run by sshd, not by us
+#: needs no module of ours runs: sshd runs the store's forced command
+#: (``sanoffload store serve``), so it is a need of the host, declared here
+HOST_SERVICES: tuple[Requirement, ...] = (
     Requirement("sshd", "OpenSSH server", roles=(), optional_for=("store",),
                 fails_without="proxies cannot push archives over ssh; use another transport"),
 )
@@ -396,11 +378,11 @@ _PYTHON_SMOKES: dict[str, Callable[[Any], object]] = {"pyudev": _pyudev_smoke}
 
 
 def declared() -> tuple[Requirement, ...]:
-    """Every requirement: the wrappers' REQUIRES, then :data:`UNDECLARED`."""
+    """Every requirement: the modules' REQUIRES, then :data:`HOST_SERVICES`."""
     out: list[Requirement] = []
     for module in DECLARING_MODULES:
         out += module.REQUIRES
-    return (*out, *UNDECLARED)
+    return (*out, *HOST_SERVICES)
 
 
 def requirements_for(role: str,

@@ -1,8 +1,12 @@
 """The one way sanoffload runs external commands.
 
 Every call goes through a :class:`Runner` that is handed to the code that needs
-it (never a module-level global), so unit tests can pass a :class:`FakeRunner`
-that records calls and answers with real outputs recorded from real tools.
+it (never a module-level global), so unit tests can pass a
+``sanoffload.testing.FakeRunner`` that records calls and answers with real
+outputs recorded from real tools. This module is the policy; how processes are
+started, grouped, timed out and killed is :mod:`sanoffload.process` (single
+commands, through ``sh``) and :mod:`sanoffload.pipeline` (stages on kernel
+pipes), and both executors share it.
 
 Rules every call follows:
 
@@ -25,24 +29,33 @@ Rules every call follows:
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
+from . import process
 from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
-from .pipeline import Arg, PipelineLike, Stage, error_detail, fs_str
+from .pipeline import PipelineLike, Stage
 from .pipeline import start as start_pipeline
-from .signals import deferred as deferred_signals
+from .process import (
+    Arg,
+    NotFound,
+    OkCodes,
+    RawResult,
+    Spawned,
+    TimedOut,
+    error_detail,
+    fs_str,
+)
 from .text import printable
+
+__all__ = ["DEFAULT_PATH", "DEFAULT_TIMEOUT", "MASK", "CommandRunner", "OkCodes", "Result",
+           "Runner", "Spawned"]
 
 log = logging.getLogger(__name__)
 # sh logs every chunk at DEBUG; our own lines say what matters
@@ -54,31 +67,6 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: an argv element following one of these is masked even if not registered
 _SECRET_FLAG_WORDS = ("password", "passwd", "secret", "chap")
-
-OkCodes = Mapping[int, str]
-
-#: the codec sh encodes argv with: the filesystem encoding with surrogateescape, so an
-#: argument os.fsdecode made from b"\xff" goes out as b"\xff" (sh's default, strict
-#: UTF-8, raises UnicodeEncodeError in the forked child instead)
-_ARGV_CODEC = "sanoffload-argv"
-
-
-def _argv_codec(name: str) -> codecs.CodecInfo | None:
-    if name != _ARGV_CODEC.replace("-", "_") and name != _ARGV_CODEC:
-        return None
-    fs_enc, fs_err = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
-
-    def encode(text: str, errors: str = "strict") -> tuple[bytes, int]:
-        return text.encode(fs_enc, fs_err), len(text)
-
-    def decode(data: Any, errors: str = "strict") -> tuple[str, int]:
-        raw = bytes(data)
-        return raw.decode(fs_enc, fs_err), len(raw)
-
-    return codecs.CodecInfo(encode, decode, name=_ARGV_CODEC)
-
-
-codecs.register(_argv_codec)
 
 
 @dataclass(frozen=True)
@@ -105,13 +93,6 @@ class Result:
             raise CommandError(f"{self.argv[0]}: output is not JSON: {exc}", argv=self.argv,
                                returncode=self.returncode, stdout=self.stdout[:2000],
                                stderr=self.stderr) from exc
-
-
-@dataclass
-class _Raw:
-    returncode: int
-    stdout: bytes
-    stderr: bytes
 
 
 class Runner:
@@ -195,10 +176,10 @@ class Runner:
         try:
             raw = self._execute(args, timeout=limit, input=input, cwd=cwd, env=self.build_env(env),
                                 pass_fds=tuple(pass_fds))
-        except _NotFound as exc:
+        except NotFound as exc:
             raise CommandNotFoundError(f"command not found: {shown[0]}", argv=shown,
                                        hint=exc.hint) from None
-        except _TimedOut as exc:
+        except TimedOut as exc:
             took = time.monotonic() - started
             log.warning("timeout after %.1fs: %s", took, " ".join(shown))
             raise CommandTimeoutError(
@@ -224,7 +205,7 @@ class Runner:
 
     def which(self, name: str) -> str | None:
         """Path of ``name`` on the runner's PATH, or None."""
-        return shutil.which(name, path=self.build_env()["PATH"])
+        return process.find_executable(name, self.build_env()["PATH"])
 
     def spawn(self, argv: Sequence[Arg], *, pass_fds: Iterable[int] = (),
               log_path: str | None = None, env: Mapping[str, str] | None = None,
@@ -241,7 +222,7 @@ class Runner:
         try:
             return self._spawn(args, pass_fds=tuple(pass_fds), log_path=log_path,
                                env=self.build_env(env))
-        except _NotFound as exc:
+        except NotFound as exc:
             raise CommandNotFoundError(f"command not found: {shown[0]}", argv=shown,
                                        hint=exc.hint) from None
 
@@ -264,7 +245,7 @@ class Runner:
             return self._pipeline(list(stages), shown, timeout=limit, stdin=stdin,
                                   env=self.build_env(env),
                                   mask=lambda text: self.mask(text, secrets))
-        except _NotFound as exc:
+        except NotFound as exc:
             raise CommandNotFoundError(f"command not found in pipeline: {exc.hint}",
                                        hint=exc.hint) from None
 
@@ -288,7 +269,7 @@ class Runner:
             p.wait()
 
     def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
-                 cwd: str | None, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> _Raw:
+                 cwd: str | None, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> RawResult:
         raise NotImplementedError
 
     def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
@@ -301,60 +282,23 @@ class Runner:
         raise NotImplementedError
 
 
-class Spawned:
-    """A started helper process."""
+class CommandRunner(Runner):
+    """Runs commands for real: single commands through ``sh``, pipelines on kernel pipes."""
 
-    def __init__(self, argv: Sequence[str], pid: int) -> None:
-        self.argv = list(argv)
-        self.pid = pid
+    def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
+                 cwd: str | None, env: dict[str, str],
+                 pass_fds: tuple[int, ...] = ()) -> RawResult:
+        return process.run_command(argv, timeout=timeout, input=input, cwd=cwd, env=env,
+                                   pass_fds=pass_fds)
 
-    def poll(self) -> int | None:
-        """Exit code, or None while it runs."""
-        raise NotImplementedError
+    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
+               env: dict[str, str]) -> Spawned:
+        return process.spawn_command(argv, pass_fds=pass_fds, log_path=log_path, env=env)
 
-    def wait(self, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds; raise CommandTimeoutError if it still runs."""
-        raise NotImplementedError
-
-    def kill(self) -> None:
-        raise NotImplementedError
-
-
-class _ShSpawned(Spawned):
-    def __init__(self, argv: Sequence[str], proc: Any) -> None:
-        super().__init__(argv, proc.pid)
-        self._proc = proc
-
-    def poll(self) -> int | None:
-        return None if self._proc.is_alive() else self._proc.process.exit_code
-
-    def wait(self, timeout: float) -> int:
-        import sh
-
-        try:
-            self._proc.wait(timeout=timeout)
-        except sh.TimeoutException:
-            raise CommandTimeoutError(f"{self.argv[0]} still running after {timeout:.0f}s",
-                                      argv=self.argv) from None
-        except sh.SignalException as exc:
-            return 128 + abs(exc.exit_code)
-        return int(self._proc.exit_code)
-
-    def kill(self) -> None:
-        _kill_group(self.pid)
-
-
-class _NotFound(Exception):
-    def __init__(self, hint: str | None = None) -> None:
-        super().__init__(hint)
-        self.hint = hint
-
-
-class _TimedOut(Exception):
-    def __init__(self, stdout: bytes = b"", stderr: bytes = b"") -> None:
-        super().__init__("timeout")
-        self.stdout = stdout
-        self.stderr = stderr
+    def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
+                  stdin: IO[bytes] | int | None, env: dict[str, str],
+                  mask: Callable[[str], str]) -> PipelineLike:
+        return start_pipeline(stages, shown, env=env, timeout=timeout, stdin=stdin, mask=mask)
 
 
 def _decode(data: bytes | str) -> str:
@@ -362,230 +306,3 @@ def _decode(data: bytes | str) -> str:
         return data
     return data.decode("utf-8", errors="replace")
 
-
-class CommandRunner(Runner):
-    """Runs commands for real, through the ``sh`` library."""
-
-    def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
-                 cwd: str | None, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> _Raw:
-        import sh  # only the runner touches sh
-
-        exe = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env["PATH"])
-        if exe is None or not os.access(exe, os.X_OK):
-            raise _NotFound(f"install the package that provides '{argv[0]}'")
-        proc = None
-        extra: dict[str, Any] = {"_pass_fds": set(pass_fds)} if pass_fds else {}
-        try:
-            for fd in pass_fds:
-                os.set_inheritable(fd, True)
-            with deferred_signals():
-                proc = sh.Command(exe)(
-                    *argv[1:], _env=env, _in=input, _cwd=cwd, _timeout=timeout,
-                    _ok_code=list(range(0, 256)), _tty_out=False, _bg=True, _bg_exc=False,
-                    _new_group=True, _return_cmd=True, _truncate_exc=False,
-                    _encoding=_ARGV_CODEC, **extra)
-            proc.wait()
-        except sh.TimeoutException:
-            # sh killed the leader; children it left (pipes, helpers) die with the group
-            assert proc is not None
-            _kill_group(proc.pid)
-            raise _TimedOut(proc.stdout, proc.stderr) from None
-        except sh.SignalException as exc:
-            return _Raw(128 + abs(exc.exit_code), exc.stdout, exc.stderr)
-        except BaseException:
-            # Interrupted (SIGTERM/SIGHUP handler, Ctrl-C) while starting or waiting: the
-            # child has its own process group, so nothing else will stop it
-            if proc is not None:
-                _kill_group(proc.pid)
-                _reap(proc)
-            raise
-        finally:
-            for fd in pass_fds:
-                os.set_inheritable(fd, False)
-        return _Raw(proc.exit_code, proc.stdout, proc.stderr)
-
-
-    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
-               env: dict[str, str]) -> Spawned:
-        import sh
-
-        exe = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env["PATH"])
-        if exe is None or not os.access(exe, os.X_OK):
-            raise _NotFound(f"install the package that provides '{argv[0]}'")
-        # sh leaves pass_fds open but not inheritable (Python opens fds O_CLOEXEC)
-        for fd in pass_fds:
-            os.set_inheritable(fd, True)
-        try:
-            # a helper outlives us on purpose (the freeze guard): a signal arriving while it
-            # starts is raised after the start, and the caller's cleanup deals with it
-            with deferred_signals():
-                proc = sh.Command(exe)(
-                    *argv[1:], _env=env, _bg=True, _bg_exc=False, _new_session=True,
-                    _pass_fds=set(pass_fds), _ok_code=list(range(0, 256)), _tty_out=False,
-                    _out=log_path or os.devnull, _err_to_out=True, _return_cmd=True,
-                    _truncate_exc=False, _encoding=_ARGV_CODEC)
-        finally:
-            for fd in pass_fds:
-                os.set_inheritable(fd, False)
-        return _ShSpawned(argv, proc)
-
-
-    def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
-                  stdin: IO[bytes] | int | None, env: dict[str, str],
-                  mask: Callable[[str], str]) -> PipelineLike:
-        with deferred_signals():
-            return start_pipeline(stages, shown, env=env, timeout=timeout, stdin=stdin,
-                                  mask=mask, resolve=lambda name: _resolve(name, env))
-
-
-def _resolve(name: str, env: Mapping[str, str]) -> str | None:
-    exe = name if os.sep in name else shutil.which(name, path=env["PATH"])
-    return exe if exe is not None and os.access(exe, os.X_OK) else None
-
-
-def _reap(proc: Any) -> None:
-    """Wait for a killed child so it does not linger as a zombie."""
-    try:
-        proc.wait(timeout=5)
-    except Exception:  # it was SIGKILLed: any outcome of the wait is fine
-        pass
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-# --------------------------------------------------------------------------
-# The recording fake, for unit tests
-# --------------------------------------------------------------------------
-
-@dataclass
-class Rule:
-    """One scripted answer: matches calls whose argv starts with ``prefix``."""
-
-    prefix: tuple[str, ...]
-    returncode: int = 0
-    stdout: str | bytes = ""
-    stderr: str | bytes = ""
-    timeout: bool = False
-    not_found: bool = False
-    times: int | None = None  # None: any number of times
-    action: Callable[[list[str]], None] | None = None
-    used: int = 0
-
-    def matches(self, argv: Sequence[str]) -> bool:
-        if self.times is not None and self.used >= self.times:
-            return False
-        return tuple(argv[: len(self.prefix)]) == self.prefix
-
-
-@dataclass
-class Call:
-    argv: list[str]
-    timeout: float
-    input: bytes | str | None
-    env: dict[str, str] = field(default_factory=dict)
-    pass_fds: tuple[int, ...] = ()
-
-
-class FakeRunner(Runner):
-    """Answers from scripted rules and records every call.
-
-    The same masking, logging and exit-code policy as :class:`CommandRunner`
-    applies, so error paths behave exactly as they would for real. A call that
-    no rule matches fails the test loudly.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.rules: list[Rule] = []
-        self.calls: list[Call] = []
-
-    def on(self, *prefix: str, returncode: int = 0, stdout: str | bytes = "",
-           stderr: str | bytes = "", timeout: bool = False, not_found: bool = False,
-           times: int | None = None,
-           action: Callable[[list[str]], None] | None = None) -> FakeRunner:
-        """Script the answer for calls starting with ``prefix``; later rules win."""
-        self.rules.insert(0, Rule(tuple(prefix), returncode, stdout, stderr, timeout,
-                                  not_found, times, action))
-        return self
-
-    def argvs(self) -> list[list[str]]:
-        return [c.argv for c in self.calls]
-
-    def called(self, *prefix: str) -> bool:
-        return any(tuple(c.argv[: len(prefix)]) == prefix for c in self.calls)
-
-    def _answer(self, argv: list[str], what: str) -> Rule:
-        """The rule answering ``argv`` (its action run); unmatched calls fail the test."""
-        for rule in self.rules:
-            if rule.matches(argv):
-                rule.used += 1
-                if rule.action:
-                    rule.action(argv)
-                if rule.not_found:
-                    raise _NotFound()
-                return rule
-        raise AssertionError(f"FakeRunner: no rule for {what}{argv!r}")
-
-    def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
-               env: dict[str, str]) -> Spawned:
-        self.calls.append(Call(list(argv), 0.0, None, env))
-        rule = self._answer(argv, "spawn ")
-        return _FakeSpawned(argv, rule.returncode, running=rule.timeout)
-
-    def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
-                  stdin: IO[bytes] | int | None, env: dict[str, str],
-                  mask: Callable[[str], str]) -> PipelineLike:
-        """Each stage answered by its rule; the last stage's stdout is what is read."""
-        import io
-
-        from .pipeline import FakePipeline
-
-        rules = []
-        for stage in stages:
-            argv = [fs_str(a) for a in stage.argv]
-            self.calls.append(Call(argv, timeout, None, env))
-            rules.append(self._answer(argv, "pipeline stage "))
-        return FakePipeline(stages, shown, io.BytesIO(_enc(rules[-1].stdout)),
-                            [(r.returncode, _enc(r.stderr).decode()) for r in rules],
-                            timed_out=any(r.timeout for r in rules), mask=mask)
-
-    def _execute(self, argv: list[str], *, timeout: float, input: bytes | str | None,
-                 cwd: str | None, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> _Raw:
-        self.calls.append(Call(list(argv), timeout, input, env, pass_fds))
-        rule = self._answer(argv, "")
-        if rule.timeout:
-            raise _TimedOut(_enc(rule.stdout), _enc(rule.stderr))
-        return _Raw(rule.returncode, _enc(rule.stdout), _enc(rule.stderr))
-
-
-class _FakeSpawned(Spawned):
-    """A scripted helper: exits with the rule's code, or runs until killed (timeout=True)."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, *, running: bool) -> None:
-        super().__init__(argv, pid=0)
-        self.returncode = returncode
-        self.running = running
-        self.killed = False
-
-    def poll(self) -> int | None:
-        return None if self.running else self.returncode
-
-    def wait(self, timeout: float) -> int:
-        if self.running:
-            raise CommandTimeoutError(f"{self.argv[0]} still running after {timeout:.0f}s",
-                                      argv=self.argv)
-        return self.returncode
-
-    def kill(self) -> None:
-        self.killed = True
-        self.running = False
-        self.returncode = 137
-
-
-def _enc(data: str | bytes) -> bytes:
-    return data.encode() if isinstance(data, str) else data

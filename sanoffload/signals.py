@@ -32,10 +32,20 @@ _pending: list[int] = []
 def deferred() -> Iterator[None]:
     """Hold stop signals back for a short critical section, then raise the first one.
 
-    An exception raised by a signal handler inside ``threading.Thread.start``
-    (which sh calls while starting a command) leaves the thread half-registered
-    and the interpreter hangs at exit; so the runner starts commands in here.
-    Only the main thread handles signals; elsewhere this does nothing.
+    Why ``sh`` needs it: sh starts each command's I/O threads with
+    ``threading.Thread.start``, which waits on a lock for the new thread to
+    come up. :func:`install_signal_handlers` raises ``Interrupted`` from the
+    handler, so a SIGTERM landing in that wait leaves the thread
+    half-registered (started, never marked so) and the interpreter hangs at
+    exit joining it; the command, in a group of its own, is left running with
+    nothing holding its pid to kill it. So ``process.run_command`` and
+    ``process.spawn_command`` start commands (never wait for them) in here.
+    The pipeline starts in here too, for the same two reasons: its watchdog
+    is a thread, and a signal between a fork and ``Popen``'s return would
+    leave a stage no list holds.
+
+    Keep the section short: a signal is only delayed, never lost. Only the
+    main thread handles signals; elsewhere this does nothing.
     """
     global _deferring
     if threading.current_thread() is not threading.main_thread():

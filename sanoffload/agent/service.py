@@ -4,7 +4,7 @@ Ops (JSON lines, see :mod:`sanoffload.channel.protocol`)::
 
     {"op": "ping"}                                   -> {"time": 1764151773.2}
     {"op": "prepare", "path": "/srv/data", "initiator": "iqn…:px1", "kind": null}
-                                                     -> {"session": {...prepare's answer...,
+                                                     -> {"session": {...PrepareAnswer...,
                                                          "warnings": ["post-thaw hook …"]}}
     {"op": "status", "session_id": "fs1-1a2b3c4d"}   -> {"status": "healthy", ...}
     {"op": "release", "session_id": "fs1-1a2b3c4d"}  -> {"released": ["lio-target ...", ...]}
@@ -75,11 +75,11 @@ class AgentService(Service):
             # checked here, before anything is looked at: exit 2 like every other edge
             kind = None if raw is None else DuplicateKind.parse(raw, where="prepare")
             answer = self.agent.prepare(fields["path"], fields["initiator"], kind=kind,
-                                        client=self.client).to_dict()
-            self.open.append(answer["session_id"])
-            log.info("client %s: prepared %s for %s", self.client, answer["session_id"],
+                                        client=self.client)
+            self.open.append(answer.session_id)
+            log.info("client %s: prepared %s for %s", self.client, answer.session_id,
                      fields["path"])
-            return {"session": answer}
+            return {"session": answer.to_wire()}
         session_id = fields["session_id"]
         self._own(session_id)
         if op == "status":

@@ -20,14 +20,14 @@ import string
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from ..channel.messages import PrepareAnswer
 from ..errors import AuthError, CleanupError, ResourceError
-from ..kinds import DuplicateKind, ObjectKind, WhoFreezes
+from ..kinds import DuplicateKind
 from ..runner import Runner
 from ..tools import fsfreeze, lio, lvm
 from ..undo import UndoStack
@@ -53,35 +53,8 @@ def new_session_id(host: str) -> str:
     return f"{safe}-{secrets.token_hex(4)}"
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """prepare's answer: what the proxy needs to back up the object."""
-
-    session_id: str
-    target_iqn: str
-    portals: list[str]
-    lun: int
-    identifier: str
-    unit_serial: str
-    chap_user: str
-    chap_secret: str
-    fstype: str
-    path_in_fs: str
-    object_kind: ObjectKind
-    duplicate_kind: DuplicateKind
-    freeze_window_ms: float
-    frozen_by: WhoFreezes
-    lease_expires: float
-    #: wall-clock time (epoch seconds) of the freeze: what the backup is named by
-    frozen_at: float = 0.0
-    #: one printable, bounded line per post-thaw hook that failed; empty when all went well
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The wire form: the enums as their plain string values."""
-        return {**self.__dict__, "warnings": list(self.warnings),
-                "object_kind": self.object_kind.value,
-                "duplicate_kind": self.duplicate_kind.value, "frozen_by": self.frozen_by.value}
+#: prepare's answer is the channel's typed message, shared with the proxy that reads it
+Prepared = PrepareAnswer
 
 
 def _alive(pid: Any) -> bool:

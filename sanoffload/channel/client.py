@@ -21,8 +21,16 @@ from typing import Any, Self
 
 from ..errors import AuthError, CommandError, ProtocolError, SanoffloadError
 from ..pipeline import Stage
+from ..requirements import Requirement
 from ..runner import Runner
 from .protocol import SOFTWARE, VERSIONS, Channel, check_reply, raise_error
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("ssh", "OpenSSH client", roles=("proxy",), optional_for=("store",),
+                fails_without="no control channel to an agent or a store (it is OpenSSH); "
+                              "a store without it only restores locally",
+                executables=("ssh",)),
+)
 
 log = logging.getLogger(__name__)
 

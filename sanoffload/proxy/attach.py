@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CommandError, CommandTimeoutError, ProtocolError, ResourceError
+from ..channel.messages import PrepareAnswer
+from ..errors import CommandError, CommandTimeoutError, ResourceError
 from ..runner import Runner
 from ..tools import iscsiadm
 from ..undo import UndoStack
 from . import mount
-from .devices import DEFAULT_DEADLINE_S, DeviceWaiter, check_identifier
+from .devices import DEFAULT_DEADLINE_S, DeviceWaiter
 from .journal import Held, ProxyJournal
 
 log = logging.getLogger(__name__)
@@ -55,66 +56,7 @@ class Attached:
     object_path: str
 
 
-@dataclass(frozen=True)
-class AttachRequest:
-    """The part of the agent's ``prepare`` answer the proxy needs, validated."""
-
-    session_id: str
-    target: str
-    portal: str
-    lun: int
-    identifier: str
-    chap_user: str
-    chap_secret: str = field(repr=False)
-    fstype: str
-    path_in_fs: str
-    #: "directory" or "file" when the answer says; None accepts either
-    object_kind: str | None = None
-
-    @classmethod
-    def from_answer(cls, answer: Mapping[str, Any]) -> AttachRequest:
-        """Validate an answer; ProtocolError for a missing or malformed field,
-        RefusedError for a filesystem type the proxy does not mount."""
-        if not isinstance(answer, Mapping):
-            raise ProtocolError("the agent's answer is not an object")
-
-        def text(key: str) -> str:
-            value = answer.get(key)
-            if not isinstance(value, str) or not value:
-                raise ProtocolError(f"the agent's answer lacks a valid {key!r}")
-            return value
-
-        portal = answer.get("portal")
-        if portal is None:
-            portals = answer.get("portals")
-            if not isinstance(portals, list) or not portals:
-                raise ProtocolError("the agent's answer lacks a valid 'portal'/'portals'")
-            portal = portals[0]
-        lun = answer.get("lun", 0)
-        kind = answer.get("object_kind")
-        try:
-            req = cls(
-                session_id=text("session_id"),
-                target=iscsiadm.check_target(text("target_iqn")),
-                portal=iscsiadm.check_portal(str(portal)),
-                lun=int(lun) if not isinstance(lun, bool) else -1,
-                identifier=check_identifier(text("identifier")),
-                chap_user=text("chap_user"), chap_secret=text("chap_secret"),
-                fstype=text("fstype"), path_in_fs=text("path_in_fs"),
-                object_kind=None if kind is None else str(kind))
-            mount.mountpoint_for(req.session_id)
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError(f"the agent's answer is malformed: {exc}") from None
-        if req.lun < 0:
-            raise ProtocolError(f"the agent's answer has an invalid lun: {lun!r}")
-        if req.object_kind is not None and req.object_kind not in mount.KINDS:
-            raise ProtocolError(f"the agent's answer has an unknown object_kind: {kind!r}")
-        # refused before anything is logged in or mounted
-        mount.check_fstype(req.fstype)
-        return req
-
-
-def attach(runner: Runner, answer: Mapping[str, Any], undo: UndoStack, *,
+def attach(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
            waiter_factory: WaiterFactory = DeviceWaiter,
            device_deadline_s: float = DEFAULT_DEADLINE_S,
            replacement_timeout: int = iscsiadm.DEFAULT_REPLACEMENT_TIMEOUT,
@@ -124,12 +66,15 @@ def attach(runner: Runner, answer: Mapping[str, Any], undo: UndoStack, *,
 
     Idempotent: an existing session to the target is not logged in again and
     a mount of the same disk at the session's mount point is reused.
-    ``journal`` (None: none) records each resource before it is made.
+    ``journal`` (None: none) records each resource before it is made. ``req``
+    was checked field by field (:meth:`PrepareAnswer.from_wire`); a filesystem
+    type the proxy does not mount is refused here (RefusedError), before
+    anything is logged in or mounted.
     """
-    req = AttachRequest.from_answer(answer)
+    mount.check_fstype(req.fstype)
     # masked everywhere from now on, not only in the call that passes it
     runner.add_secret(req.chap_secret)
-    target, portal = req.target, req.portal
+    target, portal = req.target_iqn, req.portal
     held = _begin(journal, req, mount.mountpoint_for(req.session_id, mount_root), undo)
 
     existing = iscsiadm.find_session(runner, target, portal)
@@ -157,13 +102,13 @@ def attach(runner: Runner, answer: Mapping[str, Any], undo: UndoStack, *,
     return Attached(device=device, mountpoint=mountpoint, object_path=obj)
 
 
-def _begin(journal: ProxyJournal | None, req: AttachRequest, mountpoint: str,
+def _begin(journal: ProxyJournal | None, req: PrepareAnswer, mountpoint: str,
            undo: UndoStack) -> Held | None:
     """Lock and record the attachment before anything is made (no journal: None)."""
     if journal is None:
         return None
     try:
-        held = journal.begin(req.session_id, req.target, req.portal, mountpoint)
+        held = journal.begin(req.session_id, req.target_iqn, req.portal, mountpoint)
     except OSError as exc:
         raise ResourceError(f"cannot write the proxy's journal in {journal.dir}: "
                             f"{exc.strerror or exc}",
@@ -191,9 +136,9 @@ def _undone(held: Held | None, kind: str, fn: Callable[..., Any], *args: Any) ->
         held.gone(kind)
 
 
-def _make_node(runner: Runner, req: AttachRequest, undo: UndoStack,
+def _make_node(runner: Runner, req: PrepareAnswer, undo: UndoStack,
                replacement_timeout: int, held: Held | None = None) -> None:
-    target, portal = req.target, req.portal
+    target, portal = req.target_iqn, req.portal
     offered = iscsiadm.discover(runner, portal)
     if not any(d.target == target for d in offered):
         raise CommandError(
@@ -212,9 +157,9 @@ def _make_node(runner: Runner, req: AttachRequest, undo: UndoStack,
     iscsiadm.set_startup_manual(runner, target, portal)
 
 
-def _login(runner: Runner, req: AttachRequest, undo: UndoStack,
+def _login(runner: Runner, req: PrepareAnswer, undo: UndoStack,
            held: Held | None = None) -> None:
-    target, portal = req.target, req.portal
+    target, portal = req.target_iqn, req.portal
     _intend(held, "session")
     try:
         iscsiadm.login(runner, target, portal)
@@ -231,7 +176,7 @@ def _login(runner: Runner, req: AttachRequest, undo: UndoStack,
               iscsiadm.logout, runner, target, portal)
 
 
-def _mount(runner: Runner, req: AttachRequest, device: str, undo: UndoStack,
+def _mount(runner: Runner, req: PrepareAnswer, device: str, undo: UndoStack,
            root: str, held: Held | None = None) -> str:
     _intend(held, "mount")
     mountpoint = mount.make_mountpoint(req.session_id, root)
@@ -260,17 +205,17 @@ def _mount(runner: Runner, req: AttachRequest, device: str, undo: UndoStack,
     return mountpoint
 
 
-def detach(runner: Runner, answer: Mapping[str, Any], *,
+def detach(runner: Runner, req: PrepareAnswer, *,
            mount_root: str = mount.MOUNT_ROOT) -> None:
     """Undo whatever :func:`attach` left for this answer, without an UndoStack
     (after a crash): umount, rmdir, logout, delete the node record. Idempotent;
     goes on past failures and raises CleanupError naming all of them."""
-    req = AttachRequest.from_answer(answer)
     runner.add_secret(req.chap_secret)
     undo = UndoStack()
+    target = req.target_iqn
     # pushed in attach's order, so unwinding runs them in reverse, as attach's undo would
-    undo.push(f"iscsi node {req.target}", iscsiadm.delete_node, runner, req.target, req.portal)
-    undo.push(f"iscsi session {req.target}", iscsiadm.logout, runner, req.target, req.portal)
+    undo.push(f"iscsi node {target}", iscsiadm.delete_node, runner, target, req.portal)
+    undo.push(f"iscsi session {target}", iscsiadm.logout, runner, target, req.portal)
     mountpoint = mount.mountpoint_for(req.session_id, mount_root)
     undo.push(f"mount point {mountpoint}", mount.remove_mountpoint, mountpoint)
     undo.push(f"mount {mountpoint}", mount.unmount, runner, mountpoint)

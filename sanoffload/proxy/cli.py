@@ -15,11 +15,13 @@ from typing import Any
 
 import click
 
+from ..channel.client import DEFAULT_CONNECTION_S
 from ..cli import App, pass_app
 from ..errors import CompletedWithWarnings, IntegrityError, RefusedError, UsageError
+from ..kinds import DuplicateKind
 from ..store.cli import format_backups
 from ..text import printable
-from .run import DEFAULT_CONNECTION_S, Location, Progress, parse_location, store_connector
+from .offhost import Location, Progress, parse_location, store_connector
 
 STORE_HELP = "The backup server's repository: HOST:/PATH over ssh, or a local /PATH."
 
@@ -76,9 +78,9 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
 @click.option("--store", "store_loc", default=None, metavar="STORE", help=STORE_HELP)
 @click.option("--job", default=None,
               help="Take SOURCE, --store and options from /etc/sanoffload/jobs/JOB.toml.")
-@click.option("--kind", type=click.Choice(["snapshot", "thin-snapshot", "raid1-split",
-                                           "mirror-split"]), default=None,
-              help="Duplicate kind (default: the agent chooses from the volume).")
+@click.option("--kind", default=None,
+              help=f"Duplicate kind: {', '.join(DuplicateKind.values())} "
+                   "(default: the agent chooses from the volume).")
 @click.option("--verify/--no-verify", default=None,
               help="Compare the stored archive with the duplicate before release (default on).")
 @click.option("--progress/--no-progress", default=None,
@@ -107,8 +109,10 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
       sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json --no-progress
       sanoffload backup --job data          # /etc/sanoffload/jobs/data.toml
     """
-    from .run import backup as run
+    from .offhost import run_offhost_backup
 
+    # checked before anything else: the same one-line exit 2 as the agent's --kind
+    dup_kind = None if kind is None else DuplicateKind.parse(kind, where="--kind")
     ssh = _ssh_options(ssh_opts)
     timeout = DEFAULT_CONNECTION_S
     if job is not None:
@@ -119,7 +123,7 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
         j = load_job(job)
         source_loc = Location(j.source_host, j.source_path)
         target = Location(j.store_host, j.store_path)
-        kind = kind or j.kind
+        dup_kind = dup_kind or j.kind
         verify = j.verify if verify is None else verify
         ssh = tuple(j.ssh_options) + ssh
         timeout = j.timeout_s
@@ -129,8 +133,9 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
         source_loc = parse_location(source, "HOST:/PATH")
         target = parse_location(store_loc, "--store")
     show = sys.stderr.isatty() if progress is None else progress
-    summary = run(app.get_runner(), source_loc, target, verify=verify is not False, kind=kind,
-                  ssh_options=ssh, timeout=timeout, progress=Progress() if show else None)
+    summary = run_offhost_backup(app.get_runner(), source_loc, target,
+                                 verify=verify is not False, kind=dup_kind, ssh_options=ssh,
+                                 timeout=timeout, progress=Progress() if show else None)
     warnings = list(summary.get("warnings") or [])
     if as_json:
         _echo_json(summary)

@@ -19,47 +19,29 @@ the same target), then waits on the monitor, without sleep loops.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+from ..channel.messages import check_identifier, normalize_wwid
 from ..errors import DeadlineError, ResourceError
+from ..requirements import Requirement
+
+__all__ = ["DEFAULT_DEADLINE_S", "DeviceWaiter", "check_identifier", "device_wwids",
+           "normalize_wwid"]
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("pyudev", "Python module pyudev (with libudev)", roles=("proxy",),
+                fails_without="cannot match the logged-in LUN to its block device",
+                python=("pyudev",), kernel=("udev",)),
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE_S = 60.0
 #: the longest single monitor.poll: bounds how late the rescan and the deadline are noticed
 _MAX_POLL_S = 5.0
-_NAA_RE = re.compile(r"^naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?$")
-_HEX_RE = re.compile(r"^[0-9a-f]+$")
-
-
-def normalize_wwid(value: str | bytes | None) -> str | None:
-    """One spelling for a disk identifier: ``naa.`` + lowercase hex.
-
-    ``0x6001405…`` (udev's ID_WWN_WITH_EXTENSION) becomes ``naa.6001405…``;
-    ``naa.…`` (sysfs ``device/wwid``, the agent) is lowercased and stripped of
-    the newline and padding sysfs adds. None or empty gives None.
-    """
-    if value is None:
-        return None
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    text = text.strip().lower()
-    if not text:
-        return None
-    if text.startswith("0x") and _HEX_RE.match(text[2:]) and len(text) - 2 in (16, 32):
-        return "naa." + text[2:]
-    return text
-
-
-def check_identifier(identifier: str) -> str:
-    """The identifier, normalised, if it is a NAA designator (16 or 32 hex digits)."""
-    norm = normalize_wwid(identifier)
-    if norm is None or not _NAA_RE.match(norm):
-        raise ValueError(f"invalid disk identifier (want naa. + 32 hex digits): {identifier!r}")
-    return norm
 
 
 def device_wwids(device: Any) -> set[str]:

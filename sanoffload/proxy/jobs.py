@@ -31,9 +31,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..agent.resolve import DUPLICATE_KINDS
 from ..configfile import read_text
 from ..errors import ConfigError, UsageError
+from ..kinds import DuplicateKind
 
 JOBS_DIR = "/etc/sanoffload/jobs"
 JOB_SUFFIX = ".toml"
@@ -72,7 +72,7 @@ class Job:
     store_path: str
     verify: bool = True
     #: None: the agent chooses from the volume
-    kind: str | None = None
+    kind: DuplicateKind | None = None
     ssh_options: tuple[str, ...] = ()
     timeout_s: float = DEFAULT_TIMEOUT_S
 
@@ -164,10 +164,12 @@ class _Checker:
             raise self.error(key, f"must be true or false, not {value!r}")
         return value
 
-    def kind(self, value: Any, key: str) -> str:
-        if value not in DUPLICATE_KINDS:
-            raise self.error(key, f"must be one of {', '.join(DUPLICATE_KINDS)}, not {value!r}")
-        return str(value)
+    def kind(self, value: Any, key: str) -> DuplicateKind:
+        try:
+            return DuplicateKind.parse(value)
+        except UsageError as exc:
+            # the one parse's message, with the file and key in front, as every job error
+            raise self.error(key, exc.message) from None
 
     def seconds(self, value: Any, key: str) -> float:
         # bool is an int in Python; "true" for a number is a mistake

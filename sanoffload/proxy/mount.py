@@ -19,13 +19,21 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 from collections.abc import Mapping
 
+from ..channel.messages import check_session_id
 from ..errors import CommandError, RefusedError, ResourceError
+from ..kinds import ObjectKind
+from ..requirements import Requirement
 from ..runner import Runner
 from ..tools import findmnt
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("mount", "mount, umount and blkid", roles=("proxy",),
+                fails_without="cannot check and mount the duplicate read-only to back it up",
+                executables=("mount", "umount", "blkid")),
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +47,6 @@ BLKID_NOTHING: Mapping[int, str] = {2: "no-signature"}
 #: umount exit 32 ("mount failure"): tolerated only with the message "not mounted"
 UMOUNT_FAILURE: Mapping[int, str] = {32: "umount-failure"}
 _NOT_MOUNTED = "not mounted"
-_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-KINDS = ("directory", "file")
 
 
 def check_fstype(fstype: str) -> str:
@@ -52,10 +58,8 @@ def check_fstype(fstype: str) -> str:
 
 
 def mountpoint_for(session_id: str, root: str = MOUNT_ROOT) -> str:
-    """``ROOT/SESSION``; the session id must be a plain name (no '/', no '..')."""
-    if not _SESSION_RE.match(session_id) or session_id in (".", ".."):
-        raise ValueError(f"invalid session id for a mount point: {session_id!r}")
-    return os.path.join(root, session_id)
+    """``ROOT/SESSION``; the session id must be a plain name (no '/', no '..'): ValueError."""
+    return os.path.join(root, check_session_id(session_id))
 
 
 def make_mountpoint(session_id: str, root: str = MOUNT_ROOT) -> str:
@@ -177,18 +181,18 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def check_object(mountpoint: str, path_in_fs: str, kind: str | None = None) -> str:
+def check_object(mountpoint: str, path_in_fs: str, kind: ObjectKind | None = None) -> str:
     """The backup object's real path inside the mount; RefusedError if it is not usable.
 
     ``path_in_fs`` is relative to the filesystem's root ("." for the root,
     a leading '/' is ignored); '..' is refused. Symlinks are resolved and the
     result must stay inside the mount: an absolute link resolves against the
-    proxy's root, so it leads out and is refused. ``kind`` ("directory" or
-    "file", as the agent said) must match; without it either is accepted.
-    Anything else (a device node, a FIFO) is refused.
+    proxy's root, so it leads out and is refused. ``kind`` (as the agent said)
+    must match; without it either is accepted. Anything else (a device node, a
+    FIFO) is refused.
     """
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"invalid object kind {kind!r} (want one of {KINDS})")
+    if kind is not None:
+        kind = ObjectKind.parse(kind, where="check_object")
     rel = path_in_fs.strip("/") or "."
     if "\x00" in rel or ".." in rel.split("/"):
         raise RefusedError(f"path inside the filesystem {path_in_fs!r} contains '..'")
@@ -202,9 +206,9 @@ def check_object(mountpoint: str, path_in_fs: str, kind: str | None = None) -> s
     except FileNotFoundError:
         raise RefusedError(f"{path_in_fs!r} does not exist in the duplicate mounted at "
                            f"{root}") from None
-    found = ("directory" if stat.S_ISDIR(st.st_mode)
-             else "file" if stat.S_ISREG(st.st_mode) else "other")
-    if found == "other" or (kind is not None and found != kind):
+    found = (ObjectKind.DIRECTORY if stat.S_ISDIR(st.st_mode)
+             else ObjectKind.FILE if stat.S_ISREG(st.st_mode) else None)
+    if found is None or (kind is not None and found is not kind):
         want = kind or "a directory or a regular file"
         raise RefusedError(f"{path_in_fs!r} in the duplicate is not {want} "
                            f"(mode {stat.filemode(st.st_mode)})")

@@ -9,17 +9,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import select
-import subprocess
-import threading
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from ..channel.client import Client
+from ..channel.messages import PrepareAnswer
 from ..channel.protocol import CHUNK, check_reply
 from ..errors import CommandError, IntegrityError, ProtocolError, SanoffloadError
-from ..pipeline import Stage
-from ..runner import Runner
-from ..tools import tar
+from ..kinds import DuplicateKind
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +36,25 @@ class AgentClient(Client):
             raise ProtocolError(f"{self.name}: the agent did not say its host name")
         return host
 
-    def prepare(self, path: str, initiator: str, kind: str | None = None) -> dict[str, Any]:
-        reply = self.call("prepare", path=path, initiator=initiator, kind=kind)
+    def prepare(self, path: str, initiator: str,
+                kind: DuplicateKind | None = None) -> PrepareAnswer:
+        """The agent's answer, every field checked (ProtocolError, exit 11, if malformed)."""
+        reply = self.call("prepare", path=path, initiator=initiator,
+                          kind=None if kind is None else kind.value)
         session = check_reply(reply, {"session": dict})["session"]
-        check_reply(session, {"session_id": str, "identifier": str, "target_iqn": str})
-        return dict(session)
+        try:
+            return PrepareAnswer.from_wire(session, what=f"{self.name}: the agent's answer")
+        except ProtocolError:
+            # an answer we cannot use still holds a frozen-then-exported duplicate on the
+            # agent: release it now rather than after the connection's grace period
+            sid = session.get("session_id")
+            if isinstance(sid, str):
+                try:
+                    self.release(sid)
+                except SanoffloadError as exc:
+                    log.warning("%s: could not release the unusable session: %s",
+                                self.name, exc)
+            raise
 
     def status(self, session_id: str) -> str:
         return str(check_reply(self.call("status", session_id=session_id),
@@ -89,12 +100,13 @@ class StoreClient(Client):
                progress: Callable[[int], None] | None = None) -> RemoteWriter:
         return RemoteWriter(self, host, path, fields, progress=progress)
 
-    def verify(self, backup_id: str, compared: Mapping[str, str] | None = None) -> dict:
+    def verify(self, backup_id: str,
+               compared: Mapping[str, str] | None = None) -> dict[str, Any]:
         reply = self.call("verify", id=backup_id,
                           compared=dict(compared) if compared is not None else None)
         return dict(check_reply(reply, {"backup": dict})["backup"])
 
-    def get(self, backup_id: str, out: BinaryIO) -> dict[str, Any]:
+    def get(self, backup_id: str, out: IO[bytes]) -> dict[str, Any]:
         """Write backup ``backup_id``'s archive to ``out``; its sha256 is checked on the way."""
         backup = dict(check_reply(self.call("get", id=backup_id), {"backup": dict})["backup"])
         h = hashlib.sha256()
@@ -190,42 +202,3 @@ class RemoteWriter:
             self.store.reply()
         except SanoffloadError:
             pass  # the abort is answered with an error by design, or the link is gone
-
-
-def compare_with(runner: Runner, store: StoreClient, backup_id: str, source_dir: str, *,
-                 timeout: float) -> tuple[bool, str]:
-    """Compare the stored archive with the tree it came from: ``tar --diff`` fed by ``get``.
-
-    Returns ``(same, detail)``: detail holds the first differences tar names.
-    """
-    stages = [Stage(tar.compare_argv("-", source_dir), ok_codes={1: "differences"})]
-    with runner.pipeline(stages, stdin=subprocess.PIPE, timeout=timeout) as pipe:
-        assert pipe.stdin is not None
-        lines: list[bytes] = []
-
-        def drain() -> None:  # tar prints differences on stdout: never let it block
-            for line in pipe.stdout:
-                if len(lines) < 20:
-                    lines.append(line.rstrip(b"\n"))
-
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
-        error: SanoffloadError | None = None
-        try:
-            store.get(backup_id, pipe.stdin)
-        except CommandError as exc:  # tar stopped reading: its exit code tells why
-            error = exc
-        finally:
-            try:
-                pipe.stdin.close()
-            except OSError:
-                pass
-        results = pipe.wait()
-        reader.join(10)
-    rc = results[0].returncode
-    detail = "; ".join(line.decode("utf-8", "replace") for line in lines)
-    if rc == 0 and error is None:
-        return True, ""
-    if rc == 1 or lines:
-        return False, detail[:500] or results[0].stderr.strip()[:500]
-    raise error or CommandError(f"tar --diff failed: {results[0].stderr.strip()}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -242,7 +243,8 @@ def restore(ctx: click.Context, app: App, backup_id: str, target: str, paths: tu
         if paths or force or devices or setid:
             raise UsageError("restore to stdout (-) takes no PATHS, --force, --devices or "
                              "--setid")
-        stream_out(repo, backup_id, click.get_binary_stream("stdout"))
+        # the bytes under the text stream (click.get_binary_stream goes in Click 9)
+        stream_out(repo, backup_id, sys.stdout.buffer)
         return
     done = restore_backup(repo, backup_id, target, [os.fsencode(p) for p in paths], force=force,
                           devices=devices, setid=setid)

@@ -39,6 +39,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import __version__
+from ..errors import UsageError
+from ..kinds import Choice, DuplicateKind, WhoFreezes
 from ..text import has_control
 
 FORMAT = 1
@@ -179,10 +181,15 @@ class Manifest:
         if self.format > FORMAT:
             raise ValueError(f"manifest format {self.format} is newer than this sanoffload "
                              f"reads ({FORMAT})")
-        for name in ("duplicate_kind", "frozen_by", "session_id", "client"):
+        for name in ("session_id", "client"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not _WORD_RE.fullmatch(value)):
                 raise ValueError(f"manifest: {name} must be a short word: {value!r}")
+        for name, enum in (("duplicate_kind", DuplicateKind), ("frozen_by", WhoFreezes)):
+            # kept as the plain string (the JSON is unchanged), checked by the one parse
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _member(enum, name, value).value)
         if self.frozen_at is not None:
             parse_iso(self.frozen_at)
         if self.stored_at:
@@ -291,6 +298,14 @@ def _check_warnings(value: Any) -> tuple[str, ...]:
     if len(json.dumps(list(value))) > MAX_WARNINGS_JSON:
         raise ValueError(f"warnings: more than {MAX_WARNINGS_JSON} bytes of JSON in all")
     return tuple(value)
+
+
+def _member(enum: type[Choice], name: str, value: Any) -> Choice:
+    """``enum.parse(value)``, its UsageError turned into the ValueError a bad manifest gives."""
+    try:
+        return enum.parse(value)
+    except UsageError as exc:
+        raise ValueError(f"manifest: {name}: {exc.message}") from None
 
 
 def _check_count(name: str, value: Any, *, optional: bool = True) -> None:

@@ -62,7 +62,15 @@ from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 from ..errors import CommandError
+from ..requirements import Requirement
 from ..runner import Result, Runner
+
+REQUIRES: tuple[Requirement, ...] = (
+    # GNU tar, not any tar: doctor runs tar --version (busybox and bsdtar lack these options)
+    Requirement("tar", "GNU tar", roles=("proxy", "store"),
+                fails_without="cannot write, list, verify or restore backup archives",
+                executables=("tar",)),
+)
 
 #: the longest listing line read: far above two PATH_MAX names C-escaped; a longer one is
 #: refused rather than held in memory

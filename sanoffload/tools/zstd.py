@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import os
 
+from ..requirements import Requirement
 from ..runner import Result, Runner
+
+REQUIRES: tuple[Requirement, ...] = (
+    Requirement("zstd", "zstd compressor", roles=("proxy", "store"),
+                fails_without="cannot compress, verify or restore backup archives",
+                executables=("zstd",)),
+)
 
 #: the suffix every stored archive carries
 SUFFIX = ".zst"

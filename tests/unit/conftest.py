@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import tar, zstd
 
 

@@ -185,13 +185,3 @@ class FakeController:
         if orphan.kind == "lio-target":
             return self.unexpose(orphan.name, "")
         return self.unexpose("", orphan.name)
-
-
-class Answer:
-    """What Agent.prepare returns, as far as the channel uses it (``to_dict``)."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.data)

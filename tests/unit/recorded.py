@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "recorded"
 DEFAULT_RELEASE = "bookworm"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sanoffload import cli
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 
 pytestmark = pytest.mark.unit
 

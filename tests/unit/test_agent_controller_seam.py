@@ -25,7 +25,7 @@ from sanoffload.agent.journal import Journal, Resource, SessionRecord
 from sanoffload.agent.resolve import BackupObject
 from sanoffload.agent.session import Agent
 from sanoffload.kinds import DuplicateKind, WhoFreezes
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import lio
 from tests.unit.fakes_agent import Clock, FakeResolver
 from tests.unit.test_agent_session import MP, PATH, PX1, T0, make_config

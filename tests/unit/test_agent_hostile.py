@@ -31,7 +31,7 @@ from sanoffload.errors import (
     LioError,
     MissingDependencyError,
 )
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import lio
 from tests.unit.fakes_agent import Clock, FakeController, FakeResolver
 from tests.unit.recorded import load

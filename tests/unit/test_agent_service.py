@@ -20,12 +20,14 @@ import pytest
 from sanoffload.agent.service import AgentService
 from sanoffload.agent.session import DUPLICATE_KINDS
 from sanoffload.channel.client import in_process_connector
+from sanoffload.channel.messages import PrepareAnswer
 from sanoffload.channel.server import serve
 from sanoffload.errors import (AuthError, CleanupError, CommandError, Interrupted, ProtocolError,
                                UsageError)
+from sanoffload.kinds import DuplicateKind
 from sanoffload.proxy.peers import AgentClient
 
-from .fakes_agent import Answer
+from .test_messages import sample_answer
 
 pytestmark = pytest.mark.unit
 
@@ -59,16 +61,16 @@ class FakeAgent:
         self._n = 0
 
     def prepare(self, path: str, initiator: str, *, kind: str | None = None,
-                client: str | None = None) -> Answer:
+                client: str | None = None) -> PrepareAnswer:
         with self.lock:
             self.calls.append(("prepare", path, initiator, kind, client))
             self._n += 1
             sid = f"fs1-{self._n:08x}"
             assert client is not None
             self.owners[sid] = client
-        return Answer({"session_id": sid, "identifier": f"naa.6001405{self._n:09x}",
-                       "target_iqn": f"iqn.2026-11.org.sanoffload:{sid}", "lun": 0,
-                       "duplicate_kind": kind or "snapshot"})
+        return sample_answer(session_id=sid, identifier=f"naa.6001405{self._n:09x}",
+                             target_iqn=f"iqn.2026-11.org.sanoffload:{sid}", lun=0,
+                             duplicate_kind=kind or "snapshot")
 
     def owner(self, session_id: str) -> str | None:
         return self.owners.get(session_id)
@@ -298,9 +300,9 @@ def test_a_refused_client_never_gets_a_session() -> None:
 def test_prepare_status_release_round_trip(agent: FakeAgent) -> None:
     served = Served(agent)
     with served.client() as client:
-        session = client.prepare("/srv/data", PX1, kind="thin-snapshot")
-        sid = session["session_id"]
-        assert session["duplicate_kind"] == "thin-snapshot"
+        session = client.prepare("/srv/data", PX1, kind=DuplicateKind.THIN_SNAPSHOT)
+        sid = session.session_id
+        assert session.duplicate_kind is DuplicateKind.THIN_SNAPSHOT
         assert client.status(sid) == "healthy"
         assert client.release(sid) == [f"lio-target iqn.2026-11.org.sanoffload:{sid}"]
         assert client.status(sid) == "unknown"
@@ -317,7 +319,8 @@ def test_errors_reach_the_proxy_and_the_connection_goes_on(agent: FakeAgent) -> 
         with pytest.raises(AuthError, match="fs1: session fs1-0000beef belongs to another"):
             client.release("fs1-0000beef")
         with pytest.raises(UsageError, match="unknown duplicate kind 'bogus'"):
-            client.prepare("/srv/data", PX1, kind="bogus")
+            # the typed client cannot send it: say it on the wire, as another program could
+            client.call("prepare", path="/srv/data", initiator=PX1, kind="bogus")
         with pytest.raises(ProtocolError, match="prepare: missing field 'initiator'"):
             client.call("prepare", path="/srv/data")
         with pytest.raises(ProtocolError, match="status: unknown field"):
@@ -330,8 +333,8 @@ def test_errors_reach_the_proxy_and_the_connection_goes_on(agent: FakeAgent) -> 
 def test_a_dropped_connection_releases_its_session(agent: FakeAgent) -> None:
     served = Served(agent)
     client = served.client()
-    kept = client.prepare("/srv/data", PX1)["session_id"]
-    done = client.prepare("/srv/other", PX1)["session_id"]
+    kept = client.prepare("/srv/data", PX1).session_id
+    done = client.prepare("/srv/other", PX1).session_id
     client.release(done)
     client.close()  # no release of `kept`: the proxy died, or lost its link
     # close() waits for the server thread, which slept the grace, then released
@@ -344,7 +347,7 @@ def test_a_dropped_connection_releases_its_session(agent: FakeAgent) -> None:
 def test_a_broken_connection_releases_its_session(agent: FakeAgent) -> None:
     served = Served(agent)
     client = served.client()
-    sid = client.prepare("/srv/data", PX1)["session_id"]
+    sid = client.prepare("/srv/data", PX1).session_id
     client.channel.wfile.write(b"\x00garbage\n")
     client.channel.wfile.flush()
     with pytest.raises(ProtocolError, match="malformed JSON"):
@@ -358,8 +361,8 @@ def test_a_broken_connection_releases_its_session(agent: FakeAgent) -> None:
 def test_one_connections_drop_leaves_another_connections_session(agent: FakeAgent) -> None:
     first, second = Served(agent), Served(agent)
     c1, c2 = first.client(), second.client()
-    s1 = c1.prepare("/srv/data", PX1)["session_id"]
-    s2 = c2.prepare("/srv/other", PX1)["session_id"]
+    s1 = c1.prepare("/srv/data", PX1).session_id
+    s2 = c2.prepare("/srv/other", PX1).session_id
     c1.close()
     assert agent.released() == [s1]
     assert c2.status(s2) == "healthy"

@@ -22,6 +22,7 @@ from sanoffload.agent import config as agent_config
 from sanoffload.agent.controller import Duplicate
 from sanoffload.agent.journal import SESSION_ID_RE, Journal, Resource, SessionRecord
 from sanoffload.agent.session import CHAP_SECRET_LEN, Agent, Prepared, new_session_id
+from sanoffload.channel.messages import PrepareAnswer
 from sanoffload.errors import (
     AuthError,
     CleanupError,
@@ -30,7 +31,8 @@ from sanoffload.errors import (
     ResourceError,
 )
 from sanoffload.kinds import DuplicateKind
-from sanoffload.runner import MASK, FakeRunner
+from sanoffload.runner import MASK
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import lio, lvm
 from tests.unit.fakes_agent import Clock, FakeController, FakeResolver
 
@@ -181,6 +183,8 @@ def test_prepare_answers_what_the_proxy_needs(env: Env) -> None:
     assert p.frozen_by == "lvm"
     assert p.lease_expires == T0 + LEASE
     assert p.to_dict()["session_id"] == sid
+    # what the agent sends is what the proxy's checks accept, field for field
+    assert PrepareAnswer.from_wire(json.loads(json.dumps(p.to_wire()))) == p
 
 
 def test_prepare_chap_secret_is_fresh_and_masked(env: Env, tmp_path: Path,

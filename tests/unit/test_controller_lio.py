@@ -11,7 +11,7 @@ from sanoffload.agent.controller import (
     kernel_allows_nested_freeze,
 )
 from sanoffload.kinds import DuplicateKind
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import lio
 
 from .recorded import feed

@@ -515,3 +515,28 @@ def test_a_declaration_typo_is_refused_at_import(kw: dict[str, object]) -> None:
     args: dict[str, object] = {"roles": ("agent",), "fails_without": "x", **kw}
     with pytest.raises(ValueError):
         Requirement("x", "x", **args)  # type: ignore[arg-type]
+
+
+def test_every_module_declaring_requires_is_collected() -> None:
+    """A need lives beside the code that has it, and doctor collects every such module."""
+    import importlib
+
+    from sanoffload.channel import client
+    from sanoffload.doctor import DECLARING_MODULES, HOST_SERVICES
+    from sanoffload.proxy import devices, mount
+    from sanoffload.tools import tar, zstd
+
+    for module, need in [(tar, "tar"), (zstd, "zstd"), (mount, "mount"), (devices, "pyudev"),
+                         (client, "ssh")]:
+        assert need in [r.name for r in module.REQUIRES], module.__name__
+    declaring = set()
+    for path in sorted((REPO / "sanoffload").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        if any(isinstance(node, (ast.Assign, ast.AnnAssign)) and "REQUIRES" in [
+                t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name)] for node in tree.body):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            declaring.add(importlib.import_module(name))
+    assert declaring == set(DECLARING_MODULES)
+    # only what no module of ours runs is declared in doctor itself
+    assert [r.name for r in HOST_SERVICES] == ["sshd"]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sanoffload.errors import CommandError, RefusedError
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import findmnt
 from sanoffload.tools.findmnt import Mount
 from tests.unit.recorded import feed

@@ -12,7 +12,8 @@ import logging
 import pytest
 
 from sanoffload.errors import AuthError, CommandError, CommandTimeoutError
-from sanoffload.runner import MASK, FakeRunner
+from sanoffload.runner import MASK
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import iscsiadm
 from sanoffload.tools.iscsiadm import Discovered, Session
 

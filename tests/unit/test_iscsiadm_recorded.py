@@ -10,7 +10,7 @@ import pytest
 
 from sanoffload.errors import AuthError
 from sanoffload.proxy.devices import check_identifier, device_wwids
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import iscsiadm
 
 from . import recorded

@@ -9,6 +9,7 @@ import pytest
 
 from sanoffload.agent.resolve import DUPLICATE_KINDS
 from sanoffload.errors import ConfigError, UsageError
+from sanoffload.kinds import DuplicateKind
 from sanoffload.proxy import jobs
 from sanoffload.proxy.jobs import (DEFAULT_TIMEOUT_S, JOBS_DIR, Job, list_jobs, load_job,
                                    parse_location)
@@ -69,7 +70,9 @@ def test_defaults() -> None:
 
 @pytest.mark.parametrize("kind", DUPLICATE_KINDS)
 def test_every_duplicate_kind_is_accepted(kind: str) -> None:
-    assert jobs.parse("j", MINIMAL + f'kind = "{kind}"\n').kind == kind
+    parsed = jobs.parse("j", MINIMAL + f'kind = "{kind}"\n').kind
+    # past the edge the job holds the member, not the string
+    assert parsed is DuplicateKind(kind)
 
 
 def test_job_is_frozen() -> None:
@@ -96,7 +99,7 @@ def test_job_is_frozen() -> None:
     ('source = "fs1:/a"\nstore = "bk1:/srv/\\n/x"\n', "store", "line breaks"),
     (MINIMAL + 'verfy = false\n', "verfy", "unknown key"),
     (MINIMAL + 'verify = "yes"\n', "verify", "true or false"),
-    (MINIMAL + 'kind = "lvm"\n', "kind", "one of snapshot"),
+    (MINIMAL + 'kind = "lvm"\n', "kind", "unknown duplicate kind 'lvm' (one of: snapshot"),
     (MINIMAL + 'kind = 1\n', "kind", "one of"),
     (MINIMAL + 'timeout_s = 0\n', "timeout_s", "greater than 0"),
     (MINIMAL + 'timeout_s = -5\n', "timeout_s", "greater than 0"),

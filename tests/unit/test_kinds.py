@@ -22,7 +22,7 @@ from sanoffload.agent.resolve import BackupObject, resolve
 from sanoffload.agent.service import AgentService
 from sanoffload.errors import UsageError
 from sanoffload.kinds import Choice, DuplicateKind, FreezeMode, ObjectKind, WhoFreezes
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from tests.unit.fakes_agent import recorded_lv, recorded_mount
 from tests.unit.test_agent_session import Env
 

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from sanoffload.errors import CommandError, DuplicateInvalidError, RefusedError, ResourceError
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import lvm
 from sanoffload.tools.lvm import LogicalVolume, VolumeGroup
 from tests.unit.recorded import feed, load

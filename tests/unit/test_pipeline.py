@@ -75,7 +75,7 @@ def test_a_missing_tool_is_reported_before_anything_starts() -> None:
 
 
 def test_fake_pipeline_answers_from_rules_with_the_same_checks() -> None:
-    from sanoffload.runner import FakeRunner
+    from sanoffload.testing import FakeRunner
 
     fake = FakeRunner().on("tar", returncode=1, stderr="tar: file changed as we read it\n")
     fake.on("zstd", stdout=b"\x28\xb5\x2f\xfd")

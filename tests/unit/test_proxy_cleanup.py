@@ -25,7 +25,7 @@ from sanoffload.proxy import journal as journal_mod
 from sanoffload.proxy import mount as mount_mod
 from sanoffload.proxy.cleanup import cleanup
 from sanoffload.proxy.journal import Attachment, BrokenRecord, ProxyJournal
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.undo import UndoStack
 from tests.unit import test_proxy_attach as ta
 from tests.unit.recorded import feed

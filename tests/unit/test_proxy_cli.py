@@ -4,7 +4,7 @@ A local ``--store /PATH`` is served in-process (store_connector), so list,
 verify and restore run the real StoreService over a real repository in
 tmp_path with the real tar and zstd. ``backup`` itself needs an agent over
 ssh: its argument checks run for real, and its wiring (job file, options) is
-checked with ``sanoffload.proxy.run.backup`` replaced by a recorder.
+checked with ``sanoffload.proxy.offhost.run_offhost_backup`` replaced by a recorder.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import pytest
 from sanoffload import cli
 from sanoffload.channel.client import in_process_connector
 from sanoffload.channel.server import serve
-from sanoffload.proxy import jobs
-from sanoffload.proxy import run as proxy_run
-from sanoffload.proxy.run import Location, Progress
-from sanoffload.runner import CommandRunner, FakeRunner
+from sanoffload.kinds import DuplicateKind
+from sanoffload.proxy import jobs, offhost
+from sanoffload.proxy.offhost import Location, Progress
+from sanoffload.runner import CommandRunner
 from sanoffload.store.repo import BackupId, Repository
 from sanoffload.store.service import StoreService
+from sanoffload.testing import FakeRunner
 from tests.unit.conftest import make_archive
 
 pytestmark = pytest.mark.unit
@@ -108,10 +109,16 @@ def test_backup_job_with_a_source_is_refused(capsys: Capsys) -> None:
     assert "--job takes its source" in one_error_line(capsys.readouterr().err)
 
 
-def test_backup_unknown_kind_is_a_usage_error(capsys: Capsys) -> None:
-    assert cli.run(["backup", "fs1:/srv/data", "--store", "/srv/b", "--kind", "bogus"]) == 2
-    err = capsys.readouterr().err
-    assert "Invalid value for '--kind'" in err and "bogus" in err
+@pytest.mark.hostile("proxy", "sanoffload backup --kind with an unknown kind (with an escape)",
+                     "one line, exit 2, the valid kinds listed, as the agent's --kind; "
+                     "nothing run")
+def test_backup_unknown_kind_is_a_usage_error(recorder: Recorder, capsys: Capsys) -> None:
+    assert cli.run(["backup", "fs1:/srv/data", "--store", "/srv/b",
+                    "--kind", "bogus\x1b[2J"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--kind: unknown duplicate kind 'bogus\\x1b[2J'" in line
+    assert "(one of: snapshot, thin-snapshot, raid1-split, mirror-split)" in line
+    assert recorder.calls == []
 
 
 def test_backup_bad_ssh_option(capsys: Capsys) -> None:
@@ -139,8 +146,8 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    # the command imports run.backup when it runs: the module attribute is what it gets
-    monkeypatch.setattr(proxy_run, "backup", rec)
+    # the command imports run_offhost_backup when it runs: the module attribute is what it gets
+    monkeypatch.setattr(offhost, "run_offhost_backup", rec)
     return rec
 
 
@@ -181,7 +188,7 @@ def test_backup_takes_everything_from_the_job(jobs_dir: Path, recorder: Recorder
     [(source, store, kw)] = recorder.calls
     assert source == Location("root@fs1", "/srv/data")
     assert store == Location("bk1", "/srv/backups")
-    assert kw["verify"] is False and kw["kind"] == "thin-snapshot"
+    assert kw["verify"] is False and kw["kind"] is DuplicateKind.THIN_SNAPSHOT
     assert kw["ssh_options"] == ("-o", "Port=2222", "-o", "Compression=yes")
     assert kw["timeout"] == 600.0 and kw["progress"] is None
     assert json.loads(capsys.readouterr().out)["backup_id"].startswith("fs1/")
@@ -189,7 +196,7 @@ def test_backup_takes_everything_from_the_job(jobs_dir: Path, recorder: Recorder
     assert cli.run(["backup", "--job", "data", "--verify", "--kind", "snapshot",
                     "--progress"]) == 0
     _, _, kw = recorder.calls[-1]
-    assert kw["verify"] is True and kw["kind"] == "snapshot"
+    assert kw["verify"] is True and kw["kind"] is DuplicateKind.SNAPSHOT
     assert isinstance(kw["progress"], Progress)
     out = capsys.readouterr().out
     assert out.startswith("backup fs1/srv-data-3f2a9c1e/20261126T102933Z: 12345 bytes")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sanoffload.errors import CommandError, RefusedError, ResourceError
+from sanoffload.errors import CommandError, RefusedError, ResourceError, UsageError
+from sanoffload.kinds import ObjectKind
 from sanoffload.proxy import mount
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 
 pytestmark = pytest.mark.unit
 
@@ -201,17 +202,17 @@ def fs(tmp_path: Path) -> Path:
 
 
 def test_object_directory_and_file(fs: Path) -> None:
-    assert mount.check_object(str(fs), "srv/data", "directory") == str(fs / "srv" / "data")
-    assert mount.check_object(str(fs), "/srv/data/f", "file") == str(fs / "srv" / "data" / "f")
+    assert mount.check_object(str(fs), "srv/data", ObjectKind.DIRECTORY) == str(fs / "srv" / "data")
+    assert mount.check_object(str(fs), "/srv/data/f", ObjectKind.FILE) == str(fs / "srv" / "data" / "f")
     assert mount.check_object(str(fs), "srv/data") == str(fs / "srv" / "data")
-    assert mount.check_object(str(fs), ".", "directory") == str(fs)
+    assert mount.check_object(str(fs), ".", ObjectKind.DIRECTORY) == str(fs)
 
 
 def test_object_kind_must_match(fs: Path) -> None:
     with pytest.raises(RefusedError, match="is not file"):
-        mount.check_object(str(fs), "srv/data", "file")
+        mount.check_object(str(fs), "srv/data", ObjectKind.FILE)
     with pytest.raises(RefusedError, match="is not directory"):
-        mount.check_object(str(fs), "srv/data/f", "directory")
+        mount.check_object(str(fs), "srv/data/f", ObjectKind.DIRECTORY)
 
 
 def test_object_missing(fs: Path) -> None:
@@ -220,7 +221,7 @@ def test_object_missing(fs: Path) -> None:
 
 
 def test_object_symlink_inside_is_followed(fs: Path) -> None:
-    assert mount.check_object(str(fs), "srv/inside", "directory") == str(fs / "srv" / "data")
+    assert mount.check_object(str(fs), "srv/inside", ObjectKind.DIRECTORY) == str(fs / "srv" / "data")
 
 
 @pytest.mark.parametrize("path", ["srv/abs", "srv/up", "srv/up/outside"])
@@ -240,5 +241,6 @@ def test_object_special_file_is_refused(fs: Path) -> None:
 
 
 def test_object_kind_value_checked(fs: Path) -> None:
-    with pytest.raises(ValueError):
-        mount.check_object(str(fs), "srv/data", "dir")
+    # the one parse of sanoffload.kinds: the same error for a bad kind everywhere
+    with pytest.raises(UsageError, match="unknown object kind 'dir'"):
+        mount.check_object(str(fs), "srv/data", "dir")  # type: ignore[arg-type]

@@ -24,8 +24,9 @@ from sanoffload.agent.hooks import Hooks
 from sanoffload.agent.quiesce import quiesce_and_duplicate
 from sanoffload.errors import (CommandError, ConfigError, FreezeError, Interrupted, RefusedError,
                                UsageError)
-from sanoffload.runner import CommandRunner, FakeRunner
+from sanoffload.runner import CommandRunner
 from sanoffload.signals import install_signal_handlers
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import fsfreeze
 
 pytestmark = pytest.mark.unit

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import findmnt, lvm
 
 from .recorded import RECORDED, feed, load

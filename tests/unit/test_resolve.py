@@ -19,7 +19,7 @@ import pytest
 
 from sanoffload.agent.resolve import OsFS, resolve
 from sanoffload.errors import RefusedError, UsageError
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from tests.unit.recorded import feed, load
 
 pytestmark = pytest.mark.unit

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from sanoffload.errors import CommandError, IntegrityError, RefusedError
-from sanoffload.runner import FakeRunner
 from sanoffload.store.repo import BackupId, Repository
 from sanoffload.store.restore import STAGING_PREFIX, _open_dir, check_members, restore
+from sanoffload.testing import FakeRunner
 from sanoffload.tools.tar import Member
 
 pytestmark = pytest.mark.unit

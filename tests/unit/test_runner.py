@@ -20,8 +20,9 @@ from sanoffload.errors import (
     MissingDependencyError,
 )
 from sanoffload.pipeline import Stage
-from sanoffload.runner import MASK, CommandRunner, FakeRunner, Runner
+from sanoffload.runner import MASK, CommandRunner, Runner
 from sanoffload.signals import install_signal_handlers
+from sanoffload.testing import FakeRunner
 
 pytestmark = pytest.mark.unit
 

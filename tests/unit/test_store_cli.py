@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from sanoffload import cli
-from sanoffload.runner import FakeRunner
 from sanoffload.store.repo import BackupId, Repository
+from sanoffload.testing import FakeRunner
 
 pytestmark = pytest.mark.unit
 

@@ -124,3 +124,32 @@ def test_sender_fields_are_checked_and_normalised() -> None:
 def test_bad_sender_fields_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         sender_fields(fields)
+
+
+@pytest.mark.hostile("store", "a manifest or a sender naming a duplicate kind or freezer no "
+                              "sanoffload makes ('clone', 'lvm-suspend', escapes)",
+                     "refused by the one enum parse (a broken manifest; the put refused)")
+@pytest.mark.parametrize("change", [
+    {"duplicate_kind": "clone"}, {"duplicate_kind": "Snapshot"}, {"duplicate_kind": 3},
+    {"frozen_by": "lvm-suspend"}, {"frozen_by": "fsfreeze\x1b[2J"}, {"frozen_by": ["lvm"]},
+])
+def test_kinds_are_checked_by_the_enums(change: dict[str, Any]) -> None:
+    data = json.loads(_full().to_json())
+    data.update(change)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"manifest: {key}: unknown") as exc:
+        Manifest.from_dict(data)
+    assert "\x1b" not in str(exc.value)
+    with pytest.raises(ValueError, match=key):
+        sender_fields(change)
+
+
+def test_kinds_stay_the_same_strings() -> None:
+    from sanoffload.kinds import DuplicateKind, WhoFreezes
+
+    m = Manifest.from_dict({**json.loads(_full().to_json()),
+                            "duplicate_kind": DuplicateKind.RAID1_SPLIT,
+                            "frozen_by": WhoFreezes.LVM})
+    assert type(m.duplicate_kind) is str and type(m.frozen_by) is str
+    data = json.loads(m.to_json())
+    assert (data["duplicate_kind"], data["frozen_by"]) == ("raid1-split", "lvm")

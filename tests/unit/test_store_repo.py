@@ -15,9 +15,9 @@ from tests.unit.conftest import listing_runner
 
 from sanoffload.errors import (CommandNotFoundError, IntegrityError, Interrupted, RefusedError,
                                ResourceError, UsageError)
-from sanoffload.runner import FakeRunner
 from sanoffload.store import repo as repo_mod
 from sanoffload.store.repo import CHUNK, BackupId, Repository
+from sanoffload.testing import FakeRunner
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sanoffload.errors import CommandError, IntegrityError, RefusedError, UsageError
-from sanoffload.runner import FakeRunner
 from sanoffload.store.repo import BackupId, Repository
 from sanoffload.store.restore import check_members, member_parts, restore, stream_out
+from sanoffload.testing import FakeRunner
 from sanoffload.tools.tar import Member
 
 pytestmark = pytest.mark.unit

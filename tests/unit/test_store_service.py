@@ -7,7 +7,7 @@ backups a test only needs as a starting point are put with ``verify=False``,
 and tests about bookkeeping (quota, recorded comparisons) use a repository
 whose runner fakes ``zstd -t`` and ``tar --list``. The serve loop runs in a
 thread (in_process_connector); the proxy's StoreClient / RemoteWriter /
-compare_with talk to it.
+compare_stored_archive talk to it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from sanoffload.channel.protocol import CHUNK
 from sanoffload.channel.server import serve
 from sanoffload.errors import (AuthError, ConfigError, IntegrityError, ProtocolError,
                                RefusedError, ResourceError, UsageError)
-from sanoffload.proxy.peers import StoreClient, compare_with
-from sanoffload.runner import CommandRunner, FakeRunner
+from sanoffload.proxy.compare import compare_stored_archive
+from sanoffload.proxy.peers import StoreClient
+from sanoffload.runner import CommandRunner
 from sanoffload.store import config as store_config
 from sanoffload.store.repo import Repository
 from sanoffload.store.service import StoreService
@@ -354,15 +355,15 @@ def test_verify_refuses_a_bad_comparison(fake_repo: Repository,
     assert fake_repo.get(bid).manifest.compared is None
 
 
-# -- compare_with -------------------------------------------------------------------
+# -- compare_stored_archive -------------------------------------------------------------------
 def test_compare_with_the_tree_the_archive_was_made_of(repo: Repository, archive: bytes,
                                                        tree: Path) -> None:
     runner = CommandRunner()
     bid = stored(repo, archive)
     with Served(repo).client() as client:
-        assert compare_with(runner, client, bid, str(tree), timeout=60) == (True, "")
+        assert compare_stored_archive(runner, client, bid, str(tree), timeout=60) == (True, "")
         (tree / "sub" / "a.txt").write_text("HELLO\n")  # same size, other content
-        same, detail = compare_with(runner, client, bid, str(tree), timeout=60)
+        same, detail = compare_stored_archive(runner, client, bid, str(tree), timeout=60)
         assert client.list()[0]["id"] == bid  # still in step
     assert same is False
     assert "sub/a.txt" in detail

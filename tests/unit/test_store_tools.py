@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sanoffload.errors import CommandError
-from sanoffload.runner import FakeRunner
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import tar, zstd
 from sanoffload.tools.tar import Member, parse_list_line
 

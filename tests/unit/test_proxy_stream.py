@@ -1,4 +1,4 @@
-"""The proxy's backup flow: stream into the store, refuse an invalid duplicate, always detach."""
+"""stream_duplicate: stream into the store, refuse an invalid duplicate, always detach."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import pytest
 
 from sanoffload.errors import CommandError, DuplicateInvalidError
 from sanoffload.proxy.attach import Attached
-from sanoffload.proxy.backup import run_backup
-from sanoffload.runner import CommandRunner, FakeRunner
+from sanoffload.proxy.stream import stream_duplicate
+from sanoffload.runner import CommandRunner
 from sanoffload.store.repo import Repository
+from sanoffload.testing import FakeRunner
 from sanoffload.tools import tar, zstd
 from sanoffload.undo import UndoStack
 
+from .test_messages import sample_answer
+
 pytestmark = pytest.mark.unit
 
-ANSWER = {"session_id": "fs1-0a1b2c3d", "object_kind": "directory", "path_in_fs": "tree"}
+ANSWER = sample_answer(session_id="fs1-0a1b2c3d", object_kind="directory", path_in_fs="tree")
 
 
 @pytest.fixture
@@ -51,8 +54,8 @@ def test_a_backup_is_streamed_stored_and_the_duplicate_detached(tmp_path: Path,
     repo = Repository(tmp_path / "repo", CommandRunner())
     events: list[str] = []
     with repo.writer("fs1", "/srv/data/tree") as w:
-        summary = run_backup(runner, ANSWER, w, still_valid=lambda: True,
-                             attach_fn=_fake_attach(tree, events))
+        summary = stream_duplicate(runner, ANSWER, w, still_valid=lambda: True,
+                                         attach_fn=_fake_attach(tree, events))
     assert events == ["attached", "detached"]
     assert summary.bytes == len(data)
     assert runner.argvs()[0] == tar.create_argv(str(tree), ".")
@@ -67,8 +70,8 @@ def test_an_invalid_duplicate_is_never_stored(tmp_path: Path, tree: Path) -> Non
     events: list[str] = []
     with pytest.raises(DuplicateInvalidError, match="became invalid"):
         with repo.writer("fs1", "/srv/data/tree") as w:
-            run_backup(runner, ANSWER, w, still_valid=lambda: False,
-                       attach_fn=_fake_attach(tree, events))
+            stream_duplicate(runner, ANSWER, w, still_valid=lambda: False,
+                             attach_fn=_fake_attach(tree, events))
     assert events == ["attached", "detached"]
     assert repo.list() == []
     assert not list((tmp_path / "repo").rglob("*.partial"))
@@ -81,7 +84,22 @@ def test_a_failing_tar_stores_nothing(tmp_path: Path, tree: Path) -> None:
     events: list[str] = []
     with pytest.raises(CommandError, match="tar exited 2"):
         with repo.writer("fs1", "/srv/data/tree") as w:
-            run_backup(runner, ANSWER, w, still_valid=lambda: True,
-                       attach_fn=_fake_attach(tree, events))
+            stream_duplicate(runner, ANSWER, w, still_valid=lambda: True,
+                             attach_fn=_fake_attach(tree, events))
     assert events == ["attached", "detached"]
     assert repo.list() == []
+
+
+def test_a_file_object_is_archived_from_its_parent(tmp_path: Path, tree: Path) -> None:
+    f = tree / "sub" / "a.txt"
+    runner = FakeRunner().on("tar", stdout=b"").on("zstd", stdout=_archive(tree))
+    repo = Repository(tmp_path / "repo", CommandRunner())
+
+    def attach(runner: Any, answer: Any, undo: UndoStack) -> Attached:
+        return Attached("/dev/sdz", str(tree.parent), str(f))
+
+    with repo.writer("fs1", "/srv/data/tree/sub/a.txt") as w:
+        stream_duplicate(runner, sample_answer(object_kind="file"), w, still_valid=lambda: True,
+                         attach_fn=attach)
+    # the typed kind decides: the parent as the directory, the file as the one member
+    assert runner.argvs()[0] == tar.create_argv(str(f.parent), "a.txt")

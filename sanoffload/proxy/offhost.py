@@ -33,14 +33,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
-from ..errors import ConfigError, IntegrityError, ProtocolError, UsageError
+from ..channel.messages import PrepareAnswer
+from ..errors import ConfigError, IntegrityError, UsageError
+from ..kinds import DuplicateKind
 from ..runner import Runner
-from ..text import printable
 from ..undo import UndoStack
 from . import jobs
 from .attach import Attached
-from .backup import journaled_attach, run_backup
-from .peers import AgentClient, StoreClient, compare_with
+from .compare import compare_stored_archive
+from .peers import AgentClient, StoreClient
+from .stream import journaled_attach, stream_duplicate
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +64,22 @@ def local_initiator(path: str = INITIATOR_FILE) -> str:
     raise ConfigError(f"{path}: no InitiatorName= line")
 
 
-#: bounds on what the agent's warnings may put into a manifest and onto a terminal
-MAX_WARNINGS = 32
-MAX_WARNING_CHARS = 1000
+def manifest_fields(answer: PrepareAnswer) -> dict[str, Any]:
+    """What the manifest records of the agent's answer (wire strings, as the store checks them).
 
-
-def answer_warnings(answer: Mapping[str, Any]) -> list[str]:
-    """The agent's ``warnings`` (optional: none is []), escaped and bounded.
-
-    Escaped here, once: they hold hook output (newlines, escape sequences),
-    and the manifest, the JSON summary and the terminal all get the same text.
+    A zero ``frozen_at`` (an agent older than the field) is left out: the
+    store then names the backup by its own clock. ``warnings`` only when there
+    are some, so a manifest without warnings stays as it was.
     """
-    raw = answer.get("warnings")
-    if raw is None:
-        return []
-    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
-        raise ProtocolError("the agent's answer has malformed 'warnings' "
-                            "(want a list of strings)")
-    out = [_clip(printable(w)) for w in raw[:MAX_WARNINGS]]
-    if len(raw) > MAX_WARNINGS:
-        out.append(f"... and {len(raw) - MAX_WARNINGS} more warning(s) (see the agent's log)")
-    return out
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_WARNING_CHARS else text[:MAX_WARNING_CHARS - 3] + "..."
+    fields: dict[str, Any] = {"duplicate_kind": answer.duplicate_kind.value,
+                              "freeze_window_ms": answer.freeze_window_ms,
+                              "frozen_by": answer.frozen_by.value,
+                              "session_id": answer.session_id}
+    if answer.frozen_at:
+        fields["frozen_at"] = answer.frozen_at
+    if answer.warnings:
+        fields["warnings"] = list(answer.warnings)
+    return fields
 
 
 @dataclass(frozen=True)
@@ -162,12 +155,14 @@ class Progress:
         self.out.flush()
 
 
-def backup(runner: Runner, source: Location, store: Location, *, verify: bool = True,
-           kind: str | None = None, ssh_options: tuple[str, ...] = (),
-           timeout: float = DEFAULT_CONNECTION_S, initiator: str | None = None,
-           progress: Progress | None = None,
-           agent_conn: Connector | None = None, store_conn: Connector | None = None,
-           attach_fn: Callable[..., Attached] = journaled_attach) -> dict[str, Any]:
+def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
+                       verify: bool = True, kind: DuplicateKind | None = None,
+                       ssh_options: tuple[str, ...] = (),
+                       timeout: float = DEFAULT_CONNECTION_S, initiator: str | None = None,
+                       progress: Progress | None = None,
+                       agent_conn: Connector | None = None,
+                       store_conn: Connector | None = None,
+                       attach_fn: Callable[..., Attached] = journaled_attach) -> dict[str, Any]:
     """Back up ``source`` (on its first server) into ``store``; returns the summary.
 
     ``summary["warnings"]`` holds the agent's warnings (escaped); non-empty
@@ -187,20 +182,15 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
         depot = StoreClient(store_conn, name=store.host or "store")
         undo.push(f"connection to {store}", depot.close)
         answer = agent.prepare(source.path, initiator, kind)
-        sid = answer["session_id"]
+        sid = answer.session_id
         undo.push(f"release of {sid}", agent.release, sid)
         log.info("%s: session %s, %s frozen %.1f ms by %s", source, sid,
-                 answer.get("duplicate_kind"), answer.get("freeze_window_ms", 0),
-                 answer.get("frozen_by"))
-        warnings = answer_warnings(answer)
+                 answer.duplicate_kind, answer.freeze_window_ms, answer.frozen_by)
+        warnings = list(answer.warnings)  # escaped and bounded by from_wire
         for w in warnings:
             log.warning("%s: %s", source.host, w)
-        fields = {k: answer[k] for k in ("duplicate_kind", "frozen_at", "freeze_window_ms",
-                                         "frozen_by", "session_id")
-                  if answer.get(k) is not None and not (k == "frozen_at" and not answer[k])}
-        if warnings:  # only then: a manifest without warnings stays as it was
-            fields["warnings"] = warnings
-        writer = depot.writer(agent.host, source.path, fields, progress=progress)
+        writer = depot.writer(agent.host, source.path, manifest_fields(answer),
+                              progress=progress)
 
         def still_valid() -> bool:
             status = agent.status(sid)
@@ -211,7 +201,8 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
         verdict: dict[str, Any] = {}
 
         def compare(stored: Mapping[str, Any], src: str) -> bool:
-            same, detail = compare_with(runner, depot, str(stored["id"]), src, timeout=timeout)
+            same, detail = compare_stored_archive(runner, depot, str(stored["id"]), src,
+                                                  timeout=timeout)
             verdict["backup"] = depot.verify(str(stored["id"]),
                                              {"status": "ok" if same else "failed",
                                               "detail": detail})
@@ -222,9 +213,9 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
         if progress is not None:
             extra["on_attach"] = progress.attached
         try:
-            summary = run_backup(runner, answer, writer, still_valid=still_valid,
-                                 compare=compare if verify else None, attach_fn=attach_fn,
-                                 **extra)
+            summary = stream_duplicate(runner, answer, writer, still_valid=still_valid,
+                                       compare=compare if verify else None,
+                                       attach_fn=attach_fn, **extra)
         except IntegrityError:
             log.error("the stored archive differs from the duplicate: %s",
                       verdict.get("detail", ""))
@@ -236,8 +227,8 @@ def backup(runner: Runner, source: Location, store: Location, *, verify: bool = 
     seconds = time.monotonic() - started
     return {
         "backup_id": stored["id"], "source": str(source), "store": str(store),
-        "session_id": sid, "duplicate_kind": answer.get("duplicate_kind"),
-        "frozen_by": answer.get("frozen_by"), "freeze_window_ms": answer.get("freeze_window_ms"),
+        "session_id": sid, "duplicate_kind": answer.duplicate_kind.value,
+        "frozen_by": answer.frozen_by.value, "freeze_window_ms": answer.freeze_window_ms,
         "archive_bytes": summary.bytes, "sha256": stored.get("sha256"),
         "member_count": stored.get("member_count"),
         "stream_seconds": round(summary.seconds, 3), "total_seconds": round(seconds, 3),

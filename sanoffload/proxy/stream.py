@@ -1,6 +1,7 @@
-"""The proxy's backup of one prepared session: attach, stream, store, verify, detach.
+"""Stream one prepared duplicate into the store: attach, tar | zstd, check, verify, detach.
 
-Given the agent's ``prepare`` answer, the proxy (claims 1-3, 10-12):
+Given the agent's ``prepare`` answer (a checked
+:class:`~sanoffload.channel.messages.PrepareAnswer`), the proxy (claims 1-3, 10-12):
 
 1. sets a path to the duplicate from its identifier and mounts it read-only
    (:func:`sanoffload.proxy.attach.attach`, journaled: :mod:`sanoffload.proxy.journal`);
@@ -25,7 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..channel.messages import PrepareAnswer
 from ..errors import DuplicateInvalidError, IntegrityError, Interrupted
+from ..kinds import ObjectKind
 from ..pipeline import Stage
 from ..runner import Runner
 from ..tools import tar, zstd
@@ -63,22 +66,22 @@ class BackupSummary:
         return self.bytes / max(self.seconds, 1e-6) / (1024 * 1024)
 
 
-def source_of(att: Attached, kind: str) -> tuple[str, str]:
+def source_of(att: Attached, kind: ObjectKind | None) -> tuple[str, str]:
     """``(directory, member)`` for tar: the object itself, or its parent and its name."""
-    if kind == "file":
+    if kind is ObjectKind.FILE:
         return os.path.dirname(att.object_path), os.path.basename(att.object_path)
     return att.object_path, "."
 
 
-def _invalid(answer: Mapping[str, Any]) -> DuplicateInvalidError:
+def _invalid(answer: PrepareAnswer) -> DuplicateInvalidError:
     return DuplicateInvalidError(
-        f"the duplicate of session {answer.get('session_id')} became invalid "
+        f"the duplicate of session {answer.session_id} became invalid "
         "(snapshot overflow?): the backup is discarded",
         hint="give classic snapshots more room ([snapshot] percent) or use thin "
              "or mirror duplicates")
 
 
-def _blame_invalid(exc: BaseException, answer: Mapping[str, Any],
+def _blame_invalid(exc: BaseException, answer: PrepareAnswer,
                    still_valid: Callable[[], bool]) -> None:
     """An I/O error reading an overflowed snapshot is really "the duplicate is invalid"."""
     if isinstance(exc, (DuplicateInvalidError, Interrupted)) or not isinstance(exc, Exception):
@@ -91,17 +94,17 @@ def _blame_invalid(exc: BaseException, answer: Mapping[str, Any],
         raise _invalid(answer) from exc
 
 
-def journaled_attach(runner: Runner, answer: Mapping[str, Any], undo: UndoStack) -> Attached:
+def journaled_attach(runner: Runner, answer: PrepareAnswer, undo: UndoStack) -> Attached:
     """:func:`~sanoffload.proxy.attach.attach` with the proxy's journal, so what a killed
     proxy left is found by ``sanoffload proxy cleanup``."""
     return attach(runner, answer, undo, journal=ProxyJournal())
 
 
-def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
-               still_valid: Callable[[], bool], fields: Mapping[str, Any] | None = None,
-               compare: Callable[[Any, str], bool] | None = None,
-               attach_fn: Callable[..., Attached] = journaled_attach,
-               on_attach: Callable[[Attached], None] | None = None) -> BackupSummary:
+def stream_duplicate(runner: Runner, answer: PrepareAnswer, writer: Writer, *,
+                     still_valid: Callable[[], bool], fields: Mapping[str, Any] | None = None,
+                     compare: Callable[[Any, str], bool] | None = None,
+                     attach_fn: Callable[..., Attached] = journaled_attach,
+                     on_attach: Callable[[Attached], None] | None = None) -> BackupSummary:
     """Back up the session ``answer`` describes into ``writer``; see the module doc.
 
     ``still_valid`` asks the agent about the duplicate (status is "healthy");
@@ -118,7 +121,7 @@ def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
             raise
         if on_attach is not None:
             on_attach(att)
-        src, member = source_of(att, str(answer.get("object_kind", "directory")))
+        src, member = source_of(att, answer.object_kind)
         started = time.monotonic()
         stages = [Stage(tar.create_argv(src, member)), Stage(zstd.compress_argv())]
         try:
@@ -138,6 +141,5 @@ def run_backup(runner: Runner, answer: Mapping[str, Any], writer: Writer, *,
             verified = compare(backup, src)
             if not verified:
                 raise IntegrityError(f"the stored archive {backup} differs from the duplicate")
-        log.info("backed up %s: %d bytes in %.1f s", answer.get("session_id"), writer.bytes,
-                 seconds)
+        log.info("backed up %s: %d bytes in %.1f s", answer.session_id, writer.bytes, seconds)
         return BackupSummary(backup, writer.bytes, seconds, verified)

@@ -1,14 +1,14 @@
-"""``sanoffload.proxy.run.backup``: one backup end to end over in-process peers.
+"""``sanoffload.proxy.offhost.run_offhost_backup``: one backup end to end over in-process peers.
 
 The agent is an AgentService over a small fake Agent (no LVM, no LIO): it
 records prepare/status/release and hands out a prepared answer. The store is
 a real StoreService over a Repository in tmp_path (CommandRunner: the store
 test-reads with the real ``zstd -t`` and ``tar --list``). Both are reached
 through in_process_connector, so the proxy's AgentClient, StoreClient,
-RemoteWriter and compare_with (a real ``tar --diff``) all run for real.
+RemoteWriter and compare_stored_archive (a real ``tar --diff``) all run for real.
 
 Only the attach step is injected (:class:`FakeAttach`: no iSCSI, no mount;
-the "duplicate" is a tree in tmp_path): run_backup itself runs for real, with
+the "duplicate" is a tree in tmp_path): stream_duplicate itself runs for real, with
 the real tar and zstd.
 """
 
@@ -30,19 +30,33 @@ import pytest
 from sanoffload import cli
 from sanoffload.agent.service import AgentService
 from sanoffload.channel.client import Connection, in_process_connector
+from sanoffload.channel.messages import PrepareAnswer
 from sanoffload.channel.server import serve
-from sanoffload.errors import (AuthError, CommandError, ConfigError, DuplicateInvalidError,
-                               IntegrityError, ProtocolError, RefusedError, UsageError)
-from sanoffload.proxy import run as proxy_run
+from sanoffload.errors import (
+    AuthError,
+    CommandError,
+    ConfigError,
+    DuplicateInvalidError,
+    IntegrityError,
+    ProtocolError,
+    RefusedError,
+    UsageError,
+)
+from sanoffload.kinds import DuplicateKind
+from sanoffload.proxy import offhost
 from sanoffload.proxy.attach import Attached
-from sanoffload.proxy.run import Location, Progress, backup, local_initiator, parse_location
+from sanoffload.proxy.offhost import (
+    Location,
+    Progress,
+    local_initiator,
+    parse_location,
+    run_offhost_backup,
+)
 from sanoffload.runner import CommandRunner
 from sanoffload.store.repo import Repository, format_timestamp, slug_for_path
 from sanoffload.store.service import StoreService
 from sanoffload.text import printable
 from sanoffload.undo import UndoStack
-
-from .fakes_agent import Answer
 
 pytestmark = pytest.mark.unit
 
@@ -53,6 +67,18 @@ SOURCE = Location("root@fs1.lab.example", "/srv/data")
 
 
 # -- the fake agent -------------------------------------------------------------------
+class RawAnswer:
+    """What the fake agent's prepare returns: the service sends ``to_wire()`` as it is, so a
+    test can make the agent say anything (the proxy's from_wire must cope)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.session_id = str(data["session_id"])
+
+    def to_wire(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
 class FakeConfig:
     grace_s = 0.0
 
@@ -80,7 +106,7 @@ class FakeAgent:
         self.owners: dict[str, str] = {}
 
     def prepare(self, path: str, initiator: str, *, kind: str | None = None,
-                client: str | None = None) -> Answer:
+                client: str | None = None) -> RawAnswer:
         with self.lock:
             self.calls.append(("prepare", path, initiator, kind, client))
             if self.refuse is not None:
@@ -88,7 +114,7 @@ class FakeAgent:
             sid = "fs1-0a1b2c3d"
             self.owners[sid] = str(client)
         extra = {} if self.warnings is None else {"warnings": self.warnings}
-        return Answer({
+        return RawAnswer({
             **extra, "session_id": sid, "identifier": "naa.60014050a1b2c3d4",
             "target_iqn": f"iqn.2026-11.org.sanoffload:{sid}", "portals": ["192.0.2.10:3260"],
             "lun": 0, "unit_serial": "0a1b2c3d", "chap_user": "px1",
@@ -144,8 +170,8 @@ class Served:
 class FakeAttach:
     """Stands in for the iSCSI login and the read-only mount: the "duplicate" is ``tree``.
 
-    Everything else is the real run_backup: tar | zstd of the tree, the store's
-    writer, still_valid, commit, compare_with's ``tar --diff``, abort on failure.
+    Everything else is the real stream_duplicate: tar | zstd of the tree, the store's
+    writer, still_valid, commit, compare_stored_archive's ``tar --diff``, abort on failure.
     """
 
     def __init__(self, tree: Path, fail: BaseException | None = None) -> None:
@@ -154,7 +180,8 @@ class FakeAttach:
         self.events: list[str] = []
 
     def __call__(self, runner: Any, answer: Any, undo: UndoStack) -> Attached:
-        self.events.append(f"attach {answer['identifier']}")
+        assert isinstance(answer, PrepareAnswer)  # the proxy holds the checked answer
+        self.events.append(f"attach {answer.identifier}")
         if self.fail is not None:
             raise self.fail
         undo.push("detach", self.events.append, "detached")
@@ -179,13 +206,15 @@ class Lab:
     def __init__(self, agent: FakeAgent, repo: Repository) -> None:
         self.agent = agent
         self.repo = repo
+        #: the agent's grace periods: a session the proxy did not release itself
+        self.graces: list[float] = []
         self.agent_side = Served(lambda: AgentService(agent, "px1",  # type: ignore[arg-type]
-                                                      sleep=lambda s: None), "fs1")
+                                                      sleep=self.graces.append), "fs1")
         self.store_side = Served(lambda: StoreService(repo, "px1"), "bk1")
 
     def run(self, attach: Any, *, source: Location = SOURCE, verify: bool = True,
-            kind: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-        return backup(CommandRunner(), source, Location("bk1", str(self.repo.root)),
+            kind: DuplicateKind | None = None, progress: Progress | None = None) -> dict[str, Any]:
+        return run_offhost_backup(CommandRunner(), source, Location("bk1", str(self.repo.root)),
                       **self.wiring(attach), verify=verify, kind=kind, progress=progress)
 
     def wiring(self, attach: Any) -> dict[str, Any]:
@@ -224,7 +253,7 @@ def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path) -> None:
     # ... at the agent's freeze time
     assert stored.id.timestamp == format_timestamp(datetime.fromtimestamp(FROZEN_AT,
                                                                          timezone.utc))
-    # what is stored is run_backup's tar | zstd of the (stand-in) duplicate
+    # what is stored is stream_duplicate's tar | zstd of the (stand-in) duplicate
     on_disk = lab.repo.archive_path(stored.id).read_bytes()
     assert summary["sha256"] == hashlib.sha256(on_disk).hexdigest() == stored.manifest.sha256
     assert summary["archive_bytes"] == len(on_disk)
@@ -259,7 +288,7 @@ def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path) -> None:
 
 
 def test_the_kind_is_passed_to_the_agent(lab: Lab, tree: Path) -> None:
-    summary = lab.run(FakeAttach(tree), kind="mirror-split", verify=False)
+    summary = lab.run(FakeAttach(tree), kind=DuplicateKind.MIRROR_SPLIT, verify=False)
     assert lab.agent.ops("prepare")[0][3] == "mirror-split"
     assert summary["duplicate_kind"] == "mirror-split"
     assert lab.repo.list()[0].manifest.duplicate_kind == "mirror-split"
@@ -313,6 +342,34 @@ def test_malformed_warnings_are_a_protocol_error(lab: Lab, tree: Path, bad: Any)
     lab.check_peers_done()
 
 
+@pytest.mark.hostile("proxy", "agent answers an unknown duplicate kind, a bad IQN or identifier, "
+                              "or a number where a name belongs",
+                     "protocol error (11) before any login; the proxy releases the session "
+                     "at once (no grace period)")
+@pytest.mark.parametrize("key,value", [("duplicate_kind", "clone"), ("frozen_by", "magic"),
+                                       ("object_kind", "socket"), ("target_iqn", "--login"),
+                                       ("identifier", "naa.12"), ("session_id", 5)])
+def test_an_unusable_answer_is_released_at_once(lab: Lab, tree: Path, key: str,
+                                                value: Any) -> None:
+    prepare = lab.agent.prepare
+
+    def bad(*args: Any, **kwargs: Any) -> RawAnswer:
+        answer = prepare(*args, **kwargs)
+        answer.data[key] = value
+        return answer
+
+    lab.agent.prepare = bad  # type: ignore[method-assign]
+    attach = FakeAttach(tree)
+    with pytest.raises(ProtocolError, match=key) as info:
+        lab.run(attach)
+    assert info.value.exit_code == 11
+    assert attach.events == [] and lab.repo.list() == [] and no_leftovers(lab.repo)
+    if key != "session_id":
+        assert lab.agent.ops("release") == [("release", "fs1-0a1b2c3d")]
+        assert lab.graces == []  # released by the proxy, not by the connection's end
+    lab.check_peers_done()
+
+
 @pytest.mark.hostile("proxy", "agent answers 40 warnings of 5,000 characters each",
                      "bounded: at most 32 (+1 saying how many more), each clipped")
 def test_warnings_are_bounded(lab: Lab, tree: Path) -> None:
@@ -328,8 +385,8 @@ def test_warnings_make_the_backup_command_exit_14_after_release(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Through the CLI: JSON on stdout, the warnings escaped on stderr, exit 14 last."""
     lab.agent.warnings = [HOOK_FAILED, "post-thaw hook /x timed out after 60 s"]
-    real = proxy_run.backup
-    monkeypatch.setattr(proxy_run, "backup", lambda runner, source, store, **kw: real(
+    real = offhost.run_offhost_backup
+    monkeypatch.setattr(offhost, "run_offhost_backup", lambda runner, source, store, **kw: real(
         CommandRunner(), source, store, **{**kw, **lab.wiring(FakeAttach(tree))}))
     code = cli.run(["backup", "fs1:/srv/data", "--store", "bk1:" + str(lab.repo.root),
                     "--json", "--no-progress"])
@@ -400,9 +457,10 @@ def test_a_source_without_a_host_is_refused_before_any_connection(repo: Reposito
 
     with pytest.raises(UsageError, match="name the first server") as info:
         # initiator None: reading /etc/iscsi must not come first either
-        backup(CommandRunner(), Location(None, "/srv/data"), Location(None, str(repo.root)),
-               agent_conn=must_not_connect, store_conn=must_not_connect,
-               attach_fn=must_not_attach)
+        run_offhost_backup(CommandRunner(), Location(None, "/srv/data"),
+                           Location(None, str(repo.root)),
+                           agent_conn=must_not_connect, store_conn=must_not_connect,
+                           attach_fn=must_not_attach)
     assert type(info.value) is UsageError and info.value.exit_code == 2
 
 
@@ -484,7 +542,7 @@ def test_location_text() -> None:
 
 
 def test_a_failed_attach_stores_nothing_and_releases(lab: Lab, tree: Path) -> None:
-    """run_backup fails before streaming: the open put is dropped, the session released."""
+    """stream_duplicate fails before streaming: the open put is dropped, the session released."""
     attach = FakeAttach(tree, fail=CommandError("iscsiadm exited 24: login failed"))
     with pytest.raises(CommandError, match="login failed"):
         lab.run(attach)
@@ -512,7 +570,7 @@ def test_a_zero_freeze_window_is_recorded(lab: Lab, tree: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     prepare = lab.agent.prepare
 
-    def fast(*args: Any, **kwargs: Any) -> Answer:
+    def fast(*args: Any, **kwargs: Any) -> RawAnswer:
         answer = prepare(*args, **kwargs)
         answer.data["freeze_window_ms"] = 0.0  # round(window, 1) of a sub-0.05 ms freeze
         return answer

@@ -1,0 +1,280 @@
+"""Typed messages between roles: one class per answer, shared by both ends of the channel.
+
+The agent builds a :class:`PrepareAnswer` and sends :meth:`PrepareAnswer.to_wire`;
+the proxy reads the reply with :meth:`PrepareAnswer.from_wire`, which checks
+every field as hostile input (a compromised or confused agent must not steer
+iscsiadm, mount or the proxy's terminal) and raises
+:class:`~sanoffload.errors.ProtocolError` (exit 11) for anything malformed, an
+unknown enum value included. Past that edge the proxy holds attributes, never
+a dict it "knows".
+
+The wire form is the JSON object agents have always sent (keys and string
+values unchanged, tests/unit/test_messages.py pins it), so a proxy and an
+agent of different versions still understand each other::
+
+    {"session_id": "fs1-1a2b3c4d", "target_iqn": "iqn.2003-01.org.linux-iscsi.sanoffload:fs1-1a2b3c4d",
+     "portals": ["10.77.0.11:3260"], "lun": 0, "identifier": "naa.6001405…",
+     "unit_serial": "…", "chap_user": "sanoffload-fs1-1a2b3c4d", "chap_secret": "…",
+     "fstype": "ext4", "path_in_fs": "data", "object_kind": "directory",
+     "duplicate_kind": "snapshot", "freeze_window_ms": 41.7, "frozen_by": "fsfreeze",
+     "lease_expires": 1764152373.2, "frozen_at": 1764151773.1, "warnings": []}
+
+``object_kind``, ``frozen_at`` and ``warnings`` came later: absent, they read
+as None, 0.0 and []. Keys this version does not know are ignored.
+
+This module imports only leaf modules (errors, kinds, text, iqn, the iscsiadm
+wrapper's name checks): both the agent and the proxy import it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ..errors import ProtocolError, UsageError
+from ..iqn import IQN_MAX_LEN, valid_iqn
+from ..kinds import Choice, DuplicateKind, ObjectKind, WhoFreezes
+from ..text import has_control, printable
+from ..tools import iscsiadm
+
+#: a session id names an LV, a target, a journal file and the proxy's mount point
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+#: CHAP user, unit serial, filesystem type: short words that go on command lines
+_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,254}")
+#: a disk identifier as the agent sends it: NAA, 16 or 32 hex digits
+_NAA_RE = re.compile(r"naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?")
+#: iscsiadm takes at most 256 bytes of CHAP secret; printable ASCII without spaces
+_SECRET_RE = re.compile(r"[!-~]{1,255}")
+MAX_PORTALS = 16
+MAX_LUN = 16383  # LIO's highest LUN
+MAX_PATH_CHARS = 4096
+#: a freeze longer than a day is not a freeze (the store's manifest has the same bound)
+MAX_FREEZE_WINDOW_MS = 86_400_000.0
+#: epoch seconds up to the year 9999
+MAX_EPOCH_S = 253_402_300_799.0
+#: bounds on what the agent's warnings may put into a manifest and onto a terminal
+MAX_WARNINGS = 32
+MAX_WARNING_CHARS = 1000
+#: how much of a bad value an error message repeats
+_SHOWN = 60
+
+E = TypeVar("E", bound=Choice)
+
+
+def check_session_id(value: str) -> str:
+    """``value`` if it is a plain name (no '/', no '..'); ValueError otherwise."""
+    if not SESSION_ID_RE.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"invalid session id: {printable(repr(value))[:_SHOWN]}")
+    return value
+
+
+def normalize_wwid(value: str | bytes | None) -> str | None:
+    """One spelling for a disk identifier: ``naa.`` + lowercase hex.
+
+    ``0x6001405…`` (udev's ID_WWN_WITH_EXTENSION) becomes ``naa.6001405…``;
+    ``naa.…`` (sysfs ``device/wwid``, the agent) is lowercased and stripped of
+    the newline and padding sysfs adds. None or empty gives None.
+    """
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    text = text.strip().lower()
+    if not text:
+        return None
+    hexpart = text[2:]
+    if text.startswith("0x") and len(hexpart) in (16, 32) and all(
+            c in "0123456789abcdef" for c in hexpart):
+        return "naa." + hexpart
+    return text
+
+
+def check_identifier(identifier: str) -> str:
+    """The identifier, normalised, if it is a NAA designator (16 or 32 hex digits)."""
+    norm = normalize_wwid(identifier)
+    if norm is None or not _NAA_RE.fullmatch(norm):
+        raise ValueError(f"invalid disk identifier (want naa. + 32 hex digits): "
+                         f"{printable(repr(identifier))[:_SHOWN]}")
+    return norm
+
+
+def _shown(value: Any) -> str:
+    text = printable(repr(value))
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_WARNING_CHARS else text[:MAX_WARNING_CHARS - 3] + "..."
+
+
+class _Reader:
+    """Reads one wire object; every complaint is a ProtocolError naming the key."""
+
+    def __init__(self, data: Mapping[str, Any], what: str) -> None:
+        self.data = data
+        self.what = what
+
+    def error(self, key: str, reason: str) -> ProtocolError:
+        return ProtocolError(f"{self.what}: {key}: {reason}")
+
+    def text(self, key: str, pattern: re.Pattern[str] | None = None, *,
+             max_len: int = 255) -> str:
+        value = self.data.get(key)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"want a non-empty string, not {_shown(value)}")
+        if len(value) > max_len:
+            raise self.error(key, f"longer than {max_len} characters")
+        if has_control(value):
+            raise self.error(key, f"holds a control character: {_shown(value)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.error(key, f"malformed: {_shown(value)}")
+        return value
+
+    def checked(self, key: str, check: Any, *, max_len: int = 255) -> str:
+        """``check(text)`` (one of the name checks, raising ValueError) on a bounded string."""
+        value = self.text(key, max_len=max_len)
+        try:
+            return str(check(value))
+        except ValueError:
+            raise self.error(key, f"malformed: {_shown(value)}") from None
+
+    def number(self, key: str, low: float, high: float, *, default: float | None = None,
+               integer: bool = False) -> float:
+        value = self.data.get(key, default)
+        # bool is an int in Python; true for a number is a forgery or a bug
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            want = "an integer" if integer else "a number"
+            raise self.error(key, f"want {want}, not {_shown(value)}")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise self.error(key, f"must be between {low:g} and {high:g}, not {_shown(value)}")
+        return float(value) if not integer else value
+
+    def choice(self, key: str, enum: type[E], *, optional: bool = False) -> E | None:
+        value = self.data.get(key)
+        if value is None and optional:
+            return None
+        try:
+            return enum.parse(value)
+        except UsageError:
+            # from a peer it is a protocol error (exit 11), not the user's bad argument
+            raise self.error(key, f"unknown {enum.label()} {_shown(value)} "
+                                  f"(one of: {', '.join(enum.values())})") from None
+
+
+@dataclass(frozen=True)
+class PrepareAnswer:
+    """The agent's answer to ``prepare``: what the proxy needs to back up the object."""
+
+    session_id: str
+    target_iqn: str
+    portals: list[str]
+    lun: int
+    identifier: str
+    unit_serial: str
+    chap_user: str
+    chap_secret: str = field(repr=False)
+    fstype: str
+    path_in_fs: str
+    #: None only from an agent older than the field: the proxy accepts either kind then
+    object_kind: ObjectKind | None
+    duplicate_kind: DuplicateKind
+    freeze_window_ms: float
+    frozen_by: WhoFreezes
+    lease_expires: float
+    #: wall-clock time (epoch seconds) of the freeze: what the backup is named by; 0 unknown
+    frozen_at: float = 0.0
+    #: one printable, bounded line per post-thaw hook that failed; empty when all went well
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def portal(self) -> str:
+        """The portal the proxy logs in to (the first the agent names)."""
+        return self.portals[0]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object sent over the channel: the enums as their plain string values."""
+        wire = {**self.__dict__, "portals": list(self.portals), "warnings": list(self.warnings),
+                "duplicate_kind": self.duplicate_kind.value, "frozen_by": self.frozen_by.value}
+        if self.object_kind is None:
+            del wire["object_kind"]
+        else:
+            wire["object_kind"] = self.object_kind.value
+        return wire
+
+    #: the name the agent's callers have used
+    to_dict = to_wire
+
+    @classmethod
+    def from_wire(cls, data: Any, *, what: str = "the agent's answer") -> PrepareAnswer:
+        """Check a received answer field by field; ProtocolError (exit 11) for anything wrong.
+
+        Warnings are not refused but escaped (:func:`~sanoffload.text.printable`)
+        and bounded: they hold hook output, and the manifest, the JSON summary
+        and the terminal all get the same text.
+        """
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"{what} is not an object")
+        r = _Reader(data, what)
+        portals = data.get("portals")
+        if portals is None and "portal" in data:
+            portals = [data["portal"]]  # one portal, as some agents said it
+        if not isinstance(portals, list) or not 1 <= len(portals) <= MAX_PORTALS:
+            raise r.error("portals", f"want a list of 1 to {MAX_PORTALS} IP:PORT, "
+                                     f"not {_shown(portals)}")
+        checked_portals = [_Reader({"portals": p}, what).checked("portals", iscsiadm.check_portal)
+                           for p in portals]
+        return cls(
+            session_id=r.checked("session_id", check_session_id),
+            target_iqn=r.checked("target_iqn", _check_target, max_len=IQN_MAX_LEN),
+            portals=checked_portals,
+            lun=int(r.number("lun", 0, MAX_LUN, default=0, integer=True)),
+            identifier=r.checked("identifier", check_identifier, max_len=80),
+            unit_serial=r.text("unit_serial", _WORD_RE),
+            chap_user=r.text("chap_user", _WORD_RE),
+            chap_secret=r.text("chap_secret", _SECRET_RE),
+            fstype=r.text("fstype", _WORD_RE, max_len=32),
+            path_in_fs=_path(data.get("path_in_fs"), r),
+            object_kind=r.choice("object_kind", ObjectKind, optional=True),
+            duplicate_kind=_required(r.choice("duplicate_kind", DuplicateKind)),
+            freeze_window_ms=float(r.number("freeze_window_ms", 0, MAX_FREEZE_WINDOW_MS)),
+            frozen_by=_required(r.choice("frozen_by", WhoFreezes)),
+            lease_expires=float(r.number("lease_expires", 0, MAX_EPOCH_S)),
+            frozen_at=float(r.number("frozen_at", 0, MAX_EPOCH_S, default=0.0)),
+            warnings=_warnings(data.get("warnings"), r))
+
+
+def _required(value: E | None) -> E:
+    assert value is not None  # choice() without optional never returns None
+    return value
+
+
+def _check_target(value: str) -> str:
+    iscsiadm.check_target(value)
+    if value.startswith("iqn.") and not valid_iqn(value):
+        raise ValueError(value)
+    return value
+
+
+def _path(value: Any, r: _Reader) -> str:
+    """The object's path inside the filesystem: a path may hold odd characters, but not
+    NUL or line breaks (no job or command line can name such a path either)."""
+    if not isinstance(value, str) or not value:
+        raise r.error("path_in_fs", f"want a non-empty string, not {_shown(value)}")
+    if len(value) > MAX_PATH_CHARS:
+        raise r.error("path_in_fs", f"longer than {MAX_PATH_CHARS} characters")
+    if any(c in value for c in "\0\n\r"):
+        raise r.error("path_in_fs", f"holds NUL or a line break: {_shown(value)}")
+    return value
+
+
+def _warnings(raw: Any, r: _Reader) -> list[str]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+        raise r.error("warnings", "want a list of strings")
+    out = [_clip(printable(w)) for w in raw[:MAX_WARNINGS]]
+    if len(raw) > MAX_WARNINGS:
+        out.append(f"... and {len(raw) - MAX_WARNINGS} more warning(s) (see the agent's log)")
+    return out
