@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         bid = summary["backup_id"]
         say(f"restoring {bid} on bk1 (from the repository alone) into /restore")
         deploy.sh(runner, "bk1", f"rm -rf /restore && sanoffload store --repo {deploy.REPO} "
-                                 f"restore {bid} /restore", timeout=900)
+                                 f"restore --setid {bid} /restore", timeout=900)
         src = deploy.digest(runner, "fs1", "/srv/data/sample")
         dst = deploy.digest(runner, "bk1", "/restore/sample")
         restored = deploy.sh(runner, "bk1", "wc -l < /restore/live/counter").strip()

@@ -1,16 +1,20 @@
-"""Install the working tree's sanoffload into lab VMs.
+"""Install the working tree's sanoffload into lab VMs, the way the README tells a sysadmin to.
 
-The VMs have no network beyond the lab, so the code travels as a tar stream
-over ssh: the ``sanoffload`` package, plus the ``sh`` library (Debian's is
-older than the runner needs) from a wheel cached on this machine. The other
-Python dependencies come from Debian's packages in the image.
+A wheel is built from the tree (``pip wheel --no-deps``) and, with the ``sh``
+wheel (Debian's is older than the runner needs), sent over ssh as a tar stream;
+each VM installs it into a virtual environment, ``/opt/sanoffload``, and links
+``/usr/local/bin/sanoffload`` to it (README, *Deploying on real hosts*). The VMs
+have no network beyond the lab, so the venv sees Debian's click, pyudev, psutil
+and python3-rtslib-fb through ``--system-site-packages`` (the README's variant
+for the agent) and pip installs with ``--no-index`` from the wheels sent.
 """
 
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
-import zipfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,24 +23,27 @@ from sanoffload.runner import Runner
 from . import config, vm
 
 SH_REQUIREMENT = "sh>=2.0,<3"
-
-ENTRY_POINT = """#!/usr/bin/python3
-# installed by 'scripts/lab sync'
-import sys
-from sanoffload.cli import main
-sys.exit(main())
-"""
+VENV = "/opt/sanoffload"
 
 INSTALL_SCRIPT = r"""
 set -eu
-site=$(python3 -c 'import site; print([p for p in site.getsitepackages() if p.startswith("/usr/local")][0])')
-mkdir -p "$site"
-rm -rf "$site/sanoffload" "$site/sh" "$site/sh.py"
-tar -x -C "$site" -f -
-mv "$site/sanoffload-entry" /usr/local/bin/sanoffload
-chmod 755 /usr/local/bin/sanoffload
-python3 -c 'import sanoffload, sh; print(sanoffload.__version__)'
-"""
+wheels=$(mktemp -d /tmp/sanoffload-wheels.XXXXXX)
+trap 'rm -rf "$wheels"' EXIT
+tar -x -C "$wheels" -f -
+# what earlier lab versions copied into the system's site-packages must not shadow the venv
+site=$(python3 -c 'import site; print(" ".join(p for p in site.getsitepackages() if p.startswith("/usr/local")))')
+for d in $site; do rm -rf "$d/sanoffload" "$d/sh" "$d/sh.py"; done
+[ -x VENV/bin/pip ] || python3 -m venv --system-site-packages VENV
+VENV/bin/pip install --quiet --disable-pip-version-check --no-index --find-links "$wheels"     --force-reinstall --no-deps "$wheels"/sanoffload-*.whl
+VENV/bin/pip install --quiet --disable-pip-version-check --no-index --find-links "$wheels"     "$(ls "$wheels"/sanoffload-*.whl)[lio]"
+ln -sfn VENV/bin/sanoffload /usr/local/bin/sanoffload
+VENV/bin/python -c 'import sanoffload, sh; print(sanoffload.__version__)'
+""".replace("VENV", VENV)
+
+
+def _pip(runner: Runner, *args: str) -> None:
+    # this interpreter's pip: on a fresh machine the system python3 has none (PEP 668)
+    runner.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], timeout=300)
 
 
 def _sh_wheel(runner: Runner) -> Path:
@@ -45,37 +52,30 @@ def _sh_wheel(runner: Runner) -> Path:
     if found:
         return found[-1]
     wheels.mkdir(parents=True, exist_ok=True)
-    runner.run(["python3", "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                "-d", str(wheels), SH_REQUIREMENT], timeout=300)
+    _pip(runner, "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
+         SH_REQUIREMENT)
     found = sorted(wheels.glob("sh-2*.whl"))
     if not found:
         raise SystemExit("lab: could not download the sh wheel")
     return found[-1]
 
 
+def build_wheel(runner: Runner, dest: Path) -> Path:
+    """``pip wheel --no-deps -w DEST REPO``: the wheel a sysadmin would install."""
+    _pip(runner, "wheel", "--quiet", "--no-deps", "-w", str(dest), str(config.REPO))
+    found = sorted(dest.glob("sanoffload-*.whl"))
+    if len(found) != 1:
+        raise SystemExit(f"lab: expected one sanoffload wheel in {dest}, found {found}")
+    return found[0]
+
+
 def payload(runner: Runner) -> bytes:
-    """A tar of what goes into the guest's site-packages."""
+    """A tar of the wheels each VM installs: sanoffload's, built from this tree, and sh's."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        pkg = config.REPO / "sanoffload"
-        for path in sorted(pkg.rglob("*")):
-            if "__pycache__" in path.parts or path.suffix == ".pyc":
-                continue
-            tar.add(path, arcname=str(path.relative_to(config.REPO)), recursive=False)
-        with zipfile.ZipFile(_sh_wheel(runner)) as whl:
-            for name in whl.namelist():
-                if ".dist-info/" in name:
-                    continue
-                data = whl.read(name)
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(data))
-        entry = ENTRY_POINT.encode()
-        info = tarfile.TarInfo("sanoffload-entry")
-        info.size = len(entry)
-        info.mode = 0o755
-        tar.addfile(info, io.BytesIO(entry))
+    with tempfile.TemporaryDirectory(prefix="sanolab-wheel-") as tmp, \
+            tarfile.open(fileobj=buf, mode="w") as tar:
+        for wheel in (build_wheel(runner, Path(tmp)), _sh_wheel(runner)):
+            tar.add(wheel, arcname=wheel.name, recursive=False)
     return buf.getvalue()
 
 

@@ -112,7 +112,9 @@ def test_backup_while_a_writer_writes_restores_the_frozen_state(site: Lab) -> No
 
     # a fourth place: restore on bk1 from the repository alone (fs1 not involved)
     lab.sh("bk1", "rm -rf /restore")
-    lab.sh("bk1", ["sanoffload", "store", "--repo", deploy.REPO, "restore", bid, "/restore"],
+    # --setid: the tree holds a set-uid file, restored exactly only when asked
+    lab.sh("bk1", ["sanoffload", "store", "--repo", deploy.REPO, "restore", "--setid", bid,
+                   "/restore"],
            timeout=600)
     assert digest(lab, "bk1", "/restore/tree") == before
     # the live file: consistent (whole lines 0..k) and frozen (writes went on after)
@@ -124,7 +126,7 @@ def test_backup_while_a_writer_writes_restores_the_frozen_state(site: Lab) -> No
 
     # restore over the channel on px1 too, one selected path
     lab.sh("px1", "rm -rf /restore")
-    px1(lab, ["restore", "--store", "bk1:" + deploy.REPO, bid, "/restore", "tree/sub"])
+    px1(lab, ["restore", "--setid", "--store", "bk1:" + deploy.REPO, bid, "/restore", "tree/sub"])
     got = digest(lab, "px1", "/restore/tree/sub")
     want = {k: v for k, v in before.items()
             if bytes.fromhex(k).startswith(b"sub/")}
