@@ -46,3 +46,9 @@ printf '[Journal]\nStorage=volatile\n' > /etc/systemd/journald.conf.d/sanolab.co
 
 apt-get clean
 rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* /usr/share/locale/*
+
+# The README's install, step one, done at build time (natively, not under emulation):
+# a venv that sees Debian's click, pyudev, psutil and python3-rtslib-fb; `scripts/lab
+# sync` then pip-installs the wheel built from the checkout into it (the VMs have no
+# network, so the dependencies are Debian's, seen through --system-site-packages).
+python3 -m venv --system-site-packages /opt/sanoffload
