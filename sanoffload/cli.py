@@ -22,13 +22,14 @@ import sys
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import click
 
 from . import __version__
-from .doctor import ROLES, Host, Report, run_checks
+from .doctor import Host, Report, run_checks
 from .errors import CompletedWithWarnings, SanoffloadError
+from .requirements import ROLES
 from .runner import CommandRunner, Runner
 from .signals import install_signal_handlers
 from .text import printable
@@ -98,15 +99,15 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler[TextIO]):
     """Writes to whatever sys.stderr is now (click's test runner swaps it)."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value: Any) -> None:
+    def stream(self, _value: TextIO) -> None:
         pass
 
 
@@ -160,7 +161,7 @@ def format_report(report: Report) -> str:
     status_w = max(len("STATUS"), *(len(r[1]) for r in rows))
     indent = " " * (name_w + status_w + 4)
     lines = [f"{'CHECK':<{name_w}}  {'STATUS':<{status_w}}  DETAIL"]
-    for check, (name, status, detail) in zip(report.checks, rows):
+    for check, (name, status, detail) in zip(report.checks, rows, strict=True):
         lines.append(f"{name:<{name_w}}  {status:<{status_w}}  {detail}")
         if not check.present:
             lines.append(f"{indent}without it: {check.fails_without}")

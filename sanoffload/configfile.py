@@ -78,7 +78,8 @@ def _check(name: str, st: os.stat_result, owners: frozenset[int]) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{name}: cannot read: not a regular file ({_kind(st.st_mode)})")
     if st.st_uid not in owners:
-        who = "root" if owners <= {0} else f"root or uid {', '.join(map(str, sorted(owners - {0})))}"
+        others = ", ".join(map(str, sorted(owners - {0})))
+        who = "root" if owners <= {0} else f"root or uid {others}"
         raise ConfigError(f"{name}: owned by uid {st.st_uid}, must be owned by {who}",
                           hint=f"chown root: {name}")
     if st.st_mode & 0o022:

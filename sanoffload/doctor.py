@@ -38,7 +38,8 @@ PROBE_TIMEOUT = 10.0
 #: abstract socket iscsiadm talks to; iscsid (or systemd's iscsid.socket) listens on it
 ISCSID_SOCKET = "@ISCSIADM_ABSTRACT_NAMESPACE"
 
-Importer = Callable[[str], Any]
+#: a module by name: importlib.import_module, or a test's stand-in (a namespace of attributes)
+Importer = Callable[[str], object]
 
 
 class Host:
@@ -70,7 +71,7 @@ class Host:
     def which(self, tool: str) -> str | None:
         return self.runner.which(tool)
 
-    def module(self, name: str) -> ModuleType:
+    def module(self, name: str) -> object:
         return self.importer(name)
 
 

@@ -220,7 +220,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     11: ("protocol", "malformed or unsupported control-channel message"),
     12: ("integrity", "backup verification failed"),
     13: ("cleanup", "teardown could not remove everything; run 'sanoffload agent cleanup'"),
-    14: ("warning", "done and stored, with warnings (e.g. a post-thaw hook failed): see the "
-                    "manifest warnings"),
+    14: ("warning", ("done and stored, with warnings (e.g. a post-thaw hook failed): see the "
+                     "manifest warnings")),
     130: ("interrupted", "stopped by SIGINT/SIGTERM/SIGHUP after cleaning up"),
 }

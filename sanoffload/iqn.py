@@ -14,4 +14,4 @@ IQN_MAX_LEN = 223
 def valid_iqn(name: str) -> bool:
     """``iqn.YYYY-MM.reversed.domain[:unique]``, a real month, at most 223 bytes."""
     match = IQN_RE.match(name)
-    return bool(match) and 1 <= int(match.group("month")) <= 12 and len(name) <= IQN_MAX_LEN
+    return match is not None and 1 <= int(match.group("month")) <= 12 and len(name) <= IQN_MAX_LEN

@@ -39,7 +39,8 @@ Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes] | int
 
 
 def fs_str(arg: Arg) -> str:
-    """``arg`` as the str that encodes back to its exact bytes (``os.fsdecode``'s surrogateescape)."""
+    """``arg`` as the str that encodes back to its exact bytes (surrogateescape, as
+    ``os.fsdecode``)."""
     if isinstance(arg, int):
         return str(arg)
     return os.fsdecode(arg)

@@ -40,8 +40,7 @@ from typing import IO, Any
 
 from . import process
 from .errors import CommandError, CommandNotFoundError, CommandTimeoutError
-from .pipeline import PipelineLike, Stage
-from .pipeline import start as start_pipeline
+from .pipeline import PipelineLike, Stage, start as start_pipeline
 from .process import (
     Arg,
     NotFound,
@@ -194,9 +193,9 @@ class Runner:
         log.debug("done: %s rc=%d (%s) in %.2fs", shown[0], res.returncode, res.code_name, took)
         if raw.returncode not in codes:
             detail = error_detail(res.stderr.strip() or res.stdout)
-            raise CommandError(f"{' '.join(shown)} failed with exit code {raw.returncode}: {detail}",
-                               argv=shown, returncode=raw.returncode, stdout=res.stdout,
-                               stderr=res.stderr)
+            raise CommandError(f"{' '.join(shown)} failed with exit code {raw.returncode}: "
+                               f"{detail}", argv=shown, returncode=raw.returncode,
+                               stdout=res.stdout, stderr=res.stderr)
         return res
 
     def json(self, argv: Sequence[str], **kwargs: Any) -> Any:
@@ -253,7 +252,8 @@ class Runner:
     def stream(self, argv: Sequence[Arg], *, timeout: float | None = None,
                ok_codes: OkCodes | None = None, env: Mapping[str, str] | None = None,
                secrets: Iterable[str] = ()) -> Iterator[IO[bytes]]:
-        """Run ``argv`` and yield its stdout to read as it comes (never a file, never all in memory).
+        """Run ``argv`` and yield its stdout to read as it comes (never a file, never all in
+        memory).
 
         The command runs in its own process group under one deadline, its
         stderr kept for the error. When the block ends normally, what is left

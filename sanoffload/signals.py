@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
+from typing import Any
 
 from .errors import Interrupted
 
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 #: SIGINT too, so Ctrl-C gives the same exit code and message as SIGTERM
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
+
+#: what signal.signal() returns and accepts: a function, SIG_DFL/SIG_IGN, or None (a
+#: handler set outside Python)
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 _deferring = 0
 _pending: list[int] = []
@@ -87,12 +92,12 @@ def install_signal_handlers(
             return
         raise Interrupted(signum)
 
-    previous: dict[int, object] = {}
+    previous: dict[int, _Handler] = {}
     for signum in signals:
         previous[signum] = signal.signal(signum, handler)
 
     def restore() -> None:
         for signum, old in previous.items():
-            signal.signal(signum, old)  # type: ignore[arg-type]
+            signal.signal(signum, old)
 
     return restore

@@ -157,8 +157,7 @@ def serve(ctx: click.Context, app: App, stdio: bool, client: str) -> None:
     Example (root's authorized_keys on the first server, one line):
       command="sanoffload agent serve --stdio --client px1",restrict ssh-ed25519 AAAA… root@px1
     """
-    from ..channel.server import refuse, stdio_channel
-    from ..channel.server import serve as serve_channel
+    from ..channel.server import refuse, serve as serve_channel, stdio_channel
     from ..errors import SanoffloadError
     from .service import AgentService
 

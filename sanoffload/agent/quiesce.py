@@ -184,7 +184,7 @@ def _duplicate_frozen(runner: Runner, mp: str, duplicate: Callable[[], T], *, de
     window_ms = (t1 - t0) * 1000 if t1 else 0.0
     if thawed_by_us and not guard.fired:
         log.info("%s: frozen for %.1f ms (fsfreeze)", mp, window_ms)
-        return Quiesced(result, window_ms, WhoFreezes.FSFREEZE, guard_report=report)  # type: ignore[arg-type]
+        return Quiesced(result, window_ms, WhoFreezes.FSFREEZE, guard_report=report)
 
     if guard.fired:
         why = (f"freeze deadline exceeded: {mp} was still frozen {deadline_s:g}s after the "
@@ -197,7 +197,7 @@ def _duplicate_frozen(runner: Runner, mp: str, duplicate: Callable[[], T], *, de
     log.error("%s (window %.1f ms)", why, window_ms)
     if have_result and discard is not None:
         try:
-            discard(result)  # type: ignore[arg-type]
+            discard(result)
         except Exception as exc:
             err = FreezeError(f"{why}; discarding the duplicate failed too: {exc}")
             raise err from exc

@@ -230,7 +230,8 @@ class Agent:
 
     # -- status / release ----------------------------------------------------
     def status(self, session_id: str) -> dict[str, Any]:
-        """The session's state; JournalError (exit 13) naming the file if its record is unreadable."""
+        """The session's state; JournalError (exit 13), naming the file, if its record is
+        unreadable."""
         rec = self.journal.load(session_id)
         if rec is None:
             return {"session_id": session_id, "status": "unknown"}
@@ -266,7 +267,7 @@ class Agent:
         done: list[str] = []
         order = {k: i for i, k in enumerate(("lio-target", "lio-backstore", "frozen",
                                               *DUPLICATE_KINDS))}
-        for res in sorted(list(rec.resources), key=lambda r: order[r.kind]):
+        for res in sorted(rec.resources, key=lambda r: order[r.kind]):
             try:
                 self._undo(rec, res)
                 done.append(f"{res.kind} {res.fields}")
@@ -318,7 +319,7 @@ class Agent:
                 except Exception as exc:  # one stuck session must not stop the pass
                     errors.append(exc)
         found = self._orphans() if orphans else []
-        for what, undo in found:
+        for _what, undo in found:
             try:
                 undo()
             except Exception as exc:

@@ -12,7 +12,8 @@ The wire form is the JSON object agents have always sent (keys and string
 values unchanged, tests/unit/test_messages.py pins it), so a proxy and an
 agent of different versions still understand each other::
 
-    {"session_id": "fs1-1a2b3c4d", "target_iqn": "iqn.2003-01.org.linux-iscsi.sanoffload:fs1-1a2b3c4d",
+    {"session_id": "fs1-1a2b3c4d",
+     "target_iqn": "iqn.2003-01.org.linux-iscsi.sanoffload:fs1-1a2b3c4d",
      "portals": ["10.77.0.11:3260"], "lun": 0, "identifier": "naa.6001405…",
      "unit_serial": "…", "chap_user": "sanoffload-fs1-1a2b3c4d", "chap_secret": "…",
      "fstype": "ext4", "path_in_fs": "data", "object_kind": "directory",

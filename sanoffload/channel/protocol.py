@@ -25,10 +25,9 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
-from .. import __version__
-from .. import errors as _errors
+from .. import __version__, errors as _errors
 from ..errors import ProtocolError, SanoffloadError
 
 #: protocol versions this side speaks (hello picks the highest common one)
@@ -64,12 +63,18 @@ def _type_ok(value: Any, want: type | tuple[type, ...]) -> bool:
     return isinstance(value, kinds) and not isinstance(value, bool)
 
 
+def _is_int(value: object) -> TypeGuard[int]:
+    """An integer on the wire (a JSON ``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _describe(want: type | tuple[type, ...]) -> str:
     kinds = want if isinstance(want, tuple) else (want,)
     return " or ".join(_JSON_TYPES.get(k, k.__name__) for k in kinds)
 
 
-def check_message(msg: Any, specs: Mapping[str, Spec], *, key: str = "op") -> tuple[str, dict]:
+def check_message(msg: Any, specs: Mapping[str, Spec], *,
+                  key: str = "op") -> tuple[str, dict[str, Any]]:
     """``(op, fields)`` of a request, or ProtocolError saying what is wrong with it."""
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a JSON object")
@@ -83,7 +88,7 @@ def check_message(msg: Any, specs: Mapping[str, Spec], *, key: str = "op") -> tu
     unknown = sorted(set(fields) - set(spec.required) - set(spec.optional))
     if unknown:
         raise ProtocolError(f"{op}: unknown field(s) {', '.join(map(repr, unknown))}")
-    for name, want in spec.required.items():
+    for name in spec.required:
         if name not in fields:
             raise ProtocolError(f"{op}: missing field {name!r}")
     for name, value in fields.items():
@@ -95,7 +100,7 @@ def check_message(msg: Any, specs: Mapping[str, Spec], *, key: str = "op") -> tu
     return op, fields
 
 
-def check_reply(reply: Any, required: Mapping[str, type | tuple[type, ...]]) -> dict:
+def check_reply(reply: Any, required: Mapping[str, type | tuple[type, ...]]) -> dict[str, Any]:
     """A peer's successful reply, checked for the fields the caller uses."""
     if not isinstance(reply, dict):
         raise ProtocolError("the peer's reply is not a JSON object")
@@ -215,7 +220,7 @@ class Channel:
         while True:
             msg = self.expect()
             size = msg.get("chunk")
-            if set(msg) != {"chunk"} or not _type_ok(size, int) or not 0 <= size <= MAX_CHUNK:
+            if set(msg) != {"chunk"} or not _is_int(size) or not 0 <= size <= MAX_CHUNK:
                 if msg.get("ok") is False:
                     raise_error(msg, self.peer)
                 raise ProtocolError(f"{self.peer} sent {json.dumps(msg)[:80]} inside the data; "
@@ -249,9 +254,9 @@ class Channel:
 
 def negotiate(versions: Any) -> int:
     """The version both sides speak (the highest), or ProtocolError."""
-    if not isinstance(versions, list) or not all(_type_ok(v, int) for v in versions):
+    if not isinstance(versions, list) or not all(_is_int(v) for v in versions):
         raise ProtocolError("hello: 'versions' must be a list of integers")
-    common = set(versions) & set(VERSIONS)
+    common = {v for v in versions if _is_int(v)} & set(VERSIONS)
     if not common:
         raise ProtocolError(f"no common protocol version: the client speaks {sorted(versions)}, "
                             f"this side speaks {list(VERSIONS)}")

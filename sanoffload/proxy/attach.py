@@ -39,12 +39,13 @@ from ..runner import Runner
 from ..tools import iscsiadm
 from ..undo import UndoStack
 from . import mount
-from .devices import DEFAULT_DEADLINE_S, DeviceWaiter
+from .devices import DEFAULT_DEADLINE_S, DeviceWaiter, Waiter
 from .journal import Held, ProxyJournal
 
 log = logging.getLogger(__name__)
 
-WaiterFactory = Callable[..., DeviceWaiter]
+#: makes the waiter for one identifier: DeviceWaiter, or a test's stand-in
+WaiterFactory = Callable[..., Waiter]
 
 
 @dataclass(frozen=True)

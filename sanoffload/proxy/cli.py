@@ -255,7 +255,7 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
                 # on the way in like any stored backup, written once
                 w = local.writer(bid.host, "/", slug=bid.slug, timestamp=bid.timestamp)
                 with w:
-                    manifest = store.get(str(bid), w)  # type: ignore[arg-type]
+                    manifest = store.get(str(bid), w)
                     w.path = str(manifest["path"])
                     w.commit({k: manifest.get(k) for k in (
                         "frozen_at", "duplicate_kind", "freeze_window_ms", "frozen_by",
@@ -278,7 +278,7 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
 @click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def prune(ctx: click.Context, store_loc: str, **options: Any) -> None:
+def prune(ctx: click.Context, /, store_loc: str, **options: Any) -> None:
     """Prune a repository on this host (as 'sanoffload store --repo DIR prune').
 
     A proxy can add and read backups but never delete them, so a stolen proxy

@@ -22,14 +22,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from ..channel.messages import check_identifier, normalize_wwid
 from ..errors import DeadlineError, ResourceError
 from ..requirements import Requirement
 
-__all__ = ["DEFAULT_DEADLINE_S", "DeviceWaiter", "check_identifier", "device_wwids",
-           "normalize_wwid"]
+__all__ = ["DEFAULT_DEADLINE_S", "DeviceWaiter", "UdevContext", "Waiter", "check_identifier",
+           "device_wwids", "normalize_wwid"]
 
 REQUIRES: tuple[Requirement, ...] = (
     Requirement("pyudev", "Python module pyudev (with libudev)", roles=("proxy",),
@@ -42,6 +42,23 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 60.0
 #: the longest single monitor.poll: bounds how late the rescan and the deadline are noticed
 _MAX_POLL_S = 5.0
+
+
+class UdevContext(Protocol):
+    """What is used of ``pyudev.Context`` (pyudev has no types; its devices stay ``Any``)."""
+
+    def list_devices(self, **match: Any) -> Iterable[Any]: ...
+
+
+class Waiter(Protocol):
+    """What a caller uses of :class:`DeviceWaiter`: ``with waiter: ...; waiter.wait(rescan)``."""
+
+    def __enter__(self) -> Waiter: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    def wait(self, rescan: Callable[[], None] | None = None) -> str: ...
 
 
 def device_wwids(device: Any) -> set[str]:
@@ -72,7 +89,7 @@ class DeviceWaiter:
     """
 
     def __init__(self, identifier: str, deadline_s: float = DEFAULT_DEADLINE_S,
-                 context: Any | None = None, *,
+                 context: UdevContext | None = None, *,
                  monitor_factory: Callable[[Any], Any] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if deadline_s <= 0:

@@ -7,10 +7,11 @@ classes turn its ops into typed calls and check the replies they rely on.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import select
 from collections.abc import Callable, Mapping
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 from ..channel.client import Client
 from ..channel.messages import PrepareAnswer
@@ -158,12 +159,12 @@ class RemoteWriter:
             self.store.reply()  # raises the store's error
             raise ProtocolError(f"{self.store.name} answered in the middle of the data")
 
-    def write_from(self, stream: BinaryIO) -> int:
+    def write_from(self, stream: io.BufferedIOBase) -> int:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         start = self.bytes
         channel = self.store.channel
-        while n := stream.readinto(buf):  # type: ignore[attr-defined]
+        while n := stream.readinto(buf):
             self._hash.update(view[:n])
             try:
                 channel.send_chunk(view[:n])

@@ -14,5 +14,5 @@ from .repo import Backup, BackupId, BackupWriter, Broken, Quota, Repository, slu
 from .restore import check_members, restore, stream_out
 
 __all__ = ["Backup", "BackupId", "BackupWriter", "Broken", "Manifest", "Policy", "Quota",
-           "Repository", "Verification", "check_members", "prune", "restore", "select", "slug_for_path",
-           "stream_out"]
+           "Repository", "Verification", "check_members", "prune", "restore", "select",
+           "slug_for_path", "stream_out"]

@@ -31,19 +31,23 @@ def _repo(ctx: click.Context, app: App) -> Repository:
     return Repository(ctx.meta["store_repo"], app.get_runner())
 
 
-def _size(n: Any) -> str:
+def _size(n: object) -> str:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         return "?"  # a remote store's listing is checked here, not trusted
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} TiB"
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
 
 
 def _echo_json(data: Any) -> None:
@@ -96,7 +100,7 @@ def _status(value: Any) -> str:
     return printable(status) if isinstance(status, str) else "-"
 
 
-def format_backups(backups: list[dict[str, Any]]) -> str:
+def format_backups(backups: Sequence[object]) -> str:
     """The catalog as a table (from manifests as dicts: local or from a remote store).
 
     Every cell is made printable; a broken backup shows BROKEN and why, a
@@ -277,9 +281,8 @@ def serve(ctx: click.Context, app: App, stdio: bool, client: str, serve_repo: st
     \b
     Example (root's authorized_keys on the backup server, one line):
       command="sanoffload store serve --stdio --repo /srv/backups --client px1",restrict ssh-ed25519 AAAA… root@px1
-    """
-    from ..channel.server import refuse, stdio_channel
-    from ..channel.server import serve as serve_channel
+    """  # noqa: E501 (the authorized_keys line must be shown whole)
+    from ..channel.server import refuse, serve as serve_channel, stdio_channel
     from ..errors import SanoffloadError
     from . import config as store_config
     from .service import StoreService

@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .. import __version__
@@ -73,7 +73,7 @@ SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_
 
 def utc_iso(when: datetime, *, millis: bool = False) -> str:
     """``2026-11-26T10:29:33Z`` (``.120Z`` with ``millis``), always UTC."""
-    text = when.astimezone(timezone.utc).isoformat(timespec="milliseconds" if millis
+    text = when.astimezone(UTC).isoformat(timespec="milliseconds" if millis
                                                     else "seconds")
     return text.replace("+00:00", "Z")
 
@@ -86,7 +86,7 @@ def parse_iso(text: str) -> datetime:
     if when.tzinfo is None:
         raise ValueError(f"time without a zone: {text!r}")
     try:
-        return when.astimezone(timezone.utc)
+        return when.astimezone(UTC)
     except OverflowError:  # 9999-12-31T23:59-01:00 is past the last instant Python knows
         raise ValueError(f"time out of range: {text!r}") from None
 
@@ -99,13 +99,13 @@ def to_utc(value: datetime | str | float | int) -> datetime:
         if value.tzinfo is None:
             raise ValueError("naive datetime: give it a zone")
         try:
-            return value.astimezone(timezone.utc)
+            return value.astimezone(UTC)
         except OverflowError:
             raise ValueError(f"time out of range: {value!r}") from None
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or not 0 <= value < 2**33:
             raise ValueError(f"epoch seconds out of range: {value!r}")
-        return datetime.fromtimestamp(value, timezone.utc)
+        return datetime.fromtimestamp(value, UTC)
     return parse_iso(value)
 
 
@@ -130,7 +130,7 @@ class Verification:
 
     @classmethod
     def now(cls, status: str, detail: str = "") -> Verification:
-        return cls(status, utc_iso(datetime.now(timezone.utc)), detail[:500])
+        return cls(status, utc_iso(datetime.now(UTC)), detail[:500])
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,8 @@ def sender_fields(values: Mapping[str, Any] | None) -> dict[str, Any]:
     it received. Raises ValueError for an unknown key or a bad value.
     """
     out: dict[str, Any] = {}
-    for key, value in (values or {}).items():
+    for key, given in (values or {}).items():
+        value = given  # normalised below
         if key not in SENDER_FIELDS:
             raise ValueError(f"unknown manifest field {key!r} "
                              f"(known: {', '.join(SENDER_FIELDS)})")

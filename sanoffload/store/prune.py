@@ -84,7 +84,7 @@ def select(backups: Iterable[tuple[K, datetime]], policy: Policy) -> Selection:
     """
     ordered = sorted(backups, key=lambda kt: (kt[1], kt[0]), reverse=True)
     left = {"last": policy.last, **{name: getattr(policy, name) for name in PERIODS}}
-    last_period: dict[str, tuple[int, ...] | None] = {name: None for name in PERIODS}
+    last_period: dict[str, tuple[int, ...] | None] = dict.fromkeys(PERIODS)
     keep: dict[Any, tuple[str, ...]] = {}
     remove: list[Any] = []
     for index, (key, when) in enumerate(ordered):

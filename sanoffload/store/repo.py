@@ -52,6 +52,7 @@ import builtins
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -62,18 +63,34 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
-from ..errors import (CommandError, CommandNotFoundError, CommandTimeoutError, IntegrityError,
-                      RefusedError, ResourceError, UsageError)
+from ..errors import (
+    CommandError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    IntegrityError,
+    RefusedError,
+    ResourceError,
+    UsageError,
+)
 from ..runner import Runner
 from ..text import has_control, printable
 from ..tools import tar, zstd
-from .manifest import (MAX_BYTES, NOT_VERIFIED, VERIFIED_OK, VERIFY_FAILED, Manifest,
-                       Verification, sender_fields, to_utc, utc_iso)
+from .manifest import (
+    MAX_BYTES,
+    NOT_VERIFIED,
+    VERIFIED_OK,
+    VERIFY_FAILED,
+    Manifest,
+    Verification,
+    sender_fields,
+    to_utc,
+    utc_iso,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +117,16 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 # what a path keeps in its slug; the rest becomes "-"
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ByteSource(Protocol):
+    """What :meth:`Repository.put` reads: a file, a pipe, a socket's file, BytesIO.
+
+    ``readinto`` is used when the object has one (no new bytes object per chunk);
+    ``read`` otherwise. Either returning None means a non-blocking stream.
+    """
+
+    def read(self, size: int, /) -> bytes | None: ...
 
 
 def _check_name(kind: str, name: object, pattern: re.Pattern[str], limit: int) -> str:
@@ -135,12 +162,12 @@ def check_timestamp(name: object) -> str:
 
 def format_timestamp(when: datetime) -> str:
     """The timestamp naming a backup taken at ``when`` (aware), to the second, UTC."""
-    return when.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+    return when.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
 
 
 def parse_timestamp(name: str) -> datetime:
     return datetime.strptime(check_timestamp(name), TIMESTAMP_FORMAT).replace(
-        tzinfo=timezone.utc)
+        tzinfo=UTC)
 
 
 def check_path(path: object) -> str:
@@ -460,7 +487,7 @@ class Repository:
         if isinstance(timestamp, datetime):
             timestamp = format_timestamp(timestamp)
         elif timestamp is None:
-            timestamp = format_timestamp(datetime.now(timezone.utc))
+            timestamp = format_timestamp(datetime.now(UTC))
         if slug is None:
             slug = slug_for_path(path)
         else:
@@ -472,7 +499,7 @@ class Repository:
         bid = BackupId(host, slug, timestamp)
         return BackupWriter(self, bid, path, client=client, quota=quota)
 
-    def put(self, host: str, path: str, stream: BinaryIO,
+    def put(self, host: str, path: str, stream: ByteSource,
             manifest_fields: Mapping[str, Any] | None = None, *, slug: str | None = None,
             verify: bool = True, client: str | None = None,
             quota: Quota | None = None) -> BackupId:
@@ -725,7 +752,7 @@ class Repository:
         _fsync_dir(directory)
 
 
-def _hash_file(f: BinaryIO) -> str:
+def _hash_file(f: io.RawIOBase) -> str:
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -854,7 +881,7 @@ class BackupWriter:
             raise
         self.bytes += len(view)
 
-    def write_from(self, stream: BinaryIO) -> int:
+    def write_from(self, stream: ByteSource) -> int:
         """Copy ``stream`` to its end, CHUNK at a time; returns the bytes copied."""
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -870,6 +897,8 @@ class BackupWriter:
                 self.write(view[:n])
             else:
                 chunk = stream.read(CHUNK)
+                if chunk is None:
+                    raise UsageError("the input stream is non-blocking: give a blocking one")
                 if not chunk:
                     break
                 self.write(chunk)
@@ -942,7 +971,7 @@ class BackupWriter:
             check = Verification.now(NOT_VERIFIED)
         manifest = Manifest(host=self.id.host, path=self.path, slug=self.id.slug,
                             timestamp=self.id.timestamp, archive_bytes=self.bytes, sha256=digest,
-                            member_count=members, stored_at=utc_iso(datetime.now(timezone.utc)),
+                            member_count=members, stored_at=utc_iso(datetime.now(UTC)),
                             verification=check, client=self.client, **values)
         _publish(self.partial, self.archive)
         try:

@@ -92,7 +92,8 @@ class StoreService(Service):
         bid = BackupId.parse(fields["id"])
         self._host_allowed(bid.host)
         if op == "get":
-            return self._get(bid, channel)
+            self._get(bid, channel)
+            return None  # answered already, before the data
         return self._verify(bid, fields.get("compared"))
 
     # -- list --------------------------------------------------------------------
@@ -170,7 +171,6 @@ class StoreService(Service):
             while n := f.readinto(buf):
                 channel.send_chunk(view[:n])
         channel.end_chunks()
-        return None  # answered already, before the data
 
     # -- verify --------------------------------------------------------------------
     def _verify(self, bid: BackupId, compared: Any) -> dict[str, Any]:

@@ -159,8 +159,8 @@ def _node(target: str, portal: str) -> list[str]:
 def parse_sessions(text: str) -> list[Session]:
     """Parse ``iscsiadm -m session`` output; lines of another shape are skipped (logged)."""
     found: list[Session] = []
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line:
             continue
         match = _SESSION_RE.match(line)

@@ -31,6 +31,7 @@ group, what the LUN presents, and checks it against the derivation.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import re
 import uuid
@@ -136,12 +137,13 @@ class LioExporter:
     def __init__(self, rtslib: ModuleType | None = None) -> None:
         if rtslib is None:
             try:
-                import rtslib_fb as rtslib  # type: ignore[import-untyped,no-redef]
+                # by name: rtslib-fb has no types, so a plain import would make the module Any
+                rtslib = importlib.import_module("rtslib_fb")
             except ImportError as exc:
                 raise MissingDependencyError(
                     "rtslib-fb is not installed: cannot drive LIO",
                     hint="apt install python3-rtslib-fb (or pip install rtslib-fb)") from exc
-        self.rts = rtslib
+        self.rts: ModuleType = rtslib
 
     # -- lookups ---------------------------------------------------------------
     def _root(self) -> Any:

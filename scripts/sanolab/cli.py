@@ -13,6 +13,8 @@ from sanoffload.runner import CommandRunner
 
 from . import config, image, sync, vm
 
+log = logging.getLogger("lab")
+
 USAGE_EXAMPLES = """examples:
   scripts/lab build --release trixie
   scripts/lab up                      # all four hosts, bookworm
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             state = vm.up(runner, args.release, _hosts(args.hosts))
             if not args.no_sync:
                 for host, version in sync.sync(runner, state.hosts).items():
-                    logging.info("%s: sanoffload %s", host, version)
+                    log.info("%s: sanoffload %s", host, version)
         elif args.cmd == "down":
             return 1 if vm.down(runner) else 0
         elif args.cmd == "status":
@@ -82,19 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "reset":
             vm.reset(runner, args.host)
         elif args.cmd == "sync":
-            state = vm.LabState.load()
-            if state is None:
+            loaded = vm.LabState.load()
+            if loaded is None:
                 print("lab: the lab is not up", file=sys.stderr)
                 return 3
             for host, version in sync.sync(runner, _hosts(args.hosts) if args.hosts
-                                           else state.hosts).items():
+                                           else loaded.hosts).items():
                 print(f"{host}: sanoffload {version}")
         elif args.cmd == "ssh":
             cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
             if not cmd:
                 parser.error("ssh needs a command after --")
             res = vm.ssh(runner, args.host, cmd, timeout=3600,
-                         ok_codes={c: "remote" for c in range(1, 256)},
+                         ok_codes=dict.fromkeys(range(1, 256), "remote"),
                          input=None if sys.stdin.isatty() else sys.stdin.buffer.read())
             sys.stdout.write(res.stdout)
             sys.stderr.write(res.stderr)

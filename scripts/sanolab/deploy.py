@@ -58,7 +58,7 @@ FORCED = {
 
 def sh(runner: Runner, host: str, script: str, *, timeout: float = 300,
        input: str | None = None, check: bool = True) -> str:
-    ok = None if check else {c: "nonzero" for c in range(1, 256)}
+    ok = None if check else dict.fromkeys(range(1, 256), "nonzero")
     return vm.ssh(runner, host, ["sh", "-c", script], timeout=timeout, input=input,
                   ok_codes=ok).stdout
 
@@ -100,8 +100,9 @@ print(json.dumps(out, sort_keys=True))
 
 def digest(runner: Runner, host: str, root: str) -> dict[str, Any]:
     """:data:`TREE_DIGEST` of ``root`` on ``host``: equal digests, equal trees."""
-    return json.loads(sh(runner, host, f"python3 -c {shlex.quote(TREE_DIGEST)} "
-                                       f"{shlex.quote(root)}"))
+    tree: dict[str, Any] = json.loads(sh(runner, host, f"python3 -c {shlex.quote(TREE_DIGEST)} "
+                                                     f"{shlex.quote(root)}"))
+    return tree
 
 
 WRITER_FLAG = "/run/sanoffload-writer.on"

@@ -213,7 +213,8 @@ def _step(runner: Runner, root: Path, argv: list[str], env: dict[str, str]) -> t
 
 
 def inside(argv: list[str]) -> int:
-    """In the new mount and PID namespaces: a tmpfs root, the chroot's mounts, the steps, unmount."""
+    """In the new mount and PID namespaces: a tmpfs root, the chroot's mounts, the steps,
+    unmount."""
     parser = argparse.ArgumentParser(prog="freshroot --inside")
     parser.add_argument("work", type=Path)
     parser.add_argument("--tar", type=Path, required=True)
@@ -237,7 +238,8 @@ def inside(argv: list[str]) -> int:
         _mount(runner, mounts, "proc", "nosuid,nodev,noexec", "proc", root / "proc")
         _mount(runner, mounts, "sysfs", "ro,nosuid,nodev,noexec", "sysfs", root / "sys")
         _make_dev(runner, mounts, root / "dev")
-        setup = ["./scripts/setup"] if args.tier == "all" else ["./scripts/setup", "--tier", args.tier]
+        setup = (["./scripts/setup"] if args.tier == "all"
+                 else ["./scripts/setup", "--tier", args.tier])
         passed, took = _step(runner, root, setup, env)
         times.append(f"setup {took:.0f} s")
         if passed:
@@ -315,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Run ./scripts/setup and the unit tier in a fresh minimal Debian root.")
     parser.add_argument("--release", choices=RELEASES, default="bookworm")
     parser.add_argument("--tier", choices=("all", "unit"), default="all",
-                        help="unit: ./scripts/setup --tier unit (the venv only) instead of plain setup")
+                        help="unit: ./scripts/setup --tier unit (the venv only) instead of "
+                             "plain setup")
     parser.add_argument("--committed", action="store_true",
                         help="the clone only, without the checkout's uncommitted changes")
     parser.add_argument("--only", action="append", default=[], metavar="PATH",

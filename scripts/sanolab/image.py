@@ -46,7 +46,8 @@ def image_dir(release: str) -> Path:
 
 def is_built(release: str) -> bool:
     d = image_dir(release)
-    return all((d / n).exists() for n in ("root.img", "vmlinuz", "initrd.img", "id_ed25519", "DONE"))
+    return all((d / n).exists()
+               for n in ("root.img", "vmlinuz", "initrd.img", "id_ed25519", "DONE"))
 
 
 def debian_mirror() -> str:
@@ -72,7 +73,8 @@ def debian_mirror() -> str:
 def build(runner: Runner, release: str, *, force: bool = False) -> Path:
     """Build (or reuse) the image for ``release``; return its directory."""
     if release not in config.RELEASES:
-        raise SystemExit(f"lab: unknown release {release!r} (choose from {', '.join(config.RELEASES)})")
+        raise SystemExit(f"lab: unknown release {release!r} "
+                         f"(choose from {', '.join(config.RELEASES)})")
     dest = image_dir(release)
     if is_built(release) and not force:
         log.info("image %s is up to date", dest)
@@ -89,7 +91,8 @@ def build(runner: Runner, release: str, *, force: bool = False) -> Path:
             'chroot "$1" sh /tmp/common.sh',
             'chroot "$1" sh /tmp/lab-image.sh',
             f'upload {key}.pub /root/.ssh/authorized_keys',
-            'chmod 600 "$1/root/.ssh/authorized_keys"; rm -f "$1/tmp/common.sh" "$1/tmp/lab-image.sh"',
+            ('chmod 600 "$1/root/.ssh/authorized_keys"; '
+             'rm -f "$1/tmp/common.sh" "$1/tmp/lab-image.sh"'),
         ]
         argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
                 "--include=" + ",".join(packages())]

@@ -176,8 +176,8 @@ def _boot(runner: Runner, h: config.Host, img: Path) -> None:
             f.truncate(size * 1024**3)
         # a serial number makes the disk findable in the guest by /dev/disk/by-id
         argv += ["-drive", f"file={disk},if=none,id=d{i},format=raw,cache=unsafe,discard=unmap",
-                 "-device", f"virtio-blk-pci,drive=d{i},serial=sanolab-{h.name}-d{i},"
-                            f"addr={0x4 + i:#x}"]
+                 "-device", (f"virtio-blk-pci,drive=d{i},serial=sanolab-{h.name}-d{i},"
+                             f"addr={0x4 + i:#x}")]
     argv += [
         "-netdev", f"tap,id=n0,ifname={h.tap},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=n0,mac={h.mac},addr=0x3",
@@ -287,8 +287,8 @@ def down(runner: Runner, *, quiet: bool = False) -> list[str]:
             if p.suffix in (".qcow2", ".raw", ".pid", ".qmp", ".sock", ".json", ".tmp", ".log"):
                 p.unlink(missing_ok=True)
     if problems and not quiet:
-        for p in problems:
-            log.error("%s", p)
+        for problem in problems:
+            log.error("%s", problem)
     return problems
 
 

@@ -49,7 +49,8 @@ from sanoffload.errors import SanoffloadError
 from sanoffload.runner import CommandRunner
 from sanoffload.signals import install_signal_handlers
 
-mountpoint, state_dir, deadline, hang = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+mountpoint, state_dir = sys.argv[1], sys.argv[2]
+deadline, hang = float(sys.argv[3]), float(sys.argv[4])
 install_signal_handlers()
 
 def duplicate():
@@ -298,7 +299,7 @@ def test_normal_path_measures_the_window_and_disarms_the_guard(
     hooks = Hooks.from_paths([str(_hook(tmp_path / "pre", log))],
                              [str(_hook(tmp_path / "post", log))], timeout=10)
     procs: list[subprocess.Popen[bytes]] = []
-    seen: dict[str, object] = {}
+    seen: dict[str, float | int | bool] = {}
 
     def duplicate() -> str:
         seen["started"] = time.monotonic()
@@ -311,7 +312,7 @@ def test_normal_path_measures_the_window_and_disarms_the_guard(
         procs.append(writer)
         assert_blocked(writer)
         seen["guard_alive"] = psutil.Process(guard).status() != psutil.STATUS_ZOMBIE
-        seen["took_ms"] = (time.monotonic() - float(seen["started"])) * 1000  # type: ignore[arg-type]
+        seen["took_ms"] = (time.monotonic() - float(seen["started"])) * 1000
         return "dup-ok"
 
     with frozen_fs_safety(loopfs, host_runner, procs):
@@ -320,14 +321,14 @@ def test_normal_path_measures_the_window_and_disarms_the_guard(
         print(f"\n[{loopfs.fstype}] (c) frozen window {q.window_ms:.0f} ms")
         assert q.result == "dup-ok" and q.frozen_by == "fsfreeze"
         # the window covers the whole duplicate step, and is far less than the deadline
-        assert float(seen["took_ms"]) <= q.window_ms < DEADLINE_S * 1000  # type: ignore[arg-type]
+        assert float(seen["took_ms"]) <= q.window_ms < DEADLINE_S * 1000
         assert q.post_thaw_failures == ()
         assert seen["guard_alive"] is True
         assert q.guard_report is not None
         assert q.guard_report["fired"] is False and q.guard_report["reason"] == DISARMED
         assert q.guard_report["thaw"] == "untouched"
         assert not psutil.pid_exists(int(seen["guard"])) or \
-            psutil.Process(int(seen["guard"])).status() == psutil.STATUS_ZOMBIE  # type: ignore[arg-type]
+            psutil.Process(int(seen["guard"])).status() == psutil.STATUS_ZOMBIE
         # thawed: the blocked writer finished and new writes go through
         assert procs[0].wait(timeout=10) == 0
         (mp / "after.txt").write_text("writable\n")

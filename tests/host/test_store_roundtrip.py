@@ -429,7 +429,7 @@ def test_a_flipped_byte_fails_verify_and_restore_leaves_the_target_untouched(
     with pytest.raises(IntegrityError):
         stream_out(repo, bid, io.BytesIO())
     # the checksum is what caught it; zstd's own frame checksum agrees
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         repo.test_read(path, timeout=60)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sanolab import config, sync, vm
 from sanoffload.runner import CommandRunner
+from sanolab import config, sync, vm
 
 from .labctl import Lab
 

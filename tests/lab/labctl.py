@@ -7,10 +7,10 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sanolab import config, vm
 from sanoffload.runner import Result, Runner
+from sanolab import config, vm
 
-ANY_CODE = {c: "nonzero" for c in range(1, 256)}
+ANY_CODE = dict.fromkeys(range(1, 256), "nonzero")
 
 # Lists sanoffload-relevant LIO objects, for cleanliness checks.
 LIO_INVENTORY = r"""
@@ -51,7 +51,8 @@ class Lab:
         return config.HOSTS[host].ip
 
     def lio_inventory(self, host: str) -> dict[str, list[str]]:
-        return json.loads(self.py(host, LIO_INVENTORY).stdout)
+        inventory: dict[str, list[str]] = json.loads(self.py(host, LIO_INVENTORY).stdout)
+        return inventory
 
     def leftovers(self) -> list[str]:
         """What a test left behind on any host: sessions, mounts, LIO objects, tagged LVs."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,7 @@ def fs1_volume(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[str, 
                       "wipefs -q -a /dev/vdb /dev/vdc; rm -rf /var/lib/sanoffload; true")
 
 
-def _login(lab: Lab, ans: dict, secret: str, host: str = "px1") -> int:
+def _login(lab: Lab, ans: dict[str, Any], secret: str, host: str = "px1") -> int:
     portal = ans["portals"][0]
     iqn = ans["target_iqn"]
     base = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
@@ -209,8 +210,8 @@ sleep 120
 @pytest.mark.parametrize("fs1_volume", [("snapshot", "ext4")], indirect=True,
                          ids=["snapshot-ext4"])
 def test_cleanup_after_agent_killed_mid_prepare(lab: Lab, fs1_volume: tuple[str, str]) -> None:
-    lab.sh("fs1", ["sh", "-c", "cat > /usr/local/sbin/sano-hold && chmod 755 "
-                               "/usr/local/sbin/sano-hold && rm -f /run/sanoffload-hook-reached"],
+    lab.sh("fs1", ["sh", "-c", ("cat > /usr/local/sbin/sano-hold && chmod 755 "
+                                "/usr/local/sbin/sano-hold && rm -f /run/sanoffload-hook-reached")],
            input=HOOK)
     _write_config(lab, tables='\n[hooks]\npost_thaw = ["/usr/local/sbin/sano-hold"]\n'
                               'timeout_s = 300\n')

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from sanoffload.runner import Result
 from sanolab import deploy
 
 from .labctl import Lab
@@ -52,11 +54,11 @@ echo 0 > {LIVE}/counter
 sync
 """
 
-def digest(lab: Lab, host: str, root: str) -> dict:
+def digest(lab: Lab, host: str, root: str) -> dict[str, Any]:
     return deploy.digest(lab.runner, host, root)
 
 
-def px1(lab: Lab, args: list[str], *, check: bool = True, timeout: float = 900):
+def px1(lab: Lab, args: list[str], *, check: bool = True, timeout: float = 900) -> Result:
     return lab.sh("px1", ["sanoffload", *args], check=check, timeout=timeout)
 
 

@@ -76,7 +76,8 @@ def test_snapshot_exported_over_iscsi_is_found_by_wwn_and_read(lab: Lab) -> None
         dev = lab.sh(px1, ["readlink", "-e", link]).stdout.strip()
         assert re.fullmatch(r"/dev/sd[a-z]+", dev), dev
         name = dev.rsplit("/", 1)[1]
-        assert lab.sh(px1, ["cat", f"/sys/block/{name}/device/wwid"]).stdout.strip() == f"naa.{wwid}"
+        wwid_file = f"/sys/block/{name}/device/wwid"
+        assert lab.sh(px1, ["cat", wwid_file]).stdout.strip() == f"naa.{wwid}"
         assert lab.sh(px1, ["cat", f"/sys/block/{name}/ro"]).stdout.strip() == "1"
         lab.sh(px1, f"mkdir -p /mnt/selftest && mount -o ro,noload {dev} /mnt/selftest")
         assert lab.sh(px1, ["cat", "/mnt/selftest/known.txt"]).stdout == "before-snapshot\n"

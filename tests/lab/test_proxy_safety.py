@@ -16,6 +16,7 @@ import re
 import shlex
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -51,8 +52,10 @@ def wait_for(what: str, check: object, timeout: float, every: float = 0.5) -> fl
     pytest.fail(f"{what}: not within {timeout:.0f} s")
 
 
-def agent_sessions(lab: Lab) -> list[dict]:
-    return json.loads(lab.sh("fs1", ["sanoffload", "agent", "sessions", "--json"]).stdout)
+def agent_sessions(lab: Lab) -> list[dict[str, Any]]:
+    out = lab.sh("fs1", ["sanoffload", "agent", "sessions", "--json"]).stdout
+    sessions: list[dict[str, Any]] = json.loads(out)
+    return sessions
 
 
 def node_records(lab: Lab) -> str:

@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from sanolab import deploy
 from sanoffload.tools import iscsiadm
+from sanolab import deploy
 
 from .labctl import Lab
 

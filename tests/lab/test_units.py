@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -42,8 +43,10 @@ def site(lab: Lab) -> Iterator[Lab]:
         deploy.undeploy_volumes(lab.runner)
 
 
-def _sessions(lab: Lab) -> list[dict]:
-    return json.loads(lab.sh("fs1", ["sanoffload", "agent", "sessions", "--json"]).stdout)
+def _sessions(lab: Lab) -> list[dict[str, Any]]:
+    out = lab.sh("fs1", ["sanoffload", "agent", "sessions", "--json"]).stdout
+    sessions: list[dict[str, Any]] = json.loads(out)
+    return sessions
 
 
 def test_a_job_timer_runs_a_backup(site: Lab) -> None:

@@ -50,7 +50,8 @@ def test_refusals_are_one_line_with_their_exit_code(setup: tuple[Path, FakeRunne
     assert err.count("\n") == 1 and err.startswith("sanoffload: error: ")
     assert words in err
     assert runner.calls == []  # nothing was run, so nothing changed
-    assert not (tmp / "state" / "sessions").exists() or not any((tmp / "state" / "sessions").iterdir())
+    sessions = tmp / "state" / "sessions"
+    assert not sessions.exists() or not any(sessions.iterdir())
 
 
 def test_unknown_session_status_and_idempotent_release(setup: tuple[Path, FakeRunner],

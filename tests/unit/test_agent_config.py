@@ -251,8 +251,8 @@ def test_initiator_format(iqn: str, reason: str) -> None:
 
 @pytest.mark.parametrize("iqn", ["iqn.2026-11.org.sanoffload.lab:px1",
                                  "iqn.1993-08.org.debian:01:5ab3c9e1f2",
-                                 "iqn.2001-04.com.example", "iqn.2003-01.org.linux-iscsi.px1.x8664"
-                                 ":sn.1d2f3a4b5c6d"])
+                                 "iqn.2001-04.com.example",
+                                 "iqn.2003-01.org.linux-iscsi.px1.x8664:sn.1d2f3a4b5c6d"])
 def test_initiator_format_accepted(iqn: str) -> None:
     cfg = parse(client(f'initiators = ["{iqn}"]\nroots = ["/srv"]'))
     assert cfg.client_for_initiator(iqn).name == "px1"
@@ -278,7 +278,8 @@ def test_bad_client_name() -> None:
 
 
 def test_clients_not_a_table() -> None:
-    assert "clients: must be a table" in error('clients = ["px1"]\n[portal]\naddress = "10.0.0.1"\n')
+    text = 'clients = ["px1"]\n[portal]\naddress = "10.0.0.1"\n'
+    assert "clients: must be a table" in error(text)
 
 
 def test_freeze_mode_defaults_to_auto_and_is_validated() -> None:

@@ -58,7 +58,8 @@ max_sessions = 4
 """, "test.toml")
 
 
-def lv_row(name: str, tags: str = "", attr: str = "swi-a-s---", origin: str = "lin") -> dict:
+def lv_row(name: str, tags: str = "", attr: str = "swi-a-s---",
+           origin: str = "lin") -> dict[str, str]:
     """An lvs row shaped like the recorded ones (a snapshot of datavg/lin by default)."""
     data = json.loads(load("lvs_all")[0])
     row = dict(data["report"][0]["lv"][0])  # datavg/lin, for the field set
@@ -68,7 +69,7 @@ def lv_row(name: str, tags: str = "", attr: str = "swi-a-s---", origin: str = "l
     return row
 
 
-def recorded_lvs_with(*rows: dict) -> str:
+def recorded_lvs_with(*rows: dict[str, str]) -> str:
     """A copy of the recorded ``lvs --all`` with ``rows`` added."""
     data = json.loads(load("lvs_all")[0])
     data["report"][0]["lv"].extend(rows)
@@ -85,7 +86,7 @@ class NoLio:
 class LvmEnv:
     """An agent with the real LocalController on a FakeRunner fed recorded lvs output."""
 
-    def __init__(self, tmp_path: Path, *rows: dict) -> None:
+    def __init__(self, tmp_path: Path, *rows: dict[str, str]) -> None:
         self.config = config(tmp_path)
         self.runner = FakeRunner()
         self.runner.on("lvs", stdout=recorded_lvs_with(*rows))
@@ -387,6 +388,6 @@ def test_no_lio_at_all_is_still_a_missing_dependency() -> None:
 def test_lio_error_lives_in_errors_and_is_a_command_error() -> None:
     from sanoffload import errors
 
-    assert lio.LioError is errors.LioError
+    assert errors.LioError.__module__ == "sanoffload.errors"
     assert issubclass(errors.LioError, errors.CommandError)
     assert issubclass(errors.JournalError, CleanupError)

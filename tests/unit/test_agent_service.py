@@ -22,8 +22,14 @@ from sanoffload.agent.session import DUPLICATE_KINDS
 from sanoffload.channel.client import in_process_connector
 from sanoffload.channel.messages import PrepareAnswer
 from sanoffload.channel.server import serve
-from sanoffload.errors import (AuthError, CleanupError, CommandError, Interrupted, ProtocolError,
-                               UsageError)
+from sanoffload.errors import (
+    AuthError,
+    CleanupError,
+    CommandError,
+    Interrupted,
+    ProtocolError,
+    UsageError,
+)
 from sanoffload.kinds import DuplicateKind
 from sanoffload.proxy.peers import AgentClient
 
@@ -273,7 +279,7 @@ class Served:
         def run(ch: Any) -> None:
             try:
                 self.codes.append(serve(self.service, ch))
-            except BaseException as exc:  # noqa: BLE001 - checked by the tests
+            except BaseException as exc:  # checked by the tests
                 self.thread_errors.append(exc)
 
         self.connector = in_process_connector(run, peer="fs1")

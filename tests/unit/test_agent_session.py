@@ -28,8 +28,10 @@ from sanoffload.errors import (
     CleanupError,
     CommandError,
     JournalError,
+    LioError,
     ResourceError,
 )
+from sanoffload.iqn import valid_iqn
 from sanoffload.kinds import DuplicateKind
 from sanoffload.runner import MASK
 from sanoffload.testing import FakeRunner
@@ -94,7 +96,8 @@ class Env:
         return sorted(p.name for p in self.sessions_dir.glob("*.json"))
 
     def raw(self, sid: str) -> dict[str, Any]:
-        return json.loads((self.sessions_dir / f"{sid}.json").read_text())
+        record: dict[str, Any] = json.loads((self.sessions_dir / f"{sid}.json").read_text())
+        return record
 
 
 @pytest.fixture
@@ -108,7 +111,7 @@ def kinds(rec: SessionRecord | dict[str, Any]) -> list[str]:
 
 
 def res_of(rec: dict[str, Any], kind: str) -> dict[str, Any]:
-    found = [r for r in rec["resources"] if r["kind"] == kind]
+    found: list[dict[str, Any]] = [r for r in rec["resources"] if r["kind"] == kind]
     assert len(found) == 1, f"{kind}: {rec['resources']}"
     return found[0]
 
@@ -176,7 +179,7 @@ def test_prepare_answers_what_the_proxy_needs(env: Env) -> None:
     assert p.duplicate_kind == "snapshot"
     assert dup == sid_dup(sid) and spec.device == f"/dev/datavg/{lvm.NAME_PREFIX}{sid}"
     assert p.target_iqn.startswith(lio.TARGET_IQN_PREFIX) and sid in p.target_iqn
-    assert lio.valid_iqn(p.target_iqn)
+    assert valid_iqn(p.target_iqn)
     assert spec.initiator_iqn == PX1
     assert p.portals == ["10.77.0.11:3260"] and p.lun == 0
     assert p.chap_user == f"sanoffload-{sid}" == spec.chap_user
@@ -287,7 +290,7 @@ def test_serial_is_journaled_before_expose(env: Env) -> None:
 # prepare: failures unwind
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("error", [lio.LioError("LIO refused the target"),
+@pytest.mark.parametrize("error", [LioError("LIO refused the target"),
                                    RuntimeError("rtslib: configfs write failed")],
                          ids=["sanoffload-error", "foreign-error"])
 def test_expose_failure_unwinds_everything(env: Env, error: Exception) -> None:
@@ -356,7 +359,7 @@ def test_failed_duplicate_in_lvm_mode_runs_no_fsfreeze(env: Env) -> None:
 
 
 def _fail_step_and_undo(env: Env, step: str, undo: str) -> tuple[Exception, Exception, Any]:
-    step_err: Exception = (lio.LioError("LIO refused the target") if step == "expose"
+    step_err: Exception = (LioError("LIO refused the target") if step == "expose"
                            else CommandError("lvcreate failed with exit code 5"))
     undo_err: Exception
     if undo == "fsfreeze":
@@ -368,7 +371,7 @@ def _fail_step_and_undo(env: Env, step: str, undo: str) -> tuple[Exception, Exce
         undo_err = CommandError("lvremove --yes datavg/x failed with exit code 5: busy")
         env.ctl.fail["discard"] = undo_err
     else:
-        undo_err = lio.LioError("LIO would not delete the target")
+        undo_err = LioError("LIO would not delete the target")
         env.ctl.fail["unexpose"] = undo_err
     env.ctl.fail[step] = step_err
     with pytest.raises(Exception) as excinfo:
@@ -540,7 +543,7 @@ def test_failing_unexpose_goes_on_and_keeps_a_failed_record(env: Env) -> None:
     p = env.prepare()
     sid = p.session_id
     env.ctl.calls.clear()
-    err = lio.LioError("LIO would not delete it")
+    err = LioError("LIO would not delete it")
     env.ctl.fail["unexpose"] = err
     with pytest.raises(CleanupError) as excinfo:
         env.agent.release(sid)
@@ -696,7 +699,7 @@ def test_session_ids_are_unique_and_valid() -> None:
     assert len(ids) == 50
     for sid in ids:
         assert SESSION_ID_RE.match(sid) and sid.startswith("fs1example-")
-        assert lio.valid_iqn(lio.target_iqn_for(sid))
+        assert valid_iqn(lio.target_iqn_for(sid))
     assert new_session_id("___").startswith("host-")
 
 

@@ -14,21 +14,40 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
-from sanoffload.channel.client import (Client, Connection, Connector, in_process_connector,
-                                       ssh_argv)
-from sanoffload.channel.protocol import (MAX_CHUNK, MAX_LINE, VERSIONS, Channel, Spec,
-                                         check_message, check_reply, error_reply, negotiate,
-                                         raise_error)
+from sanoffload.channel.client import Client, Connection, Connector, in_process_connector, ssh_argv
+from sanoffload.channel.protocol import (
+    MAX_CHUNK,
+    MAX_LINE,
+    VERSIONS,
+    Channel,
+    Spec,
+    check_message,
+    check_reply,
+    error_reply,
+    negotiate,
+    raise_error,
+)
 from sanoffload.channel.server import Service, refuse, serve
-from sanoffload.errors import (AuthError, CleanupError, CommandError, CompletedWithWarnings,
-                               IntegrityError, Interrupted, JournalError, LioError,
-                               MissingDependencyError, ProtocolError, ResourceError,
-                               SanoffloadError, UsageError)
+from sanoffload.errors import (
+    AuthError,
+    CleanupError,
+    CommandError,
+    CompletedWithWarnings,
+    IntegrityError,
+    Interrupted,
+    JournalError,
+    LioError,
+    MissingDependencyError,
+    ProtocolError,
+    ResourceError,
+    SanoffloadError,
+    UsageError,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -111,7 +130,8 @@ def test_check_reply_names_the_missing_field() -> None:
 # -- messages ----------------------------------------------------------------------
 def test_messages_round_trip_over_a_pipe(pipe_pair: tuple[Channel, Channel]) -> None:
     a, b = pipe_pair
-    msgs = [{"op": "ping"}, {"op": "put", "host": "fs1", "size": 3, "meta": {"ü": [1, 2.5]}}]
+    msgs: list[dict[str, Any]] = [{"op": "ping"},
+                                  {"op": "put", "host": "fs1", "size": 3, "meta": {"ü": [1, 2.5]}}]
     for m in msgs:
         a.send(m)
     assert [b.recv(), b.recv()] == msgs
@@ -335,8 +355,9 @@ def test_a_failure_without_a_message_is_a_protocol_error(reply: dict[str, Any]) 
 
 
 def test_a_non_sanoffload_exception_is_named_without_a_traceback() -> None:
+    lookup: dict[str, str] = {}
     try:
-        {}["secret"]
+        lookup["secret"]
     except KeyError as exc:
         reply = error_reply(exc)
     assert reply == {"ok": False, "error": {"type": "InternalError",
@@ -346,8 +367,8 @@ def test_a_non_sanoffload_exception_is_named_without_a_traceback() -> None:
 # -- the serve loop ----------------------------------------------------------------
 class Echo(Service):
     name = "echo"
-    specs = {"ping": Spec(), "echo": Spec(required={"text": str}), "boom": Spec(),
-             "deny": Spec(), "wait": Spec()}
+    specs: Mapping[str, Spec] = {"ping": Spec(), "echo": Spec(required={"text": str}),
+                                 "boom": Spec(), "deny": Spec(), "wait": Spec()}
 
     def __init__(self) -> None:
         self.closed_with: list[bool] = []
@@ -553,7 +574,7 @@ def test_a_peer_gone_while_the_server_answers_ends_serve_with_11() -> None:
     def run(ch: Channel) -> None:
         try:
             outcome.append(serve(service, ch))
-        except BaseException as exc:  # noqa: BLE001 - what serve() let out
+        except BaseException as exc:  # what serve() let out
             outcome.append(exc)
 
     client = EchoClient(in_process_connector(run, peer="h1"), name="h1")

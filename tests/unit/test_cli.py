@@ -51,7 +51,7 @@ def _clean_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     logger.handlers[:] = handlers
 
 
-FakeMachine = Callable[..., Host]
+FakeMachine = Callable[..., fh.FakeHost]
 Capsys = pytest.CaptureFixture[str]
 
 
@@ -59,7 +59,7 @@ Capsys = pytest.CaptureFixture[str]
 def fake_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeMachine:
     """Point the CLI's factories at a fake host; returns a function choosing what is missing."""
 
-    def install(without: tuple[str, ...] = ()) -> Host:
+    def install(without: tuple[str, ...] = ()) -> fh.FakeHost:
         host = fh.fake_host(tmp_path, without=without)
         monkeypatch.setattr(cli, "make_runner", lambda: host.runner)
         monkeypatch.setattr(cli, "make_host", lambda runner: host)
@@ -85,7 +85,7 @@ def test_main_exits_with_the_code(capsys: Capsys) -> None:
 
 def test_python_dash_m_works() -> None:
     proc = subprocess.run([sys.executable, "-m", "sanoffload", "--version"], capture_output=True,
-                          text=True, env=child_env(), timeout=60, cwd="/")
+                          text=True, env=child_env(), timeout=60, cwd="/", check=False)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"sanoffload, version {sanoffload.__version__}"
 
@@ -152,6 +152,7 @@ def test_doctor_table(fake_machine: FakeMachine, capsys: Capsys) -> None:
 def test_doctor_table_all_ok_with_warning(
         fake_machine: FakeMachine, monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
     host = fake_machine()
+    assert isinstance(host.runner, fh.ToolsFakeRunner)
     host.runner.tools.discard("sshd")
     assert cli.run(["doctor", "--role", "store"]) == 0
     out = capsys.readouterr().out
@@ -235,7 +236,7 @@ def test_a_warning_exit_is_a_warning_line_with_code_14(
 def test_unexpected_error_is_one_line_exit_1(
         fake_machine: FakeMachine, monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
     fake_machine()
-    monkeypatch.setattr(cli, "run_checks", lambda role, host: {}["bug"])
+    monkeypatch.setattr(cli, "run_checks", lambda role, host: {"x": 1}["bug"])
     assert cli.run(["doctor", "--role", "agent"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -247,7 +248,7 @@ def test_unexpected_error_is_one_line_exit_1(
 def test_debug_shows_traceback(fake_machine: FakeMachine, monkeypatch: pytest.MonkeyPatch,
                                capsys: Capsys, how: str) -> None:
     fake_machine()
-    monkeypatch.setattr(cli, "run_checks", lambda role, host: {}["bug"])
+    monkeypatch.setattr(cli, "run_checks", lambda role, host: {"x": 1}["bug"])
     args = ["doctor", "--role", "agent"]
     if how == "flag":
         args.insert(0, "--debug")
@@ -378,7 +379,8 @@ def test_signal_becomes_interrupted_and_cleanup_runs(tmp_path: Path, signame: st
     marker = tmp_path / "marker"
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, str(marker), signame, times],
-                          capture_output=True, text=True, env=child_env(), timeout=60)
+                          capture_output=True, text=True, env=child_env(), timeout=60,
+                          check=False)
     assert proc.returncode == 130, proc.stderr
     assert marker.read_text() == "cleaned up"
     assert time.monotonic() - started < 25  # the sleep was cut short
@@ -444,7 +446,7 @@ def test_sigterm_during_a_command_cleans_up_and_exits_130(tmp_path: Path, signam
             time.sleep(0.05)
         child = int((work / "pid").read_text())
         proc.send_signal(getattr(signal, signame))
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,6 +10,7 @@ from sanoffload.agent.controller import (
     LocalController,
     kernel_allows_nested_freeze,
 )
+from sanoffload.iqn import valid_iqn
 from sanoffload.kinds import DuplicateKind
 from sanoffload.testing import FakeRunner
 from sanoffload.tools import lio
@@ -80,8 +81,9 @@ def test_health_reports_an_overflowed_snapshot_invalid() -> None:
     runner = FakeRunner()
     feed(runner, "lvs", "lvs_overflow")
     ctl = _controller(runner, "6.1.0")
-    assert ctl.health(Duplicate(DuplicateKind.SNAPSHOT, "datavg", "sanoffload-snap1", "lin")) == "invalid"
-    assert ctl.health(Duplicate(DuplicateKind.SNAPSHOT, "datavg", "sanoffload-snap2", "lin")) == "healthy"
+    snap = DuplicateKind.SNAPSHOT
+    assert ctl.health(Duplicate(snap, "datavg", "sanoffload-snap1", "lin")) == "invalid"
+    assert ctl.health(Duplicate(snap, "datavg", "sanoffload-snap2", "lin")) == "healthy"
     assert ctl.health(Duplicate(DuplicateKind.SNAPSHOT, "datavg", "gone", "lin")) == "missing"
 
 
@@ -96,9 +98,9 @@ def test_identifier_is_lio_naa_of_the_serial() -> None:
 def test_target_names_carry_the_mark_and_are_valid_iqns() -> None:
     iqn = lio.target_iqn_for("fs1-0a1b2c3d")
     assert iqn == "iqn.2026-11.org.sanoffload:fs1-0a1b2c3d"
-    assert lio.valid_iqn(iqn)
+    assert valid_iqn(iqn)
     assert lio.backstore_name_for("fs1-0a1b2c3d").startswith(lio.BACKSTORE_PREFIX)
     for bad in ("iqn.2026-11.org.x:UPPER", "eui.0123", "iqn.26-1.x", ""):
-        assert not lio.valid_iqn(bad)
+        assert not valid_iqn(bad)
     with pytest.raises(ValueError):
         lio.target_iqn_for("bad id!")

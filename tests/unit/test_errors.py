@@ -8,9 +8,17 @@ import signal
 import pytest
 
 from sanoffload import errors
-from sanoffload.errors import (EXIT_CODES, CleanupError, CommandError, CommandNotFoundError,
-                               CommandTimeoutError, DeadlineError, Interrupted,
-                               MissingDependencyError, SanoffloadError)
+from sanoffload.errors import (
+    EXIT_CODES,
+    CleanupError,
+    CommandError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    DeadlineError,
+    Interrupted,
+    MissingDependencyError,
+    SanoffloadError,
+)
 
 pytestmark = pytest.mark.unit
 

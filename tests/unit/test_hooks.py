@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from sanoffload.agent.hooks import (POST_THAW, PRE_FREEZE, Hook, Hooks, check_hook, check_hooks,
-                                    run_post_thaw, run_pre_freeze, stderr_tail)
+from sanoffload.agent.hooks import (
+    POST_THAW,
+    PRE_FREEZE,
+    Hook,
+    Hooks,
+    check_hook,
+    check_hooks,
+    run_post_thaw,
+    run_pre_freeze,
+    stderr_tail,
+)
 from sanoffload.errors import FreezeError, RefusedError
 from sanoffload.testing import FakeRunner
 

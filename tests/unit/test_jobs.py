@@ -11,8 +11,14 @@ from sanoffload.agent.resolve import DUPLICATE_KINDS
 from sanoffload.errors import ConfigError, UsageError
 from sanoffload.kinds import DuplicateKind
 from sanoffload.proxy import jobs
-from sanoffload.proxy.jobs import (DEFAULT_TIMEOUT_S, JOBS_DIR, Job, list_jobs, load_job,
-                                   parse_location)
+from sanoffload.proxy.jobs import (
+    DEFAULT_TIMEOUT_S,
+    JOBS_DIR,
+    Job,
+    list_jobs,
+    load_job,
+    parse_location,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +49,7 @@ def test_full_job(tmp_path: Path) -> None:
     job = load_job("db-main", tmp_path)
     assert job == Job(name="db-main", source_host="backup@fs1", source_path="/srv/data",
                       store_host="bk1", store_path="/srv/backups", verify=False,
-                      kind="thin-snapshot",
+                      kind=DuplicateKind.THIN_SNAPSHOT,
                       ssh_options=("-o", "Port=2222", "-i", "/etc/sanoffload/id_ed25519",
                                    "-oBatchMode=yes", "-4"),
                       timeout_s=3600.0)

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from sanoffload.errors import CommandError, CommandNotFoundError, CommandTimeoutError
-from sanoffload.pipeline import Stage
+from sanoffload.pipeline import Pipeline, Stage
 from sanoffload.runner import CommandRunner
 
 pytestmark = pytest.mark.unit
@@ -52,6 +52,7 @@ def test_the_deadline_kills_every_stage() -> None:
     with pytest.raises(CommandTimeoutError):
         with runner.pipeline([Stage(["sleep", "60"]), Stage(["cat"])], timeout=1) as p:
             p.stdout.read()
+            assert isinstance(p, Pipeline)
             pids = [proc.pid for proc in p.procs]
             p.wait()
     assert time.monotonic() - started < 10
@@ -63,6 +64,7 @@ def test_a_reader_error_kills_the_pipeline() -> None:
     runner = CommandRunner()
     with pytest.raises(ValueError):
         with runner.pipeline([Stage(["sleep", "60"]), Stage(["cat"])], timeout=60) as p:
+            assert isinstance(p, Pipeline)
             pids = [proc.pid for proc in p.procs]
             raise ValueError("the store refused the stream")
     for pid in pids:

@@ -1,4 +1,5 @@
-"""The process layer's shape: no import cycle, one lookup and one group kill, fakes only in testing."""
+"""The process layer's shape: no import cycle, one lookup and one group kill, fakes only in
+testing."""
 
 from __future__ import annotations
 

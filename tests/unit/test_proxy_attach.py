@@ -7,6 +7,7 @@ umount empties it again, so the undo steps meet what real ones would.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -15,11 +16,17 @@ from typing import Any
 import pytest
 
 from sanoffload.channel.messages import PrepareAnswer
-from sanoffload.errors import (AuthError, CommandError, CommandTimeoutError, DeadlineError,
-                               ProtocolError, RefusedError, ResourceError)
-from sanoffload.proxy import attach as attach_mod
-from sanoffload.proxy.attach import Attached, attach, detach
+from sanoffload.errors import (
+    AuthError,
+    CommandError,
+    CommandTimeoutError,
+    DeadlineError,
+    ProtocolError,
+    RefusedError,
+    ResourceError,
+)
 from sanoffload.kinds import ObjectKind
+from sanoffload.proxy.attach import Attached, attach, detach
 from sanoffload.testing import FakeRunner
 from sanoffload.undo import UndoStack
 from tests.unit.test_proxy_devices import HEX, FakeUdev, FakeUdevDevice
@@ -95,7 +102,7 @@ class Lab:
         for child in Path(argv[-1]).iterdir():
             shutil.rmtree(child)
 
-    def attach(self, ans: dict[str, Any] | None = None, undo: UndoStack | None = None,
+    def attach(self, ans: PrepareAnswer | None = None, undo: UndoStack | None = None,
                **kwargs: Any) -> Attached:
         return attach(self.runner, ans or answer(), undo if undo is not None else UndoStack(),
                       waiter_factory=self.udev.factory(), mount_root=str(self.root), **kwargs)
@@ -268,10 +275,10 @@ def test_a_mount_left_by_an_earlier_attempt_is_reused(tmp_path: Path,
     lab.udev.context.add(FakeUdevDevice("sdb"))
     mp = lab.root / SID
     (mp / "srv" / "data").mkdir(parents=True)
-    monkeypatch.setattr(attach_mod.os.path, "ismount", lambda p: p == str(mp))
-    lab.runner.on("findmnt", stdout=(
-        '{"filesystems": [{"target": "%s", "source": "/dev/sdb", "fstype": "ext4", '
-        '"options": "ro,nosuid,nodev,noexec,relatime,norecovery", "maj:min": "8:16"}]}' % mp))
+    monkeypatch.setattr("sanoffload.proxy.attach.os.path.ismount", lambda p: p == str(mp))
+    lab.runner.on("findmnt", stdout=json.dumps({"filesystems": [
+        {"target": str(mp), "source": "/dev/sdb", "fstype": "ext4",
+         "options": "ro,nosuid,nodev,noexec,relatime,norecovery", "maj:min": "8:16"}]}))
     got = lab.attach()
     assert got.mountpoint == str(mp)
     assert not lab.runner.called("mount") and not lab.runner.called("blkid")
@@ -283,10 +290,10 @@ def test_something_else_mounted_there_is_refused(tmp_path: Path,
     lab.udev.context.add(FakeUdevDevice("sdb"))
     mp = lab.root / SID
     mp.mkdir(parents=True)
-    monkeypatch.setattr(attach_mod.os.path, "ismount", lambda p: p == str(mp))
-    lab.runner.on("findmnt", stdout=(
-        '{"filesystems": [{"target": "%s", "source": "/dev/sdz", "fstype": "ext4", '
-        '"options": "rw,relatime", "maj:min": "8:240"}]}' % mp))
+    monkeypatch.setattr("sanoffload.proxy.attach.os.path.ismount", lambda p: p == str(mp))
+    lab.runner.on("findmnt", stdout=json.dumps({"filesystems": [
+        {"target": str(mp), "source": "/dev/sdz", "fstype": "ext4",
+         "options": "rw,relatime", "maj:min": "8:240"}]}))
     with pytest.raises(ResourceError, match="/dev/sdz"):
         lab.attach()
     assert not lab.runner.called("mount")

@@ -21,8 +21,7 @@ import pytest
 
 from sanoffload import cli
 from sanoffload.errors import AuthError, CleanupError, CommandError, ResourceError
-from sanoffload.proxy import journal as journal_mod
-from sanoffload.proxy import mount as mount_mod
+from sanoffload.proxy import journal as journal_mod, mount as mount_mod
 from sanoffload.proxy.cleanup import cleanup
 from sanoffload.proxy.journal import Attachment, BrokenRecord, ProxyJournal
 from sanoffload.testing import FakeRunner

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from tests.unit.conftest import make_archive
 
 pytestmark = pytest.mark.unit
 
-T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 Capsys = pytest.CaptureFixture[str]
 
 
@@ -281,7 +281,7 @@ class HostileStore(StoreService):
                      "every field printed escaped, one line per backup")
 def test_list_escapes_every_field_from_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: Capsys) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": "fs1/x/20261120T100000Z\nfs1/forged/20261120T100000Z", "archive_bytes": 10,
          "member_count": 2, "path": "/srv/\x1b]0;pwned\x07data\x1b[2J",
          "verification": {"status": "ok\r\x1b[1A"}, "compared": {"status": "\u202efailed"}},

@@ -78,7 +78,7 @@ class FakeUdevDevice:
         self.properties = props
         self.attributes = FakeUdevAttributes(attrs)
 
-    def event(self, action: str, **changes: Any) -> FakeUdevDevice:
+    def event(self, action: str | None, **changes: Any) -> FakeUdevDevice:
         """The same device as a monitor event would bring it."""
         clone = FakeUdevDevice.__new__(FakeUdevDevice)
         clone.__dict__.update(self.__dict__)

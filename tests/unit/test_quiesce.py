@@ -22,8 +22,14 @@ from sanoffload.agent import guard as guard_mod
 from sanoffload.agent.guard import FreezeGuard
 from sanoffload.agent.hooks import Hooks
 from sanoffload.agent.quiesce import quiesce_and_duplicate
-from sanoffload.errors import (CommandError, ConfigError, FreezeError, Interrupted, RefusedError,
-                               UsageError)
+from sanoffload.errors import (
+    CommandError,
+    ConfigError,
+    FreezeError,
+    Interrupted,
+    RefusedError,
+    UsageError,
+)
 from sanoffload.runner import CommandRunner
 from sanoffload.signals import install_signal_handlers
 from sanoffload.testing import FakeRunner
@@ -280,7 +286,7 @@ def test_thaw_failure_leaves_it_to_the_guard_and_discards(runner: FakeRunner, gu
                                                           events: list[str]) -> None:
     runner.on("fsfreeze", "--unfreeze", returncode=1,
               stderr="fsfreeze: /srv/data: unfreeze failed: Input/output error\n")
-    discarded = []
+    discarded: list[str] = []
     with pytest.raises(FreezeError, match="could not thaw .*the freeze guard thawed it; "
                                           "the duplicate was discarded"):
         run(runner, guard, hooks, lambda: "snap", discard=discarded.append)
@@ -300,7 +306,7 @@ def test_guard_fired_discards_and_raises(runner: FakeRunner, guard: FakeGuard, h
         guard.fire = True  # the duplicate step overran the deadline
         return "snap-late"
 
-    discarded = []
+    discarded: list[str] = []
     with pytest.raises(FreezeError, match="freeze deadline exceeded") as info:
         run(runner, guard, hooks, duplicate, deadline_s=5, discard=discarded.append)
     assert discarded == ["snap-late"]
@@ -340,7 +346,7 @@ def test_failing_discard_is_reported_with_the_deadline(runner: FakeRunner, guard
 def test_thawed_by_someone_else_is_not_trusted(runner: FakeRunner, guard: FakeGuard,
                                                hooks: Hooks) -> None:
     runner.on("fsfreeze", "--unfreeze", stderr=EINVAL, returncode=1)
-    discarded = []
+    discarded: list[str] = []
     with pytest.raises(FreezeError, match="thawed by someone else"):
         run(runner, guard, hooks, lambda: "snap", discard=discarded.append)
     assert discarded == ["snap"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from sanoffload.testing import FakeRunner
 
 pytestmark = pytest.mark.unit
 
-T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_verify_all_with_json(setup: tuple[Path, FakeRunner, list[BackupId]],
     results = json.loads(captured.out)
     assert [r["ok"] for r in results] == [False] * 5
     assert "5 of 5 backups failed" in one_error_line(captured.err)
-    assert Repository(repo).get(ids[0]).manifest.verification.status == "failed"  # type: ignore
+    assert Repository(repo).get(ids[0]).manifest.verification.status == "failed"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("args,code,words", [

@@ -30,8 +30,14 @@ from sanoffload.runner import CommandRunner
 from sanoffload.store import manifest as manifest_mod
 from sanoffload.store.manifest import Manifest
 from sanoffload.store.prune import Policy, prune
-from sanoffload.store.repo import (MAX_TIMEOUT, BackupId, Quota, Repository, read_timeout,
-                                   slug_for_path)
+from sanoffload.store.repo import (
+    MAX_TIMEOUT,
+    BackupId,
+    Quota,
+    Repository,
+    read_timeout,
+    slug_for_path,
+)
 from sanoffload.store.service import StoreService
 from tests.unit.conftest import make_archive
 

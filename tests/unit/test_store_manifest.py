@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
 from sanoffload import __version__
-from sanoffload.store.manifest import (Manifest, Verification, parse_iso, sender_fields, to_utc,
-                                       utc_iso)
+from sanoffload.store.manifest import (
+    Manifest,
+    Verification,
+    parse_iso,
+    sender_fields,
+    to_utc,
+    utc_iso,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -95,7 +101,7 @@ def test_not_a_manifest(raw: bytes) -> None:
 
 
 def test_times() -> None:
-    when = datetime(2026, 11, 26, 10, 29, 33, 120000, tzinfo=timezone.utc)
+    when = datetime(2026, 11, 26, 10, 29, 33, 120000, tzinfo=UTC)
     assert utc_iso(when) == "2026-11-26T10:29:33Z"
     assert utc_iso(when, millis=True) == "2026-11-26T10:29:33.120Z"
     assert parse_iso("2026-11-26T11:29:33+01:00") == when.replace(microsecond=0)
@@ -104,7 +110,7 @@ def test_times() -> None:
     assert to_utc(when.astimezone(timezone(timedelta(hours=-5)))) == when
     for bad in (datetime(2026, 1, 1), True, float("inf"), -1, "2026-11-26"):
         with pytest.raises(ValueError):
-            to_utc(bad)  # type: ignore[arg-type]
+            to_utc(bad)
 
 
 def test_sender_fields_are_checked_and_normalised() -> None:

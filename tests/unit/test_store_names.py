@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 from sanoffload.errors import RefusedError
-from sanoffload.store.repo import (BackupId, Repository, check_host, check_slug, check_timestamp,
-                                   slug_for_path)
+from sanoffload.store.repo import (
+    BackupId,
+    Repository,
+    check_host,
+    check_slug,
+    check_timestamp,
+    slug_for_path,
+)
 
 pytestmark = pytest.mark.unit
 

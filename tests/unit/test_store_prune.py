@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 def T(text: str) -> datetime:
     """'2026-11-26 10:00' in UTC."""
-    return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
 
 
 def pairs(*texts: str) -> list[tuple[str, datetime]]:

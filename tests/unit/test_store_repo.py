@@ -11,13 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.conftest import listing_runner
-
-from sanoffload.errors import (CommandNotFoundError, IntegrityError, Interrupted, RefusedError,
-                               ResourceError, UsageError)
+from sanoffload.errors import (
+    CommandNotFoundError,
+    IntegrityError,
+    Interrupted,
+    RefusedError,
+    ResourceError,
+    UsageError,
+)
 from sanoffload.store import repo as repo_mod
 from sanoffload.store.repo import CHUNK, BackupId, Repository
 from sanoffload.testing import FakeRunner
+from tests.unit.conftest import listing_runner
 
 pytestmark = pytest.mark.unit
 
@@ -179,6 +184,22 @@ def test_unreadable_upload_is_refused_and_removed(tmp_path: Path) -> None:
     assert all_files(tmp_path) == []
 
 
+class NonBlocking:
+    """A stream with read() only that answers None, as a non-blocking pipe with nothing ready."""
+
+    def read(self, n: int) -> bytes | None:
+        return None
+
+
+@pytest.mark.hostile("store", "a non-blocking input stream whose read() answers None",
+                     "UsageError naming it; no backup stored empty, no partial file left")
+def test_a_non_blocking_stream_is_refused_not_stored_empty(tmp_path: Path) -> None:
+    repo = Repository(tmp_path)
+    with pytest.raises(UsageError, match="non-blocking"):
+        repo.put("fs1", "/srv", NonBlocking(), verify=False)
+    assert all_files(tmp_path) == []
+
+
 def test_missing_tool_is_not_an_integrity_error(tmp_path: Path) -> None:
     repo = Repository(tmp_path, FakeRunner().on("zstd", not_found=True))
     with pytest.raises(CommandNotFoundError):
@@ -222,7 +243,7 @@ def test_no_space_is_a_resource_error(tmp_path: Path, monkeypatch: pytest.Monkey
     def enospc(fd: int, data: memoryview) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(repo_mod.os, "write", enospc)
+    monkeypatch.setattr("sanoffload.store.repo.os.write", enospc)
     with pytest.raises(ResourceError, match="no space"):
         repo.put("fs1", "/srv", io.BytesIO(DATA), verify=False)
     monkeypatch.undo()
@@ -328,7 +349,7 @@ def test_publishing_without_hard_links_still_never_replaces(
     def no_links(*args: object, **kwargs: object) -> None:
         raise OSError(1, "Operation not permitted")
 
-    monkeypatch.setattr(repo_mod.os, "link", no_links)
+    monkeypatch.setattr("sanoffload.store.repo.os.link", no_links)
     repo = Repository(tmp_path)
     bid = repo.put("fs1", "/srv", io.BytesIO(b"first"), {"frozen_at": FROZEN}, verify=False)
     assert repo.archive_path(bid).read_bytes() == b"first"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,10 +97,7 @@ def test_refusal_names_the_member_on_one_line() -> None:
 
 @pytest.mark.parametrize("path", [b"/abs", b"../up", b"a/../../b", b"", b".", b"./"])
 def test_parts(path: bytes) -> None:
-    if path.startswith(b"/"):
-        with pytest.raises(RefusedError):
-            member_parts(path)
-    elif b".." in path.split(b"/"):
+    if path.startswith(b"/") or b".." in path.split(b"/"):
         with pytest.raises(RefusedError):
             member_parts(path)
     else:

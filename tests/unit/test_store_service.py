@@ -21,19 +21,25 @@ from typing import Any
 
 import pytest
 
-from tests.unit.conftest import listing_runner
-
 from sanoffload.channel.client import in_process_connector
 from sanoffload.channel.protocol import CHUNK
 from sanoffload.channel.server import serve
-from sanoffload.errors import (AuthError, ConfigError, IntegrityError, ProtocolError,
-                               RefusedError, ResourceError, UsageError)
+from sanoffload.errors import (
+    AuthError,
+    ConfigError,
+    IntegrityError,
+    ProtocolError,
+    RefusedError,
+    ResourceError,
+    UsageError,
+)
 from sanoffload.proxy.compare import compare_stored_archive
 from sanoffload.proxy.peers import StoreClient
 from sanoffload.runner import CommandRunner
 from sanoffload.store import config as store_config
 from sanoffload.store.repo import Repository
 from sanoffload.store.service import StoreService
+from tests.unit.conftest import listing_runner
 
 pytestmark = pytest.mark.unit
 
@@ -73,7 +79,7 @@ class Served:
         def run(ch: Any) -> None:
             try:
                 self.codes.append(serve(self.service, ch))
-            except BaseException as exc:  # noqa: BLE001 - checked by the tests
+            except BaseException as exc:  # checked by the tests
                 self.thread_errors.append(exc)
             finally:
                 ch.close()
@@ -392,8 +398,8 @@ def test_parse_a_good_config() -> None:
 
 @pytest.mark.parametrize("text, where", [
     ('colour = 1\n[clients.px1]\nrepo = "/srv"', "store.toml: colour: unknown key"),
-    ('[clients.px1]\nrepo = "/srv"\nretention = 3', "store.toml: clients.px1.retention: "
-                                                    "unknown key"),
+    ('[clients.px1]\nrepo = "/srv"\nretention = 3',
+     "store.toml: clients.px1.retention: unknown key"),
     ('[clients.px1]\nrepo = "srv/backups"', "store.toml: clients.px1.repo: required"),
     ('[clients.px1]\nrepo = "/srv/../etc"', "store.toml: clients.px1.repo"),
     ('[clients.px1]\nquota_gb = 1', "store.toml: clients.px1.repo"),

@@ -128,8 +128,8 @@ def test_list_members_reads_tars_stdout_and_parses_it() -> None:
 
 
 def test_list_members_names_the_bad_line() -> None:
-    runner = FakeRunner().on("tar", "--list",
-                             stdout=REAL_LISTING + b'Vrw 0/0 0 2026 x "v\x1b[2J" --Volume Header--\n')
+    bad_line = b'Vrw 0/0 0 2026 x "v\x1b[2J" --Volume Header--\n'
+    runner = FakeRunner().on("tar", "--list", stdout=REAL_LISTING + bad_line)
     with pytest.raises(ValueError, match="listing line 12") as info:
         list(tar.list_members(runner, "/r/a", timeout=9))
     assert "\x1b" not in str(info.value)
