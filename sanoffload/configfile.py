@@ -19,10 +19,17 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+import tomllib
 from collections.abc import Collection
+from typing import Any
 
 from .errors import ConfigError
+
+#: client and job names: they become file names, systemd instance names and log words
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
 #: a config is a few kilobytes; anything this big is a mistake (or /dev/zero's cousin)
 MAX_CONFIG_BYTES = 1 << 20
@@ -110,3 +117,19 @@ def _read(fd: int, name: str) -> bytes:
             raise ConfigError(f"{name}: larger than {MAX_CONFIG_BYTES} bytes: "
                               "not a configuration file")
         chunks.append(chunk)
+
+
+def valid_name(name: object) -> bool:
+    """True for a client or job name (:data:`NAME_RULE`).
+
+    fullmatch, not match with "$": "$" also matches before a trailing newline.
+    """
+    return isinstance(name, str) and bool(_NAME_RE.fullmatch(name))
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """``text`` as a TOML table; ConfigError (exit 2) naming ``source`` when it is not TOML."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None

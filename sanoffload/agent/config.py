@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..configfile import read_text
+from ..configfile import NAME_RULE, parse_toml, read_text, valid_name
 from ..errors import AuthError, ConfigError, UsageError
 from ..iqn import valid_iqn
 from ..kinds import FreezeMode
@@ -65,8 +63,6 @@ DEFAULT_SNAPSHOT_PERCENT = 10
 DEFAULT_SNAPSHOT_MIN_MB = 64
 DEFAULT_THIN_MAX_PERCENT = 80
 DEFAULT_MAX_SESSIONS = 1
-
-_CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
 
@@ -307,8 +303,8 @@ def _clients(c: _Checker, data: Any) -> dict[str, Client]:
     owner: dict[str, str] = {}
     for name, body in data.items():
         key = f"clients.{name}"
-        if not _CLIENT_NAME_RE.fullmatch(name):
-            raise c.error(key, "client names are letters, digits, '_', '.', '-'")
+        if not valid_name(name):
+            raise c.error(key, f"client names are {NAME_RULE}")
         t = c.table(body, key, {"initiators", "roots", "max_sessions"})
         for required in ("initiators", "roots"):
             if required not in t:
@@ -333,11 +329,7 @@ def _clients(c: _Checker, data: Any) -> dict[str, Client]:
 
 def parse(text: str, source: str = "<string>") -> Config:
     """Parse and validate TOML ``text``."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    return from_dict(data, source)
+    return from_dict(parse_toml(text, source), source)
 
 
 def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:

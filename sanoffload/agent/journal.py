@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..durable import replace_json
 from ..errors import JournalError, UsageError
 from ..kinds import DuplicateKind
 from ..text import printable
@@ -116,22 +116,7 @@ class Journal:
     def save(self, record: SessionRecord) -> None:
         """Atomically replace the record on disk."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = json.dumps(record.to_dict(), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(record.session_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dfd = os.open(self.dir, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_json(self._path(record.session_id), record.to_dict())
 
     def intend(self, record: SessionRecord, kind: str, **fields: Any) -> Resource:
         """Write down a resource before creating it; returns the entry to mark done."""

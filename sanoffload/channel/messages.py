@@ -65,9 +65,14 @@ _SHOWN = 60
 E = TypeVar("E", bound=Choice)
 
 
+def is_session_id(value: str) -> bool:
+    """True for a session id: a plain name, never '/', '.' or '..' (it names files)."""
+    return bool(SESSION_ID_RE.fullmatch(value)) and value not in (".", "..")
+
+
 def check_session_id(value: str) -> str:
     """``value`` if it is a plain name (no '/', no '..'); ValueError otherwise."""
-    if not SESSION_ID_RE.fullmatch(value) or value in (".", ".."):
+    if not is_session_id(value):
         raise ValueError(f"invalid session id: {printable(repr(value))[:_SHOWN]}")
     return value
 

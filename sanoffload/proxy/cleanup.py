@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..channel.messages import is_session_id as _is_session_id
 from ..errors import CleanupError, SanoffloadError
 from ..runner import Runner
 from ..text import printable
@@ -41,7 +41,6 @@ from .journal import Attachment, BrokenRecord, Held, ProxyJournal
 
 log = logging.getLogger(__name__)
 
-_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ def _sweep(runner: Runner, journal: ProxyJournal, claimed: set[str],
         return
     for name in names:
         path = os.path.join(root, name)
-        if name in claimed or not _SESSION_RE.match(name) or os.path.islink(path) \
+        if name in claimed or not _is_session_id(name) or os.path.islink(path) \
                 or not os.path.isdir(path):
             continue
         fd = journal.try_lock(name)

@@ -26,12 +26,11 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..configfile import read_text
+from ..configfile import parse_toml, read_text, valid_name
 from ..errors import ConfigError, UsageError
 from ..kinds import DuplicateKind
 
@@ -40,8 +39,6 @@ JOB_SUFFIX = ".toml"
 #: within the unit's TimeoutStartSec (13h), so the backup's own deadline cleans up first
 DEFAULT_TIMEOUT_S = 12 * 3600.0
 
-# fullmatch, not match with "$": "$" also matches before a trailing newline
-_JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _KEYS = {"source", "store", "verify", "kind", "ssh_options", "timeout_s"}
 
 # HOST:PATH. The host never starts with '-' (ssh would read it as an option);
@@ -135,7 +132,7 @@ def parse_location(text: str, what: str, *, require_host: bool = False,
 
 def valid_job_name(name: str) -> bool:
     """True when ``name`` can be a job file name and a systemd instance name."""
-    return bool(_JOB_NAME_RE.fullmatch(name)) and ".." not in name
+    return valid_name(name) and ".." not in name
 
 
 def _check_name(name: str) -> None:
@@ -242,11 +239,7 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
 
 def parse(name: str, text: str, source: str = "<string>") -> Job:
     """Parse and validate the TOML ``text`` of job ``name``."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    return from_dict(name, data, source)
+    return from_dict(name, parse_toml(text, source), source)
 
 
 def job_path(name: str, jobs_dir: str | os.PathLike[str] = JOBS_DIR) -> str:

@@ -30,15 +30,15 @@ import errno
 import fcntl
 import json
 import os
-import re
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..channel.messages import is_session_id as _is_session_id
+from ..durable import replace_json
 from ..errors import ResourceError
 from ..tools import iscsiadm
 from . import mount
@@ -46,7 +46,6 @@ from . import mount
 JOURNAL_DIR = "/var/lib/sanoffload/proxy"
 #: the resources an attachment can hold, in the order they are made
 KINDS = ("node", "session", "mount")
-_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_RECORD = 64 * 1024
 
 
@@ -87,7 +86,7 @@ class Attachment:
         if unknown:
             raise BrokenRecord(f"unknown field(s) {sorted(unknown)}")
         sid = data["session_id"]
-        if not _SESSION_RE.match(sid) or sid in (".", ".."):
+        if not _is_session_id(sid):
             raise BrokenRecord(f"invalid session id {sid!r}")
         try:
             iscsiadm.check_target(data["target"])
@@ -158,7 +157,7 @@ class ProxyJournal:
         self.mount_root = mount_root if mount_root is not None else mount.MOUNT_ROOT
 
     def _path(self, session_id: str, suffix: str) -> Path:
-        if not _SESSION_RE.match(session_id) or session_id in (".", ".."):
+        if not _is_session_id(session_id):
             raise ValueError(f"invalid session id {session_id!r}")
         return self.dir / f"{session_id}{suffix}"
 
@@ -216,22 +215,7 @@ class ProxyJournal:
     def save(self, record: Attachment) -> None:
         """Atomically replace the record on disk (and make the rename durable)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = json.dumps(record.to_dict(), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(record.session_id, ".json"))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dfd = os.open(self.dir, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_json(self._path(record.session_id, ".json"), record.to_dict())
 
     def load(self, session_id: str) -> Attachment | None:
         """The record of ``session_id``, None if there is none; BrokenRecord if unusable."""
@@ -290,4 +274,4 @@ class ProxyJournal:
         if not self.dir.is_dir():
             return []
         return sorted(p.stem for p in self.dir.glob("*.lock")
-                      if not p.with_suffix(".json").exists() and _SESSION_RE.match(p.stem))
+                      if not p.with_suffix(".json").exists() and _is_session_id(p.stem))

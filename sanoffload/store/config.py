@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from ..configfile import read_text
+from ..configfile import NAME_RULE, parse_toml, read_text, valid_name
 from ..errors import AuthError, ConfigError
 from .repo import check_host
 
 DEFAULT_PATH = "/etc/sanoffload/store.toml"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CLIENT_KEYS = {"repo", "quota_gb", "hosts"}
 
 
@@ -43,17 +40,14 @@ class StoreClient:
 
 def check_client(name: object) -> str:
     """A client's name as the forced command gives it; AuthError if it cannot be one."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise AuthError(f"invalid client name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -, "
-                        "starting with a letter or digit")
+    if not valid_name(name):
+        raise AuthError(f"invalid client name {name!r}: use {NAME_RULE}")
+    assert isinstance(name, str)
     return name
 
 
 def parse(text: str, source: str) -> dict[str, StoreClient]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    data = parse_toml(text, source)
     unknown = set(data) - {"clients"}
     if unknown:
         raise ConfigError(f"{source}: {sorted(unknown)[0]}: unknown key (known: clients)")
@@ -63,8 +57,8 @@ def parse(text: str, source: str) -> dict[str, StoreClient]:
     out: dict[str, StoreClient] = {}
     for name, body in clients.items():
         key = f"clients.{name}"
-        if not _NAME_RE.fullmatch(name):
-            raise ConfigError(f"{source}: {key}: client names are letters, digits, '_.-'")
+        if not valid_name(name):
+            raise ConfigError(f"{source}: {key}: client names are {NAME_RULE}")
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: {key}: must be a table")
         for k in body:

@@ -68,6 +68,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from ..durable import fsync_dir
 from ..errors import (
     CommandError,
     CommandNotFoundError,
@@ -275,14 +276,6 @@ def read_timeout(*sizes: int | None) -> float:
     return min(MAX_TIMEOUT, MIN_TIMEOUT + biggest / RATE)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data):]
@@ -454,7 +447,7 @@ class Repository:
                 except FileExistsError:
                     pass
                 else:
-                    _fsync_dir(path.parent)  # the new directory survives a crash too
+                    fsync_dir(path.parent)  # the new directory survives a crash too
             if absent:
                 continue
             try:
@@ -739,7 +732,7 @@ class Repository:
             # pruned meanwhile: the replace must not bring back a manifest of nothing
             backup.manifest_path.unlink(missing_ok=True)
             raise UsageError(f"backup {backup.id} was removed meanwhile")
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return Backup(backup.id, manifest, backup.archive, backup.manifest_path)
 
     # -- removing -------------------------------------------------------------
@@ -747,9 +740,9 @@ class Repository:
         """Remove a backup: the manifest first, so it is never listed half-removed."""
         directory = self._dir(bid.host, bid.slug)
         (directory / (bid.timestamp + MANIFEST_SUFFIX)).unlink(missing_ok=True)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         (directory / (bid.timestamp + ARCHIVE_SUFFIX)).unlink(missing_ok=True)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _hash_file(f: io.RawIOBase) -> str:
@@ -975,7 +968,7 @@ class BackupWriter:
                             verification=check, client=self.client, **values)
         _publish(self.partial, self.archive)
         try:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             partial = self.directory / (self.id.timestamp + MANIFEST_SUFFIX + PARTIAL_SUFFIX)
             _write_file(partial, manifest.to_json(), 0o640)
             try:
@@ -983,7 +976,7 @@ class BackupWriter:
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             # no manifest, no backup: the archive alone must not stay behind
             self.archive.unlink(missing_ok=True)
