@@ -1,0 +1,156 @@
+"""One sanoffload backup of a local tree into a local repository, through the real proxy code.
+
+Run by ``bench/run`` as a child process (so its CPU is the child's rusage,
+tar's and zstd's included). What runs is ``proxy.offhost.run_offhost_backup``
+as ``sanoffload backup`` runs it, with three stand-ins that a local benchmark
+cannot avoid:
+
+* the agent is the real ``AgentService`` over a small in-process agent that
+  answers ``prepare`` with a made-up export (no freeze, no duplicate);
+* the attach step returns the local tree as the "mounted duplicate" (no iSCSI,
+  no mount): everything from ``tar | zstd`` on is the real ``stream_duplicate``;
+* the store is ``offhost.store_connector`` for a local path: the real
+  ``StoreService`` over a ``Repository``, in this process (as ``--store /path``).
+
+Phase timers wrap (never replace) the store's commit, its test-read, the
+compare and the verify request, so the caller sees where the seconds go.
+The last line on stdout is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sanoffload.agent.service import AgentService  # noqa: E402
+from sanoffload.channel.client import in_process_connector  # noqa: E402
+from sanoffload.channel.server import serve  # noqa: E402
+from sanoffload.proxy import offhost, peers  # noqa: E402
+from sanoffload.proxy.attach import Attached  # noqa: E402
+from sanoffload.runner import CommandRunner  # noqa: E402
+from sanoffload.store import repo as repo_mod  # noqa: E402
+
+PHASES: dict[str, float] = defaultdict(float)
+CALLS: dict[str, int] = defaultdict(int)
+_lock = threading.Lock()
+
+
+def timed(owner: Any, name: str, label: str) -> None:
+    """Wrap ``owner.name`` so its wall time adds up under ``label``."""
+    inner = getattr(owner, name)
+
+    @functools.wraps(inner)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            with _lock:
+                PHASES[label] += time.perf_counter() - t0
+                CALLS[label] += 1
+
+    setattr(owner, name, wrapper)
+
+
+class _Config:
+    grace_s = 0.0
+
+    def client(self, name: str) -> object:
+        return name
+
+
+class _Answer:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.session_id = str(data["session_id"])
+
+    def to_wire(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+class BenchAgent:
+    """Answers prepare with an export that is never used (attach is the local tree)."""
+
+    def __init__(self, host: str, frozen_at: float) -> None:
+        self.host = host
+        self.frozen_at = frozen_at
+        self.config = _Config()
+
+    def prepare(self, path: str, initiator: str, *, kind: Any = None,
+                client: str | None = None) -> _Answer:
+        sid = f"{self.host}-0a1b2c3d"
+        return _Answer({
+            "session_id": sid, "identifier": "naa.60014050a1b2c3d4",
+            "target_iqn": f"iqn.2026-11.org.sanoffload:{sid}", "portals": ["192.0.2.10:3260"],
+            "lun": 0, "unit_serial": "0a1b2c3d", "chap_user": "bench", "chap_secret": "bench",
+            "fstype": "ext4", "path_in_fs": "data", "object_kind": "directory",
+            "duplicate_kind": "thin-snapshot", "freeze_window_ms": 1.0,
+            "frozen_by": "fsfreeze", "lease_expires": self.frozen_at + 86400,
+            "frozen_at": self.frozen_at})
+
+    def owner(self, session_id: str) -> str | None:
+        return None
+
+    def status(self, session_id: str) -> dict[str, Any]:
+        return {"session_id": session_id, "status": "healthy"}
+
+    def release(self, session_id: str) -> list[str]:
+        return []
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tree", required=True)
+    ap.add_argument("--repo", required=True)
+    ap.add_argument("--host", default="bench")
+    ap.add_argument("--frozen-at", type=float, default=time.time())
+    ap.add_argument("--compare", action="store_true", help="verify: tar --diff against the tree")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    timed(repo_mod.BackupWriter, "commit", "store_commit")
+    timed(repo_mod.Repository, "test_read", "store_test_read")
+    timed(repo_mod.Repository, "verify", "store_verify")
+    timed(offhost, "compare_stored_archive", "compare")
+    timed(peers.StoreClient, "verify", "verify_request")
+
+    tree = os.path.abspath(args.tree)
+    runner = CommandRunner()
+    agent = BenchAgent(args.host, args.frozen_at)
+    agent_conn = in_process_connector(lambda ch: serve(AgentService(agent, "bench"), ch),  # type: ignore[arg-type]
+                                      peer=args.host)
+    store = offhost.Location(None, os.path.abspath(args.repo))
+
+    def attach(runner: Any, answer: Any, undo: Any) -> Attached:
+        return Attached("/dev/null", os.path.dirname(tree), tree)
+
+    t0 = time.perf_counter()
+    summary = offhost.run_offhost_backup(
+        runner, offhost.Location(args.host, "/srv/data"), store, verify=args.compare,
+        initiator="iqn.2026-11.org.sanoffload.bench:local", timeout=3600,
+        agent_conn=agent_conn, store_conn=offhost.store_connector(runner, store),
+        attach_fn=attach)
+    wall = time.perf_counter() - t0
+    out = {"wall_in_process": round(wall, 4), "phases": {k: round(v, 4) for k, v in PHASES.items()},
+           "calls": dict(CALLS),
+           "archive_bytes": summary["archive_bytes"], "stream_seconds": summary["stream_seconds"],
+           "total_seconds": summary["total_seconds"], "member_count": summary["member_count"],
+           "backup_id": summary["backup_id"], "verified": summary["verified"]}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
