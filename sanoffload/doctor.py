@@ -29,7 +29,7 @@ from .errors import CommandError, MissingDependencyError
 from .proxy import devices, mount
 from .requirements import ROLES, Requirement
 from .runner import Runner
-from .tools import findmnt, fsfreeze, iscsiadm, lio, lvm, tar, zstd
+from .tools import findmnt, fsfreeze, iscsiadm, lio, lvm, tar, thin, zstd
 
 #: short timeout: doctor must answer quickly even when a tool hangs
 PROBE_TIMEOUT = 10.0
@@ -343,7 +343,7 @@ class Need:
 #: the modules that declare REQUIRES (see sanoffload/requirements.py): each wrapper in
 #: tools/, and the proxy's and the channel's modules that run a tool or use a library
 DECLARING_MODULES: tuple[ModuleType, ...] = (lvm, fsfreeze, findmnt, lio, iscsiadm, tar, zstd,
-                                             mount, devices, client)
+                                             mount, devices, client, thin)
 
 #: needs no module of ours runs: sshd runs the store's forced command
 #: (``sanoffload store serve``), so it is a need of the host, declared here

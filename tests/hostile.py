@@ -107,7 +107,7 @@ def collect() -> list[Row]:
 
 if __name__ == "__main__":
     if sys.argv[1:]:
-        sys.exit("usage: python3 -m tests.hostile   (rewrites docs/reliability.md from the markers)")
+        sys.exit("usage: python3 -m tests.hostile  (rewrites docs/reliability.md from the markers)")
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(document(collect()), encoding="utf-8")
     print(f"wrote {DOC.relative_to(REPO)}")

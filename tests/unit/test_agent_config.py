@@ -274,7 +274,8 @@ def test_clients_must_be_tables() -> None:
 
 
 def test_bad_client_name() -> None:
-    assert "clients.a b: client names are 1-64 of A-Z a-z 0-9" in error(client(GOOD_BODY, name='"a b"'))
+    assert "clients.a b: client names are 1-64 of A-Z a-z 0-9" in error(
+        client(GOOD_BODY, name='"a b"'))
 
 
 def test_clients_not_a_table() -> None:
