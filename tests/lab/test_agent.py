@@ -80,7 +80,11 @@ def _login(lab: Lab, ans: dict[str, Any], secret: str, host: str = "px1") -> int
     portal = ans["portals"][0]
     iqn = ans["target_iqn"]
     base = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
-    lab.sh(host, ["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal], check=False)
+    # as the proxy does: a persistent discovery would add a second record for the same
+    # target and portal (with the portal group tag), and "-o update" then fails on one of
+    # the two ("iface iter could not stat ...": iSCSI database failure, exit 6)
+    lab.sh(host, ["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal,
+                  "-o", "nonpersistent"], check=False)
     lab.sh(host, base + ["-o", "new"], check=False)
     for name, value in (("node.session.auth.authmethod", "CHAP"),
                         ("node.session.auth.username", ans["chap_user"]),
