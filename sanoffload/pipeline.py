@@ -25,6 +25,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -90,7 +91,36 @@ class PipelineLike(Protocol):
                  tb: TracebackType | None) -> None: ...
 
 
-class Pipeline:
+class StagesBase(ABC):
+    """What every pipeline, real or fake, does the same way: describe it, and never let it
+    outlive a reader that gave up (error, SIGTERM) — kill, then reap."""
+
+    shown: list[tuple[str, ...]]
+    _waited: bool
+
+    @abstractmethod
+    def kill(self) -> None: ...
+
+    @abstractmethod
+    def wait(self) -> list[StageResult]: ...
+
+    def describe(self) -> str:
+        return describe(self.shown)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None and not self._waited:
+            self.kill()
+            try:
+                self.wait()
+            except CommandError:
+                pass
+
+
+class Pipeline(StagesBase):
     """A running pipeline: read ``stdout``, then ``wait()`` (or use it as a context manager)."""
 
     def __init__(self, stages: Sequence[Stage], shown: Sequence[tuple[str, ...]],
@@ -156,21 +186,6 @@ class Pipeline:
                 err.close()
         return check_results(results, self.shown, self.timed_out)
 
-    def describe(self) -> str:
-        return describe(self.shown)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc is not None and not self._waited:
-            # the reader gave up (error, SIGTERM): nothing of the pipeline may outlive it
-            self.kill()
-            try:
-                self.wait()
-            except CommandError:
-                pass
 
 
 def code_name(stage: Stage, returncode: int) -> str:

@@ -13,17 +13,16 @@ import io
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
-from .errors import CommandError, CommandTimeoutError
+from .errors import CommandTimeoutError
 from .pipeline import (
     PipelineLike,
     Stage,
     StageResult,
+    StagesBase,
     check_results,
     code_name,
-    describe,
 )
 from .process import NotFound, RawResult, Spawned, TimedOut, fs_str
 from .runner import Runner
@@ -170,7 +169,7 @@ class _Sink(io.BytesIO):
         super().close()
 
 
-class FakePipeline:
+class FakePipeline(StagesBase):
     """What FakeRunner.pipeline returns: scripted output and exit codes, the real checks.
 
     It implements :class:`~sanoffload.pipeline.PipelineLike` in full, like
@@ -222,20 +221,6 @@ class FakePipeline:
             self._stdin.close()
         return check_results(results, self.shown, self._timed_out)
 
-    def describe(self) -> str:
-        return describe(self.shown)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc is not None and not self._waited:
-            self.kill()
-            try:
-                self.wait()
-            except CommandError:
-                pass
 
 
 def _enc(data: str | bytes) -> bytes:
