@@ -21,9 +21,11 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+import select
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,33 +206,50 @@ def run_command(argv: Sequence[str], *, timeout: float, input: bytes | str | Non
     :class:`TimedOut` (the group killed). If we are interrupted (a stop
     signal, Ctrl-C) while it runs, the group is killed and reaped: nothing
     else would stop a command in a group of its own.
+
+    The deadline is a timer that kills the group, not sh's ``_timeout``:
+    that one polls every 0.1 s, and a short command (``fsfreeze``, ``lvs``)
+    paid the whole 0.1 s, inside the freeze window too.
     """
     import sh  # sh is imported only in this module
 
     exe = require_executable(argv[0], env)
     proc = None
+    expired = threading.Event()
+    timer: threading.Timer | None = None
     extra: dict[str, Any] = {"_pass_fds": set(pass_fds)} if pass_fds else {}
     try:
         with _inheritable(pass_fds):
             with deferred_signals():
                 proc = sh.Command(exe)(
-                    *argv[1:], _env=env, _in=input, _cwd=cwd, _timeout=timeout,
+                    *argv[1:], _env=env, _in=input, _cwd=cwd,
                     _ok_code=list(range(256)), _tty_out=False, _bg=True, _bg_exc=False,
                     _new_group=True, _return_cmd=True, _truncate_exc=False,
                     _encoding=ARGV_CODEC, **extra)
+                pid = proc.pid
+
+                def expire() -> None:
+                    expired.set()
+                    kill_group(pid)
+
+                timer = threading.Timer(max(timeout, 0.0), expire)
+                timer.daemon = True
+                timer.start()
             proc.wait()
-    except sh.TimeoutException:
-        # sh killed the leader; children it left (pipes, helpers) die with the group
-        assert proc is not None
-        kill_group(proc.pid)
-        raise TimedOut(proc.stdout, proc.stderr) from None
     except sh.SignalException as exc:
+        if expired.is_set():
+            raise TimedOut(exc.stdout, exc.stderr) from None
         return RawResult(128 + abs(exc.exit_code), exc.stdout, exc.stderr)
     except BaseException:
         if proc is not None:
             kill_group(proc.pid)
             _reap(proc)
         raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if expired.is_set():  # the leader ended on its own just as the deadline passed
+        raise TimedOut(proc.stdout, proc.stderr)
     return RawResult(proc.exit_code, proc.stdout, proc.stderr)
 
 
@@ -264,13 +283,24 @@ class ShSpawned(Spawned):
         return None if self._proc.is_alive() else int(self._proc.process.exit_code)
 
     def wait(self, timeout: float) -> int:
+        """Wait on a pidfd (woken the moment it exits), not sh's 0.1 s polling loop."""
         import sh
 
+        if self._proc.is_alive():
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                pidfd = None  # exited and reaped meanwhile: the wait below returns at once
+            if pidfd is not None:
+                try:
+                    ready, _, _ = select.select([pidfd], [], [], max(timeout, 0.0))
+                finally:
+                    os.close(pidfd)
+                if not ready:
+                    raise CommandTimeoutError(f"{self.argv[0]} still running after "
+                                              f"{timeout:.0f}s", argv=self.argv)
         try:
-            self._proc.wait(timeout=timeout)
-        except sh.TimeoutException:
-            raise CommandTimeoutError(f"{self.argv[0]} still running after {timeout:.0f}s",
-                                      argv=self.argv) from None
+            self._proc.wait()
         except sh.SignalException as exc:
             return 128 + abs(exc.exit_code)
         return int(self._proc.exit_code)

@@ -182,7 +182,7 @@ class Runner:
             took = time.monotonic() - started
             log.warning("timeout after %.1fs: %s", took, " ".join(shown))
             raise CommandTimeoutError(
-                f"{shown[0]} timed out after {limit:.0f}s and was killed: {' '.join(shown)}",
+                f"{shown[0]} timed out after {limit:g}s and was killed: {' '.join(shown)}",
                 argv=shown, stdout=self.mask(_decode(exc.stdout), secrets),
                 stderr=self.mask(_decode(exc.stderr), secrets)) from None
         took = time.monotonic() - started

@@ -67,6 +67,29 @@ def test_default_timeout_applies_when_call_names_none() -> None:
         CommandRunner(default_timeout=0.5).run(["sleep", "30"])
 
 
+def test_a_short_command_does_not_wait_for_a_polling_loop() -> None:
+    # sh's own _timeout polled every 0.1 s: each fsfreeze/lvcreate in the freeze window paid it
+    runner = CommandRunner()
+    runner.run(["true"])
+    started = time.monotonic()
+    for _ in range(10):
+        runner.run(["true"], timeout=60)
+    assert (time.monotonic() - started) / 10 < 0.05
+
+
+def test_a_spawned_helper_is_waited_for_the_moment_it_exits() -> None:
+    runner = CommandRunner()
+    helper = runner.spawn(["sh", "-c", "exit 4"])
+    started = time.monotonic()
+    assert helper.wait(30) == 4
+    assert time.monotonic() - started < 0.05
+    slow = runner.spawn(["sleep", "30"])
+    with pytest.raises(CommandTimeoutError):
+        slow.wait(0.2)
+    slow.kill()
+    assert slow.wait(10) == 128 + 9
+
+
 def test_timeout_kills_grandchildren_in_the_process_group() -> None:
     runner = CommandRunner()
     # the shell starts a background grandchild and reports its pid before blocking
