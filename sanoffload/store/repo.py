@@ -96,6 +96,8 @@ from .manifest import (
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIX = ".tar" + zstd.SUFFIX
+#: the test-read on receipt lasts as long as the upload; the channel bounds a stalled sender
+RECEIPT_CHECK_TIMEOUT = 24 * 3600.0
 MANIFEST_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
 #: every read and write moves this much at a time
@@ -470,8 +472,11 @@ class Repository:
     # -- writing --------------------------------------------------------------
     def writer(self, host: str, path: str, *, slug: str | None = None,
                timestamp: str | datetime | None = None, client: str | None = None,
-               quota: Quota | None = None) -> BackupWriter:
+               quota: Quota | None = None, check_on_receipt: bool = True) -> BackupWriter:
         """A new backup to stream into; publish it with :meth:`BackupWriter.commit`.
+
+        ``check_on_receipt``: test-read the bytes while they arrive (commit with
+        ``verify=False`` if not: nothing else reads them back).
 
         ``timestamp`` defaults to now (UTC); the sender's freeze time is better.
         ``client`` (or ``quota.client``) is recorded in the manifest; with
@@ -490,7 +495,8 @@ class Repository:
                 raise ValueError(f"client {client!r} with the quota of {quota.client!r}")
             client = quota.client
         bid = BackupId(host, slug, timestamp)
-        return BackupWriter(self, bid, path, client=client, quota=quota)
+        return BackupWriter(self, bid, path, client=client, quota=quota,
+                            check_on_receipt=check_on_receipt)
 
     def put(self, host: str, path: str, stream: ByteSource,
             manifest_fields: Mapping[str, Any] | None = None, *, slug: str | None = None,
@@ -498,10 +504,10 @@ class Repository:
             quota: Quota | None = None) -> BackupId:
         """Store the ``.tar.zst`` read from ``stream`` (to its end) as a backup of HOST:PATH.
 
-        Reads CHUNK bytes at a time and hashes them on the way (no second pass
-        over the data to hash it); ``verify`` then test-reads the partial file
-        (``zstd -t``, ``tar --list``) before it is published, so an archive that
-        cannot be read back is never stored. ``manifest_fields`` are the
+        Reads CHUNK bytes at a time and hashes them on the way; ``verify``
+        test-reads them on the way too (``tar --list --zstd`` fed the same
+        bytes: no second pass), so an archive that cannot be read back is never
+        published. ``manifest_fields`` are the
         sender's (:data:`~sanoffload.store.manifest.SENDER_FIELDS`); its
         ``frozen_at`` names the backup, and its ``sha256``/``archive_bytes``, if
         given, must match what arrived (IntegrityError). Any error or
@@ -513,7 +519,7 @@ class Repository:
             raise UsageError(f"manifest fields: {exc}") from None
         when = to_utc(fields["frozen_at"]) if "frozen_at" in fields else None
         with self.writer(host, path, slug=slug, timestamp=when, client=client,
-                         quota=quota) as w:
+                         quota=quota, check_on_receipt=verify) as w:
             w.write_from(stream)
             return w.commit(fields, verify=verify).id
 
@@ -666,15 +672,65 @@ class Repository:
             raise IntegrityError(f"{backup.id}: sha256 mismatch: archive has {digest}, "
                                  f"the manifest says {m.sha256}")
 
-    def test_read(self, archive: Path, *, timeout: float) -> int:
-        """``zstd -t`` then ``tar --list`` to the end; returns the member count.
+    def read_check(self, backup: Backup, *, timeout: float) -> int:
+        """Read the archive once: its size and sha256 against the manifest while tar lists it
+        (:class:`~sanoffload.tools.tar.StreamCount`); returns the member count.
 
-        A damaged archive raises IntegrityError; a missing tool or a timeout
-        keeps its own error (that says nothing about the archive).
+        One read of the file instead of two (hash, then ``tar --list`` of the
+        file). A changed archive is named as such (sha256 mismatch) even when
+        tar also fails on it.
+        """
+        m = backup.manifest
+        h = hashlib.sha256()
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        counter: tar.StreamCount | None = None
+        unreadable: CommandError | None = None
+        count = 0
+        try:
+            with open(backup.archive, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != m.archive_bytes:
+                    raise IntegrityError(f"{backup.id}: archive is {size} bytes, the manifest "
+                                         f"says {m.archive_bytes}")
+                counter = tar.StreamCount(self.command_runner(), timeout=timeout)
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+                    if unreadable is None:
+                        try:
+                            counter.feed(view[:n])
+                        except (CommandNotFoundError, CommandTimeoutError):
+                            raise
+                        except CommandError as exc:
+                            unreadable = exc  # hash on: a changed archive says more
+                if unreadable is None:
+                    try:
+                        count = counter.finish()
+                    except (CommandNotFoundError, CommandTimeoutError):
+                        raise
+                    except CommandError as exc:
+                        unreadable = exc
+        except OSError as exc:
+            raise IntegrityError(f"{backup.id}: cannot read the archive: {exc}") from None
+        finally:
+            if counter is not None:
+                counter.abort()
+        if h.hexdigest() != m.sha256:
+            raise IntegrityError(f"{backup.id}: sha256 mismatch: archive has {h.hexdigest()}, "
+                                 f"the manifest says {m.sha256}")
+        if unreadable is not None:
+            raise IntegrityError(f"{backup.id}: cannot be read back: {unreadable}")
+        return count
+
+    def test_read(self, archive: Path, *, timeout: float) -> int:
+        """``tar --list --zstd`` to the end (one decode); returns the member count.
+
+        tar's ``zstd -d`` checks every frame's content checksum, so this is
+        the ``zstd -t`` too. A damaged archive raises IntegrityError; a missing
+        tool or a timeout keeps its own error (that says nothing about the archive).
         """
         runner = self.command_runner()
         try:
-            zstd.check(runner, archive, timeout=timeout)
             # through a pipe: a listing written to a file on a full disk is cut silently
             return tar.count_members(runner, archive, timeout=timeout)
         except (CommandNotFoundError, CommandTimeoutError):
@@ -683,7 +739,7 @@ class Repository:
             raise IntegrityError(f"{archive.name}: cannot be read back: {exc}") from None
 
     def verify(self, bid: BackupId | str, *, timeout: float | None = None) -> Backup:
-        """Re-check a stored backup: size, sha256, ``zstd -t``, ``tar --list``, member count.
+        """Re-check a stored backup in one read: size, sha256, decode and listing, member count.
 
         The outcome is written into the manifest (``verification``); a failure
         raises IntegrityError after that.
@@ -693,8 +749,7 @@ class Repository:
         limit = timeout if timeout is not None else read_timeout(m.archive_bytes, m.source_bytes)
         failure: IntegrityError | None = None
         try:
-            self.check_sha256(backup)
-            count = self.test_read(backup.archive, timeout=limit)
+            count = self.read_check(backup, timeout=limit)
             if m.member_count is not None and count != m.member_count:
                 raise IntegrityError(f"{backup.id}: {count} archive members, the manifest "
                                      f"says {m.member_count}")
@@ -783,7 +838,8 @@ class BackupWriter:
     """
 
     def __init__(self, repo: Repository, bid: BackupId, path: str, *,
-                 client: str | None = None, quota: Quota | None = None) -> None:
+                 client: str | None = None, quota: Quota | None = None,
+                 check_on_receipt: bool = True) -> None:
         self.repo = repo
         self.id = bid
         self.path = path
@@ -795,6 +851,9 @@ class BackupWriter:
         self._reservation: _Reservation | None = None
         self._sealed = False
         self._done = False
+        #: the test-read, fed as the bytes arrive (started by the first write)
+        self._check: tar.StreamCount | None = None
+        self._checking = check_on_receipt and repo.runner is not None
         self.directory = repo._dir(bid.host, bid.slug, create=True)
         self.archive = self.directory / (bid.timestamp + ARCHIVE_SUFFIX)
         self.manifest_path = self.directory / (bid.timestamp + MANIFEST_SUFFIX)
@@ -873,6 +932,17 @@ class BackupWriter:
                 raise ResourceError(f"{self.directory}: no space left for {self.id}") from exc
             raise
         self.bytes += len(view)
+        if self._checking:
+            if self._check is None:
+                self._check = tar.StreamCount(self.repo.command_runner(),
+                                              timeout=RECEIPT_CHECK_TIMEOUT)
+            try:
+                self._check.feed(view)
+            except (CommandNotFoundError, CommandTimeoutError):
+                raise
+            except CommandError as exc:
+                raise IntegrityError(f"{self.id}: what arrives cannot be read back: {exc}") \
+                    from None
 
     def write_from(self, stream: ByteSource) -> int:
         """Copy ``stream`` to its end, CHUNK at a time; returns the bytes copied."""
@@ -910,6 +980,8 @@ class BackupWriter:
         self._close()
 
     def _close(self) -> None:
+        if self._check is not None:
+            self._check.abort()  # a no-op once it has finished
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -955,7 +1027,17 @@ class BackupWriter:
         if sent is not None and sent != self.bytes:
             raise IntegrityError(f"{self.id}: received {self.bytes} bytes, the sender says {sent}")
         members: int | None = None
-        if verify:
+        if verify and self._check is not None:
+            # the test-read ran while the bytes arrived: only its end is waited for
+            try:
+                members = self._check.finish()
+            except (CommandNotFoundError, CommandTimeoutError):
+                raise
+            except CommandError as exc:
+                raise IntegrityError(f"{self.partial.name}: cannot be read back: {exc}") \
+                    from None
+            check = Verification.now(VERIFIED_OK, "on receipt")
+        elif verify:
             members = self.repo.test_read(self.partial,
                                           timeout=read_timeout(self.bytes,
                                                                values.get("source_bytes")))

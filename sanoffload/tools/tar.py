@@ -58,10 +58,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import threading
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 from ..errors import CommandError
+from ..pipeline import PipelineLike, Stage
 from ..requirements import Requirement
 from ..runner import Result, Runner
 
@@ -212,6 +215,88 @@ def count_members(runner: Runner, archive: str | bytes | os.PathLike[str], *,
         raise CommandError(f"tar --list: the listing was cut short after {count} members",
                            argv=runner.mask_argv(argv), returncode=0)
     return count
+
+
+class StreamCount:
+    """The test-read done while the archive arrives: ``tar --list --zstd --file=-`` fed each
+    chunk the moment it is written, counting members, so no second read follows the write.
+
+    ::
+
+        tar --list --quoting-style=c --force-local --zstd --file=-     (stdin: the chunks)
+
+    tar's own ``zstd -d`` checks every block and each frame's content checksum,
+    so a flipped byte anywhere fails the count; that one decode replaces
+    ``zstd -t`` and a ``tar --list`` of the stored file (two decodes). A feed
+    raises CommandError as soon as tar stops reading: a damaged archive fails
+    early (tar exited non-zero), and bytes after tar's end-of-archive (which no
+    sanoffload archive has) fail it as well.
+    """
+
+    def __init__(self, runner: Runner, *, timeout: float) -> None:
+        self._runner = runner
+        self._argv = list_argv("-", verbose=False)
+        self._pipe: PipelineLike = runner.pipeline([Stage(self._argv)], timeout=timeout,
+                                                   stdin=subprocess.PIPE)
+        self.count = 0
+        self._last = b"\n"
+        self._finished = False
+        self._reader = threading.Thread(target=self._drain, name="tar-list", daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        out = self._pipe.stdout
+        while chunk := out.read(1 << 16):
+            self.count += chunk.count(b"\n")
+            self._last = chunk[-1:]
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Hand tar the next bytes of the compressed archive (blocks while tar catches up)."""
+        stdin = self._pipe.stdin
+        assert stdin is not None
+        try:
+            stdin.write(data)
+        except (BrokenPipeError, ValueError):
+            # tar quit reading: its exit status says whether the archive is damaged
+            self._end()
+            raise CommandError("tar --list stopped reading before the end of the archive: "
+                               "there are bytes after its end-of-archive marker",
+                               argv=self._runner.mask_argv(self._argv), returncode=0) from None
+
+    def finish(self) -> int:
+        """Tell tar the archive is whole; its member count, or CommandError (damaged, cut)."""
+        self._end()
+        if self._last != b"\n":
+            raise CommandError(f"tar --list: the listing was cut short after {self.count} "
+                               "members", argv=self._runner.mask_argv(self._argv), returncode=0)
+        return self.count
+
+    def _end(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        stdin = self._pipe.stdin
+        assert stdin is not None
+        try:
+            stdin.close()
+        except OSError:
+            pass  # tar is gone: wait() tells why
+        try:
+            self._pipe.wait()
+        finally:
+            self._reader.join()
+
+    def abort(self) -> None:
+        """Stop the check (the backup is being given up): kill tar, reap it."""
+        if self._finished:
+            return
+        self._finished = True
+        self._pipe.kill()
+        try:
+            self._pipe.wait()
+        except CommandError:
+            pass  # killed on purpose
+        self._reader.join()
 
 
 def extract(runner: Runner, archive: str | bytes | os.PathLike[str],
