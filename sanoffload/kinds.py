@@ -107,3 +107,33 @@ class ObjectKind(Choice):
     @classmethod
     def label(cls) -> str:
         return "object kind"
+
+
+class VerifyMode(Choice):
+    """How a backup makes sure the stored archive is what tar read from the duplicate.
+
+    * ``stream`` (the default): checked while it flows, nothing read twice.
+      zstd's frame checksum covers what tar wrote, the proxy's sha256 covers
+      what it sent; the store decodes every byte it receives (checksums
+      included) and matches the sha256 before it publishes.
+    * ``full``: ``stream``, then ``tar --diff`` of the stored archive against
+      the still-attached duplicate: the archive comes back over the network and
+      the duplicate is read a second time (the old default; about twice the time).
+    * ``none``: only the store's own checks on receipt.
+    """
+
+    STREAM = "stream"
+    FULL = "full"
+    NONE = "none"
+
+    @classmethod
+    def label(cls) -> str:
+        return "verify mode"
+
+    @classmethod
+    def of(cls, value: Any, *, where: str = "") -> VerifyMode:
+        """A mode from a mode, its name, or the boolean of older job files and callers
+        (true meant the comparison with the duplicate: ``full``; false: ``none``)."""
+        if isinstance(value, bool):
+            return cls.FULL if value else cls.NONE
+        return cls.parse(value, where=where)

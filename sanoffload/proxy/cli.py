@@ -18,7 +18,7 @@ import click
 from ..channel.client import DEFAULT_CONNECTION_S
 from ..cli import App, pass_app
 from ..errors import CompletedWithWarnings, IntegrityError, RefusedError, UsageError
-from ..kinds import DuplicateKind
+from ..kinds import DuplicateKind, VerifyMode
 from ..store.cli import format_backups
 from ..text import printable
 from .offhost import Location, Progress, parse_location, store_connector
@@ -81,8 +81,14 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
 @click.option("--kind", default=None,
               help=f"Duplicate kind: {', '.join(DuplicateKind.values())} "
                    "(default: the agent chooses from the volume).")
-@click.option("--verify/--no-verify", default=None,
-              help="Compare the stored archive with the duplicate before release (default on).")
+@click.option("--verify", "verify_mode", is_flag=False, flag_value=VerifyMode.FULL.value,
+              default=None, type=click.Choice(VerifyMode.values()),
+              help="stream (default): checked while it flows, nothing read twice; full (also "
+                   "the flag alone): then tar --diff of the stored archive against the "
+                   "duplicate, which reads both again; none.")
+@click.option("--no-verify", is_flag=True, help="The same as --verify none.")
+@click.option("--level", type=click.IntRange(1, 19), default=None,
+              help="zstd level (default 3, or the job's); zstd uses every core (-T0).")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress on stderr (default: when stderr is a terminal).")
 @click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT",
@@ -91,7 +97,8 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
               help="Print the summary as JSON (backup_id, sizes, freeze window, verification).")
 @pass_app
 def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
-           kind: str | None, verify: bool | None, progress: bool | None,
+           kind: str | None, verify_mode: str | None, no_verify: bool, level: int | None,
+           progress: bool | None,
            ssh_opts: tuple[str, ...], as_json: bool) -> None:
     """Back up HOST:/PATH off-host, from this proxy, into STORE.
 
@@ -113,6 +120,10 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
 
     # checked before anything else: the same one-line exit 2 as the agent's --kind
     dup_kind = None if kind is None else DuplicateKind.parse(kind, where="--kind")
+    if no_verify and verify_mode is not None:
+        raise UsageError("give --verify MODE or --no-verify, not both")
+    verify = (VerifyMode.NONE if no_verify else
+              None if verify_mode is None else VerifyMode.parse(verify_mode, where="--verify"))
     ssh = _ssh_options(ssh_opts)
     timeout = DEFAULT_CONNECTION_S
     if job is not None:
@@ -125,6 +136,7 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
         target = Location(j.store_host, j.store_path)
         dup_kind = dup_kind or j.kind
         verify = j.verify if verify is None else verify
+        level = j.level if level is None else level
         ssh = tuple(j.ssh_options) + ssh
         timeout = j.timeout_s
     else:
@@ -134,14 +146,17 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
         target = parse_location(store_loc, "--store")
     show = sys.stderr.isatty() if progress is None else progress
     summary = run_offhost_backup(app.get_runner(), source_loc, target,
-                                 verify=verify is not False, kind=dup_kind, ssh_options=ssh,
+                                 verify=verify or VerifyMode.STREAM, kind=dup_kind, level=level,
+                                 ssh_options=ssh,
                                  timeout=timeout, progress=Progress() if show else None)
     warnings = list(summary.get("warnings") or [])
     if as_json:
         _echo_json(summary)
     else:
-        verified = {True: "compared with the duplicate: identical", None: "not compared"}.get(
-            summary["verified"], "DIFFERS")
+        verified = {True: "compared with the duplicate: identical",
+                    None: "not compared"}.get(summary["verified"], "DIFFERS")
+        if summary.get("verify") == VerifyMode.STREAM.value:
+            verified = "checked in flight (checksums end to end, decoded by the store)"
         said = f"; {len(warnings)} warning(s)" if warnings else ""
         click.echo(f"backup {printable(str(summary['backup_id']))}: {summary['archive_bytes']} "
                    f"bytes in {summary['stream_seconds']:.1f} s "

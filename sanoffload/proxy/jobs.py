@@ -4,7 +4,10 @@ Example (every key; only ``source`` and ``store`` are required)::
 
     source = "fs1:/srv/data"          # HOST:/PATH on the first server (HOST may be user@host)
     store = "bk1:/srv/backups"        # HOST:/PATH of the repository, or a local /PATH
-    verify = true                     # compare the stored archive with the duplicate
+    verify = "stream"                 # stream (checked in flight, the default) | full
+                                      #   (also tar --diff against the duplicate) | none;
+                                      #   true/false of older files mean full/none
+    level = 3                         # zstd level, 1-19 (default 3; -T0 uses every core)
     kind = "snapshot"                 # duplicate kind: snapshot | thin-snapshot |
                                       #   raid1-split | mirror-split (default: the agent chooses)
     ssh_options = ["-o", "Port=2222"] # extra ssh arguments, options only
@@ -32,14 +35,14 @@ from typing import Any
 
 from ..configfile import parse_toml, read_text, valid_name
 from ..errors import ConfigError, UsageError
-from ..kinds import DuplicateKind
+from ..kinds import DuplicateKind, VerifyMode
 
 JOBS_DIR = "/etc/sanoffload/jobs"
 JOB_SUFFIX = ".toml"
 #: within the unit's TimeoutStartSec (13h), so the backup's own deadline cleans up first
 DEFAULT_TIMEOUT_S = 12 * 3600.0
 
-_KEYS = {"source", "store", "verify", "kind", "ssh_options", "timeout_s"}
+_KEYS = {"source", "store", "verify", "level", "kind", "ssh_options", "timeout_s"}
 
 # HOST:PATH. The host never starts with '-' (ssh would read it as an option);
 # an IPv6 address is written in brackets, as scp does.
@@ -67,7 +70,8 @@ class Job:
     #: None: a repository on the proxy itself
     store_host: str | None
     store_path: str
-    verify: bool = True
+    verify: VerifyMode = VerifyMode.STREAM
+    level: int | None = None
     #: None: the agent chooses from the volume
     kind: DuplicateKind | None = None
     ssh_options: tuple[str, ...] = ()
@@ -156,10 +160,18 @@ class _Checker:
         return parse_location(data[key], f"{self.source}: {key}", require_host=require_host,
                               error=ConfigError)
 
-    def boolean(self, value: Any, key: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, not {value!r}")
+    def level(self, value: Any, key: str) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 19:
+            raise self.error(key, f"must be a zstd level from 1 to 19, not {value!r}")
         return value
+
+    def verify_mode(self, value: Any, key: str) -> VerifyMode:
+        try:
+            return VerifyMode.of(value)
+        except UsageError as exc:
+            raise self.error(key, exc.message) from None
 
     def kind(self, value: Any, key: str) -> DuplicateKind:
         try:
@@ -231,7 +243,8 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
     return Job(
         name=name, source_host=source_host, source_path=source_path,
         store_host=store_host, store_path=store_path,
-        verify=c.boolean(data.get("verify", True), "verify"),
+        verify=c.verify_mode(data.get("verify", VerifyMode.STREAM), "verify"),
+        level=c.level(data.get("level"), "level"),
         kind=None if kind is None else c.kind(kind, "kind"),
         ssh_options=c.ssh_options(data.get("ssh_options", []), "ssh_options"),
         timeout_s=c.seconds(data.get("timeout_s", DEFAULT_TIMEOUT_S), "timeout_s"))

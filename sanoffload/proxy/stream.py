@@ -104,13 +104,15 @@ def stream_duplicate(runner: Runner, answer: PrepareAnswer, writer: Writer, *,
                      still_valid: Callable[[], bool], fields: Mapping[str, Any] | None = None,
                      compare: Callable[[Any, str], bool] | None = None,
                      attach_fn: Callable[..., Attached] = journaled_attach,
-                     on_attach: Callable[[Attached], None] | None = None) -> BackupSummary:
+                     on_attach: Callable[[Attached], None] | None = None,
+                     level: int | None = None) -> BackupSummary:
     """Back up the session ``answer`` describes into ``writer``; see the module doc.
 
     ``still_valid`` asks the agent about the duplicate (status is "healthy");
     ``compare(backup, source_dir)`` checks the stored archive against the
     mounted duplicate (None: not verified); ``on_attach`` hears where the
-    duplicate is mounted (a progress display sizes itself from it).
+    duplicate is mounted (a progress display sizes itself from it); ``level``
+    is zstd's (None: its default, 3).
     """
     with UndoStack() as undo:
         try:
@@ -123,7 +125,7 @@ def stream_duplicate(runner: Runner, answer: PrepareAnswer, writer: Writer, *,
             on_attach(att)
         src, member = source_of(att, answer.object_kind)
         started = time.monotonic()
-        stages = [Stage(tar.create_argv(src, member)), Stage(zstd.compress_argv())]
+        stages = [Stage(tar.create_argv(src, member)), Stage(zstd.compress_argv(level=level))]
         try:
             with runner.pipeline(stages, timeout=STREAM_TIMEOUT_S) as pipe:
                 writer.write_from(pipe.stdout)

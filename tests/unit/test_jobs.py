@@ -9,7 +9,7 @@ import pytest
 
 from sanoffload.agent.resolve import DUPLICATE_KINDS
 from sanoffload.errors import ConfigError, UsageError
-from sanoffload.kinds import DuplicateKind
+from sanoffload.kinds import DuplicateKind, VerifyMode
 from sanoffload.proxy import jobs
 from sanoffload.proxy.jobs import (
     DEFAULT_TIMEOUT_S,
@@ -48,7 +48,7 @@ def test_full_job(tmp_path: Path) -> None:
     write_job(tmp_path, "db-main", FULL)
     job = load_job("db-main", tmp_path)
     assert job == Job(name="db-main", source_host="backup@fs1", source_path="/srv/data",
-                      store_host="bk1", store_path="/srv/backups", verify=False,
+                      store_host="bk1", store_path="/srv/backups", verify=VerifyMode.NONE,
                       kind=DuplicateKind.THIN_SNAPSHOT,
                       ssh_options=("-o", "Port=2222", "-i", "/etc/sanoffload/id_ed25519",
                                    "-oBatchMode=yes", "-4"),
@@ -64,7 +64,7 @@ def test_minimal_job_defaults_and_a_local_store(tmp_path: Path) -> None:
     assert (job.source_host, job.source_path) == ("fs1", "/srv/data")
     assert job.store_host is None and job.store_path == "/var/backups/sano"
     assert job.store == "/var/backups/sano"
-    assert job.verify is True
+    assert job.verify is VerifyMode.STREAM
     assert job.kind is None
     assert job.ssh_options == ()
     assert job.timeout_s == DEFAULT_TIMEOUT_S == 43200
@@ -81,10 +81,16 @@ def test_every_duplicate_kind_is_accepted(kind: str) -> None:
     assert parsed is DuplicateKind(kind)
 
 
+@pytest.mark.parametrize("text,mode", [('"full"', VerifyMode.FULL), ("true", VerifyMode.FULL),
+                                       ("false", VerifyMode.NONE), ('"none"', VerifyMode.NONE)])
+def test_verify_takes_a_mode_or_an_older_files_boolean(text: str, mode: VerifyMode) -> None:
+    assert jobs.parse("j", MINIMAL + f"verify = {text}\n").verify is mode
+
+
 def test_job_is_frozen() -> None:
     job = jobs.parse("j", MINIMAL)
     with pytest.raises(AttributeError):
-        job.verify = False  # type: ignore[misc]
+        job.verify = VerifyMode.FULL  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------
@@ -104,7 +110,7 @@ def test_job_is_frozen() -> None:
     ('source = "fs1:/a"\nstore = "bk1:backups"\n', "store", "absolute"),
     ('source = "fs1:/a"\nstore = "bk1:/srv/\\n/x"\n', "store", "line breaks"),
     (MINIMAL + 'verfy = false\n', "verfy", "unknown key"),
-    (MINIMAL + 'verify = "yes"\n', "verify", "true or false"),
+    (MINIMAL + 'verify = "yes"\n', "verify", "one of: stream, full, none"),
     (MINIMAL + 'kind = "lvm"\n', "kind", "unknown duplicate kind 'lvm' (one of: snapshot"),
     (MINIMAL + 'kind = 1\n', "kind", "one of"),
     (MINIMAL + 'timeout_s = 0\n', "timeout_s", "greater than 0"),

@@ -25,7 +25,7 @@ import pytest
 from sanoffload import cli
 from sanoffload.channel.client import in_process_connector
 from sanoffload.channel.server import serve
-from sanoffload.kinds import DuplicateKind
+from sanoffload.kinds import DuplicateKind, VerifyMode
 from sanoffload.proxy import jobs, offhost
 from sanoffload.proxy.offhost import Location, Progress
 from sanoffload.runner import CommandRunner
@@ -140,7 +140,8 @@ class Recorder:
         return {"backup_id": "fs1/srv-data-3f2a9c1e/20261126T102933Z", "archive_bytes": 12345,
                 "stream_seconds": 2.0, "throughput_mib_s": 0.01, "duplicate_kind": "snapshot",
                 "freeze_window_ms": 41.7, "frozen_by": "fsfreeze",
-                "verified": kwargs["verify"] or None}
+                "verified": kwargs["verify"] is not VerifyMode.NONE or None,
+                "verify": kwargs["verify"].value}
 
 
 @pytest.fixture
@@ -188,7 +189,7 @@ def test_backup_takes_everything_from_the_job(jobs_dir: Path, recorder: Recorder
     [(source, store, kw)] = recorder.calls
     assert source == Location("root@fs1", "/srv/data")
     assert store == Location("bk1", "/srv/backups")
-    assert kw["verify"] is False and kw["kind"] is DuplicateKind.THIN_SNAPSHOT
+    assert kw["verify"] is VerifyMode.NONE and kw["kind"] is DuplicateKind.THIN_SNAPSHOT
     assert kw["ssh_options"] == ("-o", "Port=2222", "-o", "Compression=yes")
     assert kw["timeout"] == 600.0 and kw["progress"] is None
     assert json.loads(capsys.readouterr().out)["backup_id"].startswith("fs1/")
@@ -196,7 +197,7 @@ def test_backup_takes_everything_from_the_job(jobs_dir: Path, recorder: Recorder
     assert cli.run(["backup", "--job", "data", "--verify", "--kind", "snapshot",
                     "--progress"]) == 0
     _, _, kw = recorder.calls[-1]
-    assert kw["verify"] is True and kw["kind"] is DuplicateKind.SNAPSHOT
+    assert kw["verify"] is VerifyMode.FULL and kw["kind"] is DuplicateKind.SNAPSHOT
     assert isinstance(kw["progress"], Progress)
     out = capsys.readouterr().out
     assert out.startswith("backup fs1/srv-data-3f2a9c1e/20261126T102933Z: 12345 bytes")
@@ -208,7 +209,7 @@ def test_backup_text_output_without_a_comparison(recorder: Recorder, capsys: Cap
                     "--no-verify", "--no-progress"]) == 0
     [(source, store, kw)] = recorder.calls
     assert (source, store) == (Location("fs1", "/srv/data"), Location("bk1", "/srv/backups"))
-    assert kw["verify"] is False and kw["kind"] is None and kw["ssh_options"] == ()
+    assert kw["verify"] is VerifyMode.NONE and kw["kind"] is None and kw["ssh_options"] == ()
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.rstrip().endswith("; not compared")
     assert "snapshot frozen 41.7 ms by fsfreeze" in out

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -42,7 +42,7 @@ from sanoffload.errors import (
     RefusedError,
     UsageError,
 )
-from sanoffload.kinds import DuplicateKind
+from sanoffload.kinds import DuplicateKind, VerifyMode
 from sanoffload.proxy import offhost
 from sanoffload.proxy.attach import Attached
 from sanoffload.proxy.offhost import (
@@ -212,7 +212,8 @@ class Lab:
                                                       sleep=self.graces.append), "fs1")
         self.store_side = Served(lambda: StoreService(repo, "px1"), "bk1")
 
-    def run(self, attach: Any, *, source: Location = SOURCE, verify: bool = True,
+    def run(self, attach: Any, *, source: Location = SOURCE,
+            verify: bool | VerifyMode = True,
             kind: DuplicateKind | None = None, progress: Progress | None = None) -> dict[str, Any]:
         return run_offhost_backup(CommandRunner(), source, Location("bk1", str(self.repo.root)),
                       **self.wiring(attach), verify=verify, kind=kind, progress=progress)
@@ -286,6 +287,45 @@ def test_a_backup_is_stored_compared_and_released(lab: Lab, tree: Path) -> None:
     assert lab.agent.calls[-1][0] == "release"
     assert no_leftovers(lab.repo)
     lab.check_peers_done()
+
+
+class CountingStore(StoreService):
+    """The real store service, counting the ops the proxy asks of it."""
+
+    ops: ClassVar[list[str]] = []
+
+    def handle(self, op: str, fields: dict[str, Any], channel: Any) -> Any:
+        CountingStore.ops.append(op)
+        return super().handle(op, fields, channel)
+
+
+def test_the_default_check_reads_nothing_twice(lab: Lab, tree: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # stream: no archive fetched back, no verify request, no tar --diff of the duplicate
+    CountingStore.ops = []
+    lab.store_side = Served(lambda: CountingStore(lab.repo, "px1"), "bk1")
+    diffs: list[str] = []
+
+    def compare(*args: Any, **kwargs: Any) -> tuple[bool, str]:
+        diffs.append("diff")
+        return True, ""
+
+    monkeypatch.setattr(offhost, "compare_stored_archive", compare)
+    summary = lab.run(FakeAttach(tree), verify=VerifyMode.STREAM)
+    assert CountingStore.ops == ["put"] and diffs == []
+    [stored] = lab.repo.list()
+    assert summary["verified"] is True and summary["verify"] == "stream"
+    # the store decoded and counted what it received, and says so in the manifest
+    v = stored.manifest.verification
+    assert v is not None and v.ok and v.detail == "on receipt"
+    assert stored.manifest.member_count == summary["member_count"] == 4
+    assert stored.manifest.compared is None
+    lab.check_peers_done()
+
+
+def test_full_check_also_compares_with_the_duplicate(lab: Lab, tree: Path) -> None:
+    summary = lab.run(FakeAttach(tree), verify=VerifyMode.FULL)
+    assert summary["verify"] == "full" and summary["compared"]["status"] == "ok"
 
 
 def test_the_kind_is_passed_to_the_agent(lab: Lab, tree: Path) -> None:

@@ -38,8 +38,8 @@ def test_create_argv_is_exactly_what_the_proxy_runs() -> None:
     for bad in ("a/b", "..", ""):
         with pytest.raises(ValueError):
             tar.create_argv("/mnt/dup", bad)
-    assert zstd.compress_argv() == ["zstd", "-T0", "-q", "-c"]
-    assert zstd.compress_argv(level=9, threads=4) == ["zstd", "-T4", "-q", "-c", "-9"]
+    assert zstd.compress_argv() == ["zstd", "-T0", "-q", "-c", "--check"]
+    assert zstd.compress_argv(level=9, threads=4) == ["zstd", "-T4", "-q", "-c", "--check", "-9"]
     with pytest.raises(ValueError):
         zstd.compress_argv(level=22)
     assert zstd.decompress_argv() == ["zstd", "-d", "-q", "-c", "-"]
