@@ -116,7 +116,8 @@ def main() -> int:
     ap.add_argument("--repo", required=True)
     ap.add_argument("--host", default="bench")
     ap.add_argument("--frozen-at", type=float, default=time.time())
-    ap.add_argument("--compare", action="store_true", help="verify: tar --diff against the tree")
+    ap.add_argument("--compare", action="store_true",
+                    help="--verify full: tar --diff against the tree (else the default, stream)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -138,7 +139,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     summary = offhost.run_offhost_backup(
-        runner, offhost.Location(args.host, "/srv/data"), store, verify=args.compare,
+        runner, offhost.Location(args.host, "/srv/data"), store,
+        verify=offhost.VerifyMode.FULL if args.compare else offhost.VerifyMode.STREAM,
         initiator="iqn.2026-11.org.sanoffload.bench:local", timeout=3600,
         agent_conn=agent_conn, store_conn=offhost.store_connector(runner, store),
         attach_fn=attach)

@@ -40,6 +40,7 @@ from .process import (
     fs_str,
     kill_group,
     require_executable,
+    widen_pipe,
 )
 from .signals import deferred as deferred_signals
 
@@ -244,6 +245,9 @@ def start(stages: Sequence[Stage], shown: Sequence[tuple[str, ...]], *,
                     before.close()  # only the next stage holds the pipe now
                 procs.append(proc)
                 prev = proc.stdout
+            for end in (procs[0].stdin, procs[-1].stdout):  # the ends Python reads or writes
+                if end is not None:
+                    widen_pipe(end.fileno())
             return Pipeline(stages, shown, procs, errs, Deadline.after(timeout), mask)
         except BaseException:
             if procs:

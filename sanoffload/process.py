@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import fcntl
 import os
 import select
 import shutil
@@ -149,6 +150,19 @@ def require_executable(name: str, env: Mapping[str, str]) -> str:
     if exe is None:
         raise NotFound.for_command(name)
     return exe
+
+
+#: the size asked for a pipe Python reads or writes in 1 MiB chunks (Linux's default is
+#: 64 KiB: sixteen wake-ups of each side per chunk)
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(fd: int) -> None:
+    """Ask for a :data:`PIPE_BYTES` pipe buffer; a smaller limit (pipe-max-size) is fine."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # an unprivileged user over pipe-user-pages-soft: the default still works
 
 
 def kill_group(pgid: int) -> None:

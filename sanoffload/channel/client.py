@@ -21,6 +21,7 @@ from typing import Any, Self
 
 from ..errors import AuthError, CommandError, ProtocolError, SanoffloadError
 from ..pipeline import Stage
+from ..process import widen_pipe
 from ..requirements import Requirement
 from ..runner import Runner
 from .protocol import SOFTWARE, VERSIONS, Channel, check_reply, raise_error
@@ -101,6 +102,7 @@ def in_process_connector(serve_fn: Callable[[Channel], Any], peer: str = "peer")
     def connect() -> Connection:
         c2s_r, c2s_w = os.pipe()
         s2c_r, s2c_w = os.pipe()
+        widen_pipe(c2s_w)  # the data goes this way, 1 MiB chunks at a time
         server = Channel(os.fdopen(c2s_r, "rb"), os.fdopen(s2c_w, "wb"), peer="client")
 
         def run() -> None:

@@ -57,6 +57,7 @@ Why these options:
 from __future__ import annotations
 
 import os
+import queue
 import re
 import subprocess
 import threading
@@ -219,7 +220,7 @@ def count_members(runner: Runner, archive: str | bytes | os.PathLike[str], *,
 
 class StreamCount:
     """The test-read done while the archive arrives: ``tar --list --zstd --file=-`` fed each
-    chunk the moment it is written, counting members, so no second read follows the write.
+    chunk as it is written, counting members, so no second read follows the write.
 
     ::
 
@@ -227,11 +228,16 @@ class StreamCount:
 
     tar's own ``zstd -d`` checks every block and each frame's content checksum,
     so a flipped byte anywhere fails the count; that one decode replaces
-    ``zstd -t`` and a ``tar --list`` of the stored file (two decodes). A feed
-    raises CommandError as soon as tar stops reading: a damaged archive fails
-    early (tar exited non-zero), and bytes after tar's end-of-archive (which no
-    sanoffload archive has) fail it as well.
+    ``zstd -t`` and a ``tar --list`` of the stored file (two decodes). The
+    chunks go to tar from a thread of its own through a bounded queue, so the
+    receiver never waits for the decode unless it is :data:`QUEUED` chunks
+    ahead. A feed raises CommandError as soon as tar has stopped reading: a
+    damaged archive fails early (tar exited non-zero), and bytes after tar's
+    end-of-archive (which no sanoffload archive has) fail it as well.
     """
+
+    #: chunks (of up to 1 MiB) held for tar at most: the memory the check may use
+    QUEUED = 16
 
     def __init__(self, runner: Runner, *, timeout: float) -> None:
         self._runner = runner
@@ -241,8 +247,12 @@ class StreamCount:
         self.count = 0
         self._last = b"\n"
         self._finished = False
+        self._stopped = threading.Event()  # tar closed its stdin: feeding is over
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUED)
         self._reader = threading.Thread(target=self._drain, name="tar-list", daemon=True)
         self._reader.start()
+        self._feeder = threading.Thread(target=self._feed_tar, name="tar-list-feed", daemon=True)
+        self._feeder.start()
 
     def _drain(self) -> None:
         out = self._pipe.stdout
@@ -250,37 +260,50 @@ class StreamCount:
             self.count += chunk.count(b"\n")
             self._last = chunk[-1:]
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Hand tar the next bytes of the compressed archive (blocks while tar catches up)."""
+    def _feed_tar(self) -> None:
         stdin = self._pipe.stdin
         assert stdin is not None
+        while (data := self._queue.get()) is not None:
+            if self._stopped.is_set():
+                continue  # keep taking, so a put() never blocks on a dead tar
+            try:
+                stdin.write(data)
+            except (BrokenPipeError, ValueError):
+                self._stopped.set()
         try:
-            stdin.write(data)
-        except (BrokenPipeError, ValueError):
-            # tar quit reading: its exit status says whether the archive is damaged
+            stdin.close()
+        except OSError:
+            self._stopped.set()  # tar is gone: wait() says why
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Hand tar the next bytes of the compressed archive (waits only if it is far behind)."""
+        if self._stopped.is_set():
             self._end()
-            raise CommandError("tar --list stopped reading before the end of the archive: "
-                               "there are bytes after its end-of-archive marker",
-                               argv=self._runner.mask_argv(self._argv), returncode=0) from None
+            raise self._stopped_early()
+        self._queue.put(bytes(data))
+
+    def _stopped_early(self) -> CommandError:
+        return CommandError("tar --list stopped reading before the end of the archive: "
+                            "there are bytes after its end-of-archive marker",
+                            argv=self._runner.mask_argv(self._argv), returncode=0)
 
     def finish(self) -> int:
         """Tell tar the archive is whole; its member count, or CommandError (damaged, cut)."""
         self._end()
+        if self._stopped.is_set():
+            raise self._stopped_early()
         if self._last != b"\n":
             raise CommandError(f"tar --list: the listing was cut short after {self.count} "
                                "members", argv=self._runner.mask_argv(self._argv), returncode=0)
         return self.count
 
     def _end(self) -> None:
+        """Let the feeder finish, then tar; raise tar's own error if it failed."""
         if self._finished:
             return
         self._finished = True
-        stdin = self._pipe.stdin
-        assert stdin is not None
-        try:
-            stdin.close()
-        except OSError:
-            pass  # tar is gone: wait() tells why
+        self._queue.put(None)
+        self._feeder.join()
         try:
             self._pipe.wait()
         finally:
@@ -291,7 +314,10 @@ class StreamCount:
         if self._finished:
             return
         self._finished = True
-        self._pipe.kill()
+        self._pipe.kill()  # the feeder's next write fails: it drains the queue and ends
+        self._stopped.set()
+        self._queue.put(None)
+        self._feeder.join()
         try:
             self._pipe.wait()
         except CommandError:
