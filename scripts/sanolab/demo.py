@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  throughput        {summary['throughput_mib_s']} MiB/s "
               f"({summary['stream_seconds']} s streaming, {summary['total_seconds']} s in all;"
               " QEMU software emulation)")
-        print(f"  verification      store: {summary['verification']['status']}, "
-              f"compared with the duplicate: {(summary['compared'] or {}).get('status')}")
+        v = summary["verification"]
+        print(f"  verification      --verify {summary.get('verify')}: store decoded it "
+              f"{v['detail'] or 'later'}: {v['status']}; the stream tar read from the duplicate: "
+              f"{'yes' if summary['verified'] else 'not checked'}")
         print(f"  restore           {'identical to the source' if same else 'DIFFERS'} "
               f"({len(src)} entries: contents, modes, owners, times, links, xattrs, ACLs)")
         print(f"  writer's file     {restored} lines at the freeze ({now} now): "
