@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -82,6 +82,33 @@ class Duplicate:
         return {**asdict(self), "kind": self.kind.value}
 
 
+class DuplicatePlan(Protocol):
+    """A duplicate ready to be made: :meth:`make` is all that runs while the filesystem is
+    frozen (one command); lookups went before it, checks come in :meth:`complete`."""
+
+    def make(self) -> Duplicate:
+        """Make the duplicate (frozen); what it returns names it, enough to discard it."""
+        ...
+
+    def complete(self, made: Duplicate) -> Duplicate:
+        """After the thaw: check what :meth:`make` made and say exactly where it is."""
+        ...
+
+
+class Immediate:
+    """The plan of a duplicate made by one call that needs no check after (a fake, a storage
+    node answering one request)."""
+
+    def __init__(self, make: Callable[[], Duplicate]) -> None:
+        self._make = make
+
+    def make(self) -> Duplicate:
+        return self._make()
+
+    def complete(self, made: Duplicate) -> Duplicate:
+        return made
+
+
 class StorageController(Protocol):
     """What the agent's session asks of the storage (this host's, or a storage node's).
 
@@ -89,7 +116,9 @@ class StorageController(Protocol):
     :meth:`discard_partial` and :meth:`orphans`/:meth:`remove_orphan` too.
     """
 
-    def duplicate(self, obj: BackupObject, name: str) -> Duplicate: ...
+    def plan_duplicate(self, obj: BackupObject, name: str) -> DuplicatePlan:
+        """Everything a duplicate of ``obj`` needs before the freeze (sizes, room, pool)."""
+        ...
 
     def discard(self, dup: Duplicate) -> None: ...
 
@@ -171,31 +200,29 @@ class LocalController:
 
     # -- duplicate ---------------------------------------------------------
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
+        """Plan, make and complete in one go (nothing frozen around it)."""
+        plan = self.plan_duplicate(obj, name)
+        return plan.complete(plan.make())
+
+    def plan_duplicate(self, obj: BackupObject, name: str) -> DuplicatePlan:
+        """The lookups (``vgs`` for a snapshot's size, ``lvs`` of the thin pool and its room)
+        happen here, before the freeze; the frozen part is one ``lvcreate``/``lvconvert``."""
         lv = obj.lv
         kind = obj.duplicate_kind
-        tags = (lvm.SANOFFLOAD_TAG,)
         if kind is DuplicateKind.SNAPSHOT:
             vg = lvm.get_vg(self.runner, lv.vg)
             size = lvm.snapshot_size(lv.size_bytes, vg, self.config.snapshot.percent,
                                      self.config.snapshot.min_bytes)
-            with _explain_nested_freeze(lv.full_name):
-                lvm.create_snapshot(self.runner, lv, name, size, tags)
-            return Duplicate(kind, lv.vg, name, lv.name)
+            return _LvmPlan(self.runner, obj, name, size)
         if kind is DuplicateKind.THIN_SNAPSHOT:
             pool = lvm.get_lv(self.runner, lv.vg, lv.pool_lv)
             if pool is None:
                 raise RefusedError(f"thin pool {lv.vg}/{lv.pool_lv} of {lv.full_name} not found")
             lvm.check_thin_pool_room(pool, self.config.thin.max_data_percent,
                                      self.config.thin.max_metadata_percent)
-            with _explain_nested_freeze(lv.full_name):
-                lvm.create_thin_snapshot(self.runner, lv, name, tags)
-            return Duplicate(kind, lv.vg, name, lv.name)
-        if kind is DuplicateKind.RAID1_SPLIT:
-            image = lvm.split_raid1(self.runner, lv)
-            return Duplicate(kind, lv.vg, image.name, lv.name)
-        if kind is DuplicateKind.MIRROR_SPLIT:
-            lvm.split_mirror(self.runner, lv, name, tags)
-            return Duplicate(kind, lv.vg, name, lv.name)
+            return _LvmPlan(self.runner, obj, name)
+        if kind in (DuplicateKind.RAID1_SPLIT, DuplicateKind.MIRROR_SPLIT):
+            return _LvmPlan(self.runner, obj, name)
         raise RefusedError(f"unknown duplicate kind {kind}")
 
     def remove_leftovers(self, vg: str, name: str, origin: str | None = None) -> list[str]:
@@ -300,3 +327,50 @@ class LocalController:
         if lv is None:
             return "missing"
         return "invalid" if lv.is_invalid else "healthy"
+
+
+class _LvmPlan:
+    """One LVM duplicate: the single command while frozen, the ``lvs`` checks after the thaw."""
+
+    TAGS = (lvm.SANOFFLOAD_TAG,)
+
+    def __init__(self, runner: Runner, obj: BackupObject, name: str,
+                 size_bytes: int | None = None) -> None:
+        self.runner = runner
+        self.lv = obj.lv
+        self.kind = obj.duplicate_kind
+        self.name = name
+        self.size_bytes = size_bytes
+        self._argv: list[str] = []
+        self._stdout = ""
+
+    def make(self) -> Duplicate:
+        lv, kind = self.lv, self.kind
+        if kind is DuplicateKind.SNAPSHOT:
+            assert self.size_bytes is not None
+            with _explain_nested_freeze(lv.full_name):
+                self._argv = lvm.make_snapshot(self.runner, lv, self.name, self.size_bytes,
+                                               self.TAGS)
+        elif kind is DuplicateKind.THIN_SNAPSHOT:
+            with _explain_nested_freeze(lv.full_name):
+                self._argv = lvm.make_thin_snapshot(self.runner, lv, self.name, self.TAGS)
+        elif kind is DuplicateKind.RAID1_SPLIT:
+            self._argv, self._stdout = lvm.make_raid1_split(self.runner, lv)
+            # the image's name is known once lvs is asked, after the thaw
+            return Duplicate(kind, lv.vg, "", lv.name)
+        else:
+            self._argv = lvm.make_mirror_split(self.runner, lv, self.name)
+        return Duplicate(kind, lv.vg, self.name, lv.name)
+
+    def complete(self, made: Duplicate) -> Duplicate:
+        lv, kind = self.lv, self.kind
+        if kind is DuplicateKind.SNAPSHOT:
+            lvm.snapshot_made(self.runner, lv.vg, self.name, self._argv)
+        elif kind is DuplicateKind.THIN_SNAPSHOT:
+            lvm.thin_snapshot_made(self.runner, lv.vg, self.name, self._argv)
+        elif kind is DuplicateKind.RAID1_SPLIT:
+            image = lvm.raid1_split_image(self.runner, lv, self._argv, self._stdout)
+            return Duplicate(kind, lv.vg, image.name, lv.name)
+        else:
+            lvm.mirror_split_made(self.runner, lv.vg, self.name, self.TAGS, self._argv)
+        return made

@@ -151,20 +151,22 @@ class Agent:
             # journaled for a crash only: once quiesce returns or raises, it has thawed
             frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
 
+            # lookups before the freeze: the frozen window holds the one command
+            plan = self.controller.plan_duplicate(obj, dup_name)
             frozen_at = time.time()
 
-            def make() -> Duplicate:
-                return self.controller.duplicate(obj, dup_name)
+            def discard(made: Duplicate) -> None:
+                self.controller.discard(plan.complete(made))
 
             try:
                 q = quiesce_and_duplicate(
-                    self.runner, obj.mount.target, make, hooks=self.config.hooks.to_hooks(),
+                    self.runner, obj.mount.target, plan.make, hooks=self.config.hooks.to_hooks(),
                     deadline_s=self.config.freeze_deadline_s, who_freezes=who,
                     state_dir=self.config.run_dir, path=obj.real_path,
-                    discard=self.controller.discard)
+                    discard=discard)
             finally:
                 self.journal.forget(rec, frozen)
-            dup = q.result
+            dup = plan.complete(q.result)
             # the split image of a raid1 keeps LVM's name (LV_rimage_N), and a storage node
             # may place the copy elsewhere: journal where it is
             self.journal.done(rec, dup_res, vg=dup.vg, name=dup.name)

@@ -438,6 +438,11 @@ def _created(runner: Runner, vg: str, name: str, argv: Sequence[str]) -> Logical
     return lv
 
 
+def snapshot_made(runner: Runner, vg: str, name: str, argv: Sequence[str]) -> LogicalVolume:
+    """The snapshot ``lvcreate`` made, as ``lvs`` reports it (CommandError if not listed)."""
+    return _created(runner, vg, name, argv)
+
+
 def _with_leftover(exc: CommandError, runner: Runner, vg: str, name: str) -> CommandError:
     """The lvcreate error, naming a half-made LV it may have left (lvcreate_frozen)."""
     try:
@@ -454,7 +459,16 @@ def _with_leftover(exc: CommandError, runner: Runner, vg: str, name: str) -> Com
 def create_snapshot(runner: Runner, origin: LogicalVolume, name: str, size_bytes: int,
                     tags: Iterable[str] = (SANOFFLOAD_TAG,), *,
                     timeout: float | None = None) -> LogicalVolume:
-    """``lvcreate --yes --snapshot --size {n}b --name N --addtag T ... VG/LV``; the new LV.
+    """:func:`make_snapshot`, then the new LV as ``lvs`` reports it."""
+    argv = make_snapshot(runner, origin, name, size_bytes, tags, timeout=timeout)
+    return _created(runner, origin.vg, name, argv)
+
+
+def make_snapshot(runner: Runner, origin: LogicalVolume, name: str, size_bytes: int,
+                  tags: Iterable[str] = (SANOFFLOAD_TAG,), *,
+                  timeout: float | None = None) -> list[str]:
+    """``lvcreate --yes --snapshot --size {n}b --name N --addtag T ... VG/LV``, that one
+    command (it is what runs while the filesystem is frozen); returns its argv.
 
     On failure the CommandError names any half-made LV left behind: a
     frozen origin on kernel 6.1 makes lvcreate fail with EBUSY and leave one.
@@ -472,13 +486,22 @@ def create_snapshot(runner: Runner, origin: LogicalVolume, name: str, size_bytes
     if _COW_CAPPED in res.stdout:
         # harmless (a COW as big as the origin cannot overflow), but not what was asked
         log.info("lvcreate capped the COW of %s/%s: %s", origin.vg, name, res.stdout.strip())
-    return _created(runner, origin.vg, name, argv)
+    return argv
 
 
 def create_thin_snapshot(runner: Runner, origin: LogicalVolume, name: str,
                          tags: Iterable[str] = (SANOFFLOAD_TAG,), *,
                          timeout: float | None = None) -> LogicalVolume:
-    """``lvcreate --yes --snapshot --setactivationskip n --name N --addtag T ... VG/LV``.
+    """:func:`make_thin_snapshot`, then :func:`thin_snapshot_made`."""
+    argv = make_thin_snapshot(runner, origin, name, tags, timeout=timeout)
+    return thin_snapshot_made(runner, origin.vg, name, argv)
+
+
+def make_thin_snapshot(runner: Runner, origin: LogicalVolume, name: str,
+                       tags: Iterable[str] = (SANOFFLOAD_TAG,), *,
+                       timeout: float | None = None) -> list[str]:
+    """``lvcreate --yes --snapshot --setactivationskip n --name N --addtag T ... VG/LV``,
+    that one command; returns its argv.
 
     Thin snapshots get the activation-skip flag by default and would stay
     inactive; ``--setactivationskip n`` makes lvcreate activate it at once.
@@ -491,7 +514,12 @@ def create_thin_snapshot(runner: Runner, origin: LogicalVolume, name: str,
         runner.run(argv, env=LVM_ENV, timeout=timeout)
     except CommandError as exc:
         raise _with_leftover(exc, runner, origin.vg, name) from exc
-    lv = _created(runner, origin.vg, name, argv)
+    return argv
+
+
+def thin_snapshot_made(runner: Runner, vg: str, name: str, argv: Sequence[str]) -> LogicalVolume:
+    """The thin snapshot ``lvcreate`` made, as ``lvs`` reports it; CommandError if not active."""
+    lv = _created(runner, vg, name, argv)
     if not lv.is_active:
         raise CommandError(f"thin snapshot {lv.full_name} was created but is not active "
                            f"(lv_attr {lv.attr})", argv=argv)
@@ -507,7 +535,15 @@ def _require_in_sync(lv: LogicalVolume) -> None:
 
 def split_raid1(runner: Runner, lv: LogicalVolume, *,
                 timeout: float | None = None) -> LogicalVolume:
-    """``lvconvert --yes --splitmirrors 1 --trackchanges VG/LV``; the split image LV.
+    """:func:`make_raid1_split`, then :func:`raid1_split_image`."""
+    argv, stdout = make_raid1_split(runner, lv, timeout=timeout)
+    return raid1_split_image(runner, lv, argv, stdout)
+
+
+def make_raid1_split(runner: Runner, lv: LogicalVolume, *,
+                     timeout: float | None = None) -> tuple[list[str], str]:
+    """``lvconvert --yes --splitmirrors 1 --trackchanges VG/LV``, that one command;
+    returns its argv and stdout (which names the image).
 
     The image (``VG/LV_rimage_N``, attr ``Iri-a-r---``) is read-only; LVM tracks
     what changes on the LV meanwhile, so :func:`merge_raid1` resyncs only that.
@@ -518,7 +554,13 @@ def split_raid1(runner: Runner, lv: LogicalVolume, *,
     argv = ["lvconvert", "--yes", "--splitmirrors", "1", "--trackchanges",
             _lv_arg(lv.vg, lv.name)]
     res = runner.run(argv, env=LVM_ENV, timeout=timeout)
-    match = _SPLIT_RE.search(res.stdout)
+    return argv, res.stdout
+
+
+def raid1_split_image(runner: Runner, lv: LogicalVolume, argv: Sequence[str],
+                      stdout: str) -> LogicalVolume:
+    """The image ``lvconvert --splitmirrors`` split off ``lv`` (by its message and ``lvs``)."""
+    match = _SPLIT_RE.search(stdout)
     images = [x for x in list_lvs(runner, lv.vg)
               if x.is_tracked_split_image and re.fullmatch(rf"{re.escape(lv.name)}_rimage_\d+",
                                                            x.name)]
@@ -527,7 +569,7 @@ def split_raid1(runner: Runner, lv: LogicalVolume, *,
     if len(images) != 1:
         raise CommandError(f"{' '.join(argv)}: cannot tell which image was split off "
                            f"(candidates: {[x.name for x in images]})", argv=argv,
-                           stdout=res.stdout, stderr=res.stderr)
+                           stdout=stdout)
     return images[0]
 
 
@@ -543,21 +585,34 @@ def merge_raid1(runner: Runner, image: LogicalVolume, *, timeout: float | None =
 def split_mirror(runner: Runner, lv: LogicalVolume, name: str,
                  tags: Iterable[str] = (SANOFFLOAD_TAG,), *,
                  timeout: float | None = None) -> LogicalVolume:
-    """``lvconvert --yes --splitmirrors 1 --name N VG/LV``, then ``lvchange --addtag`` per tag.
+    """:func:`make_mirror_split`, then :func:`mirror_split_made`."""
+    tags = [check_tag(t) for t in tags]  # a bad tag is refused before anything is split
+    argv = make_mirror_split(runner, lv, name, timeout=timeout)
+    return mirror_split_made(runner, lv.vg, name, tags, argv)
 
-    lvconvert takes no ``--addtag``, so the split exists untagged for a moment
-    (lvs_msplit); its ``sanoffload-`` name still marks it as ours.
-    """
+
+def make_mirror_split(runner: Runner, lv: LogicalVolume, name: str, *,
+                      timeout: float | None = None) -> list[str]:
+    """``lvconvert --yes --splitmirrors 1 --name N VG/LV``, that one command; its argv."""
     if not lv.is_mirror:
         raise RefusedError(f"{lv.full_name} is not a legacy mirror (segtype {lv.segtype})")
     _require_in_sync(lv)
     argv = ["lvconvert", "--yes", "--splitmirrors", "1", "--name", check_name(name),
             _lv_arg(lv.vg, lv.name)]
-    tag_list = [check_tag(t) for t in tags]
     runner.run(argv, env=LVM_ENV, timeout=timeout)
-    for tag in tag_list:
-        add_tag(runner, lv.vg, name, tag)
-    return _created(runner, lv.vg, name, argv)
+    return argv
+
+
+def mirror_split_made(runner: Runner, vg: str, name: str, tags: Iterable[str],
+                      argv: Sequence[str]) -> LogicalVolume:
+    """``lvchange --addtag`` per tag on the split, then the split as ``lvs`` reports it.
+
+    lvconvert takes no ``--addtag``, so the split exists untagged for a moment
+    (lvs_msplit); its ``sanoffload-`` name still marks it as ours.
+    """
+    for tag in [check_tag(t) for t in tags]:
+        add_tag(runner, vg, name, tag)
+    return _created(runner, vg, name, argv)
 
 
 def readd_mirror(runner: Runner, lv: LogicalVolume, split: LogicalVolume | str, *,

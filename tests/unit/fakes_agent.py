@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sanoffload.agent.controller import Accounted, Duplicate, Health, Orphan
+from sanoffload.agent.controller import Accounted, Duplicate, Health, Immediate, Orphan
 from sanoffload.agent.resolve import BackupObject
 from sanoffload.kinds import DuplicateKind, ObjectKind, WhoFreezes
 from sanoffload.tools import lio
@@ -127,6 +127,9 @@ class FakeController:
     def who_freezes(self, kind: DuplicateKind) -> WhoFreezes:
         self.calls.append(("who_freezes", kind))
         return WhoFreezes.LVM
+
+    def plan_duplicate(self, obj: BackupObject, name: str) -> Immediate:
+        return Immediate(lambda: self.duplicate(obj, name))
 
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
         self._enter("duplicate", obj, name)

@@ -18,6 +18,7 @@ from sanoffload.agent.controller import (
     Accounted,
     Duplicate,
     Health,
+    Immediate,
     Orphan,
     StorageController,
 )
@@ -45,6 +46,9 @@ class NodeController:
 
     def who_freezes(self, kind: DuplicateKind) -> WhoFreezes:
         return WhoFreezes.LVM  # the node copies atomically; here: no guard process in a unit test
+
+    def plan_duplicate(self, obj: BackupObject, name: str) -> Immediate:
+        return Immediate(lambda: self.duplicate(obj, name))
 
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
         dup = Duplicate(obj.duplicate_kind, "node-pool", name, obj.lv.name)
