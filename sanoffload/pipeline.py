@@ -164,12 +164,9 @@ class Pipeline(StagesBase):
         try:
             for stage, shown, proc, err in zip(self.stages, self.shown, self.procs, self._errs,
                                                strict=True):
-                try:
-                    rc = proc.wait(timeout=self.deadline.remaining(floor=0.1))
-                except subprocess.TimeoutExpired:
-                    self.timed_out = True
-                    self.kill()
-                    rc = proc.wait()
+                # a plain blocking wait: Popen.wait(timeout) polls (sleeps up to 50 ms a
+                # turn), and the watchdog already kills the group at the deadline
+                rc = proc.wait()
                 err.seek(0)
                 stderr = self._mask(err.read().decode("utf-8", errors="replace"))
                 if rc < 0:
