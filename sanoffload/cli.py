@@ -40,6 +40,7 @@ log = logging.getLogger("sanoffload")
 LAZY_COMMANDS: dict[str, str] = {
     "agent": "sanoffload.agent.cli:agent",
     "store": "sanoffload.store.cli:store",
+    "storage": "sanoffload.storage.cli:storage",
     "backup": "sanoffload.proxy.cli:backup",
     "list": "sanoffload.proxy.cli:list_",
     "verify": "sanoffload.proxy.cli:verify",

@@ -171,7 +171,7 @@ def _check_mount(runner: Runner, path: str, mount: Mount) -> None:
                             "mounted at /): freezing it could hang the agent itself")
 
 
-def _check_lv(path: str, lv: LogicalVolume) -> None:
+def check_lv(path: str, lv: LogicalVolume) -> None:
     name = lv.full_name
     if lv.is_hidden:
         raise _refuse(path, f"on {name}, an LV internal to LVM")
@@ -195,7 +195,7 @@ def _check_lv(path: str, lv: LogicalVolume) -> None:
                             f"({copied} copied)", hint="wait for the resync to finish")
 
 
-def _choose_kind(path: str, lv: LogicalVolume,
+def choose_kind(path: str, lv: LogicalVolume,
                  override: DuplicateKind | None) -> DuplicateKind:
     fitting = fitting_kinds(lv)
     if not fitting:
@@ -243,8 +243,8 @@ def resolve(runner: Runner, path: str, allowed_roots: Sequence[str], *,
     if lv is None:
         raise _refuse(path, f"not on LVM: {mount.target} is mounted from {mount.source} "
                             f"({mount.major}:{mount.minor}), not a logical volume")
-    _check_lv(path, lv)
-    chosen = _choose_kind(path, lv, override)
+    check_lv(path, lv)
+    chosen = choose_kind(path, lv, override)
     return BackupObject(requested_path=path, real_path=real, kind=kind, mount=mount, lv=lv,
                         path_in_fs=_path_in_fs(path, real, mount), duplicate_kind=chosen,
                         root=root)

@@ -131,6 +131,17 @@ def _read_configfs(path: str) -> str | None:
         return None
 
 
+def identifier_of(so: Any) -> str:
+    """The identifier LIO presents for storage object ``so`` (its VPD page 0x83 NAA
+    designator): LIO's own company id and the serial's hex digits, as the initiator sees it."""
+    company = _read_configfs(f"{so.path}/wwn/company_id")
+    if company:
+        company = company.strip().lower().removeprefix("0x").rjust(6, "0")
+        digits = re.sub(r"[^0-9a-f]", "", str(so.wwn).lower())
+        return f"naa.6{company}{digits[:25]}"
+    return naa_from_serial(str(so.wwn))
+
+
 class LioExporter:
     """Export, identify and unexport duplicates through LIO (one instance per process)."""
 
@@ -253,14 +264,21 @@ class LioExporter:
         entry = next((ln for ln in tpg.luns if ln.lun == lun), None) if tpg else None
         if entry is None:
             raise LioError(f"LIO target {target_iqn} has no LUN {lun}")
-        so = entry.storage_object
-        company = _read_configfs(f"{so.path}/wwn/company_id")
-        if company:
-            # LIO's own company id for this storage object, as its VPD page 0x83 reports it
-            company = company.strip().lower().removeprefix("0x").rjust(6, "0")
-            digits = re.sub(r"[^0-9a-f]", "", so.wwn.lower())
-            return f"naa.6{company}{digits[:25]}"
-        return naa_from_serial(so.wwn)
+        return identifier_of(entry.storage_object)
+
+    def block_backstores(self) -> list[tuple[str, Any]]:
+        """``(identifier, storage object)`` of every block backstore LIO has (a storage node
+        finds the LV behind a LUN by it); a serial LIO derives no identifier from is skipped."""
+        with self._lio("listing backstores"):
+            found = []
+            for so in self._root().storage_objects:
+                if so.plugin != "block":
+                    continue
+                try:
+                    found.append((identifier_of(so), so))
+                except ValueError:
+                    continue
+            return found
 
     # -- unexport --------------------------------------------------------------
     def unexport(self, target_iqn: str, backstore: str) -> list[str]:

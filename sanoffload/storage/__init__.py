@@ -1,0 +1,1 @@
+"""The storage node (SAN mode): duplicates LUNs and exposes them to proxies for its clients."""
