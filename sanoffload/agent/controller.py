@@ -207,22 +207,25 @@ class LocalController:
     def plan_duplicate(self, obj: BackupObject, name: str) -> DuplicatePlan:
         """The lookups (``vgs`` for a snapshot's size, ``lvs`` of the thin pool and its room)
         happen here, before the freeze; the frozen part is one ``lvcreate``/``lvconvert``."""
-        lv = obj.lv
-        kind = obj.duplicate_kind
+        return self.plan_lv_duplicate(obj.lv, obj.duplicate_kind, name)
+
+    def plan_lv_duplicate(self, lv: lvm.LogicalVolume, kind: DuplicateKind,
+                          name: str) -> DuplicatePlan:
+        """:meth:`plan_duplicate` of an LV (a storage node's LUN has no filesystem here)."""
         if kind is DuplicateKind.SNAPSHOT:
             vg = lvm.get_vg(self.runner, lv.vg)
             size = lvm.snapshot_size(lv.size_bytes, vg, self.config.snapshot.percent,
                                      self.config.snapshot.min_bytes)
-            return _LvmPlan(self.runner, obj, name, size)
+            return _LvmPlan(self.runner, lv, kind, name, size)
         if kind is DuplicateKind.THIN_SNAPSHOT:
             pool = lvm.get_lv(self.runner, lv.vg, lv.pool_lv)
             if pool is None:
                 raise RefusedError(f"thin pool {lv.vg}/{lv.pool_lv} of {lv.full_name} not found")
             lvm.check_thin_pool_room(pool, self.config.thin.max_data_percent,
                                      self.config.thin.max_metadata_percent)
-            return _LvmPlan(self.runner, obj, name)
+            return _LvmPlan(self.runner, lv, kind, name)
         if kind in (DuplicateKind.RAID1_SPLIT, DuplicateKind.MIRROR_SPLIT):
-            return _LvmPlan(self.runner, obj, name)
+            return _LvmPlan(self.runner, lv, kind, name)
         raise RefusedError(f"unknown duplicate kind {kind}")
 
     def remove_leftovers(self, vg: str, name: str, origin: str | None = None) -> list[str]:
@@ -334,11 +337,11 @@ class _LvmPlan:
 
     TAGS = (lvm.SANOFFLOAD_TAG,)
 
-    def __init__(self, runner: Runner, obj: BackupObject, name: str,
+    def __init__(self, runner: Runner, lv: lvm.LogicalVolume, kind: DuplicateKind, name: str,
                  size_bytes: int | None = None) -> None:
         self.runner = runner
-        self.lv = obj.lv
-        self.kind = obj.duplicate_kind
+        self.lv = lv
+        self.kind = kind
         self.name = name
         self.size_bytes = size_bytes
         self._argv: list[str] = []

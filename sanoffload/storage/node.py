@@ -34,18 +34,17 @@ import psutil
 from ..agent import config as agent_config
 from ..agent.controller import Duplicate, Health, LocalController
 from ..agent.journal import Resource, SessionRecord
-from ..agent.resolve import BackupObject, check_lv, choose_kind
+from ..agent.resolve import check_lv, choose_kind
 from ..agent.session import DUPLICATE_KINDS, Agent
 from ..errors import AuthError, RefusedError, ResourceError, UsageError
 from ..iqn import valid_iqn
-from ..kinds import DuplicateKind, ObjectKind
+from ..kinds import DuplicateKind
 from ..runner import Runner
 from ..text import printable
 from ..tools import lio, lvm
-from ..tools.findmnt import Mount
 from ..undo import UndoStack
 from .config import StorageClient, StorageConfig
-from .luns import Lun, LunMap
+from .luns import LunMap
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +123,6 @@ def agent_view(config: StorageConfig) -> agent_config.Config:
         path=config.path, portal=agent_config.Portal(first.address, first.port), clients={},
         state_dir=config.state_dir, lease_s=config.lease_s, grace_s=config.grace_s,
         snapshot=config.snapshot, thin=config.thin)
-
-
-def _as_object(lun: Lun, kind: DuplicateKind) -> BackupObject:
-    """LocalController.plan_duplicate reads ``lv`` and ``duplicate_kind`` only: a LUN has no
-    mount on this node, so none is given (the source and device numbers are the LV's)."""
-    lv = lun.lv
-    mount = Mount(target="", source=lun.device, fstype="", options=(),
-                  major=lv.kernel_major or 0, minor=lv.kernel_minor or 0)
-    return BackupObject(requested_path=lun.identifier, real_path=lun.device,
-                        kind=ObjectKind.FILE, mount=mount, lv=lv, path_in_fs=".",
-                        duplicate_kind=kind, root="")
 
 
 class StorageNode:
@@ -247,7 +235,7 @@ class StorageNode:
                 undo.push(f"duplicate {name}", self.agent.release, sid)
                 res = self.journal.intend(rec, chosen.value, vg=lun.lv.vg, name=name,
                                           origin=lun.lv.name, requested=name)
-                plan = self.controller.plan_duplicate(_as_object(lun, chosen), name)
+                plan = self.controller.plan_lv_duplicate(lun.lv, chosen, name)
                 started = time.monotonic()
                 made = plan.make()
                 took_ms = (time.monotonic() - started) * 1000
