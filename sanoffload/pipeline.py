@@ -213,7 +213,7 @@ def check_results(results: list[StageResult], shown: Sequence[tuple[str, ...]],
 
 def start(stages: Sequence[Stage], shown: Sequence[tuple[str, ...]], *,
           env: dict[str, str], timeout: float, stdin: IO[bytes] | int | None,
-          mask: Callable[[str], str]) -> Pipeline:
+          mask: Callable[[str], str], cwd: str | None = None) -> Pipeline:
     """Start ``stages`` joined by pipes in one new process group (see :meth:`Runner.pipeline`).
 
     Every executable is looked up before anything starts, so a missing tool
@@ -234,7 +234,7 @@ def start(stages: Sequence[Stage], shown: Sequence[tuple[str, ...]], *,
                 proc = subprocess.Popen(
                     [exe, *(fs_str(a) for a in stage.argv[1:])], stdin=prev,
                     stdout=subprocess.PIPE, stderr=err,
-                    env=env, close_fds=True,
+                    env=env, close_fds=True, cwd=cwd,
                     # one group for all stages: the first stage leads it
                     process_group=0 if i == 0 else procs[0].pid)
                 before = procs[i - 1].stdout if i > 0 else None

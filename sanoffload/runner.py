@@ -227,12 +227,13 @@ class Runner:
 
     def pipeline(self, stages: Sequence[Stage], *, timeout: float | None = None,
                  stdin: IO[bytes] | int | None = None, env: Mapping[str, str] | None = None,
-                 secrets: Iterable[str] = ()) -> PipelineLike:
+                 secrets: Iterable[str] = (), cwd: str | None = None) -> PipelineLike:
         """Start ``stages`` joined by pipes; read the result from ``.stdout``, then ``.wait()``.
 
         Like :meth:`run`: minimal env with ``LC_ALL=C``, one deadline for the
         whole pipeline (the process group is killed), tolerated exit codes
-        named per stage, secrets masked in what is logged and raised.
+        named per stage, secrets masked in what is logged and raised; ``cwd``
+        for every stage (None: ours).
         """
         if not stages:
             raise ValueError("empty pipeline")
@@ -243,7 +244,7 @@ class Runner:
         try:
             return self._pipeline(list(stages), shown, timeout=limit, stdin=stdin,
                                   env=self.build_env(env),
-                                  mask=lambda text: self.mask(text, secrets))
+                                  mask=lambda text: self.mask(text, secrets), cwd=cwd)
         except NotFound as exc:
             raise CommandNotFoundError(f"command not found in pipeline: {exc.hint}",
                                        hint=exc.hint) from None
@@ -274,7 +275,7 @@ class Runner:
 
     def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
                   stdin: IO[bytes] | int | None, env: dict[str, str],
-                  mask: Callable[[str], str]) -> PipelineLike:
+                  mask: Callable[[str], str], cwd: str | None = None) -> PipelineLike:
         raise NotImplementedError
 
     def _spawn(self, argv: list[str], *, pass_fds: tuple[int, ...], log_path: str | None,
@@ -297,8 +298,9 @@ class CommandRunner(Runner):
 
     def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
                   stdin: IO[bytes] | int | None, env: dict[str, str],
-                  mask: Callable[[str], str]) -> PipelineLike:
-        return start_pipeline(stages, shown, env=env, timeout=timeout, stdin=stdin, mask=mask)
+                  mask: Callable[[str], str], cwd: str | None = None) -> PipelineLike:
+        return start_pipeline(stages, shown, env=env, timeout=timeout, stdin=stdin, mask=mask,
+                              cwd=cwd)
 
 
 def _decode(data: bytes | str) -> str:

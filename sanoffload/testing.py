@@ -110,7 +110,7 @@ class FakeRunner(Runner):
 
     def _pipeline(self, stages: list[Stage], shown: list[tuple[str, ...]], *, timeout: float,
                   stdin: IO[bytes] | int | None, env: dict[str, str],
-                  mask: Callable[[str], str]) -> PipelineLike:
+                  mask: Callable[[str], str], cwd: str | None = None) -> PipelineLike:
         """Each stage answered by its rule; the last stage's stdout is what is read."""
         rules = []
         for stage in stages:

@@ -24,6 +24,8 @@ Example (every key; only ``portal.address`` and one client are required)::
     [hooks]
     pre_freeze = ["/usr/local/sbin/db-flush"]
     post_thaw = ["/usr/local/sbin/db-resume"]
+    hold = ["/etc/sanoffload/hooks/mariadb-hold"]   # keep a lock across the freeze (READY...)
+    hold_ready_s = 30             # how long each holding hook may take to say READY
     timeout_s = 60
 
     [clients.px1]
@@ -44,11 +46,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..channel.messages import MAX_HELD
 from ..configfile import NAME_RULE, parse_toml, read_text, valid_name
 from ..errors import AuthError, ConfigError, UsageError
 from ..iqn import valid_iqn
 from ..kinds import FreezeMode
-from .hooks import DEFAULT_HOOK_TIMEOUT, Hooks
+from .hooks import DEFAULT_HOLD_READY_S, DEFAULT_HOOK_TIMEOUT, Hooks
 
 DEFAULT_PATH = "/etc/sanoffload/agent.toml"
 DEFAULT_STATE_DIR = "/var/lib/sanoffload"
@@ -63,6 +66,8 @@ DEFAULT_SNAPSHOT_PERCENT = 10
 DEFAULT_SNAPSHOT_MIN_MB = 64
 DEFAULT_THIN_MAX_PERCENT = 80
 DEFAULT_MAX_SESSIONS = 1
+#: a holding hook that needs longer than this to take its lock keeps writers waiting too long
+MAX_HOLD_READY_S = 600.0
 
 T = TypeVar("T")
 
@@ -100,10 +105,14 @@ class HooksConfig:
     pre_freeze: tuple[str, ...] = ()
     post_thaw: tuple[str, ...] = ()
     timeout_s: float = DEFAULT_HOOK_TIMEOUT
+    #: holding hooks (see :mod:`sanoffload.agent.hooks`), in the order they start
+    hold: tuple[str, ...] = ()
+    hold_ready_s: float = DEFAULT_HOLD_READY_S
 
     def to_hooks(self) -> Hooks:
         """The :class:`~sanoffload.agent.hooks.Hooks` to run (checked again before each run)."""
-        return Hooks.from_paths(self.pre_freeze, self.post_thaw, timeout=self.timeout_s)
+        return Hooks.from_paths(self.pre_freeze, self.post_thaw, self.hold,
+                                timeout=self.timeout_s, hold_ready_s=self.hold_ready_s)
 
 
 @dataclass(frozen=True)
@@ -270,11 +279,19 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         c.integer(thin_t.get("max_metadata_percent", DEFAULT_THIN_MAX_PERCENT),
                   "thin.max_metadata_percent", 1, 100))
 
-    hooks_t = c.table(top.get("hooks", {}), "hooks", {"pre_freeze", "post_thaw", "timeout_s"})
+    hooks_t = c.table(top.get("hooks", {}), "hooks",
+                      {"pre_freeze", "post_thaw", "timeout_s", "hold", "hold_ready_s"})
+    hold = c.str_list(hooks_t.get("hold", []), "hooks.hold", c.abspath)
+    if len(hold) > MAX_HELD:
+        # their outputs travel in one answer and are stored in one manifest
+        raise c.error("hooks.hold", f"at most {MAX_HELD} holding hooks, not {len(hold)}")
     hooks = HooksConfig(
         c.str_list(hooks_t.get("pre_freeze", []), "hooks.pre_freeze", c.abspath),
         c.str_list(hooks_t.get("post_thaw", []), "hooks.post_thaw", c.abspath),
-        c.number(hooks_t.get("timeout_s", DEFAULT_HOOK_TIMEOUT), "hooks.timeout_s"))
+        c.number(hooks_t.get("timeout_s", DEFAULT_HOOK_TIMEOUT), "hooks.timeout_s"),
+        hold,
+        c.number(hooks_t.get("hold_ready_s", DEFAULT_HOLD_READY_S), "hooks.hold_ready_s",
+                 MAX_HOLD_READY_S))
 
     clients = _clients(c, top.get("clients"))
     try:

@@ -2,8 +2,15 @@
 
 Order (``who_freezes="fsfreeze"``)::
 
-    pre-freeze hooks → sync -f → arm guard → fsfreeze --freeze → t0
-        → duplicate() → fsfreeze --unfreeze → t1 → disarm guard → post-thaw hooks
+    pre-freeze hooks → holding hooks, each READY → sync -f → arm guard
+        → fsfreeze --freeze → t0 → duplicate() → fsfreeze --unfreeze → t1
+        → disarm guard → holding hooks let go (newest first) → post-thaw hooks
+
+Holding hooks (:class:`~sanoffload.agent.hooks.Holding`) keep an application's
+lock from before the flush until after the thaw; their outputs (PostgreSQL's
+``backup_label``...) come back in :attr:`Quiesced.held`. If one is not READY
+in time, nothing is frozen, the others let go and post-thaw hooks run as for
+a failed pre-freeze hook.
 
 Only freeze → duplicate → thaw happens while frozen: every slow step (hooks,
 the flush, starting the guard) comes before or after. The thaw is in a
@@ -28,12 +35,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..channel.messages import HeldOutput
 from ..errors import CommandError, CommandTimeoutError, FreezeError, UsageError
 from ..kinds import WhoFreezes
 from ..runner import Runner
 from ..tools import fsfreeze
 from .guard import DEFAULT_STATE_DIR, FreezeGuard
-from .hooks import HookFailure, Hooks, check_hooks, run_post_thaw, run_pre_freeze
+from .hooks import Holding, HookFailure, Hooks, check_hooks, run_post_thaw, run_pre_freeze
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,9 @@ T = TypeVar("T")
 #: extra time a freeze may take beyond the deadline (the kernel flushes first);
 #: the guard thaws at the deadline anyway
 FREEZE_TIMEOUT_SLACK = 30.0
+#: beyond the steps' own timeouts, how long a holding hook may live before its deadline
+#: kills it (only if the agent hangs: normally it is told to let go long before)
+HOLD_LIFE_SLACK = 60.0
 
 
 class GuardLike(Protocol):
@@ -72,6 +83,15 @@ class Quiesced(Generic[T]):
     frozen_by: WhoFreezes
     post_thaw_failures: tuple[HookFailure, ...] = ()
     guard_report: dict[str, Any] | None = None
+    #: each holding hook's output, in the order the hooks started
+    held: tuple[HeldOutput, ...] = ()
+    #: holding hooks that failed after the thaw (or whose output was cut): warnings
+    hold_failures: tuple[HookFailure, ...] = ()
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per hook that failed after the thaw: holding hooks first, then post-thaw."""
+        return [f.warning() for f in (*self.hold_failures, *self.post_thaw_failures)]
 
 
 def quiesce_and_duplicate(
@@ -89,7 +109,8 @@ def quiesce_and_duplicate(
     hook fails (nothing frozen), the freeze fails, or the freeze deadline was
     exceeded; in the last case ``discard(result)`` is called first if
     ``duplicate()`` had returned, since that duplicate may not be consistent.
-    Whatever happens, the filesystem is thawed and post-thaw hooks run.
+    Whatever happens, the filesystem is thawed, holding hooks are told to let
+    go and post-thaw hooks run.
     """
     who = WhoFreezes.parse(who_freezes, where="who_freezes")
     if deadline_s <= 0:
@@ -99,8 +120,12 @@ def quiesce_and_duplicate(
     hooks = hooks or Hooks()
     check_hooks(hooks)  # a hook we would refuse later refuses now, before anything ran
 
+    holding: Holding | None = None
     try:
         run_pre_freeze(runner, hooks, mp, target)
+        # every holding hook holds its lock before the flush, and so before the freeze
+        holding = Holding.start(runner, hooks, mp, target,
+                                life_s=_hold_life_s(hooks, deadline_s))
         _flush(runner, mp)
         if who is WhoFreezes.LVM:
             out = _duplicate_lvm_frozen(mp, duplicate, deadline_s)
@@ -109,12 +134,26 @@ def quiesce_and_duplicate(
                                     state_dir=state_dir, discard=discard,
                                     guard_factory=guard_factory)
     except BaseException as exc:
+        if holding is not None:
+            for failure in holding.stop():
+                exc.add_note(f"holding hook {failure.hook.path} also failed: {failure.message}")
         # post-thaw hooks undo what pre-freeze hooks began, even after a failure
         for failure in run_post_thaw(runner, hooks, mp, target):
             exc.add_note(f"post-thaw hook {failure.hook.path} also failed: {failure.message}")
         raise
+    # thawed: the locks go before the post-thaw hooks (which may undo what they needed)
+    held, hold_failures = holding.let_go()
     failures = run_post_thaw(runner, hooks, mp, target)
-    return Quiesced(out.result, out.window_ms, out.frozen_by, tuple(failures), out.guard_report)
+    return Quiesced(out.result, out.window_ms, out.frozen_by, tuple(failures), out.guard_report,
+                    held, hold_failures)
+
+
+def _hold_life_s(hooks: Hooks, deadline_s: float) -> float:
+    """The longest a holding hook can legitimately live: every READY, the flush, the freeze
+    and its thaw, then letting go."""
+    longest = max((h.timeout for h in hooks.hold), default=0.0)
+    return (len(hooks.hold) * hooks.hold_ready_s + fsfreeze.DEFAULT_SYNC_TIMEOUT + deadline_s
+            + FREEZE_TIMEOUT_SLACK + fsfreeze.DEFAULT_THAW_TIMEOUT + longest + HOLD_LIFE_SLACK)
 
 
 def _flush(runner: Runner, mp: str) -> None:

@@ -190,9 +190,11 @@ class Agent:
             self.journal.done(rec, bs_res)
             self.journal.done(rec, tgt_res)
             rec.state = "ready"
-            warnings = [f.warning() for f in q.post_thaw_failures]
+            # holding hooks that failed after the thaw, then post-thaw hooks: exit 14 at the proxy
+            warnings = q.warnings
             rec.info.update({"window_ms": q.window_ms, "frozen_by": q.frozen_by.value,
-                             "identifier": export.identifier, "warnings": warnings})
+                             "identifier": export.identifier, "warnings": warnings,
+                             "held": [h.hook for h in q.held]})
             self.journal.save(rec)
             undo.commit()
         log.info("session %s ready: %s frozen %.1f ms by %s, exported as %s", sid,
@@ -204,7 +206,7 @@ class Agent:
             chap_secret=chap_secret, fstype=obj.mount.fstype, path_in_fs=obj.path_in_fs,
             object_kind=obj.kind, duplicate_kind=dup.kind, frozen_at=frozen_at,
             freeze_window_ms=round(q.window_ms, 1), frozen_by=q.frozen_by,
-            lease_expires=rec.lease_expires, warnings=warnings)
+            lease_expires=rec.lease_expires, warnings=warnings, held=list(q.held))
 
     def _finish_failed(self, rec: SessionRecord) -> None:
         # runs last on the failure path: all undos before it succeeded or were reported

@@ -23,12 +23,23 @@ agent of different versions still understand each other::
 ``object_kind``, ``frozen_at`` and ``warnings`` came later: absent, they read
 as None, 0.0 and []. Keys this version does not know are ignored.
 
+``held`` (holding hooks' outputs, e.g. PostgreSQL's ``backup_label``) is sent
+only when there are some: ``[{"hook": "/etc/sanoffload/hooks/pg-hold",
+"output": "START WAL LOCATION: …\\n…"}]``. Unlike a warning, an output is
+multi-line text that a restore needs byte for byte, so it is checked, not
+rewritten: at most :data:`MAX_HELD` entries, each output at most
+:data:`MAX_HELD_OUTPUT` bytes, :data:`MAX_HELD_JSON` bytes of JSON in all, and
+no control character but newline and tab (the agent escapes the others with
+:func:`~sanoffload.text.printable` before it sends; one arriving raw is a
+forgery, refused).
+
 This module imports only leaf modules (errors, kinds, text, iqn, the iscsiadm
 wrapper's name checks): both the agent and the proxy import it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -59,6 +70,15 @@ MAX_EPOCH_S = 253_402_300_799.0
 #: bounds on what the agent's warnings may put into a manifest and onto a terminal
 MAX_WARNINGS = 32
 MAX_WARNING_CHARS = 1000
+#: holding hooks' outputs: how many, how long each (UTF-8 bytes), all of them as JSON (the
+#: ASCII-escaped form the channel sends): with the warnings they fit one channel line and
+#: the store's manifest bound
+MAX_HELD = 8
+MAX_HELD_OUTPUT = 64 * 1024
+MAX_HELD_JSON = 192 * 1024
+MAX_HELD_HOOK_CHARS = 4096
+#: the control characters an output may hold as they are
+HELD_KEEPS = "\n\t"
 #: how much of a bad value an error message repeats
 _SHOWN = 60
 
@@ -113,6 +133,67 @@ def _shown(value: Any) -> str:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_WARNING_CHARS else text[:MAX_WARNING_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class HeldOutput:
+    """What one holding hook printed after READY (its ``backup_label``...), stored with the backup.
+
+    ``hook`` is the hook's path as configured; ``output`` is text whose only
+    control characters are newline and tab.
+    """
+
+    hook: str
+    output: str
+
+    def to_wire(self) -> dict[str, str]:
+        return {"hook": self.hook, "output": self.output}
+
+
+def held_has_control(text: str) -> bool:
+    """True if ``text`` holds a control character other than newline and tab."""
+    return has_control(text.translate({ord(c): None for c in HELD_KEEPS}))
+
+
+def held_json_size(held: list[HeldOutput] | tuple[HeldOutput, ...]) -> int:
+    """Bytes of ``held`` as the channel and the manifest write it (JSON, non-ASCII escaped)."""
+    return len(json.dumps([h.to_wire() for h in held]))
+
+
+def check_held(raw: Any) -> tuple[HeldOutput, ...]:
+    """``raw`` (a wire or manifest ``held`` list) checked; ValueError naming what is wrong.
+
+    One check for the proxy (:meth:`PrepareAnswer.from_wire`) and the store's
+    manifest, so both refuse the same things.
+    """
+    if isinstance(raw, tuple):  # a manifest's own, already made
+        raw = list(raw)
+    if not isinstance(raw, list):
+        raise ValueError(f"want a list of {{hook, output}}, not {_shown(raw)}")
+    if len(raw) > MAX_HELD:
+        raise ValueError(f"at most {MAX_HELD} holding hooks' outputs, not {len(raw)}")
+    out: list[HeldOutput] = []
+    for i, given in enumerate(raw):
+        item = given.to_wire() if isinstance(given, HeldOutput) else given
+        if not isinstance(item, Mapping) or set(item) != {"hook", "output"}:
+            raise ValueError(f"[{i}]: want {{hook, output}}, not {_shown(item)}")
+        hook, output = item["hook"], item["output"]
+        if not isinstance(hook, str) or not hook or len(hook) > MAX_HELD_HOOK_CHARS:
+            raise ValueError(f"[{i}].hook: want a hook's path, not {_shown(hook)}")
+        if has_control(hook):
+            raise ValueError(f"[{i}].hook: holds a control character: {_shown(hook)}")
+        if not isinstance(output, str):
+            raise ValueError(f"[{i}].output: want a string, not {_shown(output)}")
+        # the control check first: it also catches lone surrogates, which cannot be encoded
+        if held_has_control(output):
+            raise ValueError(f"[{i}].output: holds a control character other than newline "
+                             "and tab")
+        if len(output.encode("utf-8")) > MAX_HELD_OUTPUT:
+            raise ValueError(f"[{i}].output: longer than {MAX_HELD_OUTPUT} bytes")
+        out.append(HeldOutput(hook, output))
+    if held_json_size(out) > MAX_HELD_JSON:
+        raise ValueError(f"more than {MAX_HELD_JSON} bytes of JSON in all")
+    return tuple(out)
 
 
 class _Reader:
@@ -193,6 +274,8 @@ class PrepareAnswer:
     frozen_at: float = 0.0
     #: one printable, bounded line per post-thaw hook that failed; empty when all went well
     warnings: list[str] = field(default_factory=list)
+    #: what each holding hook printed after READY, in the order the hooks ran
+    held: list[HeldOutput] = field(default_factory=list)
 
     @property
     def portal(self) -> str:
@@ -207,6 +290,11 @@ class PrepareAnswer:
             del wire["object_kind"]
         else:
             wire["object_kind"] = self.object_kind.value
+        # only when there is some: an answer without holding hooks is the JSON it always was
+        if self.held:
+            wire["held"] = [h.to_wire() for h in self.held]
+        else:
+            del wire["held"]
         return wire
 
     #: the name the agent's callers have used
@@ -248,7 +336,8 @@ class PrepareAnswer:
             frozen_by=_required(r.choice("frozen_by", WhoFreezes)),
             lease_expires=float(r.number("lease_expires", 0, MAX_EPOCH_S)),
             frozen_at=float(r.number("frozen_at", 0, MAX_EPOCH_S, default=0.0)),
-            warnings=_warnings(data.get("warnings"), r))
+            warnings=_warnings(data.get("warnings"), r),
+            held=_held(data.get("held"), r))
 
 
 def _required(value: E | None) -> E:
@@ -273,6 +362,15 @@ def _path(value: Any, r: _Reader) -> str:
     if any(c in value for c in "\0\n\r"):
         raise r.error("path_in_fs", f"holds NUL or a line break: {_shown(value)}")
     return value
+
+
+def _held(raw: Any, r: _Reader) -> list[HeldOutput]:
+    if raw is None:
+        return []  # an agent older than holding hooks
+    try:
+        return list(check_held(raw))
+    except ValueError as exc:
+        raise r.error("held", str(exc)) from None
 
 
 def _warnings(raw: Any, r: _Reader) -> list[str]:

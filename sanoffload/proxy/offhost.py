@@ -22,9 +22,13 @@ session go, in that order. Should the proxy die outright, its ssh connection
 drops and the agent releases the session after its grace period, and the
 proxy's journal names what ``sanoffload proxy cleanup`` must undo here.
 
-The agent's ``warnings`` (a post-thaw hook failed: a database may still be in
-backup mode) are logged as they arrive, stored in the manifest and returned in
-the summary; the caller decides the exit code (14) once everything is released.
+The agent's ``warnings`` (a post-thaw or holding hook failed: a database may
+still be in backup mode) are logged as they arrive, stored in the manifest and
+returned in the summary; the caller decides the exit code (14) once everything
+is released. The holding hooks' outputs (``held``: PostgreSQL's
+``backup_label``...) go into the manifest as the agent sent them (checked by
+:meth:`~sanoffload.channel.messages.PrepareAnswer.from_wire`); the summary
+names the hooks whose output was stored.
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ def manifest_fields(answer: PrepareAnswer) -> dict[str, Any]:
     """What the manifest records of the agent's answer (wire strings, as the store checks them).
 
     A zero ``frozen_at`` (an agent older than the field) is left out: the
-    store then names the backup by its own clock. ``warnings`` only when there
-    are some, so a manifest without warnings stays as it was.
+    store then names the backup by its own clock. ``warnings`` and ``held`` only
+    when there are some, so a manifest without them stays as it was.
     """
     fields: dict[str, Any] = {"duplicate_kind": answer.duplicate_kind.value,
                               "freeze_window_ms": answer.freeze_window_ms,
@@ -85,6 +89,9 @@ def manifest_fields(answer: PrepareAnswer) -> dict[str, Any]:
         fields["frozen_at"] = answer.frozen_at
     if answer.warnings:
         fields["warnings"] = list(answer.warnings)
+    if answer.held:
+        # the holding hooks' outputs (backup_label...): a restore needs them beside the archive
+        fields["held"] = [h.to_wire() for h in answer.held]
     return fields
 
 
@@ -247,6 +254,7 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
         "verify": mode.value,
         "verification": stored.get("verification"), "compared": stored.get("compared"),
         "warnings": warnings,
+        "held": [h.hook for h in answer.held],
     }
 
 

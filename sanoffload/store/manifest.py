@@ -23,9 +23,16 @@ reply without bound. ``warnings`` are the sender's "succeeded, but look" notes
 (a post-thaw hook failed): at most :data:`MAX_WARNINGS`, each at most
 :data:`MAX_WARNING_CHARS` characters, :data:`MAX_WARNINGS_JSON` bytes in all;
 a sender's strings may hold no control characters (a stored manifest's are
-shown escaped). Keys this version does not know are kept in ``extra`` so a
-manifest round-trips unchanged; their nesting is bounded (:data:`MAX_DEPTH`) so
-writing them back out cannot exhaust the stack.
+shown escaped). ``held`` holds what each holding hook printed after READY
+(PostgreSQL's ``backup_label``: what a restore of the database needs), as
+``[{"hook": PATH, "output": TEXT}]``, present only when there is some; it is
+checked as the proxy checks it (:func:`~sanoffload.channel.messages.check_held`:
+at most 8, each at most 64 KiB, no control character but newline and tab), and
+the warnings and ``held`` together are at most :data:`MAX_NOTES_JSON` bytes of
+JSON, so a manifest stays under :data:`MAX_BYTES`. Keys this version does not
+know are kept in ``extra`` so a manifest round-trips unchanged; their nesting
+is bounded (:data:`MAX_DEPTH`) so writing them back out cannot exhaust the
+stack.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import __version__
+from ..channel.messages import HeldOutput, check_held, held_json_size
 from ..errors import UsageError
 from ..kinds import Choice, DuplicateKind, WhoFreezes
 from ..text import has_control
@@ -54,6 +62,9 @@ MAX_DEPTH = 32
 MAX_WARNINGS = 100
 MAX_WARNING_CHARS = 4096
 MAX_WARNINGS_JSON = 400 * 1024
+#: the warnings and the holding hooks' outputs together, as JSON: a manifest stays under
+#: MAX_BYTES, and a list reply under its page
+MAX_NOTES_JSON = 400 * 1024
 #: bounds on the sender's counts: 1 PiB of source, 2**40 files, a day-long freeze
 MAX_SOURCE_BYTES = 1 << 50
 MAX_FILE_COUNT = 1 << 40
@@ -68,7 +79,7 @@ _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 #: what a sender (the proxy) may say about a backup, and the check each value gets
 SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_ms", "frozen_by",
                                   "session_id", "source_bytes", "file_count", "sha256",
-                                  "archive_bytes", "warnings")
+                                  "archive_bytes", "warnings", "held")
 
 
 def utc_iso(when: datetime, *, millis: bool = False) -> str:
@@ -163,6 +174,8 @@ class Manifest:
     client: str | None = None
     #: the sender's "succeeded, but look" notes (a post-thaw hook failed)
     warnings: tuple[str, ...] = ()
+    #: what each holding hook printed after READY (backup_label...), in the order they ran
+    held: tuple[HeldOutput, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -205,6 +218,15 @@ class Manifest:
                 raise ValueError(f"manifest: {name} must be a Verification")
         # a list from JSON becomes the tuple a frozen manifest holds
         object.__setattr__(self, "warnings", _check_warnings(self.warnings))
+        # a list of {hook, output} from JSON becomes the tuple of HeldOutput a manifest holds
+        try:
+            object.__setattr__(self, "held", check_held(self.held))
+        except ValueError as exc:
+            raise ValueError(f"manifest: held: {exc}") from None
+        if self.held and (len(json.dumps(list(self.warnings))) + held_json_size(self.held)
+                          > MAX_NOTES_JSON):
+            raise ValueError(f"manifest: warnings and held: more than {MAX_NOTES_JSON} bytes "
+                             "of JSON together")
         if not isinstance(self.extra, dict):
             raise ValueError("manifest: extra must be a mapping")
         if _depth(self.extra) > MAX_DEPTH:
@@ -224,6 +246,11 @@ class Manifest:
         data = asdict(self)
         extra = data.pop("extra")
         data["warnings"] = list(self.warnings)
+        # only when there is some: a manifest without holding hooks reads back as it was
+        if self.held:
+            data["held"] = [h.to_wire() for h in self.held]
+        else:
+            del data["held"]
         return {**extra, **data}
 
     def to_json(self) -> bytes:
@@ -342,6 +369,12 @@ def sender_fields(values: Mapping[str, Any] | None) -> dict[str, Any]:
             if any(has_control(w) for w in value):
                 raise ValueError("warnings: a warning holds a control character or escape "
                                  "sequence (send it through sanoffload.text.printable)")
+        elif key == "held":
+            # check_held refuses control characters (newline and tab aside) and bounds it
+            try:
+                value = [h.to_wire() for h in check_held(value)]
+            except ValueError as exc:
+                raise ValueError(f"held: {exc}") from None
         elif key in _SENDER_MAXIMA and _is_number(value) and value > _SENDER_MAXIMA[key]:
             raise ValueError(f"{key} must be at most {_SENDER_MAXIMA[key]}: {value!r}")
         out[key] = value

@@ -288,3 +288,34 @@ def test_freeze_mode_defaults_to_auto_and_is_validated() -> None:
     assert config.parse('freeze = "fsfreeze"\n' + MINIMAL, SRC).freeze == "fsfreeze"
     with pytest.raises(ConfigError, match="freeze"):
         config.parse('freeze = "sometimes"\n' + MINIMAL, SRC)
+
+
+def test_holding_hooks_and_their_ready_deadline() -> None:
+    cfg = parse(MINIMAL + '\n[hooks]\nhold = ["/etc/sanoffload/hooks/mariadb-hold", '
+                          '"/etc/sanoffload/hooks/pg-hold"]\nhold_ready_s = 12\ntimeout_s = 20\n')
+    assert cfg.hooks.hold == ("/etc/sanoffload/hooks/mariadb-hold",
+                              "/etc/sanoffload/hooks/pg-hold")
+    hooks = cfg.hooks.to_hooks()
+    assert hooks.hold == (Hook("/etc/sanoffload/hooks/mariadb-hold", 20.0),
+                          Hook("/etc/sanoffload/hooks/pg-hold", 20.0))
+    assert hooks.hold_ready_s == 12.0
+    default = parse(MINIMAL).hooks
+    assert (default.hold, default.hold_ready_s) == ((), 30.0)
+
+
+@pytest.mark.hostile("agent", "agent.toml holding hooks: relative, listed twice, nine of "
+                              "them, a READY deadline of 0 or an hour",
+                     "ConfigError naming the key")
+@pytest.mark.parametrize(("table", "key", "reason"), [
+    ('[hooks]\nhold = ["mariadb-hold"]', "hooks.hold[0]", "absolute"),
+    ('[hooks]\nhold = "/x"', "hooks.hold", "must be a list"),
+    ('[hooks]\nhold = ["/x", "/x"]', "hooks.hold[1]", "listed twice"),
+    ("[hooks]\nhold = [" + ", ".join(f'"/h{i}"' for i in range(9)) + "]", "hooks.hold",
+     "at most 8"),
+    ("[hooks]\nhold_ready_s = 0", "hooks.hold_ready_s", "greater than 0"),
+    ("[hooks]\nhold_ready_s = 3600", "hooks.hold_ready_s", "at most 600"),
+    ('[hooks]\nhold_ready_s = "30"', "hooks.hold_ready_s", "number of seconds"),
+])
+def test_bad_holding_hooks(table: str, key: str, reason: str) -> None:
+    message = error(f"{MINIMAL}\n{table}\n")
+    assert f"{SRC}: {key}: " in message and reason in message

@@ -10,7 +10,9 @@ The journal is real, under tmp_path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,12 @@ from sanoffload.agent import config as agent_config
 from sanoffload.agent.controller import Duplicate
 from sanoffload.agent.journal import SESSION_ID_RE, Journal, Resource, SessionRecord
 from sanoffload.agent.session import CHAP_SECRET_LEN, Agent, Prepared, new_session_id
-from sanoffload.channel.messages import PrepareAnswer
+from sanoffload.channel.messages import HeldOutput, PrepareAnswer
 from sanoffload.errors import (
     AuthError,
     CleanupError,
     CommandError,
+    FreezeError,
     JournalError,
     LioError,
     ResourceError,
@@ -37,6 +40,7 @@ from sanoffload.runner import MASK
 from sanoffload.testing import FakeRunner
 from sanoffload.tools import lio, lvm
 from tests.unit.fakes_agent import Clock, FakeController, FakeResolver
+from tests.unit.test_hooks import HoldRunner, ScriptedHold
 
 pytestmark = pytest.mark.unit
 
@@ -709,3 +713,68 @@ def test_session_id_from_an_odd_hostname_is_valid(host: str) -> None:
     assert SESSION_ID_RE.match(sid), sid
     assert isinstance(SessionRecord(session_id=sid, client="c", initiator=PX1, path=PATH),
                       SessionRecord)
+
+
+# --------------------------------------------------------------------------
+# holding hooks: their outputs and failures reach the answer
+# --------------------------------------------------------------------------
+
+BACKUP_LABEL = b"START WAL LOCATION: 0/2000028\nLABEL: sanoffload\tfs1\n"
+
+
+def held_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               *scripts: ScriptedHold) -> tuple[Agent, list[str], HoldRunner]:
+    hookdir = tmp_path / "hooks"
+    hookdir.mkdir()
+    paths = []
+    for i, _ in enumerate(scripts):
+        hook = hookdir / f"hold{i}"
+        hook.write_text("#!/bin/sh\nexit 0\n")
+        hook.chmod(0o755)
+        paths.append(str(hook))
+    config = dataclasses.replace(make_config(tmp_path), hooks=agent_config.HooksConfig(
+        hold=tuple(paths), hold_ready_s=5, timeout_s=5))
+    # the hooks are owned by whoever runs the tests; production trusts root only
+    real = agent_config.HooksConfig.to_hooks
+    monkeypatch.setattr(agent_config.HooksConfig, "to_hooks", lambda self: dataclasses.replace(
+        real(self), trusted_uid=os.geteuid()))
+    runner = HoldRunner()
+    runner.on("sync", "-f", MP)
+    for path, script in zip(paths, scripts, strict=True):
+        runner.hold(path, script)
+    agent = Agent(runner, config, controller=FakeController(config.state_dir), host="fs1",
+                  clock=Clock(T0), resolver=FakeResolver())
+    return agent, paths, runner
+
+
+def test_the_answer_carries_the_holding_hooks_outputs(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, (pg,), runner = held_agent(tmp_path, monkeypatch, ScriptedHold(after=BACKUP_LABEL))
+    answer = agent.prepare(PATH, PX1)
+    assert answer.held == [HeldOutput(pg, BACKUP_LABEL.decode())]
+    assert answer.warnings == []
+    wire = json.loads(json.dumps(answer.to_wire()))
+    assert wire["held"] == [{"hook": pg, "output": BACKUP_LABEL.decode()}]
+    # what the agent sends is what the proxy's checks accept
+    assert PrepareAnswer.from_wire(wire) == answer
+    assert runner.argvs() == [[pg], ["sync", "-f", MP]]
+
+
+def test_a_holding_hook_failing_after_the_thaw_is_a_warning_in_the_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, (good, bad), _ = held_agent(
+        tmp_path, monkeypatch, ScriptedHold(after=BACKUP_LABEL),
+        ScriptedHold(after=b"x", returncode=2, stderr="UNLOCK TABLES: \x1b[2Jgone\n"))
+    answer = agent.prepare(PATH, PX1)
+    assert answer.warnings == [f"hold hook {bad} failed (exit 2): UNLOCK TABLES: \\x1b[2Jgone"]
+    assert [h.hook for h in answer.held] == [good, bad]
+    assert PrepareAnswer.from_wire(json.loads(json.dumps(answer.to_wire()))) == answer
+
+
+def test_a_holding_hook_that_is_never_ready_fails_prepare_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, _, runner = held_agent(tmp_path, monkeypatch, ScriptedHold(b"NO\n", hang=True))
+    with pytest.raises(FreezeError, match="instead of READY"):
+        agent.prepare(PATH, PX1)
+    assert not runner.called("sync")
+    assert not list((tmp_path / "state" / "sessions").glob("*.json"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sanoffload.channel.messages import PrepareAnswer
+from sanoffload.channel.messages import HeldOutput, PrepareAnswer, check_held
 from sanoffload.errors import ProtocolError
 from sanoffload.kinds import DuplicateKind, ObjectKind, WhoFreezes
 
@@ -180,3 +180,72 @@ def test_the_agent_side_builds_the_same_type() -> None:
     assert Prepared is PrepareAnswer
     answer = PrepareAnswer.from_wire(WIRE)
     assert replace(answer, warnings=["w"]).to_wire()["warnings"] == ["w"]
+
+
+# -- held: the holding hooks' outputs ------------------------------------------------------
+BACKUP_LABEL = ("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+                "CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n"
+                "BACKUP FROM: primary\nSTART TIME: 2026-11-26 10:29:33 UTC\n"
+                "LABEL: sanoffload\tfs1\nSTART TIMELINE: 1\n")
+PG_HOLD = "/etc/sanoffload/hooks/pg-hold"
+
+
+def test_held_round_trips_and_is_absent_when_empty() -> None:
+    held = [{"hook": PG_HOLD, "output": BACKUP_LABEL}, {"hook": "/h/app", "output": ""}]
+    answer = PrepareAnswer.from_wire(wire(held=held))
+    assert answer.held == [HeldOutput(PG_HOLD, BACKUP_LABEL), HeldOutput("/h/app", "")]
+    out = answer.to_wire()
+    assert out["held"] == held
+    assert PrepareAnswer.from_wire(json.loads(json.dumps(out))) == answer
+    # an agent without holding hooks sends what it always sent, and an older one none
+    assert "held" not in PrepareAnswer.from_wire(wire(held=[])).to_wire()
+    assert PrepareAnswer.from_wire(wire(held=None)).held == []
+    assert PrepareAnswer.from_wire(WIRE).held == []
+
+
+BAD_HELD = [
+    pytest.param("START WAL", id="a string"),
+    pytest.param({"hook": PG_HOLD, "output": "x"}, id="an object"),
+    pytest.param(["x"], id="a list of strings"),
+    pytest.param([{"hook": PG_HOLD}], id="no output"),
+    pytest.param([{"hook": PG_HOLD, "output": "x", "more": 1}], id="an unknown key"),
+    pytest.param([{"hook": PG_HOLD, "output": 7}], id="output a number"),
+    pytest.param([{"hook": PG_HOLD, "output": ["x"]}], id="output a list"),
+    pytest.param([{"hook": "", "output": "x"}], id="empty hook"),
+    pytest.param([{"hook": None, "output": "x"}], id="hook null"),
+    pytest.param([{"hook": "/h\nforged row", "output": "x"}], id="hook with a newline"),
+    pytest.param([{"hook": "/h" * 3000, "output": "x"}], id="hook too long"),
+    pytest.param([{"hook": f"/h{i}", "output": "x"} for i in range(9)], id="nine hooks"),
+    pytest.param([{"hook": PG_HOLD, "output": "x" * (64 * 1024 + 1)}], id="output too long"),
+    pytest.param([{"hook": PG_HOLD, "output": "\u00e9" * (32 * 1024 + 1)}],
+                 id="output too long in UTF-8"),
+    pytest.param([{"hook": f"/h{i}", "output": "\u00e9" * 16_000} for i in range(3)],
+                 id="too much JSON together"),
+    pytest.param([{"hook": PG_HOLD, "output": "ok\x1b[2J\x1b]0;owned\x07"}], id="escape sequence"),
+    pytest.param([{"hook": PG_HOLD, "output": "line\rforged"}], id="carriage return"),
+    pytest.param([{"hook": PG_HOLD, "output": "a\u202eb"}], id="bidi override"),
+    pytest.param([{"hook": PG_HOLD, "output": "a\ud800b"}], id="lone surrogate"),
+    pytest.param([{"hook": PG_HOLD, "output": "a\x00b"}], id="NUL"),
+]
+
+
+@pytest.mark.hostile("proxy", "the agent's 'held' outputs: wrong types, nine of them, "
+                              "over 64 KiB, control characters or escapes other than "
+                              "newline and tab",
+                     "ProtocolError (exit 11) naming 'held'; nothing stored")
+@pytest.mark.parametrize("held", BAD_HELD)
+def test_bad_held_is_a_protocol_error(held: Any) -> None:
+    with pytest.raises(ProtocolError, match="held") as info:
+        PrepareAnswer.from_wire(wire(held=held))
+    assert info.value.exit_code == 11
+    assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_held_at_its_bounds_is_accepted() -> None:
+    held = [{"hook": f"/h{i}", "output": "x" * 20_000 + "\n\t"} for i in range(8)]
+    assert len(PrepareAnswer.from_wire(wire(held=held)).held) == 8
+    one = [{"hook": PG_HOLD, "output": "y" * (64 * 1024)}]
+    assert PrepareAnswer.from_wire(wire(held=one)).held[0].output == "y" * (64 * 1024)
+    with pytest.raises(ValueError, match="at most 8"):
+        check_held([{"hook": f"/h{i}", "output": ""} for i in range(9)])

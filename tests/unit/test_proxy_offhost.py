@@ -100,6 +100,8 @@ class FakeAgent:
         self.refuse: BaseException | None = None
         #: what prepare answers as "warnings" (None: the key is absent, as from older agents)
         self.warnings: Any = None
+        #: what prepare answers as "held" (None: the key is absent, as from older agents)
+        self.held: Any = None
         #: called when status is asked (after the stream, before the commit)
         self.on_status: Callable[[], None] | None = None
         self.lock = threading.Lock()
@@ -114,6 +116,8 @@ class FakeAgent:
             sid = "fs1-0a1b2c3d"
             self.owners[sid] = str(client)
         extra = {} if self.warnings is None else {"warnings": self.warnings}
+        if self.held is not None:
+            extra["held"] = self.held
         return RawAnswer({
             **extra, "session_id": sid, "identifier": "naa.60014050a1b2c3d4",
             "target_iqn": f"iqn.2026-11.org.sanoffload:{sid}", "portals": ["192.0.2.10:3260"],
@@ -620,3 +624,46 @@ def test_a_zero_freeze_window_is_recorded(lab: Lab, tree: Path,
     summary = lab.run(FakeAttach(tree), verify=False)
     assert summary["freeze_window_ms"] == 0.0
     assert lab.repo.list()[0].manifest.freeze_window_ms == 0.0
+
+
+
+# -- held: the holding hooks' outputs ---------------------------------------------------------
+BACKUP_LABEL = ("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+                "CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n"
+                "LABEL: sanoffload\tfs1\n")
+
+
+def test_the_holding_hooks_outputs_are_stored_with_the_backup(
+        lab: Lab, tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    held = [{"hook": "/etc/sanoffload/hooks/pg-hold", "output": BACKUP_LABEL}]
+    lab.agent.held = held
+    lab.agent.warnings = ["hold hook /etc/sanoffload/hooks/app-hold failed (exit 1): gone"]
+    summary = lab.run(FakeAttach(tree))
+    assert summary["held"] == ["/etc/sanoffload/hooks/pg-hold"]
+    assert summary["warnings"] == lab.agent.warnings  # exit 14 at the CLI, as for post-thaw
+    [stored] = lab.repo.list()
+    assert json.loads(stored.manifest_path.read_text())["held"] == held
+    assert stored.manifest.held[0].output == BACKUP_LABEL
+    # `sanoffload list --json` shows it as stored, newlines and tabs as they were
+    assert cli.run(["list", "--store", str(lab.repo.root), "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["held"] == held
+    lab.check_peers_done()
+
+
+def test_an_answer_without_held_stores_a_manifest_without_it(lab: Lab, tree: Path) -> None:
+    summary = lab.run(FakeAttach(tree))
+    assert summary["held"] == []
+    [stored] = lab.repo.list()
+    assert "held" not in json.loads(stored.manifest_path.read_text())
+
+
+@pytest.mark.hostile("proxy", "agent answers 'held' with an escape sequence in an output",
+                     "protocol error (11); nothing attached or stored")
+def test_held_with_an_escape_is_a_protocol_error(lab: Lab, tree: Path) -> None:
+    lab.agent.held = [{"hook": "/h", "output": "label\x1b]0;owned\x07"}]
+    attach = FakeAttach(tree)
+    with pytest.raises(ProtocolError, match="held") as info:
+        lab.run(attach)
+    assert info.value.exit_code == 11
+    assert attach.events == [] and lab.repo.list() == []

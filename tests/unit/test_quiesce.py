@@ -22,6 +22,7 @@ from sanoffload.agent import guard as guard_mod
 from sanoffload.agent.guard import FreezeGuard
 from sanoffload.agent.hooks import Hooks
 from sanoffload.agent.quiesce import quiesce_and_duplicate
+from sanoffload.channel.messages import HeldOutput
 from sanoffload.errors import (
     CommandError,
     ConfigError,
@@ -34,6 +35,7 @@ from sanoffload.runner import CommandRunner
 from sanoffload.signals import install_signal_handlers
 from sanoffload.testing import FakeRunner
 from sanoffload.tools import fsfreeze
+from tests.unit.test_hooks import HoldRunner, ScriptedHold
 
 pytestmark = pytest.mark.unit
 
@@ -501,3 +503,100 @@ def test_guard_module_imports_only_the_standard_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}).stdout
     assert out.strip() == "['sanoffload', 'sanoffload.agent', 'sanoffload.agent.guard']"
+
+
+# --------------------------------------------------------------------------
+# holding hooks: READY before the flush and the freeze, let go after the thaw
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def hold_hooks(tmp_path: Path) -> Hooks:
+    return Hooks.from_paths([make_hook(tmp_path / "pre")], [make_hook(tmp_path / "post")],
+                            [make_hook(tmp_path / "db-hold")], timeout=5, hold_ready_s=5,
+                            trusted_uid=os.getuid())
+
+
+def hold_runner(events: list[str], hooks: Hooks, script: ScriptedHold) -> HoldRunner:
+    r = HoldRunner()
+
+    def note(name: str) -> Any:
+        return lambda argv: events.append(name)
+
+    r.on("sync", "-f", action=note("sync"))
+    r.on("fsfreeze", "--freeze", action=note("freeze"))
+    r.on("fsfreeze", "--unfreeze", action=note("unfreeze"))
+    r.on(hooks.pre_freeze[0].path, action=note("pre-hook"))
+    r.on(hooks.post_thaw[0].path, action=note("post-hook"))
+    r.hold(hooks.hold[0].path, script)
+    return r
+
+
+LABEL = b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nLABEL: sanoffload\n"
+
+
+def test_holding_hook_is_ready_before_the_flush_and_lets_go_after_the_thaw(
+        guard: FakeGuard, hold_hooks: Hooks, events: list[str]) -> None:
+    script = ScriptedHold(after=LABEL, events=events, name="hold")
+    runner = hold_runner(events, hold_hooks, script)
+
+    def duplicate() -> str:
+        events.append("duplicate")
+        return "snap-1"
+
+    q = run(runner, guard, hold_hooks, duplicate, deadline_s=7.5, path="/srv/data/db")
+    assert events == ["pre-hook", "hold-start", "sync", "guard-arm", "freeze", "duplicate",
+                      "unfreeze", "guard-disarm", "guard-exit", "hold-let-go", "post-hook"]
+    assert q.held == (HeldOutput(hold_hooks.hold[0].path, LABEL.decode()),)
+    assert q.hold_failures == () and q.warnings == []
+    assert script.env["SANOFFLOAD_PHASE"] == "hold"
+    assert script.env["SANOFFLOAD_MOUNTPOINT"] == MP
+    assert script.env["SANOFFLOAD_PATH"] == "/srv/data/db"
+
+
+def test_holding_hook_in_lvm_mode_holds_across_the_duplicate(hold_hooks: Hooks,
+                                                             events: list[str]) -> None:
+    runner = hold_runner(events, hold_hooks, ScriptedHold(events=events, name="hold"))
+    quiesce_and_duplicate(runner, MP, lambda: events.append("duplicate"), hooks=hold_hooks,
+                          who_freezes="lvm")
+    assert events == ["pre-hook", "hold-start", "sync", "duplicate", "hold-let-go", "post-hook"]
+
+
+def test_holding_hook_never_ready_freezes_nothing(guard: FakeGuard, tmp_path: Path,
+                                                 events: list[str]) -> None:
+    hooks = Hooks.from_paths([make_hook(tmp_path / "pre")], [make_hook(tmp_path / "post")],
+                             [make_hook(tmp_path / "db-hold")], timeout=5, hold_ready_s=0.2,
+                             trusted_uid=os.getuid())
+    script = ScriptedHold(b"", events=events, name="hold", hang=True)
+    runner = hold_runner(events, hooks, script)
+    called: list[int] = []
+    with pytest.raises(FreezeError, match="did not say READY within 0.2s; nothing was "
+                                          "frozen") as info:
+        run(runner, guard, hooks, lambda: called.append(1))
+    assert info.value.exit_code == 9
+    assert called == [] and guard.created == []
+    assert not runner.called("sync") and not runner.called("fsfreeze")
+    # killed, and the post-thaw hooks still undo what the pre-freeze hooks began
+    assert events == ["pre-hook", "hold-start", "hold-killed", "post-hook"]
+
+
+def test_a_failed_freeze_tells_the_holding_hook_to_let_go(guard: FakeGuard, hold_hooks: Hooks,
+                                                         events: list[str]) -> None:
+    runner = hold_runner(events, hold_hooks, ScriptedHold(events=events, name="hold"))
+    runner.on("fsfreeze", "--freeze", returncode=1, stderr=EBUSY)
+    with pytest.raises(FreezeError, match="could not freeze"):
+        run(runner, guard, hold_hooks, lambda: None)
+    assert events[-3:] == ["guard-exit", "hold-let-go", "post-hook"]
+
+
+def test_a_holding_hook_failing_after_the_thaw_is_a_warning(guard: FakeGuard, hold_hooks: Hooks,
+                                                           events: list[str]) -> None:
+    script = ScriptedHold(after=b"", returncode=4, stderr="UNLOCK TABLES: server gone\n",
+                          events=events, name="hold")
+    runner = hold_runner(events, hold_hooks, script)
+    q = run(runner, guard, hold_hooks, lambda: "snap")
+    assert q.result == "snap"
+    (failure,) = q.hold_failures
+    assert q.warnings == [(f"hold hook {hold_hooks.hold[0].path} failed (exit 4): "
+                           "UNLOCK TABLES: server gone")]
+    assert failure.returncode == 4
+    assert events[-2:] == ["hold-let-go", "post-hook"]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from sanoffload import __version__
+from sanoffload.channel.messages import HeldOutput
 from sanoffload.store.manifest import (
     Manifest,
     Verification,
@@ -159,3 +160,58 @@ def test_kinds_stay_the_same_strings() -> None:
     assert type(m.duplicate_kind) is str and type(m.frozen_by) is str
     data = json.loads(m.to_json())
     assert (data["duplicate_kind"], data["frozen_by"]) == ("raid1-split", "lvm")
+
+
+# -- held: the holding hooks' outputs ------------------------------------------------------
+LABEL = ("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+         "CHECKPOINT LOCATION: 0/2000060\nLABEL: sanoffload\tfs1\n")
+HELD = [{"hook": "/etc/sanoffload/hooks/pg-hold", "output": LABEL},
+        {"hook": "/etc/sanoffload/hooks/app-hold", "output": ""}]
+
+
+def test_held_round_trips_through_json_and_sender_fields() -> None:
+    fields = sender_fields({"held": HELD, "warnings": ["hold hook /x failed (exit 1): y"]})
+    assert fields["held"] == HELD
+    m = Manifest(host="fs1", path="/srv/db", slug="srv-db-1", timestamp="20261126T102933Z",
+                 archive_bytes=1, sha256=SHA, **fields)
+    assert m.held == (HeldOutput(HELD[0]["hook"], LABEL), HeldOutput(HELD[1]["hook"], ""))
+    raw = m.to_json()
+    assert json.loads(raw)["held"] == HELD  # the text as it was: newlines and tabs kept
+    again = Manifest.from_json(raw)
+    assert again == m and again.to_json() == raw
+
+
+def test_a_manifest_without_held_stays_as_it_was() -> None:
+    data = json.loads(_full().to_json())
+    assert "held" not in data
+    assert "held" not in Manifest.from_dict(data).to_dict()
+
+
+@pytest.mark.hostile("store", "a sender's or a stored manifest's 'held': wrong types, nine "
+                              "entries, an output over 64 KiB, escape sequences, or with the "
+                              "warnings over 400 KiB of JSON",
+                     "refused (ValueError: the put is refused, the manifest is broken)")
+@pytest.mark.parametrize("held", [
+    "label", [LABEL], [{"hook": "/h", "output": 1}], [{"hook": "/h"}],
+    [{"hook": "/h", "output": "x", "extra": 1}],
+    [{"hook": f"/h{i}", "output": ""} for i in range(9)],
+    [{"hook": "/h", "output": "x" * (64 * 1024 + 1)}],
+    [{"hook": "/h", "output": "ok\x1b]0;owned\x07"}],
+    [{"hook": "/h\x1b[2J", "output": "ok"}],
+])
+def test_bad_held_is_refused(held: Any) -> None:
+    with pytest.raises(ValueError, match="held"):
+        sender_fields({"held": held})
+    data = json.loads(_full().to_json())
+    data["held"] = held
+    with pytest.raises(ValueError, match="held"):
+        Manifest.from_dict(data)
+
+
+def test_held_and_warnings_together_are_bounded() -> None:
+    held = [{"hook": f"/h{i}", "output": "\u00e9" * 5_000} for i in range(6)]  # 180 KB as JSON
+    warnings = ["\u00e9" * 4000] * 10  # 240 KB as JSON
+    sender_fields({"held": held})
+    sender_fields({"warnings": warnings})
+    with pytest.raises(ValueError, match="warnings and held"):
+        sender_fields({"held": held, "warnings": warnings})
