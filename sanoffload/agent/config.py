@@ -164,7 +164,7 @@ class Config:
 # Validation helpers: each takes the dotted key for its error message
 # --------------------------------------------------------------------------
 
-class _Checker:
+class Checker:
     def __init__(self, source: str) -> None:
         self.source = source
 
@@ -254,7 +254,7 @@ FREEZE_MODES: tuple[str, ...] = FreezeMode.values()
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validate parsed TOML ``data``; ``source`` names the file in error messages."""
-    c = _Checker(source)
+    c = Checker(source)
     top = c.table(dict(data), "", _TOP_KEYS)
 
     if "portal" not in top:
@@ -311,7 +311,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         snapshot=snapshot, thin=thin, hooks=hooks)
 
 
-def _clients(c: _Checker, data: Any) -> dict[str, Client]:
+def _clients(c: Checker, data: Any) -> dict[str, Client]:
     if data is None or data == {}:
         raise c.error("clients", "no [clients.NAME] table: no proxy could use this agent")
     if not isinstance(data, dict):

@@ -25,7 +25,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..channel.protocol import Channel, Spec
@@ -42,6 +42,37 @@ SPECS = {
     "status": Spec(required={"session_id": str}),
     "release": Spec(required={"session_id": str}),
 }
+
+
+def release_after_grace(open_ids: list[str], release: Callable[[str], Sequence[str]], *,
+                        grace_s: float, sleep: Callable[[float], None], who: str,
+                        clean: bool) -> None:
+    """Release what a connection left open, ``grace_s`` after it ended.
+
+    The agent's and a storage node's: SIGHUP ignored
+    (the peer's sshd hanging up must not stop it), a stop signal releases at
+    once, one failure does not stop the others, all are reported together.
+    """
+    if not open_ids:
+        return
+    log.warning("connection of %s ended %s with %d object(s) open; releasing them in %.0f s",
+                who, "cleanly" if clean else "abruptly", len(open_ids), grace_s)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        sleep(grace_s)
+    except Interrupted as exc:  # told to stop: release now rather than never
+        log.warning("%s: releasing at once", exc)
+    errors: list[BaseException] = []
+    for ident in list(open_ids):
+        try:
+            release(ident)
+            open_ids.remove(ident)
+            log.info("released %s (its connection ended)", ident)
+        except Exception as exc:  # the others must still be released
+            errors.append(exc)
+    if errors:
+        raise CleanupError(errors, context="release after the connection ended")
 
 
 class AgentService(Service):
@@ -93,26 +124,5 @@ class AgentService(Service):
 
     def closed(self, clean: bool) -> None:
         """Release what the connection left open, after the grace period."""
-        if not self.open:
-            return
-        grace = self.agent.config.grace_s
-        log.warning("connection of client %s ended %s with %d session(s) open; releasing "
-                    "them in %.0f s", self.client, "cleanly" if clean else "abruptly",
-                    len(self.open), grace)
-        # the peer is gone: its sshd hanging up must not stop the release
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        try:
-            self.sleep(grace)
-        except Interrupted as exc:  # told to stop: release now rather than never
-            log.warning("%s: releasing at once", exc)
-        errors: list[BaseException] = []
-        for session_id in list(self.open):
-            try:
-                self.agent.release(session_id)
-                self.open.remove(session_id)
-                log.info("released %s (its connection ended)", session_id)
-            except Exception as exc:  # the others must still be released
-                errors.append(exc)
-        if errors:
-            raise CleanupError(errors, context="release after the connection ended")
+        release_after_grace(self.open, self.agent.release, grace_s=self.agent.config.grace_s,
+                            sleep=self.sleep, who=f"client {self.client}", clean=clean)

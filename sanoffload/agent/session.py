@@ -79,7 +79,7 @@ class Agent:
 
     # -- prepare -----------------------------------------------------------
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         """One agent process at a time changes state: prepare, release and cleanup.
 
         Without it, a cleanup pass could take a concurrent prepare's fresh LV
@@ -113,7 +113,7 @@ class Agent:
             raise AuthError(f"initiator {initiator!r} belongs to client {owner.name!r}, "
                             f"not to {client!r}")
         obj = self.resolve(self.runner, path, owner.roots, duplicate_kind=kind)
-        with self._locked():
+        with self.locked():
             self._cleanup_locked(all_sessions=False, orphans=False)
             return self._prepare(owner, obj, initiator)
 
@@ -253,7 +253,7 @@ class Agent:
                 "lease_expires": rec.lease_expires, "path": rec.path, **rec.info}
 
     def release(self, session_id: str) -> list[str]:
-        with self._locked():
+        with self.locked():
             return self._release(session_id)
 
     def _release(self, session_id: str) -> list[str]:
@@ -294,7 +294,7 @@ class Agent:
 
     # -- cleanup -------------------------------------------------------------
     def cleanup(self, *, all_sessions: bool = False) -> dict[str, Any]:
-        with self._locked():
+        with self.locked():
             return self._cleanup_locked(all_sessions=all_sessions)
 
     def _cleanup_locked(self, *, all_sessions: bool = False,

@@ -145,7 +145,7 @@ def _check_name(name: str) -> None:
                          "starting with a letter or digit, no '..'")
 
 
-class _Checker:
+class Checker:
     def __init__(self, source: str) -> None:
         self.source = source
 
@@ -232,7 +232,7 @@ class _Checker:
 def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
     """Validate parsed TOML ``data`` of job ``name``; ``source`` names the file in errors."""
     _check_name(name)
-    c = _Checker(source)
+    c = Checker(source)
     for key in data:
         if key not in _KEYS:
             raise c.error(key, f"unknown key (known: {', '.join(sorted(_KEYS))})")

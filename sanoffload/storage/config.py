@@ -45,9 +45,9 @@ from ..agent.config import (
     DEFAULT_SNAPSHOT_MIN_MB,
     DEFAULT_SNAPSHOT_PERCENT,
     DEFAULT_THIN_MAX_PERCENT,
+    Checker,
     SnapshotPolicy,
     ThinPolicy,
-    _Checker,
 )
 from ..configfile import NAME_RULE, parse_toml, read_text, valid_name
 from ..errors import AuthError, ConfigError
@@ -106,7 +106,7 @@ _TOP_KEYS = {"state_dir", "lease_s", "grace_s", "ports", "snapshot", "thin", "cl
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> StorageConfig:
     """Validate parsed TOML ``data``; ``source`` names the file in error messages."""
-    c = _Checker(source)
+    c = Checker(source)
     top = c.table(dict(data), "", _TOP_KEYS)
 
     snap_t = c.table(top.get("snapshot", {}), "snapshot", {"percent", "min_mb"})
@@ -128,7 +128,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> StorageConfi
         snapshot=snapshot, thin=thin)
 
 
-def _ports(c: _Checker, data: Any) -> dict[str, Port]:
+def _ports(c: Checker, data: Any) -> dict[str, Port]:
     if data is None or data == {}:
         raise c.error("ports", "no [ports.ID] table: no duplicate could be exposed")
     if not isinstance(data, dict):
@@ -147,14 +147,14 @@ def _ports(c: _Checker, data: Any) -> dict[str, Port]:
     return ports
 
 
-def _identifier(c: _Checker, value: Any, key: str) -> str:
+def _identifier(c: Checker, value: Any, key: str) -> str:
     if not isinstance(value, str) or not IDENTIFIER_RE.fullmatch(value):
         raise c.error(key, f"not a LUN identifier (naa. and 16 or 32 lowercase hex digits, as "
                            f"/sys/block/sdX/device/wwid shows it): {value!r}")
     return value
 
 
-def _clients(c: _Checker, data: Any) -> dict[str, StorageClient]:
+def _clients(c: Checker, data: Any) -> dict[str, StorageClient]:
     if data is None or data == {}:
         raise c.error("clients", "no [clients.NAME] table: no first server could use this node")
     if not isinstance(data, dict):

@@ -151,7 +151,7 @@ class StorageNode:
     def _locked(self) -> Iterator[None]:
         # the agent's lock: a cleanup sweep must not take a duplicate made meanwhile for
         # an orphan (Agent._locked, see the module docstring of agent.session)
-        with self.agent._locked():
+        with self.agent.locked():
             yield
 
     # -- connections -----------------------------------------------------------

@@ -59,15 +59,13 @@ request. Duplicates this connection made and did not discard are released
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
+from ..agent.service import release_after_grace
 from ..channel.protocol import Channel, Spec
 from ..channel.server import Service
-from ..errors import CleanupError, Interrupted
 from ..kinds import DuplicateKind
 from .node import StorageNode, WireDuplicate, session_of
 
@@ -87,37 +85,6 @@ SPECS = {
     "discard_partial": Spec(required=_DUP),
     "cleanup": Spec(),
 }
-
-
-def release_after_grace(open_ids: list[str], release: Callable[[str], Sequence[str]], *,
-                        grace_s: float, sleep: Callable[[float], None], who: str,
-                        clean: bool) -> None:
-    """Release what a connection left open, ``grace_s`` after it ended.
-
-    The same steps as the agent's :meth:`AgentService.closed`: SIGHUP ignored
-    (the peer's sshd hanging up must not stop it), a stop signal releases at
-    once, one failure does not stop the others, all are reported together.
-    """
-    if not open_ids:
-        return
-    log.warning("connection of %s ended %s with %d object(s) open; releasing them in %.0f s",
-                who, "cleanly" if clean else "abruptly", len(open_ids), grace_s)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        sleep(grace_s)
-    except Interrupted as exc:  # told to stop: release now rather than never
-        log.warning("%s: releasing at once", exc)
-    errors: list[BaseException] = []
-    for ident in list(open_ids):
-        try:
-            release(ident)
-            open_ids.remove(ident)
-            log.info("released %s (its connection ended)", ident)
-        except Exception as exc:  # the others must still be released
-            errors.append(exc)
-    if errors:
-        raise CleanupError(errors, context="release after the connection ended")
 
 
 class StorageService(Service):
