@@ -12,14 +12,23 @@ cannot avoid:
 * the store is ``offhost.store_connector`` for a local path: the real
   ``StoreService`` over a ``Repository``, in this process (as ``--store /path``).
 
-Phase timers wrap (never replace) the store's commit, its test-read, the
-compare and the verify request, so the caller sees where the seconds go.
+``--compare`` is ``--verify full`` (tar --diff of the stored archive against
+the tree, then the verify request); without it ``--verify stream``, the
+CLI's default. ``--no-store-check`` makes the store skip its decode on
+receipt (the writer gets ``check_on_receipt=False`` and commits with
+``verify=False``): what is left is the proxy's share of the work, since on a
+real site that decode runs on the backup server, not on the proxy.
+
+Phase timers wrap (never replace) the store's commit, the wait for the
+receipt check's end inside it, the fallback test-read, the compare and the
+verify request, so the caller sees where the seconds go.
 The last line on stdout is a JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import json
 import logging
@@ -37,14 +46,17 @@ sys.path.insert(0, str(ROOT))
 from sanoffload.agent.service import AgentService  # noqa: E402
 from sanoffload.channel.client import in_process_connector  # noqa: E402
 from sanoffload.channel.server import serve  # noqa: E402
+from sanoffload.kinds import VerifyMode  # noqa: E402
 from sanoffload.proxy import offhost, peers  # noqa: E402
 from sanoffload.proxy.attach import Attached  # noqa: E402
 from sanoffload.runner import CommandRunner  # noqa: E402
 from sanoffload.store import repo as repo_mod  # noqa: E402
+from sanoffload.tools import tar as tar_mod  # noqa: E402
 
 PHASES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 _lock = threading.Lock()
+_in_commit: contextvars.ContextVar[bool] = contextvars.ContextVar("in_commit", default=False)
 
 
 def timed(owner: Any, name: str, label: str) -> None:
@@ -110,6 +122,26 @@ class BenchAgent:
         return []
 
 
+def no_store_check() -> None:
+    """The store skips its decode on receipt: every writer is made with
+    ``check_on_receipt=False`` and commits with ``verify=False`` (this process only)."""
+    make = repo_mod.Repository.writer
+
+    @functools.wraps(make)
+    def writer(self: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["check_on_receipt"] = False
+        return make(self, *args, **kwargs)
+
+    commit = repo_mod.BackupWriter.commit
+
+    @functools.wraps(commit)
+    def commit_unchecked(self: Any, fields: Any = None, *, verify: bool = True) -> Any:
+        return commit(self, fields, verify=False)
+
+    repo_mod.Repository.writer = writer  # type: ignore[method-assign]
+    repo_mod.BackupWriter.commit = commit_unchecked  # type: ignore[method-assign]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tree", required=True)
@@ -118,10 +150,43 @@ def main() -> int:
     ap.add_argument("--frozen-at", type=float, default=time.time())
     ap.add_argument("--compare", action="store_true",
                     help="--verify full: tar --diff against the tree (else the default, stream)")
+    ap.add_argument("--no-store-check", action="store_true",
+                    help="the store skips its decode on receipt (the proxy's share alone)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
+    if args.no_store_check:
+        if args.compare:
+            ap.error("--no-store-check goes with --verify stream only")
+        no_store_check()
     timed(repo_mod.BackupWriter, "commit", "store_commit")
+    # the wait for the receipt check's end inside the commit (Repository.verify's
+    # read_check uses the same class: its finish is part of the verify request)
+    finish = tar_mod.StreamCount.finish
+
+    @functools.wraps(finish)
+    def timed_finish(self: Any) -> int:
+        t0 = time.perf_counter()
+        try:
+            return finish(self)
+        finally:
+            label = "store_check_finish" if _in_commit.get() else "verify_check_finish"
+            with _lock:
+                PHASES[label] += time.perf_counter() - t0
+                CALLS[label] += 1
+
+    tar_mod.StreamCount.finish = timed_finish  # type: ignore[method-assign]
+    commit = repo_mod.BackupWriter.commit
+
+    @functools.wraps(commit)
+    def commit_marked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _in_commit.set(True)
+        try:
+            return commit(self, *args, **kwargs)
+        finally:
+            _in_commit.reset(token)
+
+    repo_mod.BackupWriter.commit = commit_marked  # type: ignore[method-assign]
     timed(repo_mod.Repository, "test_read", "store_test_read")
     timed(repo_mod.Repository, "verify", "store_verify")
     timed(offhost, "compare_stored_archive", "compare")
@@ -140,7 +205,7 @@ def main() -> int:
     t0 = time.perf_counter()
     summary = offhost.run_offhost_backup(
         runner, offhost.Location(args.host, "/srv/data"), store,
-        verify=offhost.VerifyMode.FULL if args.compare else offhost.VerifyMode.STREAM,
+        verify=VerifyMode.FULL if args.compare else VerifyMode.STREAM,
         initiator="iqn.2026-11.org.sanoffload.bench:local", timeout=3600,
         agent_conn=agent_conn, store_conn=offhost.store_connector(runner, store),
         attach_fn=attach)
@@ -149,7 +214,9 @@ def main() -> int:
            "calls": dict(CALLS),
            "archive_bytes": summary["archive_bytes"], "stream_seconds": summary["stream_seconds"],
            "total_seconds": summary["total_seconds"], "member_count": summary["member_count"],
-           "backup_id": summary["backup_id"], "verified": summary["verified"]}
+           "backup_id": summary["backup_id"], "verified": summary["verified"],
+           "verify": summary["verify"], "store_check": not args.no_store_check,
+           "verification": summary["verification"]}
     print(json.dumps(out))
     return 0
 
