@@ -661,10 +661,7 @@ class Repository:
         m = backup.manifest
         try:
             with open(backup.archive, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != m.archive_bytes:
-                    raise IntegrityError(f"{backup.id}: archive is {size} bytes, the manifest "
-                                         f"says {m.archive_bytes}")
+                _check_size(backup, f)
                 digest = _hash_file(f)
         except OSError as exc:
             raise IntegrityError(f"{backup.id}: cannot read the archive: {exc}") from None
@@ -689,10 +686,7 @@ class Repository:
         count = 0
         try:
             with open(backup.archive, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != m.archive_bytes:
-                    raise IntegrityError(f"{backup.id}: archive is {size} bytes, the manifest "
-                                         f"says {m.archive_bytes}")
+                _check_size(backup, f)
                 counter = tar.StreamCount(self.command_runner(), timeout=timeout)
                 while n := f.readinto(buf):
                     h.update(view[:n])
@@ -798,6 +792,14 @@ class Repository:
         fsync_dir(directory)
         (directory / (bid.timestamp + ARCHIVE_SUFFIX)).unlink(missing_ok=True)
         fsync_dir(directory)
+
+
+def _check_size(backup: Backup, f: io.RawIOBase) -> None:
+    """IntegrityError unless the open archive ``f`` has the size the manifest says."""
+    size = os.fstat(f.fileno()).st_size
+    if size != backup.manifest.archive_bytes:
+        raise IntegrityError(f"{backup.id}: archive is {size} bytes, the manifest says "
+                             f"{backup.manifest.archive_bytes}")
 
 
 def _hash_file(f: io.RawIOBase) -> str:
