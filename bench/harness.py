@@ -639,7 +639,7 @@ def write_latest(path: Path, *, args: argparse.Namespace, argv: list[str], head:
          "output to a file."),
         ("- **sanoffload (--verify stream, default)**: `bench/sano_child.py` in a child process: "
          "the real `proxy.offhost.run_offhost_backup` with the store of "
-         "`offhost.store_connector` for a local path (StoreService + Repository in this same "
+         "`offhost.local_store` for a local path (StoreService + Repository in this same "
          "process, as `--store /path`), the real `AgentService` over a bench agent (no freeze), "
          "and an attach that returns the tree (no iSCSI, no mount). The store decodes the "
          "archive as it arrives (`tar --list --zstd --file=-` fed from a thread: "

@@ -9,8 +9,9 @@ cannot avoid:
   answers ``prepare`` with a made-up export (no freeze, no duplicate);
 * the attach step returns the local tree as the "mounted duplicate" (no iSCSI,
   no mount): everything from ``tar | zstd`` on is the real ``stream_duplicate``;
-* the store is ``offhost.store_connector`` for a local path: the real
-  ``StoreService`` over a ``Repository``, in this process (as ``--store /path``).
+* the store is a local path, as ``--store /path`` gives it (``offhost.local_store``):
+  the real ``StoreService`` over a ``Repository`` in this process, the put's bytes
+  going straight into its writer.
 
 ``--compare`` is ``--verify full`` (tar --diff of the stored archive against
 the tree, then the verify request); without it ``--verify stream``, the
@@ -207,7 +208,7 @@ def main() -> int:
         runner, offhost.Location(args.host, "/srv/data"), store,
         verify=VerifyMode.FULL if args.compare else VerifyMode.STREAM,
         initiator="iqn.2026-11.org.sanoffload.bench:local", timeout=3600,
-        agent_conn=agent_conn, store_conn=offhost.store_connector(runner, store),
+        agent_conn=agent_conn,
         attach_fn=attach)
     wall = time.perf_counter() - t0
     out = {"wall_in_process": round(wall, 4), "phases": {k: round(v, 4) for k, v in PHASES.items()},

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
 from ..channel.messages import PrepareAnswer
@@ -51,8 +51,11 @@ from ..undo import UndoStack
 from . import jobs
 from .attach import Attached
 from .compare import compare_stored_archive
-from .peers import AgentClient, StoreClient
+from .peers import AgentClient, LocalStoreClient, StoreClient
 from .stream import journaled_attach, stream_duplicate
+
+if TYPE_CHECKING:
+    from ..store.service import StoreService
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +121,32 @@ def agent_connector(runner: Runner, host: str, ssh_options: tuple[str, ...] = ()
                          options=ssh_options, timeout=timeout)
 
 
+def _local_service(runner: Runner, path: str) -> StoreService:
+    from ..store.repo import Repository
+    from ..store.service import StoreService
+
+    return StoreService(Repository(path, runner), "local")
+
+
+def local_store(runner: Runner, path: str) -> LocalStoreClient:
+    """A repository on this host, served in this process (a put's bytes go straight in)."""
+    from ..channel.client import in_process_connector
+    from ..channel.server import serve
+
+    service = _local_service(runner, path)
+    return LocalStoreClient(in_process_connector(lambda ch: serve(service, ch), peer=path),
+                            service, name=path)
+
+
 def store_connector(runner: Runner, loc: Location, ssh_options: tuple[str, ...] = (), *,
                     timeout: float = DEFAULT_CONNECTION_S) -> Connector:
     """To a store over ssh, or to a local repository served in this process."""
     if loc.host is None:
         from ..channel.client import in_process_connector
         from ..channel.server import serve
-        from ..store.repo import Repository
-        from ..store.service import StoreService
 
-        repo = Repository(loc.path, runner)
-        return in_process_connector(lambda ch: serve(StoreService(repo, "local"), ch),
-                                    peer=loc.path)
+        service = _local_service(runner, loc.path)
+        return in_process_connector(lambda ch: serve(service, ch), peer=loc.path)
     return ssh_connector(runner, loc.host, ["sanoffload", "store", "serve", "--stdio",
                                             "--repo", loc.path, "--client", _client_name()],
                          options=ssh_options, timeout=timeout)
@@ -190,12 +207,14 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                          "always taken off-host")
     initiator = initiator or local_initiator()
     agent_conn = agent_conn or agent_connector(runner, source.host, ssh_options, timeout=timeout)
-    store_conn = store_conn or store_connector(runner, store, ssh_options, timeout=timeout)
     started = time.monotonic()
     with UndoStack() as undo:
         agent = AgentClient(agent_conn, name=source.host)
         undo.push(f"connection to {source.host}", agent.close)
-        depot = StoreClient(store_conn, name=store.host or "store")
+        depot = (StoreClient(store_conn, name=store.host or "store") if store_conn is not None
+                 else local_store(runner, store.path) if store.host is None
+                 else StoreClient(store_connector(runner, store, ssh_options, timeout=timeout),
+                                  name=store.host))
         undo.push(f"connection to {store}", depot.close)
         answer = agent.prepare(source.path, initiator, kind)
         sid = answer.session_id

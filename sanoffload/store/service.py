@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..channel.protocol import CHUNK, MAX_LINE, Channel, Spec, check_message
@@ -44,7 +45,7 @@ from ..errors import AuthError, ProtocolError, ResourceError, SanoffloadError, U
 from ..text import printable
 from .config import check_client
 from .manifest import VERIFIED_OK, VERIFY_FAILED, Verification, sender_fields, to_utc
-from .repo import BackupId, Quota, Repository
+from .repo import Backup, BackupId, BackupWriter, Quota, Repository
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,27 @@ class StoreService(Service):
         return {"backups": page, "next": None}
 
     # -- put ---------------------------------------------------------------------
-    def _put(self, fields: dict[str, Any], channel: Channel) -> dict[str, Any]:
-        self._host_allowed(fields["host"])
-        sent = dict(fields.get("fields") or {})
-        when = sent.get("frozen_at")
+    def open_put(self, host: str, path: str,
+                 sent: Mapping[str, Any] | None) -> tuple[BackupWriter, dict[str, Any]]:
+        """A put's checks and its writer (quota reserved), before any data: ``(writer, the
+        sender's fields)``; the channel's ``put`` and a store in the proxy's own process
+        (:class:`~sanoffload.proxy.peers.LocalStoreClient`) both start here."""
+        self._host_allowed(host)
+        fields = dict(sent or {})
+        when = fields.get("frozen_at")
         try:
-            sender_fields(sent)
+            sender_fields(fields)
             stamp = to_utc(when) if when is not None else None
         except ValueError as exc:
             raise UsageError(f"put: manifest fields: {exc}") from None
         quota = (Quota(self.client, self.quota_bytes, self.hosts)
                  if self.quota_bytes is not None else None)
         # the writer checks the quota (and reserves) before the data: a refusal is an answer
-        writer = self.repo.writer(fields["host"], fields["path"], timestamp=stamp,
-                                  client=self.client, quota=quota)
+        writer = self.repo.writer(host, path, timestamp=stamp, client=self.client, quota=quota)
+        return writer, fields
+
+    def _put(self, fields: dict[str, Any], channel: Channel) -> dict[str, Any]:
+        writer, sent = self.open_put(fields["host"], fields["path"], fields.get("fields"))
         backup = None
         with writer:
             channel.send({"ok": True, "id": str(writer.id)})
@@ -150,15 +158,21 @@ class StoreService(Service):
                 reason = printable(after.get("reason") or "no reason given")[:200]
                 log.info("client %s aborted %s: %s", self.client, writer.id, reason)
                 raise UsageError(f"{writer.id}: aborted by the sender: {reason}")
-            final = dict(sent)
-            final.update(after.get("fields") or {})
-            try:
-                backup = writer.commit(final)
-            except ValueError as exc:
-                raise UsageError(f"commit: {exc}") from None
+            backup = self.finish_put(writer, sent, after.get("fields"))
+        return {"backup": backup.to_dict()}
+
+    def finish_put(self, writer: BackupWriter, sent: Mapping[str, Any],
+                   after: Mapping[str, Any] | None) -> Backup:
+        """Commit a put: the sender's fields (those of the end win), checks, publish."""
+        final = dict(sent)
+        final.update(after or {})
+        try:
+            backup = writer.commit(final)
+        except ValueError as exc:
+            raise UsageError(f"commit: {exc}") from None
         log.info("client %s stored %s (%d bytes)", self.client, backup.id,
                  backup.manifest.archive_bytes)
-        return {"backup": backup.to_dict()}
+        return backup
 
     # -- get -----------------------------------------------------------------------
     def _get(self, bid: BackupId, channel: Channel) -> None:

@@ -327,6 +327,41 @@ def test_the_default_check_reads_nothing_twice(lab: Lab, tree: Path,
     lab.check_peers_done()
 
 
+@pytest.mark.parametrize("mode", [VerifyMode.STREAM, VerifyMode.FULL])
+def test_a_local_store_takes_the_bytes_straight_in(lab: Lab, tree: Path, mode: VerifyMode,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # --store /PATH: the put skips the channel (no frames, no second sha256), same checks
+    real_call = offhost.StoreClient.call
+
+    def call(self: Any, op: str, **fields: Any) -> dict[str, Any]:
+        assert op != "put", "a local put must not go over the channel"
+        return real_call(self, op, **fields)
+
+    monkeypatch.setattr(offhost.StoreClient, "call", call)
+    wiring = lab.wiring(FakeAttach(tree))
+    del wiring["store_conn"]
+    summary = run_offhost_backup(CommandRunner(), SOURCE, Location(None, str(lab.repo.root)),
+                                 **wiring, verify=mode)
+    [stored] = lab.repo.list()
+    assert summary["backup_id"] == str(stored.id) and summary["verified"] is True
+    assert stored.manifest.client == "local" and stored.manifest.member_count == 4
+    on_disk = lab.repo.archive_path(stored.id).read_bytes()
+    assert summary["sha256"] == hashlib.sha256(on_disk).hexdigest()
+    if mode is VerifyMode.FULL:  # the comparison still reads it back over the channel
+        assert stored.manifest.compared is not None and stored.manifest.compared.ok
+    assert no_leftovers(lab.repo)
+
+
+def test_a_failed_local_put_leaves_nothing(lab: Lab, tree: Path) -> None:
+    wiring = lab.wiring(FakeAttach(tree))
+    del wiring["store_conn"]
+    lab.agent.health = "invalid"  # the duplicate overflowed while read: the put is aborted
+    with pytest.raises(DuplicateInvalidError):
+        run_offhost_backup(CommandRunner(), SOURCE, Location(None, str(lab.repo.root)),
+                           **wiring)
+    assert lab.repo.list() == [] and no_leftovers(lab.repo)
+
+
 def test_full_check_also_compares_with_the_duplicate(lab: Lab, tree: Path) -> None:
     summary = lab.run(FakeAttach(tree), verify=VerifyMode.FULL)
     assert summary["verify"] == "full" and summary["compared"]["status"] == "ok"
