@@ -52,6 +52,7 @@ from sanoffload.proxy.offhost import (
     parse_location,
     run_offhost_backup,
 )
+from sanoffload.proxy.peers import StoreClient
 from sanoffload.runner import CommandRunner
 from sanoffload.store.repo import Repository, format_timestamp, slug_for_path
 from sanoffload.store.service import StoreService
@@ -331,13 +332,13 @@ def test_the_default_check_reads_nothing_twice(lab: Lab, tree: Path,
 def test_a_local_store_takes_the_bytes_straight_in(lab: Lab, tree: Path, mode: VerifyMode,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # --store /PATH: the put skips the channel (no frames, no second sha256), same checks
-    real_call = offhost.StoreClient.call
+    real_call = StoreClient.call
 
     def call(self: Any, op: str, **fields: Any) -> dict[str, Any]:
         assert op != "put", "a local put must not go over the channel"
         return real_call(self, op, **fields)
 
-    monkeypatch.setattr(offhost.StoreClient, "call", call)
+    monkeypatch.setattr(StoreClient, "call", call)
     wiring = lab.wiring(FakeAttach(tree))
     del wiring["store_conn"]
     summary = run_offhost_backup(CommandRunner(), SOURCE, Location(None, str(lab.repo.root)),
