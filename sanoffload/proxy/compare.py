@@ -38,9 +38,12 @@ def compare_stored_archive(runner: Runner, store: ArchiveSource, backup_id: str,
         lines: list[bytes] = []
 
         def drain() -> None:  # tar prints differences on stdout: never let it block
-            for line in pipe.stdout:
-                if len(lines) < 20:
-                    lines.append(line.rstrip(b"\n"))
+            try:
+                for line in pipe.stdout:
+                    if len(lines) < 20:
+                        lines.append(line.rstrip(b"\n"))
+            except (OSError, ValueError):
+                pass  # the pipeline was killed under us: wait() says why
 
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
@@ -54,8 +57,10 @@ def compare_stored_archive(runner: Runner, store: ArchiveSource, backup_id: str,
                 pipe.stdin.close()
             except OSError:
                 pass
+        # the reader first: wait() closes stdout, which must not happen under it; tar's
+        # exit (or the pipeline's deadline, which kills it) ends the reader's input
+        reader.join()
         results = pipe.wait()
-        reader.join(10)
     rc = results[0].returncode
     detail = "; ".join(line.decode("utf-8", "replace") for line in lines)
     if rc == 0 and error is None:

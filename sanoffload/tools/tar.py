@@ -256,9 +256,12 @@ class StreamCount:
 
     def _drain(self) -> None:
         out = self._pipe.stdout
-        while chunk := out.read(1 << 16):
-            self.count += chunk.count(b"\n")
-            self._last = chunk[-1:]
+        try:
+            while chunk := out.read(1 << 16):
+                self.count += chunk.count(b"\n")
+                self._last = chunk[-1:]
+        except (OSError, ValueError):
+            self._last = b""  # the pipe went under us (a kill): never a whole listing
 
     def _feed_tar(self) -> None:
         stdin = self._pipe.stdin
@@ -304,10 +307,10 @@ class StreamCount:
         self._finished = True
         self._queue.put(None)
         self._feeder.join()
-        try:
-            self._pipe.wait()
-        finally:
-            self._reader.join()
+        # the reader ends at tar's EOF (its exit, or the deadline's kill); only then may
+        # wait() close the pipe it reads
+        self._reader.join()
+        self._pipe.wait()
 
     def abort(self) -> None:
         """Stop the check (the backup is being given up): kill tar, reap it."""
@@ -318,11 +321,11 @@ class StreamCount:
         self._stopped.set()
         self._queue.put(None)
         self._feeder.join()
+        self._reader.join()  # the kill ended its input
         try:
             self._pipe.wait()
         except CommandError:
             pass  # killed on purpose
-        self._reader.join()
 
 
 def extract(runner: Runner, archive: str | bytes | os.PathLike[str],

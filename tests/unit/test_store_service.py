@@ -200,7 +200,8 @@ def test_a_second_put_of_the_same_backup_is_refused(repo: Repository, archive: b
 # -- quota ------------------------------------------------------------------------
 def test_a_put_bigger_than_the_quota_is_refused(repo: Repository) -> None:
     served = Served(repo, quota_bytes=1000)
-    data = os.urandom(2 * CHUNK + 5)  # never committed: no need for a real archive
+    # more than the pipe and a chunk hold: the writes must meet the refusal, not outrun it
+    data = os.urandom(8 * CHUNK + 5)  # never committed: no need for a real archive
     with served.client() as client:
         w = client.writer("fs1", "/srv/data", {})
         with pytest.raises(ResourceError, match="quota of 1000 bytes would be exceeded"):
