@@ -183,8 +183,10 @@ def format_report(report: Report) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON: role, ok, exit_code, missing, warnings, checks "
                    "(each: name, what, status, present, optional, detail, fails_without).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="The role's configuration file (storage: /etc/sanoffload/storage.toml).")
 @pass_app
-def doctor(app: App, role: str, as_json: bool) -> None:
+def doctor(app: App, role: str, as_json: bool, config_path: str | None) -> None:
     """Check that this host has the tools and kernel features ROLE needs.
 
     Exits 0 when everything required is present, 4 when something is missing
@@ -195,7 +197,10 @@ def doctor(app: App, role: str, as_json: bool) -> None:
       sanoffload doctor --role agent
       sanoffload doctor --role storage --json
     """
-    report = run_checks(role, make_host(app.get_runner()))
+    host = make_host(app.get_runner())
+    if config_path is not None:
+        host.config = config_path
+    report = run_checks(role, host)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -8,28 +8,44 @@ code runs and nothing else. Every check says what it looked for,
 what it found, and what would fail without it, so a missing piece is found
 before a backup run trips over it half-way.
 
+A role may also have *setup* checks: is this host configured for it, not
+only equipped? A storage node's ``storage.toml`` must load, its ports must be
+addresses of this host, its clients' LUNs must resolve to LVs here and its
+state directory must be root's alone. A setup check that needs another
+(``Need.after``) is left out while that one fails, and the failing one says so.
+
 Where it looks is injectable: commands go through a
 :class:`~sanoffload.runner.Runner`, files are read under a ``root`` prefix (a
-fake sysfs/procfs tree in unit tests) and Python modules are imported through
-an ``importer`` callable.
+fake sysfs/procfs tree in unit tests), Python modules are imported through
+an ``importer`` callable, and this host's addresses and its LUN map come from
+callables a test can replace.
 """
 
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
-from collections.abc import Callable, Sequence
+import socket
+import stat
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .channel import client
-from .errors import CommandError, MissingDependencyError
+from .configfile import trusted_owners
+from .errors import CommandError, ConfigError, MissingDependencyError, RefusedError
 from .proxy import devices, mount
 from .requirements import ROLES, Requirement
 from .runner import Runner
+from .text import printable
 from .tools import findmnt, fsfreeze, iscsiadm, lio, lvm, tar, thin, zstd
+
+if TYPE_CHECKING:
+    from .storage.config import StorageClient, StorageConfig
+    from .storage.luns import Lun
 
 #: short timeout: doctor must answer quickly even when a tool hangs
 PROBE_TIMEOUT = 10.0
@@ -42,14 +58,56 @@ ISCSID_SOCKET = "@ISCSIADM_ABSTRACT_NAMESPACE"
 Importer = Callable[[str], object]
 
 
+class LunResolver(Protocol):
+    """What doctor asks of :class:`~sanoffload.storage.luns.LunMap`."""
+
+    def resolve(self, identifier: str, client: StorageClient) -> Lun: ...
+
+
+def local_addresses() -> set[str]:
+    """Every IPv4/IPv6 address of this host's interfaces, in ipaddress's spelling."""
+    import psutil  # here, not at the top: doctor must load even where psutil is broken
+
+    found: set[str] = set()
+    for snics in psutil.net_if_addrs().values():
+        for snic in snics:
+            if snic.family in (socket.AF_INET, socket.AF_INET6):
+                # psutil gives link-local IPv6 with its zone ("fe80::1%eth0")
+                found.add(str(ipaddress.ip_address(snic.address.split("%", 1)[0])))
+    return found
+
+
+def lio_lun_map(host: Host) -> LunResolver:
+    """The storage node's own LunMap over LIO (rtslib-fb through the host's importer)."""
+    from .storage.luns import LunMap
+
+    try:
+        rts = host.module("rtslib_fb")
+    except Exception as exc:  # any import-time failure: the rtslib_fb check says more
+        raise MissingDependencyError(f"rtslib_fb does not import: {exc}") from exc
+    return LunMap(host.runner, lio.LioExporter(cast(ModuleType, rts)))
+
+
 class Host:
-    """Where the checks look: one runner, one filesystem root, one importer."""
+    """Where the checks look: one runner, one filesystem root, one importer.
+
+    ``config``: the role's configuration file (None: the role's default, e.g.
+    /etc/sanoffload/storage.toml), a path as on the real host. ``addresses``
+    and ``lun_map`` answer "which addresses does this host have" and "which LV
+    is behind this LUN" (psutil and LIO by default).
+    """
 
     def __init__(self, runner: Runner, *, root: str | os.PathLike[str] = "/",
-                 importer: Importer | None = None) -> None:
+                 importer: Importer | None = None, config: str | None = None,
+                 addresses: Callable[[], Collection[str]] | None = None,
+                 lun_map: Callable[[Host], LunResolver] | None = None) -> None:
         self.runner = runner
         self.root = Path(root)
         self.importer: Importer = importer or importlib.import_module
+        self.config = config
+        self.addresses: Callable[[], Collection[str]] = addresses or local_addresses
+        self.lun_map: Callable[[Host], LunResolver] = lun_map or lio_lun_map
+        self._storage: StorageConfig | ConfigError | None = None
 
     def path(self, path: str) -> Path:
         """``path`` (absolute, as on the real host) under this host's root."""
@@ -73,6 +131,26 @@ class Host:
 
     def module(self, name: str) -> object:
         return self.importer(name)
+
+    def storage_config_path(self) -> str:
+        """storage.toml as on the real host (a relative --config is taken from the cwd)."""
+        from .storage.config import DEFAULT_PATH
+
+        return os.path.abspath(self.config or DEFAULT_PATH)
+
+    def storage_config(self) -> StorageConfig:
+        """The storage node's configuration, read once (a ConfigError is kept and raised again)."""
+        if self._storage is None:
+            from .storage import config as storage_config
+
+            path = self.path(self.storage_config_path())
+            try:
+                self._storage = storage_config.load(path)
+            except ConfigError as exc:
+                self._storage = exc
+        if isinstance(self._storage, ConfigError):
+            raise self._storage
+        return self._storage
 
 
 @dataclass(frozen=True)
@@ -326,6 +404,110 @@ def _pyudev_smoke(mod: Any) -> object:
 
 
 # --------------------------------------------------------------------------
+# Storage node setup: is this host configured as the storage.toml says?
+# --------------------------------------------------------------------------
+
+def storage_toml(host: Host) -> tuple[bool, str]:
+    """storage.toml reads (root-owned, not group/world-writable) and validates."""
+    path = host.storage_config_path()
+    try:
+        cfg = host.storage_config()
+    except ConfigError as exc:
+        # the message quotes the file's own values: shown escaped, never obeyed
+        return False, printable(str(exc))
+    luns = sum(len(c.luns) for c in cfg.clients.values())
+    return True, printable(f"{path}: {len(cfg.ports)} port(s) ({', '.join(cfg.ports)}), "
+                           f"{len(cfg.clients)} client(s) ({', '.join(cfg.clients)}), "
+                           f"{luns} LUN(s)")
+
+
+def storage_ports(host: Host) -> tuple[bool, str]:
+    """Every port's address is one of this host's (LIO can listen only there)."""
+    cfg = host.storage_config()
+    here = set(host.addresses())
+    absent = [p for p in cfg.ports.values() if p.address not in here]
+    if absent:
+        wrong = "; ".join(f"port {p.id}: {p.address} is not an address of this host"
+                          for p in absent)
+        return False, printable(f"{wrong} (this host has {', '.join(sorted(here)) or 'none'})")
+    return True, printable(", ".join(f"{p.id} {p.address}:{p.port}" for p in cfg.ports.values()))
+
+
+def storage_luns(host: Host) -> tuple[bool, str]:
+    """Every client's LUN identifier is presented by a block backstore on an LV here."""
+    cfg = host.storage_config()
+    found: list[str] = []
+    refused: list[str] = []
+    try:
+        luns = host.lun_map(host)
+        for client in cfg.clients.values():
+            for identifier in client.luns:
+                try:
+                    lun = luns.resolve(identifier, client)
+                except RefusedError as exc:
+                    # the map's reason (a disk, a file, no backstore, two backstores)
+                    refused.append(f"{client.name}: {exc.message}")
+                else:
+                    found.append(f"{identifier} -> {lun.lv.vg}/{lun.lv.name}")
+    except MissingDependencyError as exc:  # no rtslib-fb, or LIO not loaded
+        return False, f"cannot look: {printable(exc.message)}"
+    if refused:
+        return False, printable("; ".join(refused))
+    return True, printable(", ".join(found))
+
+
+def _unsafe_dir(st: os.stat_result) -> str | None:
+    """Why a directory that decides what cleanup removes is not root's alone (None: it is)."""
+    if st.st_uid not in trusted_owners():
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return f"group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def storage_state_dir(host: Host) -> tuple[bool, str]:
+    """state_dir is a 0700 directory of root's, or can be made as one (doctor makes nothing)."""
+    state_dir = host.storage_config().state_dir
+    shown = printable(state_dir)
+    try:
+        st = os.stat(host.path(state_dir))
+    except FileNotFoundError:
+        return _state_dir_can_be_made(host, state_dir)
+    except OSError as exc:
+        return False, f"{shown}: cannot examine: {exc.strerror or exc}"
+    if not stat.S_ISDIR(st.st_mode):
+        return False, f"{shown}: exists and is not a directory"
+    # the journal there names what cleanup removes: whoever can write it steers root
+    why = _unsafe_dir(st)
+    if why is None and st.st_mode & 0o077:
+        why = f"mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    if why is not None:
+        return False, f"{shown}: {why} (chown root: {shown} && chmod 0700 {shown})"
+    return True, f"{shown} (root's, mode {stat.S_IMODE(st.st_mode):04o})"
+
+
+def _state_dir_can_be_made(host: Host, state_dir: str) -> tuple[bool, str]:
+    shown = printable(state_dir)
+    parent = os.path.dirname(state_dir)
+    while not host.path(parent).exists() and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    where = printable(parent)
+    try:
+        st = os.stat(host.path(parent))
+    except OSError as exc:
+        return False, f"{shown} absent; {where}: cannot examine: {exc.strerror or exc}"
+    if not stat.S_ISDIR(st.st_mode):
+        return False, f"{shown} absent and {where} is not a directory"
+    why = _unsafe_dir(st)
+    if why is not None:
+        # someone else could make state_dir first, and the node would take it for its own
+        return False, f"{shown} absent and {where} is {why}: make {shown} (0700) by hand"
+    if not os.access(host.path(parent), os.W_OK | os.X_OK):
+        return False, f"{shown} absent and {where} is not writable: make it as root"
+    return True, f"{shown} absent; the first request makes it (mode 0700) in {where}"
+
+
+# --------------------------------------------------------------------------
 # What each role needs: collected from the wrappers' declarations
 # --------------------------------------------------------------------------
 
@@ -338,6 +520,8 @@ class Need:
     probe: Probe
     fails_without: str
     optional: bool = False
+    #: the check this one builds on: while that one fails, this one is left out
+    after: str | None = None
 
 
 #: the modules that declare REQUIRES (see sanoffload/requirements.py): each wrapper in
@@ -345,12 +529,39 @@ class Need:
 DECLARING_MODULES: tuple[ModuleType, ...] = (lvm, fsfreeze, findmnt, lio, iscsiadm, tar, zstd,
                                              mount, devices, client, thin)
 
-#: needs no module of ours runs: sshd runs the store's forced command
-#: (``sanoffload store serve``), so it is a need of the host, declared here
+#: needs no module of ours runs, so they are needs of the host, declared here: sshd runs
+#: the forced commands (``store serve``; ``storage serve``, the storage node's only way
+#: in); LVM runs thin_check whenever it activates a thin pool (lvm.conf's
+#: thin_check_executable). thin_delta is not asked of a storage node: no code of the
+#: node runs it (the agent does, for incremental images of its own thin volumes).
 HOST_SERVICES: tuple[Requirement, ...] = (
-    Requirement("sshd", "OpenSSH server", roles=(), optional_for=("store",),
-                fails_without="proxies cannot push archives over ssh; use another transport"),
+    Requirement("sshd", "OpenSSH server", roles=("storage",), optional_for=("store",),
+                fails_without="first servers cannot reach storage serve, proxies cannot push "
+                              "archives (the control channel is ssh)"),
+    Requirement("thin_check", "thin-provisioning-tools (thin_check, run by LVM)", roles=(),
+                optional_for=("storage",),
+                fails_without="LVM cannot activate a thin pool (thin LUNs and their thin "
+                              "snapshots) after a reboot",
+                executables=("thin_check",)),
 )
+
+#: what a role's configuration must give on this host, after the tools and features
+SETUP: dict[str, tuple[Need, ...]] = {
+    "storage": (
+        Need("storage.toml", "the storage node's configuration (root's, valid)", storage_toml,
+             "storage serve refuses every first server and storage cleanup cannot run"),
+        Need("ports", "each port's address is an address of this host", storage_ports,
+             "LIO cannot listen on that portal: exposing a duplicate there fails",
+             after="storage.toml"),
+        Need("luns", "each client's LUN identifiers resolve to an LV here", storage_luns,
+             "a first server's duplicate request for that LUN is refused",
+             after="storage.toml"),
+        Need("state_dir", "state_dir is root's alone (mode 0700) or can be made so",
+             storage_state_dir,
+             "no journal: nothing can be duplicated, and cleanup cannot find what a crash left",
+             after="storage.toml"),
+    ),
+}
 
 #: kernel and system features: what doctor calls each, its probe, what fails without it
 KERNEL: dict[str, tuple[str, Probe, str]] = {
@@ -410,21 +621,31 @@ def requirements_for(role: str,
     return tuple(needs.values())
 
 
-REQUIREMENTS: dict[str, tuple[Need, ...]] = {role: requirements_for(role) for role in ROLES}
+REQUIREMENTS: dict[str, tuple[Need, ...]] = {
+    role: (*requirements_for(role), *SETUP.get(role, ())) for role in ROLES}
 
 
 def run_checks(role: str, host: Host) -> Report:
     """Run every check ``role`` needs on ``host``."""
     if role not in REQUIREMENTS:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    checks = []
+    checks: list[Check] = []
+    failed: set[str] = set()
     for need in REQUIREMENTS[role]:
+        if need.after is not None and need.after in failed:
+            failed.add(need.name)  # and whatever builds on it
+            continue
         try:
             present, detail = need.probe(host)
         except (OSError, CommandError) as exc:
             # a probe that cannot even look counts as missing, with the reason shown;
             # Interrupted and other errors propagate so a signal still stops doctor
             present, detail = False, f"check failed: {exc}"
+        if not present:
+            failed.add(need.name)
+            waiting = [n.name for n in REQUIREMENTS[role] if n.after == need.name]
+            if waiting:
+                detail += f" (checked once this passes: {', '.join(waiting)})"
         checks.append(Check(need.name, need.what, present, detail, need.fails_without,
                             need.optional))
     return Report(role, tuple(checks))

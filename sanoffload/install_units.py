@@ -28,6 +28,7 @@ ROLE_UNITS: dict[str, tuple[str, ...]] = {
               "sanoffload-lease.timer"),
     "proxy": ("sanoffload-backup@.service", "sanoffload-backup@.timer",
               "sanoffload-proxy-cleanup.service"),
+    "storage": ("sanoffload-storage-cleanup.service",),
 }
 ROLES = (*ROLE_UNITS, "all")
 
@@ -39,6 +40,8 @@ NEXT_STEPS: dict[str, str] = {
              "systemctl enable sanoffload-proxy-cleanup.service && "
              "systemctl enable --now sanoffload-backup@JOB.timer "
              "(one per /etc/sanoffload/jobs/JOB.toml)",
+    "storage": "next, on the storage node: systemctl daemon-reload && "
+               "systemctl enable sanoffload-storage-cleanup.service",
 }
 
 
@@ -165,7 +168,8 @@ def describe(step: Step, dry_run: bool) -> str:
               type=click.Path(file_okay=False), help="Directory to write the unit files to.")
 @click.option("--role", type=click.Choice(ROLES), default="all", show_default=True,
               help="agent: boot cleanup and lease timer (first server); "
-                   "proxy: the per-job backup service and timer, boot-time cleanup.")
+                   "proxy: the per-job backup service and timer, boot-time cleanup; "
+                   "storage: boot-time cleanup (storage node, SAN mode).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
 @click.option("--force", is_flag=True,
               help="Replace unit files that differ from sanoffload's (else refused).")
@@ -179,6 +183,7 @@ def install_units(dest: str, role: str, dry_run: bool, force: bool) -> None:
     Examples:
       sanoffload install-units --role agent      # on the first server
       sanoffload install-units --role proxy      # on the backup proxy
+      sanoffload install-units --role storage    # on a storage node (SAN mode)
       sanoffload install-units --dry-run --dest /tmp/units
     """
     steps = plan(units_for(role), dest, force=force)

@@ -28,10 +28,18 @@ Example (every key; only ``portal.address`` and one client are required)::
     hold_ready_s = 30             # how long each holding hook may take to say READY
     timeout_s = 60
 
+    [storage_nodes.st1]          # SAN mode: a storage node serving this host's disks as LUNs
+    ssh = "root@st1"              # its authorized_keys forces
+                                  #   "sanoffload storage serve --stdio --client fs1"
+    identity = "/root/.ssh/id_ed25519"   # optional: the key to offer
+    timeout_s = 30                # each request's deadline (the freeze waits on 'duplicate')
+    luns = ["naa.6001405a1b2c3d4e5f60718293a4b5c6"]  # optional with one node: what it serves
+
     [clients.px1]
     initiators = ["iqn.2026-11.org.sanoffload.lab:px1"]
     roots = ["/srv"]
     max_sessions = 1
+    san_port = "p1"               # SAN mode: the storage node's port ID this proxy reaches
 
 Every problem is a :class:`ConfigError` naming the file, the key and the
 reason; unknown keys are refused (a typo must not silently fall back to a
@@ -42,11 +50,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..channel.messages import MAX_HELD
+from ..channel.messages import MAX_HELD, check_identifier
 from ..configfile import NAME_RULE, parse_toml, read_text, valid_name
 from ..errors import AuthError, ConfigError, UsageError
 from ..iqn import valid_iqn
@@ -66,10 +75,15 @@ DEFAULT_SNAPSHOT_PERCENT = 10
 DEFAULT_SNAPSHOT_MIN_MB = 64
 DEFAULT_THIN_MAX_PERCENT = 80
 DEFAULT_MAX_SESSIONS = 1
+DEFAULT_STORAGE_TIMEOUT_S = 30.0
+#: a storage node slower than this keeps the filesystem frozen too long anyway
+MAX_STORAGE_TIMEOUT_S = 300.0
 #: a holding hook that needs longer than this to take its lock keeps writers waiting too long
 MAX_HOLD_READY_S = 600.0
 
 T = TypeVar("T")
+#: what ssh accepts as a destination here: no option, no space, no shell or ssh_config tricks
+_SSH_DEST_RE = re.compile(r"(?:[a-z_][a-z0-9_.-]{0,31}@)?[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,25 @@ class Client:
     initiators: tuple[str, ...]
     roots: tuple[str, ...]
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    #: SAN mode: the storage node's port ID (storage.toml ``[ports.ID]``) this proxy reaches
+    san_port: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageNodeRef:
+    """A storage node this agent asks for duplicates of its SAN disks (SAN mode)."""
+
+    name: str
+    #: the ssh destination (``host`` or ``user@host``)
+    ssh: str
+    identity: str | None = None
+    #: each request's deadline: the filesystem stays frozen while ``duplicate`` runs
+    timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S
+    #: the LUN identifiers this node serves (empty: every SAN disk, when it is the only node)
+    luns: tuple[str, ...] = ()
+
+    def ssh_options(self) -> tuple[str, ...]:
+        return ("-i", self.identity, "-o", "IdentitiesOnly=yes") if self.identity else ()
 
 
 @dataclass(frozen=True)
@@ -139,6 +172,17 @@ class Config:
     snapshot: SnapshotPolicy = field(default_factory=SnapshotPolicy)
     thin: ThinPolicy = field(default_factory=ThinPolicy)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    storage_nodes: Mapping[str, StorageNodeRef] = field(default_factory=dict)
+
+    def storage_node_for(self, identifier: str) -> StorageNodeRef | None:
+        """The storage node serving the LUN ``identifier``: the node listing it, else the one
+        node that lists none; None when no node is configured."""
+        nodes = list(self.storage_nodes.values())
+        for node in nodes:
+            if identifier in node.luns:
+                return node
+        unlisted = [n for n in nodes if not n.luns]
+        return unlisted[0] if len(unlisted) == 1 and len(nodes) == 1 else None
 
     def client_for_initiator(self, iqn: str) -> Client:
         """The client that owns initiator ``iqn``; AuthError if none does.
@@ -247,7 +291,7 @@ class Checker:
 
 
 _TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "freeze", "lease_s", "grace_s", "portal",
-             "snapshot", "thin", "hooks", "clients"}
+             "snapshot", "thin", "hooks", "clients", "storage_nodes"}
 #: auto: fsfreeze where the kernel nests it with LVM's suspend (>= 6.6), else LVM's suspend
 FREEZE_MODES: tuple[str, ...] = FreezeMode.values()
 
@@ -294,6 +338,13 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
                  MAX_HOLD_READY_S))
 
     clients = _clients(c, top.get("clients"))
+    nodes = _storage_nodes(c, top.get("storage_nodes", {}))
+    if nodes:
+        for client in clients.values():
+            if client.san_port is None:
+                raise c.error(f"clients.{client.name}.san_port",
+                              "required with storage_nodes: the port ID (storage.toml "
+                              "[ports.ID]) through which this proxy reaches the storage node")
     try:
         freeze = FreezeMode.parse(top.get("freeze", FreezeMode.AUTO.value))
     except UsageError as exc:
@@ -308,7 +359,47 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         freeze=freeze,
         lease_s=c.integer(top.get("lease_s", DEFAULT_LEASE_S), "lease_s", 1),
         grace_s=c.number(top.get("grace_s", DEFAULT_GRACE_S), "grace_s", 3600),
-        snapshot=snapshot, thin=thin, hooks=hooks)
+        snapshot=snapshot, thin=thin, hooks=hooks, storage_nodes=nodes)
+
+
+def _storage_nodes(c: Checker, data: Any) -> dict[str, StorageNodeRef]:
+    if not isinstance(data, dict):
+        raise c.error("storage_nodes", f"must be a table of [storage_nodes.NAME], not "
+                                       f"{type(data).__name__}")
+    nodes: dict[str, StorageNodeRef] = {}
+    served: dict[str, str] = {}
+    for name, body in data.items():
+        key = f"storage_nodes.{name}"
+        if not valid_name(name):
+            raise c.error(key, f"storage node names are {NAME_RULE}")
+        t = c.table(body, key, {"ssh", "identity", "timeout_s", "luns"})
+        dest = t.get("ssh")
+        if not isinstance(dest, str) or not _SSH_DEST_RE.fullmatch(dest):
+            raise c.error(f"{key}.ssh", f"required: an ssh destination (host or user@host), "
+                                        f"not {dest!r}")
+
+        def identifier(value: Any, k: str) -> str:
+            try:
+                return check_identifier(value if isinstance(value, str) else repr(value))
+            except ValueError as exc:
+                raise c.error(k, str(exc)) from None
+
+        luns = c.str_list(t.get("luns", []), f"{key}.luns", identifier)
+        for lun in luns:
+            if lun in served:
+                raise c.error(f"{key}.luns", f"{lun} is already served by {served[lun]!r}")
+            served[lun] = name
+        identity = t.get("identity")
+        nodes[name] = StorageNodeRef(
+            name, dest, None if identity is None else c.abspath(identity, f"{key}.identity"),
+            c.number(t.get("timeout_s", DEFAULT_STORAGE_TIMEOUT_S), f"{key}.timeout_s",
+                     MAX_STORAGE_TIMEOUT_S), luns)
+    if len(nodes) > 1:
+        bare = [n for n in nodes.values() if not n.luns]
+        if bare:
+            raise c.error(f"storage_nodes.{bare[0].name}.luns",
+                          "required with more than one storage node: which LUNs it serves")
+    return nodes
 
 
 def _clients(c: Checker, data: Any) -> dict[str, Client]:
@@ -322,7 +413,7 @@ def _clients(c: Checker, data: Any) -> dict[str, Client]:
         key = f"clients.{name}"
         if not valid_name(name):
             raise c.error(key, f"client names are {NAME_RULE}")
-        t = c.table(body, key, {"initiators", "roots", "max_sessions"})
+        t = c.table(body, key, {"initiators", "roots", "max_sessions", "san_port"})
         for required in ("initiators", "roots"):
             if required not in t:
                 raise c.error(f"{key}.{required}", "required")
@@ -338,9 +429,12 @@ def _clients(c: Checker, data: Any) -> dict[str, Client]:
                 raise c.error(f"{key}.initiators",
                               f"{iqn} is already listed by client {owner[iqn]!r}")
             owner[iqn] = name
+        san_port = t.get("san_port")
+        if san_port is not None and not (isinstance(san_port, str) and valid_name(san_port)):
+            raise c.error(f"{key}.san_port", f"port IDs are {NAME_RULE}, not {san_port!r}")
         clients[name] = Client(name, initiators, roots,
                                c.integer(t.get("max_sessions", DEFAULT_MAX_SESSIONS),
-                                         f"{key}.max_sessions", 1))
+                                         f"{key}.max_sessions", 1), san_port)
     return clients
 
 

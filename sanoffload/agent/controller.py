@@ -207,6 +207,8 @@ class LocalController:
     def plan_duplicate(self, obj: BackupObject, name: str) -> DuplicatePlan:
         """The lookups (``vgs`` for a snapshot's size, ``lvs`` of the thin pool and its room)
         happen here, before the freeze; the frozen part is one ``lvcreate``/``lvconvert``."""
+        if obj.lv is None or obj.duplicate_kind is None:
+            raise RefusedError(f"{obj.requested_path}: on {obj.volume}, not an LV of this host")
         return self.plan_lv_duplicate(obj.lv, obj.duplicate_kind, name)
 
     def plan_lv_duplicate(self, lv: lvm.LogicalVolume, kind: DuplicateKind,

@@ -31,10 +31,12 @@ from ..text import printable
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 
+#: a duplicate a storage node made (SAN mode): its kind is the node's choice, a field
+STORAGE_DUPLICATE = "storage-duplicate"
 #: the kinds of resource a session can hold, in the order release undoes them; a
-#: duplicate is journaled under its DuplicateKind's value
+#: duplicate of this host is journaled under its DuplicateKind's value
 RESOURCE_KINDS: tuple[str, ...] = ("lio-target", "lio-backstore", "frozen",
-                                   *DuplicateKind.values())
+                                   *DuplicateKind.values(), STORAGE_DUPLICATE)
 
 
 @dataclass

@@ -8,6 +8,8 @@ Order of checks, cheapest and least revealing first::
     absolute, no NUL, no '..'  →  realpath inside an allowed root  →  exists
     →  directory or regular file  →  findmnt: not '/', ext4/xfs, not the root fs
     →  lvs: an LV, not internal/snapshot/pool/ours, in sync  →  duplicate kind
+       or else udev: a whole SCSI disk with an NAA identifier (SAN mode: a storage
+       node's LUN; which node serves it is the agent config's business)
 
 The roots are checked before existence so a client learns nothing about
 paths outside its roots.
@@ -59,26 +61,82 @@ class OsFS:
 
 
 @dataclass(frozen=True)
+class SanDisk:
+    """A whole disk that is a storage node's LUN, named by the identifier both hosts see."""
+
+    identifier: str
+    #: this host's device node (for messages only: names differ between hosts)
+    device: str
+
+
+class Disks(Protocol):
+    """The udev lookups resolve needs for a disk that is not an LV (tests pass a fake)."""
+
+    def san_disk(self, major: int, minor: int) -> SanDisk | str | None:
+        """The LUN behind device ``major:minor``; None if it is no SCSI disk with an
+        identifier; a reason (text) if it is one but cannot be duplicated whole."""
+        ...
+
+
+class UdevDisks:
+    """pyudev: the block device's ``device/wwid`` and ``ID_WWN_WITH_EXTENSION``."""
+
+    def san_disk(self, major: int, minor: int) -> SanDisk | str | None:
+        import pyudev
+
+        from ..proxy.devices import device_wwids
+
+        try:
+            dev = pyudev.Devices.from_device_number(pyudev.Context(), "block",
+                                                    os.makedev(major, minor))
+        except (pyudev.DeviceNotFoundError, ValueError, OSError):
+            return None
+        wwids = sorted(w for w in device_wwids(dev) if w.startswith("naa."))
+        if not wwids:
+            parent = dev.find_parent("block", "disk") if dev.device_type == "partition" else None
+            if parent is not None and device_wwids(parent):
+                return (f"{dev.device_node} is a partition of a SAN disk; the duplicate is "
+                        "the whole LUN, so only a filesystem on the whole disk is supported")
+            return None
+        if len(wwids) > 1:
+            return f"{dev.device_node} reports {len(wwids)} identifiers ({', '.join(wwids)})"
+        return SanDisk(wwids[0], str(dev.device_node))
+
+
+@dataclass(frozen=True)
 class BackupObject:
-    """What a request resolves to."""
+    """What a request resolves to: on an LV of this host (``lv``) or on a LUN (``san``)."""
 
     requested_path: str
     real_path: str
     kind: ObjectKind
     mount: Mount
-    lv: LogicalVolume
+    lv: LogicalVolume | None
     #: relative to the filesystem's root ("." for it): what the proxy joins to
     #: its own mount of the duplicate. The same as relative to the mount point,
     #: except under a bind mount, where the bound subdirectory comes first.
     path_in_fs: str
-    duplicate_kind: DuplicateKind
+    #: None only on a LUN with no kind asked for: the storage node chooses
+    duplicate_kind: DuplicateKind | None
     #: the allowed root (real path) the object lies in
     root: str
+    san: SanDisk | None = None
 
     def __post_init__(self) -> None:
         # the enums hold past here even for an object a test or a caller built from text
         object.__setattr__(self, "kind", ObjectKind.parse(self.kind))
-        object.__setattr__(self, "duplicate_kind", DuplicateKind.parse(self.duplicate_kind))
+        if self.duplicate_kind is not None or self.san is None:
+            object.__setattr__(self, "duplicate_kind", DuplicateKind.parse(self.duplicate_kind))
+        if (self.lv is None) == (self.san is None):
+            raise ValueError("a backup object is on an LV or on a LUN, exactly one")
+
+    @property
+    def volume(self) -> str:
+        """The volume, as messages and the journal name it."""
+        if self.lv is not None:
+            return self.lv.full_name
+        assert self.san is not None
+        return self.san.identifier
 
 
 def _inside(path: str, root: str) -> bool:
@@ -223,7 +281,7 @@ def _path_in_fs(path: str, real: str, mount: Mount) -> str:
 
 def resolve(runner: Runner, path: str, allowed_roots: Sequence[str], *,
             duplicate_kind: DuplicateKind | str | None = None,
-            fs: FS | None = None) -> BackupObject:
+            fs: FS | None = None, disks: Disks | None = None) -> BackupObject:
     """Resolve ``path`` for a client allowed ``allowed_roots``; RefusedError names why not.
 
     ``duplicate_kind`` overrides the suggestion drawn from the LV's segment
@@ -241,8 +299,15 @@ def resolve(runner: Runner, path: str, allowed_roots: Sequence[str], *,
     _check_mount(runner, path, mount)
     lv = lvm.find_lv_by_devno(runner, mount.major, mount.minor)
     if lv is None:
+        san = (disks or UdevDisks()).san_disk(mount.major, mount.minor)
+        if isinstance(san, SanDisk):
+            return BackupObject(requested_path=path, real_path=real, kind=kind, mount=mount,
+                                lv=None, path_in_fs=_path_in_fs(path, real, mount),
+                                duplicate_kind=override, root=root, san=san)
+        why = f" ({san})" if isinstance(san, str) else ""
         raise _refuse(path, f"not on LVM: {mount.target} is mounted from {mount.source} "
-                            f"({mount.major}:{mount.minor}), not a logical volume")
+                            f"({mount.major}:{mount.minor}), not a logical volume nor a "
+                            f"storage node's LUN{why}")
     check_lv(path, lv)
     chosen = choose_kind(path, lv, override)
     return BackupObject(requested_path=path, real_path=real, kind=kind, mount=mount, lv=lv,

@@ -124,5 +124,9 @@ class AgentService(Service):
 
     def closed(self, clean: bool) -> None:
         """Release what the connection left open, after the grace period."""
-        release_after_grace(self.open, self.agent.release, grace_s=self.agent.config.grace_s,
-                            sleep=self.sleep, who=f"client {self.client}", clean=clean)
+        try:
+            release_after_grace(self.open, self.agent.release,
+                                grace_s=self.agent.config.grace_s, sleep=self.sleep,
+                                who=f"client {self.client}", clean=clean)
+        finally:
+            self.agent.close()  # the storage nodes' connections (SAN mode)

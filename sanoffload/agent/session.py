@@ -26,15 +26,17 @@ from typing import Any
 import psutil
 
 from ..channel.messages import PrepareAnswer
-from ..errors import AuthError, CleanupError, ResourceError
+from ..errors import AuthError, CleanupError, ConfigError, RefusedError, ResourceError
 from ..kinds import DuplicateKind
 from ..runner import Runner
 from ..tools import fsfreeze, lio, lvm
 from ..undo import UndoStack
 from .config import Client, Config
 from .controller import Accounted, Duplicate, LocalController, StorageController
-from .journal import Journal, Resource, SessionRecord
-from .quiesce import quiesce_and_duplicate
+from .guard import FreezeGuard
+from .journal import RESOURCE_KINDS, STORAGE_DUPLICATE, Journal, Resource, SessionRecord
+from .quiesce import GuardFactory, quiesce_and_duplicate
+from .remote import RemoteController, RemoteFactory
 from .resolve import BackupObject, resolve
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ _SECRET_ALPHABET = string.ascii_letters + string.digits
 CHAP_SECRET_LEN = 16
 #: the journal's resource kind of a duplicate is its DuplicateKind's value
 DUPLICATE_KINDS: tuple[str, ...] = DuplicateKind.values()
+#: the order a release undoes a session's resources in
+RELEASE_ORDER = {k: i for i, k in enumerate(RESOURCE_KINDS)}
 
 
 def new_session_id(host: str) -> str:
@@ -67,15 +71,56 @@ class Agent:
     def __init__(self, runner: Runner, config: Config, *,
                  controller: StorageController | None = None, host: str | None = None,
                  clock: Callable[[], float] = time.time,
-                 resolver: Callable[..., BackupObject] = resolve) -> None:
+                 resolver: Callable[..., BackupObject] = resolve,
+                 remotes: RemoteFactory | None = None,
+                 guard_factory: GuardFactory = FreezeGuard) -> None:
         self.runner = runner
         self.resolve = resolver
         self.config = config
         self.controller = controller or LocalController(runner, config)
+        self._remote_factory = remotes or functools.partial(RemoteController.over_ssh, runner)
+        self._remotes: dict[str, RemoteController] = {}
+        self.guard_factory = guard_factory
         self.journal = Journal(config.state_dir)
         self.host = host or socket.gethostname().split(".")[0]
         self.clock = clock
         self._held = False
+
+    # -- controllers ---------------------------------------------------------
+    def remote(self, node: str) -> RemoteController:
+        """The controller of storage node ``node`` (one connection, kept until :meth:`close`)."""
+        found = self._remotes.get(node)
+        if found is None:
+            ref = self.config.storage_nodes.get(node)
+            if ref is None:
+                raise ConfigError(f"storage node {node!r} is not in {self.config.path}",
+                                  hint="a session made there is released once the node is "
+                                       "named again, or by 'sanoffload storage cleanup' on it")
+            found = self._remotes[node] = self._remote_factory(ref)
+        return found
+
+    def _ctl(self, node: str) -> StorageController:
+        """The controller that made a journaled resource ("" is this host's)."""
+        return self.remote(node) if node else self.controller
+
+    def _node_for(self, obj: BackupObject) -> str:
+        """"" for an LV of this host; the storage node's name for a LUN (RefusedError if none
+        serves it)."""
+        if obj.san is None:
+            return ""
+        ref = self.config.storage_node_for(obj.san.identifier)
+        if ref is None:
+            raise RefusedError(
+                f"{obj.requested_path}: {obj.mount.target} is on {obj.san.device}, a SAN disk "
+                f"(identifier {obj.san.identifier}) that no storage node in {self.config.path} "
+                "serves", hint="add a [storage_nodes.NAME] table (see the README, SAN mode)")
+        return ref.name
+
+    def close(self) -> None:
+        """Hang up on the storage nodes (what they made and never exposed goes with it)."""
+        for remote in self._remotes.values():
+            remote.close()
+        self._remotes.clear()
 
     # -- prepare -----------------------------------------------------------
     @contextmanager
@@ -113,6 +158,10 @@ class Agent:
             raise AuthError(f"initiator {initiator!r} belongs to client {owner.name!r}, "
                             f"not to {client!r}")
         obj = self.resolve(self.runner, path, owner.roots, duplicate_kind=kind)
+        node = self._node_for(obj)
+        if node and owner.san_port is None:
+            raise RefusedError(f"{path}: on a storage node's LUN, and client {owner.name} has "
+                               "no san_port", hint=f"set clients.{owner.name}.san_port")
         with self.locked():
             self._cleanup_locked(all_sessions=False, orphans=False)
             return self._prepare(owner, obj, initiator)
@@ -134,42 +183,53 @@ class Agent:
                             path=obj.real_path, created=now,
                             lease_expires=now + self.config.lease_s,
                             info={"mountpoint": obj.mount.target, "fstype": obj.mount.fstype,
-                                  "origin": obj.lv.full_name,
-                                  "kind": obj.duplicate_kind.value,
-                                  "pid": os.getpid()})
+                                  "origin": obj.volume,
+                                  "kind": obj.duplicate_kind.value if obj.duplicate_kind
+                                  else "", "pid": os.getpid()})
+        node = self._node_for(obj)
+        if node:
+            rec.info["node"] = node
+        ctl = self._ctl(node)
         self.journal.save(rec)
         with UndoStack() as undo:
             # anything below that fails unwinds what was made, then settles the record
             undo.push("session record", self._finish_failed, rec)
             dup_name = f"{lvm.NAME_PREFIX}{sid}"
-            who = self.controller.who_freezes(obj.duplicate_kind)
             # the undo is registered with the intent: it is idempotent, and for an intended
             # duplicate it also removes what a failed lvcreate half made
-            dup_res = self.journal.intend(rec, obj.duplicate_kind.value, vg=obj.lv.vg,
-                                          name=dup_name, origin=obj.lv.name)
-            undo.push(f"{obj.duplicate_kind} {dup_name}", self._undo, rec, dup_res)
+            if obj.lv is not None and obj.duplicate_kind is not None:
+                who = ctl.who_freezes(obj.duplicate_kind)
+                dup_res = self.journal.intend(rec, obj.duplicate_kind.value, vg=obj.lv.vg,
+                                              name=dup_name, origin=obj.lv.name)
+            else:
+                who = ctl.who_freezes(obj.duplicate_kind or DuplicateKind.SNAPSHOT)
+                dup_res = self.journal.intend(rec, STORAGE_DUPLICATE, node=node, vg="",
+                                              name=dup_name, origin="", made_kind="",
+                                              lun=obj.volume)
+            undo.push(f"duplicate {dup_name} of {obj.volume}", self._undo, rec, dup_res)
             # journaled for a crash only: once quiesce returns or raises, it has thawed
             frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
 
             # lookups before the freeze: the frozen window holds the one command
-            plan = self.controller.plan_duplicate(obj, dup_name)
+            plan = ctl.plan_duplicate(obj, dup_name)
             frozen_at = time.time()
 
             def discard(made: Duplicate) -> None:
-                self.controller.discard(plan.complete(made))
+                ctl.discard(plan.complete(made))
 
             try:
                 q = quiesce_and_duplicate(
                     self.runner, obj.mount.target, plan.make, hooks=self.config.hooks.to_hooks(),
                     deadline_s=self.config.freeze_deadline_s, who_freezes=who,
                     state_dir=self.config.run_dir, path=obj.real_path,
-                    discard=discard)
+                    discard=discard, guard_factory=self.guard_factory)
             finally:
                 self.journal.forget(rec, frozen)
             dup = plan.complete(q.result)
             # the split image of a raid1 keeps LVM's name (LV_rimage_N), and a storage node
             # may place the copy elsewhere: journal where it is
-            self.journal.done(rec, dup_res, vg=dup.vg, name=dup.name)
+            self.journal.done(rec, dup_res, vg=dup.vg, name=dup.name, origin=dup.origin,
+                              **({"made_kind": dup.kind.value} if node else {}))
 
             serial = lio.new_serial()
             chap_secret = "".join(secrets.choice(_SECRET_ALPHABET)
@@ -179,14 +239,16 @@ class Agent:
                 session_id=sid, device=dup.device,
                 target_iqn=lio.target_iqn_for(sid), initiator_iqn=initiator,
                 portal_ip=self.config.portal.address, portal_port=self.config.portal.port,
-                chap_user=f"sanoffload-{sid}", chap_secret=chap_secret, serial=serial)
+                chap_user=f"sanoffload-{sid}", chap_secret=chap_secret, serial=serial,
+                port=(client.san_port or "") if node else "")
+            where = {"node": node} if node else {}
             bs_res = self.journal.intend(rec, "lio-backstore", name=spec.backstore,
-                                         serial=serial)
+                                         serial=serial, **where)
             undo.push(f"backstore {spec.backstore}", self._undo, rec, bs_res)
             tgt_res = self.journal.intend(rec, "lio-target", iqn=spec.target_iqn,
-                                          backstore=spec.backstore)
+                                          backstore=spec.backstore, **where)
             undo.push(f"target {spec.target_iqn}", self._undo, rec, tgt_res)
-            export = self.controller.expose(dup, spec)
+            export = ctl.expose(dup, spec)
             self.journal.done(rec, bs_res)
             self.journal.done(rec, tgt_res)
             rec.state = "ready"
@@ -197,8 +259,9 @@ class Agent:
                              "held": [h.hook for h in q.held]})
             self.journal.save(rec)
             undo.commit()
-        log.info("session %s ready: %s frozen %.1f ms by %s, exported as %s", sid,
-                 obj.mount.target, q.window_ms, q.frozen_by, export.identifier)
+        log.info("session %s ready: %s frozen %.1f ms by %s, exported as %s%s", sid,
+                 obj.mount.target, q.window_ms, q.frozen_by, export.identifier,
+                 f" by storage node {node} at {export.portal_ip}" if node else "")
         return Prepared(
             session_id=sid, target_iqn=export.target_iqn,
             portals=[f"{export.portal_ip}:{export.portal_port}"], lun=export.lun,
@@ -219,17 +282,18 @@ class Agent:
     # -- undo one resource ---------------------------------------------------
     def _undo(self, rec: SessionRecord, res: Resource) -> None:
         f = res.fields
+        ctl = self._ctl(str(f.get("node") or ""))
         if res.kind == "lio-target":
-            self.controller.unexpose(f["iqn"], f.get("backstore", ""))
+            ctl.unexpose(f["iqn"], f.get("backstore", ""))
         elif res.kind == "lio-backstore":
-            self.controller.unexpose("", f["name"])
+            ctl.unexpose("", f["name"])
         elif res.kind == "frozen":
             fsfreeze.unfreeze(self.runner, f["mountpoint"])
-        elif res.kind in DUPLICATE_KINDS:
-            dup = Duplicate(DuplicateKind(res.kind), f["vg"], f["name"], f["origin"])
+        elif res.kind in DUPLICATE_KINDS or res.kind == STORAGE_DUPLICATE:
+            dup = _journaled_duplicate(res)
             if res.state == "intended":
-                self.controller.discard_partial(dup)
-            self.controller.discard(dup)
+                ctl.discard_partial(dup)
+            ctl.discard(dup)
         self.journal.forget(rec, res)
 
     # -- status / release ----------------------------------------------------
@@ -239,16 +303,16 @@ class Agent:
         rec = self.journal.load(session_id)
         if rec is None:
             return {"session_id": session_id, "status": "unknown"}
-        dup_res = next((r for r in rec.resources if r.kind in DUPLICATE_KINDS), None)
+        dup_res = next((r for r in rec.resources
+                        if r.kind in DUPLICATE_KINDS or r.kind == STORAGE_DUPLICATE), None)
         status = "healthy"
         if rec.state != "ready":
             status = rec.state
         elif self.clock() >= rec.lease_expires:
             status = "expired"
         elif dup_res is not None:
-            f = dup_res.fields
-            status = self.controller.health(Duplicate(DuplicateKind(dup_res.kind), f["vg"],
-                                                      f["name"], f["origin"]))
+            status = self._ctl(str(dup_res.fields.get("node") or "")).health(
+                _journaled_duplicate(dup_res))
         return {"session_id": session_id, "status": status, "state": rec.state,
                 "lease_expires": rec.lease_expires, "path": rec.path, **rec.info}
 
@@ -269,9 +333,7 @@ class Agent:
         self.journal.save(rec)
         errors: list[BaseException] = []
         done: list[str] = []
-        order = {k: i for i, k in enumerate(("lio-target", "lio-backstore", "frozen",
-                                              *DUPLICATE_KINDS))}
-        for res in sorted(rec.resources, key=lambda r: order[r.kind]):
+        for res in sorted(rec.resources, key=lambda r: RELEASE_ORDER[r.kind]):
             try:
                 self._undo(rec, res)
                 done.append(f"{res.kind} {res.fields}")
@@ -328,14 +390,22 @@ class Agent:
                 undo()
             except Exception as exc:
                 errors.append(exc)
-        report = {"released": released, "orphans_removed": [w for w, _ in found]}
+        swept: list[str] = []
+        for node in self.config.storage_nodes if orphans else ():
+            # what a crash left there the node finds (its journal, its marks), not we
+            try:
+                swept += [f"{node}: {r}" for r in self.remote(node).sweep()]
+            except Exception as exc:
+                errors.append(exc)
+        report = {"released": released, "orphans_removed": [w for w, _ in found] + swept}
         if errors:
             raise CleanupError(errors, context="agent cleanup")
         return report
 
     def _orphans(self) -> list[tuple[str, Callable[[], Any]]]:
         """Our objects no journal record accounts for, as the controller finds them."""
-        recs = list(self.journal)
+        # a storage node's objects are its own to sweep: only this host's are accounted here
+        recs = [rec for rec in self.journal if not rec.info.get("node")]
         accounted = Accounted(
             duplicates=frozenset((str(r.fields.get("vg")), str(r.fields.get("name")))
                                  for rec in recs for r in rec.resources
@@ -347,3 +417,13 @@ class Agent:
         ctl = self.controller
         return [(str(o), functools.partial(ctl.remove_orphan, o))
                 for o in ctl.orphans(accounted)]
+
+
+def _journaled_duplicate(res: Resource) -> Duplicate:
+    """The duplicate a journal resource names. A storage node's, asked for and never
+    answered, has no kind or VG yet: the node finds it by name, whatever kind is sent."""
+    f = res.fields
+    kind = res.kind if res.kind in DUPLICATE_KINDS else \
+        (f.get("made_kind") or DuplicateKind.SNAPSHOT)
+    return Duplicate(DuplicateKind.parse(kind), str(f.get("vg") or ""), str(f["name"]),
+                     str(f.get("origin") or ""))

@@ -45,10 +45,20 @@ DEFAULT_CONNECTION_S = 24 * 3600.0
 class Connection:
     """A channel plus what must happen when it closes (wait for ssh, collect its error)."""
 
-    def __init__(self, channel: Channel, close: Callable[[], str | None] | None = None) -> None:
+    def __init__(self, channel: Channel, close: Callable[[], str | None] | None = None,
+                 kill: Callable[[], None] | None = None) -> None:
         self.channel = channel
         self._close = close
+        self._kill = kill
         self.closed = False
+
+    def kill(self) -> None:
+        """End the transport now (from another thread: a reply that must not be waited for
+        longer); the reader then sees the end of the stream."""
+        if self._kill is not None:
+            self._kill()
+        else:
+            self.channel.close()
 
     def close(self) -> str | None:
         """Hang up; returns the transport's complaint (ssh's last stderr line) if any."""
@@ -89,7 +99,7 @@ def ssh_connector(runner: Runner, dest: str, remote: Sequence[str], *,
             lines = last.stderr.strip().splitlines()
             return f"ssh {dest} exited {last.returncode}: {lines[-1] if lines else 'no output'}"
 
-        return Connection(channel, close)
+        return Connection(channel, close, pipe.kill)
 
     return connect
 
@@ -115,11 +125,24 @@ def in_process_connector(serve_fn: Callable[[Channel], Any], peer: str = "peer")
         thread.start()
         channel = Channel(os.fdopen(s2c_r, "rb"), os.fdopen(c2s_w, "wb"), peer=peer)
 
+        killed = threading.Event()
+
+        def kill() -> None:
+            # /dev/null takes the place of the server's write end: the client's reader sees
+            # EOF, and a stuck server that wakes up later writes into nothing
+            killed.set()
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, s2c_w)
+            finally:
+                os.close(null)
+
         def close() -> str | None:
-            thread.join(30)
+            if not killed.is_set():
+                thread.join(30)
             return None
 
-        return Connection(channel, close)
+        return Connection(channel, close, kill)
 
     return connect
 

@@ -195,7 +195,9 @@ class StorageNode:
             return None
         if held.record.client != client:
             raise AuthError(f"{op}: duplicate {_shown(dup.name)} belongs to another client")
-        if held.resource.kind != dup.kind.value:
+        # a request cut off before its reply names the duplicate with no VG and no kind the
+        # client could know: the name alone finds it then
+        if dup.vg and held.resource.kind != dup.kind.value:
             raise RefusedError(f"{op}: duplicate {_shown(dup.name)} is a {held.resource.kind}, "
                                f"not a {dup.kind.value}")
         return held
@@ -400,10 +402,17 @@ class StorageNode:
     def owner(self, session_id: str) -> str | None:
         return self.agent.owner(session_id)
 
+    def exposed(self, session_id: str) -> bool:
+        """The duplicate is exported: the client's own journal holds it now (a client that
+        ends its connection after expose, as a one-shot ``agent prepare`` does, keeps it)."""
+        rec = self.journal.load(session_id)
+        return rec is not None and any(r.kind == "lio-target" and r.state == "created"
+                                       for r in rec.resources)
+
     # -- cleanup ---------------------------------------------------------------
     def cleanup_client(self, client: str) -> list[str]:
-        """What this client's ended connections left: records no live connection holds, and
-        its expired or failed ones."""
+        """What this client's ended connections left: records no live connection holds and
+        that were never exposed, and its expired or failed ones."""
         self.config.client(client)
         removed: list[str] = []
         with self._locked():
@@ -411,8 +420,9 @@ class StorageNode:
             for rec in list(self.journal):
                 if rec.client != client:
                     continue
-                if self.held(rec) and rec.state == "ready" and now < rec.lease_expires:
-                    continue
+                if rec.state == "ready" and now < rec.lease_expires and \
+                        (self.held(rec) or self.exposed(rec.session_id)):
+                    continue  # in use: by its connection, or exposed (the client's to release)
                 if self.held(rec) and rec.state == "preparing":
                     continue  # its connection is making it right now
                 removed += self.agent.release(rec.session_id)

@@ -52,8 +52,11 @@ client's proxies; UsageError (2) / ProtocolError (11) for malformed fields;
 ResourceError (7) for max_sessions or an object that exists already.
 
 The client name comes from the forced command (``--client``), never from a
-request. Duplicates this connection made and did not discard are released
-``grace_s`` after it ends (cleanly or not), as the agent releases sessions.
+request. Duplicates this connection made and neither discarded nor exposed
+are released ``grace_s`` after it ends (cleanly or not): the client died
+between freeze and answer. An exposed one is in the client's journal, released
+by the client (release, its lease, its cleanup at start-up), and by this node's
+``lease_s`` at the latest.
 """
 
 from __future__ import annotations
@@ -149,6 +152,9 @@ class StorageService(Service):
     def closed(self, clean: bool) -> None:
         """Release what the connection left open, after the grace period."""
         self.node.disconnect(self.conn)
-        still = [sid for sid in self.open if self.node.owner(sid) is not None]
+        # an exposed duplicate is the client's to release (its journal, its lease, its
+        # cleanup at start-up; this node's lease as the backstop)
+        still = [sid for sid in self.open
+                 if self.node.owner(sid) is not None and not self.node.exposed(sid)]
         release_after_grace(still, self.node.release, grace_s=self.node.config.grace_s,
                             sleep=self.sleep, who=f"client {self.client}", clean=clean)

@@ -101,6 +101,8 @@ class ExportSpec:
     serial: str
     portal_port: int = 3260
     lun: int = 0
+    #: SAN mode: the storage node's port ID to expose on (its portal, not ours)
+    port: str = ""
 
     @property
     def backstore(self) -> str:

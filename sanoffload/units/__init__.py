@@ -5,6 +5,8 @@
 * ``sanoffload-backup@.service`` + ``@.timer``: proxy, one instance per job, daily.
 * ``sanoffload-proxy-cleanup.service``: proxy, at boot: ``proxy cleanup`` (what a killed
   backup left: node records, sessions, mounts).
+* ``sanoffload-storage-cleanup.service``: storage node, at boot: ``storage cleanup --all``
+  (duplicates and their exports a crash or reboot left).
 
 They are package data (``*.service``, ``*.timer``), read with importlib.resources
 so they work from a wheel, an editable install or a zip alike.

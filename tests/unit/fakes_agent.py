@@ -133,6 +133,7 @@ class FakeController:
 
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
         self._enter("duplicate", obj, name)
+        assert obj.lv is not None and obj.duplicate_kind is not None
         dup = Duplicate(obj.duplicate_kind, obj.lv.vg, name, obj.lv.name)
         self.duplicates[(dup.vg, dup.name)] = dup
         return dup

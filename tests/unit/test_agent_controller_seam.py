@@ -51,6 +51,7 @@ class NodeController:
         return Immediate(lambda: self.duplicate(obj, name))
 
     def duplicate(self, obj: BackupObject, name: str) -> Duplicate:
+        assert obj.lv is not None and obj.duplicate_kind is not None
         dup = Duplicate(obj.duplicate_kind, "node-pool", name, obj.lv.name)
         self.copies[name] = dup
         return dup

@@ -60,11 +60,16 @@ class FakeAgent:
 
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config = config or FakeConfig()
+        self.closed = 0
         self.owners: dict[str, str] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.fail: dict[str, BaseException] = {}
         self.lock = threading.Lock()
         self._n = 0
+
+    def close(self) -> None:
+        """Hangs up on storage nodes (none here)."""
+        self.closed += 1
 
     def prepare(self, path: str, initiator: str, *, kind: str | None = None,
                 client: str | None = None) -> PrepareAnswer:

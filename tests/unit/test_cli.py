@@ -130,7 +130,8 @@ def test_doctor_json_failure_still_valid_json(fake_machine: FakeMachine, capsys:
     assert cli.run(["doctor", "--role", "storage", "--json"]) == 4
     captured = capsys.readouterr()
     data = json.loads(captured.out)
-    assert data["missing"] == ["device-mapper", "LIO", "SCSI"] and data["exit_code"] == 4
+    assert data["missing"] == ["device-mapper", "LIO", "SCSI", "storage.toml"]
+    assert data["exit_code"] == 4
     assert captured.err.count("\n") == 1
     assert captured.err.startswith("sanoffload: error: role storage is missing: "
                                    "device-mapper, LIO, SCSI")

@@ -15,18 +15,21 @@ from types import SimpleNamespace
 import pytest
 
 import sanoffload
-from sanoffload.doctor import PROBE_TIMEOUT, REQUIREMENTS, Host, run_checks
+from sanoffload.doctor import PROBE_TIMEOUT, REQUIREMENTS, SETUP, Host, run_checks
 from sanoffload.errors import Interrupted
 from sanoffload.requirements import ROLES
 from sanoffload.runner import DEFAULT_PATH
 
 from ..fixtures.doctor import fakehost as fh
+from .test_doctor_storage import storage_host
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(sanoffload.__file__).resolve().parent.parent
 
-
+#: the fake host, configured as a storage node too (storage.toml, addresses, LUNs, state_dir),
+#: so the storage role's setup checks pass unless a test says otherwise
+fake_host = storage_host
 
 
 def names(role: str) -> list[str]:
@@ -39,7 +42,7 @@ def names(role: str) -> list[str]:
 
 @pytest.mark.parametrize("role", ROLES)
 def test_all_present_exits_zero(tmp_path: Path, role: str) -> None:
-    report = run_checks(role, fh.fake_host(tmp_path))
+    report = run_checks(role, fake_host(tmp_path))
     assert report.missing == []
     assert report.warnings == []
     assert report.ok and report.exit_code == 0
@@ -50,10 +53,12 @@ def test_all_present_exits_zero(tmp_path: Path, role: str) -> None:
 
 @pytest.mark.parametrize("role", ROLES)
 def test_nothing_present_fails_and_every_check_explains_itself(tmp_path: Path, role: str) -> None:
-    host = fh.fake_host(tmp_path, without=fh.FEATURES, tools=(), modules={})
+    host = fake_host(tmp_path, without=fh.FEATURES, tools=(), modules={})
     report = run_checks(role, host)
     assert not report.ok and report.exit_code == 4
-    required = [n.name for n in REQUIREMENTS[role] if not n.optional]
+    # the host is set up (storage.toml, LUNs…): only the tools and features are gone
+    required = [n.name for n in REQUIREMENTS[role]
+                if not n.optional and n not in SETUP.get(role, ())]
     assert report.missing == required
     for check in report.checks:
         assert check.name and check.what and check.detail and check.fails_without
@@ -65,7 +70,7 @@ def test_nothing_present_fails_and_every_check_explains_itself(tmp_path: Path, r
 
 def test_storage_on_bare_machine_names_device_mapper_lio_and_scsi(tmp_path: Path) -> None:
     # tools installed but the kernel lacks the features: the situation of a dev VM
-    host = fh.fake_host(tmp_path, without=("device-mapper", "LIO", "SCSI", "configfs",
+    host = fake_host(tmp_path, without=("device-mapper", "LIO", "SCSI", "configfs",
                                            "iscsi_target_mod"))
     report = run_checks("storage", host)
     assert report.exit_code == 4
@@ -80,7 +85,7 @@ def test_storage_on_bare_machine_names_device_mapper_lio_and_scsi(tmp_path: Path
 
 @pytest.mark.parametrize("role", ["agent", "storage"])
 def test_missing_device_mapper_is_named(tmp_path: Path, role: str) -> None:
-    host = fh.fake_host(tmp_path, without=["device-mapper"])
+    host = fake_host(tmp_path, without=["device-mapper"])
     report = run_checks(role, host)
     assert report.missing == ["device-mapper"]
     assert report.exit_code == 4
@@ -91,14 +96,14 @@ def test_missing_device_mapper_is_named(tmp_path: Path, role: str) -> None:
 
 def test_device_mapper_found_by_dmsetup_driver_line(tmp_path: Path) -> None:
     runner = fh.fake_runner(dm_driver=True)
-    host = fh.fake_host(tmp_path, without=["device-mapper"], runner=runner)
+    host = fake_host(tmp_path, without=["device-mapper"], runner=runner)
     check = run_checks("storage", host).check("device-mapper")
     assert check.present
     assert check.detail.startswith("Driver version:")
 
 
 def test_device_mapper_found_in_proc_misc_without_running_dmsetup(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["device-mapper"])
+    host = fake_host(tmp_path, without=["device-mapper"])
     (tmp_path / "proc/misc").write_text(" 58 device-mapper\n237 loop-control\n")
     check = run_checks("storage", host).check("device-mapper")
     assert check.present and "/proc/misc" in check.detail
@@ -107,7 +112,7 @@ def test_device_mapper_found_in_proc_misc_without_running_dmsetup(tmp_path: Path
 
 def test_device_mapper_control_node_counts_only_without_dmsetup(tmp_path: Path) -> None:
     tools = fh.ALL_TOOLS - {"dmsetup"}
-    host = fh.fake_host(tmp_path, without=["device-mapper"], tools=tools)
+    host = fake_host(tmp_path, without=["device-mapper"], tools=tools)
     (tmp_path / "dev/mapper").mkdir(parents=True)
     (tmp_path / "dev/mapper/control").touch()
     report = run_checks("storage", host)
@@ -117,7 +122,7 @@ def test_device_mapper_control_node_counts_only_without_dmsetup(tmp_path: Path) 
 
 
 def test_stale_control_node_does_not_fool_dmsetup(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["device-mapper"])
+    host = fake_host(tmp_path, without=["device-mapper"])
     (tmp_path / "dev/mapper").mkdir(parents=True)
     (tmp_path / "dev/mapper/control").touch()
     assert not run_checks("storage", host).check("device-mapper").present
@@ -126,7 +131,7 @@ def test_stale_control_node_does_not_fool_dmsetup(tmp_path: Path) -> None:
 def test_dmsetup_timeout_is_reported_not_raised(tmp_path: Path) -> None:
     runner = fh.fake_runner()
     runner.on("dmsetup", "version", timeout=True)
-    host = fh.fake_host(tmp_path, without=["device-mapper"], runner=runner)
+    host = fake_host(tmp_path, without=["device-mapper"], runner=runner)
     check = run_checks("storage", host).check("device-mapper")
     assert not check.present
     assert "timed out" in check.detail
@@ -134,7 +139,7 @@ def test_dmsetup_timeout_is_reported_not_raised(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("role", ["agent", "storage"])
 def test_missing_lio_is_named(tmp_path: Path, role: str) -> None:
-    report = run_checks(role, fh.fake_host(tmp_path, without=["LIO"]))
+    report = run_checks(role, fake_host(tmp_path, without=["LIO"]))
     assert report.missing == ["LIO"]
     assert "CONFIG_TARGET_CORE" in report.check("LIO").detail
 
@@ -143,7 +148,7 @@ def test_lio_loadable_module_counts_as_present_and_says_so(tmp_path: Path) -> No
     # rtslib-fb loads target_core_mod on first use, so a loadable module is enough
     runner = fh.fake_runner(fh.ALL_TOOLS | {"modprobe"})
     runner.on("modprobe", "-n", "-q", "target_core_mod", returncode=0)
-    host = fh.fake_host(tmp_path, without=["LIO"], runner=runner)
+    host = fake_host(tmp_path, without=["LIO"], runner=runner)
     check = run_checks("storage", host).check("LIO")
     assert check.present
     assert "modprobe target_core_mod" in check.detail
@@ -151,7 +156,7 @@ def test_lio_loadable_module_counts_as_present_and_says_so(tmp_path: Path) -> No
 
 
 def test_lio_module_loaded_but_configfs_unmounted(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["LIO", "configfs"])
+    host = fake_host(tmp_path, without=["LIO", "configfs"])
     (tmp_path / "sys/module/target_core_mod").mkdir(parents=True)
     report = run_checks("storage", host)
     assert report.missing == ["configfs", "LIO"]
@@ -159,7 +164,7 @@ def test_lio_module_loaded_but_configfs_unmounted(tmp_path: Path) -> None:
 
 
 def test_configfs_known_but_not_mounted(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["configfs"])
+    host = fake_host(tmp_path, without=["configfs"])
     (tmp_path / "proc/filesystems").write_text("nodev\tsysfs\nnodev\tconfigfs\n")
     check = run_checks("agent", host).check("configfs")
     # LIO's directory exists in the fake tree, which implies configfs is mounted
@@ -171,20 +176,20 @@ def test_configfs_known_but_not_mounted(tmp_path: Path) -> None:
 
 
 def test_configfs_absent_from_kernel(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["configfs", "LIO"])
+    host = fake_host(tmp_path, without=["configfs", "LIO"])
     check = run_checks("storage", host).check("configfs")
     assert not check.present and "CONFIG_CONFIGFS_FS" in check.detail
 
 
 @pytest.mark.parametrize("role", ["storage", "proxy", "agent"])
 def test_missing_scsi_is_named(tmp_path: Path, role: str) -> None:
-    report = run_checks(role, fh.fake_host(tmp_path, without=["SCSI"]))
+    report = run_checks(role, fake_host(tmp_path, without=["SCSI"]))
     assert report.missing == ["SCSI"]
     assert "/sys/bus/scsi" in report.check("SCSI").detail
 
 
 def test_scsi_class_dir_alone_is_enough(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["SCSI"])
+    host = fake_host(tmp_path, without=["SCSI"])
     (tmp_path / "sys/class/scsi_host").mkdir(parents=True)
     assert run_checks("proxy", host).check("SCSI").present
 
@@ -193,7 +198,7 @@ def test_iscsi_tcp_loadable_via_modprobe_dry_run(tmp_path: Path) -> None:
     tools = fh.ALL_TOOLS | {"modprobe"}
     runner = fh.fake_runner(tools)
     runner.on("modprobe", "-n", "-q", "iscsi_tcp", returncode=0)
-    host = fh.fake_host(tmp_path, without=["iscsi_tcp"], runner=runner)
+    host = fake_host(tmp_path, without=["iscsi_tcp"], runner=runner)
     check = run_checks("proxy", host).check("iscsi_tcp")
     assert check.present and "not loaded yet" in check.detail
     call = next(c for c in runner.calls if c.argv[0] == "modprobe")
@@ -203,21 +208,21 @@ def test_iscsi_tcp_loadable_via_modprobe_dry_run(tmp_path: Path) -> None:
 
 def test_iscsi_tcp_unknown_to_modprobe(tmp_path: Path) -> None:
     runner = fh.fake_runner(fh.ALL_TOOLS | {"modprobe"})
-    host = fh.fake_host(tmp_path, without=["iscsi_tcp"], runner=runner)
+    host = fake_host(tmp_path, without=["iscsi_tcp"], runner=runner)
     report = run_checks("proxy", host)
     assert report.missing == ["iscsi_tcp"]
     assert "modprobe finds no module iscsi_tcp" in report.check("iscsi_tcp").detail
 
 
 def test_iscsi_tcp_without_modprobe_is_missing_without_calling_it(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["iscsi_tcp"])  # ALL_TOOLS has no modprobe
+    host = fake_host(tmp_path, without=["iscsi_tcp"])  # ALL_TOOLS has no modprobe
     report = run_checks("proxy", host)
     assert report.missing == ["iscsi_tcp"]
     assert not host.runner.called("modprobe")
 
 
 def test_iscsid_found_as_process(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, without=["iscsid"])
+    host = fake_host(tmp_path, without=["iscsid"])
     assert run_checks("proxy", host).missing == ["iscsid"]
     (tmp_path / "proc/4242").mkdir()
     (tmp_path / "proc/4242/comm").write_text("iscsid\n")
@@ -226,24 +231,24 @@ def test_iscsid_found_as_process(tmp_path: Path) -> None:
 
 
 def test_iscsid_socket_activation_counts(tmp_path: Path) -> None:
-    check = run_checks("proxy", fh.fake_host(tmp_path)).check("iscsid")
+    check = run_checks("proxy", fake_host(tmp_path)).check("iscsid")
     assert check.present and "ISCSIADM_ABSTRACT_NAMESPACE" in check.detail
 
 
 def test_udev_needs_running_daemon(tmp_path: Path) -> None:
-    report = run_checks("proxy", fh.fake_host(tmp_path, without=["udevd"]))
+    report = run_checks("proxy", fake_host(tmp_path, without=["udevd"]))
     assert report.missing == ["udev"]
     assert "udevd not running" in report.check("udev").detail
 
 
 def test_udevadm_missing(tmp_path: Path) -> None:
-    report = run_checks("proxy", fh.fake_host(tmp_path, tools=fh.ALL_TOOLS - {"udevadm"}))
+    report = run_checks("proxy", fake_host(tmp_path, tools=fh.ALL_TOOLS - {"udevadm"}))
     assert report.missing == ["udev"]
     assert "udevadm not found" in report.check("udev").detail
 
 
 def test_lvm_needs_all_three_tools(tmp_path: Path) -> None:
-    report = run_checks("storage", fh.fake_host(tmp_path, tools=fh.ALL_TOOLS - {"lvcreate"}))
+    report = run_checks("storage", fake_host(tmp_path, tools=fh.ALL_TOOLS - {"lvcreate"}))
     assert report.missing == ["lvm"]
     assert report.check("lvm").detail == "not found on PATH: lvcreate"
 
@@ -251,7 +256,7 @@ def test_lvm_needs_all_three_tools(tmp_path: Path) -> None:
 def test_rtslib_not_importable(tmp_path: Path) -> None:
     modules = fh.default_modules()
     del modules["rtslib_fb"]
-    report = run_checks("storage", fh.fake_host(tmp_path, modules=modules))
+    report = run_checks("storage", fake_host(tmp_path, modules=modules))
     assert report.missing == ["rtslib_fb"]
     assert "ModuleNotFoundError" in report.check("rtslib_fb").detail
 
@@ -262,7 +267,7 @@ def test_pyudev_without_libudev_is_missing(tmp_path: Path) -> None:
 
     modules = fh.default_modules()
     modules["pyudev"] = SimpleNamespace(__version__="0.24.1", Context=no_libudev)
-    report = run_checks("proxy", fh.fake_host(tmp_path, modules=modules))
+    report = run_checks("proxy", fake_host(tmp_path, modules=modules))
     assert report.missing == ["pyudev"]
     assert "libudev.so.1" in report.check("pyudev").detail
 
@@ -270,7 +275,7 @@ def test_pyudev_without_libudev_is_missing(tmp_path: Path) -> None:
 def test_non_gnu_tar_is_missing(tmp_path: Path) -> None:
     runner = fh.fake_runner()
     runner.on("tar", "--version", stdout=fh.fixture_text("tar-version-bsd.txt"))
-    report = run_checks("store", fh.fake_host(tmp_path, runner=runner))
+    report = run_checks("store", fake_host(tmp_path, runner=runner))
     assert report.missing == ["tar"]
     assert report.check("tar").detail.startswith("not GNU tar: bsdtar")
 
@@ -278,12 +283,12 @@ def test_non_gnu_tar_is_missing(tmp_path: Path) -> None:
 def test_tar_that_rejects_version_flag_is_missing(tmp_path: Path) -> None:
     runner = fh.fake_runner()
     runner.on("tar", "--version", returncode=1, stderr="tar: unrecognized option '--version'\n")
-    check = run_checks("proxy", fh.fake_host(tmp_path, runner=runner)).check("tar")
+    check = run_checks("proxy", fake_host(tmp_path, runner=runner)).check("tar")
     assert not check.present and "unrecognized option" in check.detail
 
 
 def test_gnu_tar_version_in_detail(tmp_path: Path) -> None:
-    check = run_checks("store", fh.fake_host(tmp_path)).check("tar")
+    check = run_checks("store", fake_host(tmp_path)).check("tar")
     assert check.present and check.detail == "tar (GNU tar) 1.34"
 
 
@@ -295,18 +300,19 @@ def test_role_check_lists_differ_where_roles_differ() -> None:
     agent, proxy, store, storage = (set(names(r)) for r in ("agent", "proxy", "store", "storage"))
     assert {"fsfreeze", "findmnt", "LIO", "device-mapper", "SCSI"} <= agent
     assert {"iscsiadm", "iscsid", "iscsi_tcp", "pyudev", "mount", "tar", "zstd", "ssh"} <= proxy
-    assert {"LIO", "device-mapper", "lvm", "dmsetup", "SCSI", "rtslib_fb"} <= storage
+    assert {"LIO", "device-mapper", "lvm", "dmsetup", "SCSI", "rtslib_fb", "sshd", "thin_check",
+            "storage.toml", "ports", "luns", "state_dir"} <= storage
     assert store == {"tar", "zstd", "ssh", "sshd"}
     assert "LIO" not in proxy and "iscsiadm" not in storage and "fsfreeze" not in storage
 
 
 def test_store_ignores_kernel_features(tmp_path: Path) -> None:
-    report = run_checks("store", fh.fake_host(tmp_path, without=fh.FEATURES))
+    report = run_checks("store", fake_host(tmp_path, without=fh.FEATURES))
     assert report.ok and report.exit_code == 0
 
 
 def test_optional_missing_only_warns(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path, tools=fh.ALL_TOOLS - {"ssh", "sshd"})
+    host = fake_host(tmp_path, tools=fh.ALL_TOOLS - {"ssh", "sshd"})
     report = run_checks("store", host)
     assert report.ok and report.exit_code == 0
     assert report.warnings == ["ssh", "sshd"]
@@ -314,12 +320,12 @@ def test_optional_missing_only_warns(tmp_path: Path) -> None:
 
 
 def test_ssh_required_on_proxy(tmp_path: Path) -> None:
-    report = run_checks("proxy", fh.fake_host(tmp_path, tools=fh.ALL_TOOLS - {"ssh"}))
+    report = run_checks("proxy", fake_host(tmp_path, tools=fh.ALL_TOOLS - {"ssh"}))
     assert report.missing == ["ssh"] and report.exit_code == 4
 
 
 def test_report_to_dict_is_json_ready(tmp_path: Path) -> None:
-    report = run_checks("proxy", fh.fake_host(tmp_path, without=["iscsi_tcp"]))
+    report = run_checks("proxy", fake_host(tmp_path, without=["iscsi_tcp"]))
     data = json.loads(json.dumps(report.to_dict()))
     assert data["role"] == "proxy" and data["ok"] is False and data["exit_code"] == 4
     assert data["missing"] == ["iscsi_tcp"]
@@ -331,7 +337,7 @@ def test_report_to_dict_is_json_ready(tmp_path: Path) -> None:
 
 def test_unknown_role_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown role"):
-        run_checks("nas", fh.fake_host(tmp_path))
+        run_checks("nas", fake_host(tmp_path))
 
 
 def test_host_reads_under_root_only(tmp_path: Path) -> None:
@@ -367,6 +373,11 @@ def test_real_doctor_storage_on_this_machine() -> None:
                        ("/sys/bus/scsi", "/sys/class/scsi_host", "/sys/module/scsi_mod"))
 
     assert status["device-mapper"] is dm_here
+    if not os.path.exists("/etc/sanoffload/storage.toml"):
+        # not a storage node: a failed check, named, not a traceback
+        assert "storage.toml" in report["missing"]
+        assert "no such file" in next(c["detail"] for c in report["checks"]
+                                      if c["name"] == "storage.toml")
     assert status["LIO"] is lio_here
     if scsi_markers or not _on_path("modprobe"):
         assert status["SCSI"] is scsi_markers
@@ -393,11 +404,11 @@ def test_signal_during_a_probe_stops_doctor(tmp_path: Path) -> None:
     runner = fh.fake_runner()
     runner.on("tar", "--version", action=sigterm)
     with pytest.raises(Interrupted):
-        run_checks("store", fh.fake_host(tmp_path, runner=runner))
+        run_checks("store", fake_host(tmp_path, runner=runner))
 
 
 def test_probe_that_cannot_read_counts_as_missing(tmp_path: Path) -> None:
-    host = fh.fake_host(tmp_path)
+    host = fake_host(tmp_path)
 
     def unreadable(_host: Host) -> tuple[bool, str]:
         raise PermissionError(13, "Permission denied", "/sys/kernel/config")
@@ -466,7 +477,7 @@ class LookingRunner(fh.ToolsFakeRunner):
 
 def _looked_for(tmp_path: Path, role: str) -> set[str]:
     runner = LookingRunner()
-    run_checks(role, fh.fake_host(tmp_path / role, runner=runner))
+    run_checks(role, fake_host(tmp_path / role, runner=runner))
     return set(runner.looked)
 
 
@@ -540,4 +551,4 @@ def test_every_module_declaring_requires_is_collected() -> None:
             declaring.add(importlib.import_module(name))
     assert declaring == set(DECLARING_MODULES)
     # only what no module of ours runs is declared in doctor itself
-    assert [r.name for r in HOST_SERVICES] == ["sshd"]
+    assert [r.name for r in HOST_SERVICES] == ["sshd", "thin_check"]

@@ -98,6 +98,7 @@ class FakeAgent:
         self.config = FakeConfig()
         self.calls: list[tuple[Any, ...]] = []
         self.health = "healthy"
+        self.closed = 0
         self.refuse: BaseException | None = None
         #: what prepare answers as "warnings" (None: the key is absent, as from older agents)
         self.warnings: Any = None
@@ -107,6 +108,10 @@ class FakeAgent:
         self.on_status: Callable[[], None] | None = None
         self.lock = threading.Lock()
         self.owners: dict[str, str] = {}
+
+    def close(self) -> None:
+        """Hangs up on storage nodes (none here)."""
+        self.closed += 1
 
     def prepare(self, path: str, initiator: str, *, kind: str | None = None,
                 client: str | None = None) -> RawAnswer:

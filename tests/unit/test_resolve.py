@@ -157,7 +157,7 @@ def test_directory_on_linear_lv() -> None:
     obj = resolve(runner, "/srv/lin/dir", ["/srv"], fs=LAB)
     assert (obj.requested_path, obj.real_path, obj.kind) == ("/srv/lin/dir", "/srv/lin/dir",
                                                             "directory")
-    assert obj.mount.target == "/srv/lin" and obj.lv.full_name == "datavg/lin"
+    assert obj.mount.target == "/srv/lin" and obj.volume == "datavg/lin" and obj.san is None
     assert obj.path_in_fs == "dir" and obj.duplicate_kind == "snapshot" and obj.root == "/srv"
     assert [argv[0] for argv in runner.argvs()] == ["findmnt", "findmnt", "lvs"]
     assert runner.argvs()[2][-2:] == ["--select", "lv_kernel_major=253 && lv_kernel_minor=0"]
@@ -174,7 +174,7 @@ def test_mount_point_itself_is_dot() -> None:
 
 def test_thin_lv_suggests_thin_snapshot() -> None:
     obj = resolve(lab(), "/srv/thin/dir", ["/srv"], fs=LAB)
-    assert (obj.lv.name, obj.mount.fstype, obj.duplicate_kind) == ("thin", "xfs",
+    assert (obj.volume, obj.mount.fstype, obj.duplicate_kind) == ("datavg/thin", "xfs",
                                                                   "thin-snapshot")
 
 
@@ -186,7 +186,7 @@ def test_raid1_suggests_split_and_accepts_snapshot() -> None:
 
 def test_mirror_suggests_mirror_split() -> None:
     obj = resolve(lab(), "/srv/m1/dir", ["/srv"], fs=LAB)
-    assert (obj.lv.name, obj.duplicate_kind) == ("m1", "mirror-split")
+    assert (obj.volume, obj.duplicate_kind) == ("datavg/m1", "mirror-split")
 
 
 def test_symlink_inside_the_root_is_followed() -> None:

@@ -279,11 +279,25 @@ def test_raid1_split_is_found_by_the_image_name_it_answered(st1: Node) -> None:
 
 def test_a_dropped_connection_is_released_after_the_grace_period(st1: Node) -> None:
     fs1 = st1.connect()
+    fs1.call("duplicate", lun=LUN["lin"], name=NAME)
+    assert len(st1.journal()) == 1
+    fs1.close()  # the first server vanished between freeze and answer
+    assert st1.sleeps == [GRACE]
+    assert st1.journal() == [] and st1.lio.exports == {}
+    assert st1.lvm("lvremove")[0][-1] == f"datavg/{NAME}"
+
+
+def test_an_exposed_duplicate_outlives_the_connection_until_the_client_releases_it(
+        st1: Node) -> None:
+    fs1 = st1.connect()
     dup = fs1.call("duplicate", lun=LUN["lin"], name=NAME)["duplicate"]
     fs1.call("expose", **expose_fields(dup))
-    assert len(st1.journal()) == 1
-    fs1.close()  # the first server vanished without discarding
-    assert st1.sleeps == [GRACE]
+    fs1.close()  # a one-shot 'agent prepare': the agent's journal holds the session now
+    assert len(st1.journal()) == 1 and st1.lvm("lvremove") == []
+    with st1.connect() as again:
+        assert again.call("cleanup")["removed"] == []  # the client's sweep keeps it too
+        assert st1.lio.exports != {}
+        again.call("discard", duplicate=dup)
     assert st1.journal() == [] and st1.lio.exports == {}
     assert st1.lvm("lvremove")[0][-1] == f"datavg/{NAME}"
 

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.unit
 
 AGENT = set(ROLE_UNITS["agent"])
 PROXY = set(ROLE_UNITS["proxy"])
-ALL = AGENT | PROXY
+STORAGE = set(ROLE_UNITS["storage"])
+ALL = AGENT | PROXY | STORAGE
 DOC_URL = "https://github.com/sanoffload/sanoffload"
 
 
@@ -54,7 +55,7 @@ def seconds(span: str) -> float:
 
 def test_shipped_units_are_exactly_the_roles_units() -> None:
     assert set(unit_files()) == ALL
-    assert not AGENT & PROXY
+    assert not AGENT & PROXY and not AGENT & STORAGE and not PROXY & STORAGE
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -104,6 +105,28 @@ def test_agent_units_command_lines_are_valid_commands(argv: list[str],
     # an option the CLI does not know fails to parse even before --help is shown
     assert cli.run([*argv, "--help"]) == 0
     assert "Usage: sanoffload agent cleanup" in capsys.readouterr().out
+
+
+def test_storage_cleanup_service_runs_storage_cleanup_all_at_boot(
+        units: dict[str, configparser.ConfigParser],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    unit = units["sanoffload-storage-cleanup.service"]
+    assert ROLE_UNITS["storage"] == ("sanoffload-storage-cleanup.service",)
+    service = unit["Service"]
+    assert service["Type"] == "oneshot" and service["RemainAfterExit"] == "no"
+    argv = service["ExecStart"].split()
+    assert argv == ["/usr/bin/env", "sanoffload", "storage", "cleanup", "--all"]
+    assert cli.run([*argv[2:], "--help"]) == 0  # a command line the CLI knows
+    assert "Usage: sanoffload storage cleanup" in capsys.readouterr().out
+    assert service["SyslogIdentifier"] == "sanoffload-storage-cleanup"
+    # as the agent's: LVs active and LIO's saved configuration restored first
+    agent_after = units["sanoffload-cleanup.service"]["Unit"]["After"].split()
+    assert unit["Unit"]["After"].split() == agent_after
+    # no configuration, no node: the unit does nothing rather than fail every boot
+    assert unit["Unit"]["ConditionPathExists"] == "/etc/sanoffload/storage.toml"
+    # a cleanup stuck on LVM must not keep sshd (the administrator's way in) from starting
+    assert "sshd.service" not in unit["Unit"].get("Before", "")
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
 def test_backup_service_runs_the_job_named_by_its_instance(
@@ -264,6 +287,7 @@ def test_dry_run_reports_the_refusal_a_real_run_would_meet(tmp_path: Path) -> No
 @pytest.mark.parametrize("role,expected,other", [
     ("agent", AGENT, "sanoffload-backup@JOB.timer"),
     ("proxy", PROXY, "sanoffload-lease.timer"),
+    ("storage", STORAGE, "sanoffload-lease.timer"),
 ])
 def test_role_filters_the_units_and_the_hint(tmp_path: Path, role: str, expected: set[str],
                                              other: str) -> None:
@@ -334,4 +358,19 @@ def test_help_has_an_example() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
     assert "sanoffload install-units --role agent" in result.output
-    assert "[agent|proxy|all]" in result.output
+    assert "sanoffload install-units --role storage" in result.output
+    assert "[agent|proxy|storage|all]" in result.output
+
+
+def test_storage_role_installs_its_cleanup_unit_and_says_how_to_enable_it(
+        tmp_path: Path) -> None:
+    result = invoke("--dest", str(tmp_path), "--role", "storage")
+    assert result.exit_code == 0, result.output
+    assert listing(tmp_path) == {"sanoffload-storage-cleanup.service"}
+    path = tmp_path / "sanoffload-storage-cleanup.service"
+    assert path.read_text() == unit_files()[path.name]
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert result.output.splitlines() == [
+        f"written      {path}",
+        ("next, on the storage node: systemctl daemon-reload && "
+         "systemctl enable sanoffload-storage-cleanup.service")]
