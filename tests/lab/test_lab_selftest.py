@@ -99,11 +99,6 @@ def test_snapshot_exported_over_iscsi_is_found_by_wwn_and_read(lab: Lab) -> None
     assert lab.leftovers() == []
 
 
-def test_doctor_passes_for_storage_role_on_st1(lab: Lab) -> None:
-    res = lab.sh("st1", ["sanoffload", "doctor", "--role", "storage"], check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
 @pytest.mark.release_sensitive
 def test_guest_kernel_matches_release(lab: Lab) -> None:
     kernel = lab.sh("fs1", ["uname", "-r"]).stdout.strip()
