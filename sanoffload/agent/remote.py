@@ -31,7 +31,13 @@ from typing import Any
 from ..channel.client import Client, Connector, ssh_connector
 from ..channel.messages import check_identifier
 from ..channel.protocol import check_reply
-from ..errors import DeadlineError, ProtocolError, RefusedError, SanoffloadError
+from ..errors import (
+    CommandError,
+    DeadlineError,
+    ProtocolError,
+    RefusedError,
+    SanoffloadError,
+)
 from ..kinds import DuplicateKind, WhoFreezes
 from ..runner import Runner
 from ..text import printable
@@ -111,7 +117,14 @@ class RemoteController:
                     raise DeadlineError(f"{self.name} did not answer {op} within {timeout:g} s",
                                         hint=f"storage_nodes.{self.node.name}.timeout_s; is "
                                              "'sanoffload storage serve' stuck there?") from None
-                raise exc
+                if "closed the connection" in exc.message:
+                    # not a malformed reply: the node's service (or its host) went away
+                    raise CommandError(f"{self.name}: the connection ended during {op} "
+                                       f"({exc.message})",
+                                       hint="see the storage node's log; what it made is "
+                                            "released by this session's undo or by "
+                                            "'sanoffload storage cleanup' there") from None
+                raise
             finally:
                 timer.cancel()
 

@@ -27,7 +27,13 @@ from sanoffload.agent.session import Agent
 from sanoffload.channel.client import Connection, in_process_connector
 from sanoffload.channel.protocol import Channel
 from sanoffload.channel.server import Service, serve
-from sanoffload.errors import ConfigError, DeadlineError, ProtocolError, RefusedError
+from sanoffload.errors import (
+    CommandError,
+    ConfigError,
+    DeadlineError,
+    ProtocolError,
+    RefusedError,
+)
 from sanoffload.kinds import DuplicateKind, ObjectKind, WhoFreezes
 from sanoffload.storage.node import LIVE_CONNECTIONS
 from sanoffload.storage.service import SPECS, StorageService
@@ -371,3 +377,36 @@ def test_which_node_serves_a_lun(tmp_path: Path) -> None:
                                                       "-o", "IdentitiesOnly=yes")
     one = agent_config.parse(agent_toml(tmp_path), "agent.toml")
     assert one.storage_node_for(LUN["r1"]).name == "st1"  # type: ignore[union-attr]
+
+
+class Dies(Service):
+    """A storage node whose service dies in the middle of a request."""
+
+    name = "storage"
+    specs = SPECS
+
+    def handle(self, op: str, fields: dict[str, Any], channel: Channel) -> dict[str, Any]:
+        channel.close()
+        raise SystemExit(0)
+
+
+@pytest.mark.hostile("agent", "SAN mode: the storage node's service dies during a request",
+                     "CommandError (5) naming the node and the request; the next request "
+                     "reconnects")
+def test_a_node_that_dies_mid_request_is_a_clear_command_error() -> None:
+    ref = agent_config.StorageNodeRef("st1", "root@st1", timeout_s=5)
+
+    def run(ch: Channel) -> None:
+        try:
+            serve(Dies(), ch)
+        except SystemExit:
+            pass
+
+    ctl = RemoteController(ref, in_process_connector(run))
+    try:
+        with pytest.raises(CommandError, match="storage node st1: the connection ended during "
+                                               "health"):
+            ctl.health(DUP)
+        assert ctl._client is None  # dropped: the next request connects anew
+    finally:
+        ctl.close()
