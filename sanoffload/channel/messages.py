@@ -33,6 +33,15 @@ no control character but newline and tab (the agent escapes the others with
 :func:`~sanoffload.text.printable` before it sends; one arriving raw is a
 forgery, refused).
 
+``members`` is sent only for a consistency group (one request naming several
+paths, frozen in one window): every member, the request's first path first,
+each ``{"path": "/srv/san/db", "path_in_fs": "db", "fstype": "ext4",
+"object_kind": "directory", "duplicate_kind": "snapshot", "lun": 0,
+"identifier": "naa.…", "unit_serial": "…"}``, all LUNs of the one target
+(one login, one CHAP pair). The top-level fields say the same of member 0.
+Paths are absolute, normalised and distinct; LUNs and identifiers distinct; at
+most :data:`MAX_MEMBERS`.
+
 This module imports only leaf modules (errors, kinds, text, iqn, the iscsiadm
 wrapper's name checks): both the agent and the proxy import it.
 """
@@ -41,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -250,6 +260,50 @@ class _Reader:
                                   f"(one of: {', '.join(enum.values())})") from None
 
 
+#: the most volumes one consistency group may freeze together
+MAX_MEMBERS = 8
+
+
+@dataclass(frozen=True)
+class Member:
+    """One volume of a consistency group: where its duplicate is and what to read from it."""
+
+    path: str
+    path_in_fs: str
+    fstype: str
+    object_kind: ObjectKind
+    duplicate_kind: DuplicateKind
+    lun: int
+    identifier: str
+    unit_serial: str
+
+    @property
+    def archive_name(self) -> str:
+        """The member's top directory in a group's archive: its path without the leading /."""
+        return self.path.lstrip("/")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.__dict__, "object_kind": self.object_kind.value,
+                "duplicate_kind": self.duplicate_kind.value}
+
+    @classmethod
+    def from_wire(cls, data: Any, what: str) -> Member:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"{what}: not an object")
+        r = _Reader(data, what)
+        path = r.text("path", max_len=MAX_PATH_CHARS)
+        if not path.startswith("/") or path == "/" or os.path.normpath(path) != path or \
+                ".." in path.split("/"):
+            raise r.error("path", f"want an absolute, normalised path, not {_shown(path)}")
+        return cls(path=path, path_in_fs=_path(data.get("path_in_fs"), r),
+                   fstype=r.text("fstype", _WORD_RE, max_len=32),
+                   object_kind=_required(r.choice("object_kind", ObjectKind)),
+                   duplicate_kind=_required(r.choice("duplicate_kind", DuplicateKind)),
+                   lun=int(r.number("lun", 0, MAX_LUN, integer=True)),
+                   identifier=r.checked("identifier", check_identifier, max_len=80),
+                   unit_serial=r.text("unit_serial", _WORD_RE))
+
+
 @dataclass(frozen=True)
 class PrepareAnswer:
     """The agent's answer to ``prepare``: what the proxy needs to back up the object."""
@@ -276,6 +330,8 @@ class PrepareAnswer:
     warnings: list[str] = field(default_factory=list)
     #: what each holding hook printed after READY, in the order the hooks ran
     held: list[HeldOutput] = field(default_factory=list)
+    #: a consistency group's volumes, member 0 first (empty: one path was asked for)
+    members: list[Member] = field(default_factory=list)
 
     @property
     def portal(self) -> str:
@@ -295,6 +351,10 @@ class PrepareAnswer:
             wire["held"] = [h.to_wire() for h in self.held]
         else:
             del wire["held"]
+        if self.members:
+            wire["members"] = [m.to_wire() for m in self.members]
+        else:
+            del wire["members"]
         return wire
 
     #: the name the agent's callers have used
@@ -337,7 +397,8 @@ class PrepareAnswer:
             lease_expires=float(r.number("lease_expires", 0, MAX_EPOCH_S)),
             frozen_at=float(r.number("frozen_at", 0, MAX_EPOCH_S, default=0.0)),
             warnings=_warnings(data.get("warnings"), r),
-            held=_held(data.get("held"), r))
+            held=_held(data.get("held"), r),
+            members=_members(data, r))
 
 
 def _required(value: E | None) -> E:
@@ -362,6 +423,31 @@ def _path(value: Any, r: _Reader) -> str:
     if any(c in value for c in "\0\n\r"):
         raise r.error("path_in_fs", f"holds NUL or a line break: {_shown(value)}")
     return value
+
+
+def _members(data: Mapping[str, Any], r: _Reader) -> list[Member]:
+    raw = data.get("members")
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not 2 <= len(raw) <= MAX_MEMBERS:
+        raise r.error("members", f"want a list of 2 to {MAX_MEMBERS} members, "
+                                 f"not {_shown(raw)}")
+    members = [Member.from_wire(m, f"{r.what}: members[{i}]") for i, m in enumerate(raw)]
+    for key in ("path", "lun", "identifier", "unit_serial"):
+        values = [getattr(m, key) for m in members]
+        if len(set(values)) != len(values):
+            raise r.error("members", f"two members have the same {key}")
+    names = [m.archive_name for m in members]
+    for a in names:
+        if any(b != a and (b + "/").startswith(a + "/") for b in names):
+            # one member's directory would hold another's in the archive
+            raise r.error("members", f"member {_shown(a)} contains another member")
+    first = members[0]
+    if (first.lun, first.identifier, first.path_in_fs) != (
+            data.get("lun", 0), check_identifier(str(data.get("identifier"))),
+            data.get("path_in_fs")):
+        raise r.error("members", "members[0] is not the member the answer describes")
+    return members
 
 
 def _held(raw: Any, r: _Reader) -> list[HeldOutput]:
