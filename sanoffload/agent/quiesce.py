@@ -19,6 +19,11 @@ the flush, starting the guard) comes before or after. The thaw is in a
 thaws; if the agent is SIGKILLed or hangs, the freeze guard
 (:mod:`sanoffload.agent.guard`) thaws.
 
+A consistency group names several mount points: each is flushed, then they
+are frozen in order (each under its own guard), ``duplicate()`` makes every
+duplicate, and they are thawed in reverse order — one window, every volume
+captured at the same instant. Hooks run once for the group.
+
 ``who_freezes="lvm"``: on Linux < 6.6 LVM's own device suspend freezes the
 filesystem, and a userspace freeze cannot nest with it, so we do not call
 fsfreeze (and arm no guard: nothing of ours is frozen). Hooks and the flush
@@ -30,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -95,7 +100,8 @@ class Quiesced(Generic[T]):
 
 
 def quiesce_and_duplicate(
-        runner: Runner, mountpoint: str | os.PathLike[str], duplicate: Callable[[], T], *,
+        runner: Runner, mountpoint: str | os.PathLike[str] | Sequence[str],
+        duplicate: Callable[[], T], *,
         hooks: Hooks | None = None, deadline_s: float = 10.0,
         who_freezes: WhoFreezes | str = WhoFreezes.FSFREEZE,
         state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
@@ -105,17 +111,26 @@ def quiesce_and_duplicate(
     """Freeze ``mountpoint`` just long enough for ``duplicate()``; return its result.
 
     ``path`` is the directory being backed up (``SANOFFLOAD_PATH`` for hooks;
-    the mountpoint by default). Raises :class:`FreezeError` when a pre-freeze
-    hook fails (nothing frozen), the freeze fails, or the freeze deadline was
-    exceeded; in the last case ``discard(result)`` is called first if
-    ``duplicate()`` had returned, since that duplicate may not be consistent.
+    the mountpoint by default). A sequence of mount points is a consistency
+    group: all frozen in that order, thawed in reverse; hooks see the first.
+    Raises :class:`FreezeError` when a pre-freeze hook fails (nothing frozen),
+    the freeze fails, or the freeze deadline was exceeded; in the last case
+    ``discard(result)`` is called first if ``duplicate()`` had returned, since
+    that duplicate may not be consistent.
     Whatever happens, the filesystem is thawed, holding hooks are told to let
     go and post-thaw hooks run.
     """
     who = WhoFreezes.parse(who_freezes, where="who_freezes")
     if deadline_s <= 0:
         raise UsageError(f"freeze deadline must be positive, not {deadline_s}")
-    mp = os.fspath(mountpoint)
+    mps = [os.fspath(mountpoint)] if isinstance(mountpoint, (str, os.PathLike)) else \
+        [os.fspath(m) for m in mountpoint]
+    if not mps or len(set(mps)) != len(mps):
+        raise UsageError(f"want distinct mount points, not {mps}")
+    if len(mps) > 1 and who is not WhoFreezes.FSFREEZE:
+        # LVM's suspend freezes one volume during its own lvcreate: no common instant
+        raise UsageError("a consistency group is frozen by fsfreeze, not by LVM's suspend")
+    mp = mps[0]
     target = os.fspath(path) if path is not None else mp
     hooks = hooks or Hooks()
     check_hooks(hooks)  # a hook we would refuse later refuses now, before anything ran
@@ -126,13 +141,14 @@ def quiesce_and_duplicate(
         # every holding hook holds its lock before the flush, and so before the freeze
         holding = Holding.start(runner, hooks, mp, target,
                                 life_s=_hold_life_s(hooks, deadline_s))
-        _flush(runner, mp)
+        for each in mps:
+            _flush(runner, each)
         if who is WhoFreezes.LVM:
             out = _duplicate_lvm_frozen(mp, duplicate, deadline_s)
         else:
-            out = _duplicate_frozen(runner, mp, duplicate, deadline_s=deadline_s,
-                                    state_dir=state_dir, discard=discard,
-                                    guard_factory=guard_factory)
+            out = _frozen_in_order(runner, mps, duplicate, deadline_s=deadline_s,
+                                   state_dir=state_dir, discard=discard,
+                                   guard_factory=guard_factory)
     except BaseException as exc:
         if holding is not None:
             for failure in holding.stop():
@@ -173,6 +189,33 @@ def _duplicate_lvm_frozen(mp: str, duplicate: Callable[[], T], deadline_s: float
         log.warning("%s: LVM's freeze window (%.1f ms) exceeded the deadline (%.1f s)", mp,
                     window_ms, deadline_s)
     return Quiesced(result, window_ms, WhoFreezes.LVM)
+
+
+def _frozen_in_order(runner: Runner, mps: Sequence[str], duplicate: Callable[[], T], *,
+                     deadline_s: float, state_dir: str | os.PathLike[str],
+                     discard: Callable[[T], None] | None,
+                     guard_factory: GuardFactory) -> Quiesced[T]:
+    """Freeze ``mps[0]``, and inside that window the rest (recursively); duplicate with all
+    frozen; thaw in reverse. The window reported is the first one's: it holds the others."""
+    if len(mps) == 1:
+        return _duplicate_frozen(runner, mps[0], duplicate, deadline_s=deadline_s,
+                                 state_dir=state_dir, discard=discard,
+                                 guard_factory=guard_factory)
+
+    def inner() -> Quiesced[T]:
+        return _frozen_in_order(runner, mps[1:], duplicate, deadline_s=deadline_s,
+                                state_dir=state_dir, discard=discard,
+                                guard_factory=guard_factory)
+
+    def discard_inner(q: Quiesced[T]) -> None:
+        if discard is not None:
+            discard(q.result)
+
+    outer = _duplicate_frozen(runner, mps[0], inner, deadline_s=deadline_s,
+                              state_dir=state_dir, discard=discard_inner,
+                              guard_factory=guard_factory)
+    return Quiesced(outer.result.result, outer.window_ms, outer.frozen_by,
+                    guard_report=outer.guard_report)
 
 
 def _duplicate_frozen(runner: Runner, mp: str, duplicate: Callable[[], T], *, deadline_s: float,

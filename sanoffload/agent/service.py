@@ -3,9 +3,12 @@
 Ops (JSON lines, see :mod:`sanoffload.channel.protocol`)::
 
     {"op": "ping"}                                   -> {"time": 1764151773.2}
-    {"op": "prepare", "path": "/srv/data", "initiator": "iqn…:px1", "kind": null}
-                                                     -> {"session": {...PrepareAnswer...,
+    {"op": "prepare", "path": "/srv/data", "initiator": "iqn…:px1", "kind": null,
+     "also": ["/srv/log"]}                           -> {"session": {...PrepareAnswer...,
                                                          "warnings": ["post-thaw hook …"]}}
+
+``also`` (optional, at most 7 paths) makes a consistency group: every path frozen
+in one window, one LUN each of one target; the answer lists them as ``members``.
     {"op": "status", "session_id": "fs1-1a2b3c4d"}   -> {"status": "healthy", ...}
     {"op": "release", "session_id": "fs1-1a2b3c4d"}  -> {"released": ["lio-target ...", ...]}
 
@@ -28,9 +31,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..channel.messages import MAX_MEMBERS
 from ..channel.protocol import Channel, Spec
 from ..channel.server import Service
-from ..errors import AuthError, CleanupError, Interrupted
+from ..errors import AuthError, CleanupError, Interrupted, ProtocolError
 from ..kinds import DuplicateKind
 from .session import Agent
 
@@ -38,7 +42,8 @@ log = logging.getLogger(__name__)
 
 SPECS = {
     "ping": Spec(),
-    "prepare": Spec(required={"path": str, "initiator": str}, optional={"kind": str}),
+    "prepare": Spec(required={"path": str, "initiator": str},
+                    optional={"kind": str, "also": list}),
     "status": Spec(required={"session_id": str}),
     "release": Spec(required={"session_id": str}),
 }
@@ -105,8 +110,13 @@ class AgentService(Service):
             raw = fields.get("kind")
             # checked here, before anything is looked at: exit 2 like every other edge
             kind = None if raw is None else DuplicateKind.parse(raw, where="prepare")
+            also = fields.get("also") or []
+            if len(also) > MAX_MEMBERS - 1 or not all(isinstance(p, str) for p in also):
+                raise ProtocolError(f"prepare: 'also' must be a list of at most "
+                                    f"{MAX_MEMBERS - 1} paths")
+            group = {"also": also} if also else {}
             answer = self.agent.prepare(fields["path"], fields["initiator"], kind=kind,
-                                        client=self.client)
+                                        client=self.client, **group)
             self.open.append(answer.session_id)
             log.info("client %s: prepared %s for %s", self.client, answer.session_id,
                      fields["path"])

@@ -18,16 +18,16 @@ import secrets
 import socket
 import string
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from ..channel.messages import PrepareAnswer
+from ..channel.messages import MAX_MEMBERS, Member, PrepareAnswer
 from ..errors import AuthError, CleanupError, ConfigError, RefusedError, ResourceError
-from ..kinds import DuplicateKind
+from ..kinds import DuplicateKind, WhoFreezes
 from ..runner import Runner
 from ..tools import fsfreeze, lio, lvm
 from ..undo import UndoStack
@@ -145,8 +145,12 @@ class Agent:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def prepare(self, path: str, initiator: str, *, kind: DuplicateKind | None = None,
-                client: str | None = None) -> Prepared:
+                client: str | None = None, also: Sequence[str] = ()) -> Prepared:
         """Answer a proxy's request.
+
+        ``also`` names more paths frozen in the same window (a consistency
+        group): one volume each, all on this host's LVs or all on one storage
+        node's LUNs, exported as LUNs of one target.
 
         The request is checked first (read-only: a refusal changes nothing);
         then sessions whose lease expired or that failed are released (leases
@@ -157,26 +161,41 @@ class Agent:
             # a proxy authenticated as one client must not borrow another's initiator
             raise AuthError(f"initiator {initiator!r} belongs to client {owner.name!r}, "
                             f"not to {client!r}")
-        obj = self.resolve(self.runner, path, owner.roots, duplicate_kind=kind)
-        node = self._node_for(obj)
+        if len(also) + 1 > MAX_MEMBERS:
+            raise RefusedError(f"a consistency group has at most {MAX_MEMBERS} paths, "
+                               f"not {len(also) + 1}")
+        objs = [self.resolve(self.runner, p, owner.roots, duplicate_kind=kind)
+                for p in (path, *also)]
+        nodes = {self._node_for(obj) for obj in objs}
+        if len(nodes) > 1:
+            raise RefusedError(f"{path}: the paths of a consistency group are on "
+                               f"{' and '.join(sorted(n or 'this host' for n in nodes))}: "
+                               "one freeze window, one storage, one target",
+                               hint="group paths of one storage only")
+        node = nodes.pop()
         if node and owner.san_port is None:
             raise RefusedError(f"{path}: on a storage node's LUN, and client {owner.name} has "
                                "no san_port", hint=f"set clients.{owner.name}.san_port")
+        if len(objs) > 1:
+            _check_group(objs, self._ctl(node))
         with self.locked():
             self._cleanup_locked(all_sessions=False, orphans=False)
-            return self._prepare(owner, obj, initiator)
+            return self._prepare(owner, objs, node, initiator)
 
     def owner(self, session_id: str) -> str | None:
         """The client a session was prepared for (None: no such session)."""
         rec = self.journal.load(session_id)
         return rec.client if rec is not None else None
 
-    def _prepare(self, client: Client, obj: BackupObject, initiator: str) -> Prepared:
+    def _prepare(self, client: Client, objs: list[BackupObject], node: str,
+                 initiator: str) -> Prepared:
         active = [r for r in self.journal if r.client == client.name]
         if len(active) >= client.max_sessions:
             raise ResourceError(f"client {client.name} already has {len(active)} session(s) "
                                 f"(max_sessions = {client.max_sessions})",
                                 hint="release one, or raise max_sessions in the agent config")
+        obj = objs[0]
+        group = len(objs) > 1
         sid = new_session_id(self.host)
         now = self.clock()
         rec = SessionRecord(session_id=sid, client=client.name, initiator=initiator,
@@ -186,71 +205,94 @@ class Agent:
                                   "origin": obj.volume,
                                   "kind": obj.duplicate_kind.value if obj.duplicate_kind
                                   else "", "pid": os.getpid()})
-        node = self._node_for(obj)
         if node:
             rec.info["node"] = node
+        if group:
+            rec.info["members"] = [o.real_path for o in objs]
         ctl = self._ctl(node)
         self.journal.save(rec)
         with UndoStack() as undo:
             # anything below that fails unwinds what was made, then settles the record
             undo.push("session record", self._finish_failed, rec)
-            dup_name = f"{lvm.NAME_PREFIX}{sid}"
-            # the undo is registered with the intent: it is idempotent, and for an intended
-            # duplicate it also removes what a failed lvcreate half made
-            if obj.lv is not None and obj.duplicate_kind is not None:
-                who = ctl.who_freezes(obj.duplicate_kind)
-                dup_res = self.journal.intend(rec, obj.duplicate_kind.value, vg=obj.lv.vg,
-                                              name=dup_name, origin=obj.lv.name)
-            else:
-                who = ctl.who_freezes(obj.duplicate_kind or DuplicateKind.SNAPSHOT)
-                dup_res = self.journal.intend(rec, STORAGE_DUPLICATE, node=node, vg="",
+            # each member's own name: a storage node keys its records by them
+            names = [member_session_id(sid, i) for i in range(len(objs))]
+            dup_ress = []
+            whos = set()
+            for member, msid in zip(objs, names, strict=True):
+                dup_name = f"{lvm.NAME_PREFIX}{msid}"
+                # the undo is registered with the intent: it is idempotent, and for an intended
+                # duplicate it also removes what a failed lvcreate half made
+                if member.lv is not None and member.duplicate_kind is not None:
+                    whos.add(ctl.who_freezes(member.duplicate_kind))
+                    res = self.journal.intend(rec, member.duplicate_kind.value,
+                                              vg=member.lv.vg, name=dup_name,
+                                              origin=member.lv.name)
+                else:
+                    whos.add(ctl.who_freezes(member.duplicate_kind or DuplicateKind.SNAPSHOT))
+                    res = self.journal.intend(rec, STORAGE_DUPLICATE, node=node, vg="",
                                               name=dup_name, origin="", made_kind="",
-                                              lun=obj.volume)
-            undo.push(f"duplicate {dup_name} of {obj.volume}", self._undo, rec, dup_res)
+                                              lun=member.volume)
+                undo.push(f"duplicate {dup_name} of {member.volume}", self._undo, rec, res)
+                dup_ress.append(res)
+            who = whos.pop()
             # journaled for a crash only: once quiesce returns or raises, it has thawed
-            frozen = self.journal.intend(rec, "frozen", mountpoint=obj.mount.target)
+            frozen = [self.journal.intend(rec, "frozen", mountpoint=m.mount.target)
+                      for m in objs]
 
-            # lookups before the freeze: the frozen window holds the one command
-            plan = ctl.plan_duplicate(obj, dup_name)
+            # lookups before the freeze: the frozen window holds one command per member
+            plans = [ctl.plan_duplicate(m, f"{lvm.NAME_PREFIX}{msid}")
+                     for m, msid in zip(objs, names, strict=True)]
             frozen_at = time.time()
 
-            def discard(made: Duplicate) -> None:
-                ctl.discard(plan.complete(made))
+            def make_all() -> list[Duplicate]:
+                return [plan.make() for plan in plans]
+
+            def discard(made: list[Duplicate]) -> None:
+                for plan, dup in zip(plans, made, strict=False):
+                    ctl.discard(plan.complete(dup))
 
             try:
                 q = quiesce_and_duplicate(
-                    self.runner, obj.mount.target, plan.make, hooks=self.config.hooks.to_hooks(),
+                    self.runner, [m.mount.target for m in objs] if group else obj.mount.target,
+                    make_all, hooks=self.config.hooks.to_hooks(),
                     deadline_s=self.config.freeze_deadline_s, who_freezes=who,
                     state_dir=self.config.run_dir, path=obj.real_path,
                     discard=discard, guard_factory=self.guard_factory)
             finally:
-                self.journal.forget(rec, frozen)
-            dup = plan.complete(q.result)
+                for res in frozen:
+                    self.journal.forget(rec, res)
+            dups = [plan.complete(made) for plan, made in zip(plans, q.result, strict=True)]
             # the split image of a raid1 keeps LVM's name (LV_rimage_N), and a storage node
             # may place the copy elsewhere: journal where it is
-            self.journal.done(rec, dup_res, vg=dup.vg, name=dup.name, origin=dup.origin,
-                              **({"made_kind": dup.kind.value} if node else {}))
+            for res, dup in zip(dup_ress, dups, strict=True):
+                self.journal.done(rec, res, vg=dup.vg, name=dup.name, origin=dup.origin,
+                                  **({"made_kind": dup.kind.value} if node else {}))
 
-            serial = lio.new_serial()
             chap_secret = "".join(secrets.choice(_SECRET_ALPHABET)
                                   for _ in range(CHAP_SECRET_LEN))
             self.runner.add_secret(chap_secret)
-            spec = lio.ExportSpec(
-                session_id=sid, device=dup.device,
-                target_iqn=lio.target_iqn_for(sid), initiator_iqn=initiator,
-                portal_ip=self.config.portal.address, portal_port=self.config.portal.port,
-                chap_user=f"sanoffload-{sid}", chap_secret=chap_secret, serial=serial,
-                port=(client.san_port or "") if node else "")
+            target_iqn = lio.target_iqn_for(sid)
             where = {"node": node} if node else {}
-            bs_res = self.journal.intend(rec, "lio-backstore", name=spec.backstore,
-                                         serial=serial, **where)
-            undo.push(f"backstore {spec.backstore}", self._undo, rec, bs_res)
-            tgt_res = self.journal.intend(rec, "lio-target", iqn=spec.target_iqn,
-                                          backstore=spec.backstore, **where)
-            undo.push(f"target {spec.target_iqn}", self._undo, rec, tgt_res)
-            export = ctl.expose(dup, spec)
-            self.journal.done(rec, bs_res)
-            self.journal.done(rec, tgt_res)
+            exports: list[tuple[lio.ExportSpec, lio.Export]] = []
+            # one target: every member is a LUN of it, behind one login and one CHAP pair
+            for lun, (dup, msid) in enumerate(zip(dups, names, strict=True)):
+                serial = lio.new_serial()
+                spec = lio.ExportSpec(
+                    session_id=msid, device=dup.device, target_iqn=target_iqn,
+                    initiator_iqn=initiator, portal_ip=self.config.portal.address,
+                    portal_port=self.config.portal.port, chap_user=f"sanoffload-{sid}",
+                    chap_secret=chap_secret, serial=serial, lun=lun,
+                    port=(client.san_port or "") if node else "")
+                bs_res = self.journal.intend(rec, "lio-backstore", name=spec.backstore,
+                                             serial=serial, **where)
+                undo.push(f"backstore {spec.backstore}", self._undo, rec, bs_res)
+                tgt_res = self.journal.intend(rec, "lio-target", iqn=spec.target_iqn,
+                                              backstore=spec.backstore, **where)
+                undo.push(f"target {spec.target_iqn} lun {lun}", self._undo, rec, tgt_res)
+                exports.append((spec, ctl.expose(dup, spec)))
+                self.journal.done(rec, bs_res)
+                self.journal.done(rec, tgt_res)
+            spec, export = exports[0]
             rec.state = "ready"
             # holding hooks that failed after the thaw, then post-thaw hooks: exit 14 at the proxy
             warnings = q.warnings
@@ -260,16 +302,22 @@ class Agent:
             self.journal.save(rec)
             undo.commit()
         log.info("session %s ready: %s frozen %.1f ms by %s, exported as %s%s", sid,
-                 obj.mount.target, q.window_ms, q.frozen_by, export.identifier,
+                 ", ".join(m.mount.target for m in objs), q.window_ms, q.frozen_by,
+                 ", ".join(e.identifier for _s, e in exports),
                  f" by storage node {node} at {export.portal_ip}" if node else "")
+        members = [Member(path=m.real_path, path_in_fs=m.path_in_fs, fstype=m.mount.fstype,
+                          object_kind=m.kind, duplicate_kind=dup.kind, lun=e.lun,
+                          identifier=e.identifier, unit_serial=e.serial)
+                   for m, dup, (_s, e) in zip(objs, dups, exports, strict=True)] if group else []
         return Prepared(
             session_id=sid, target_iqn=export.target_iqn,
             portals=[f"{export.portal_ip}:{export.portal_port}"], lun=export.lun,
             identifier=export.identifier, unit_serial=export.serial, chap_user=spec.chap_user,
             chap_secret=chap_secret, fstype=obj.mount.fstype, path_in_fs=obj.path_in_fs,
-            object_kind=obj.kind, duplicate_kind=dup.kind, frozen_at=frozen_at,
+            object_kind=obj.kind, duplicate_kind=dups[0].kind, frozen_at=frozen_at,
             freeze_window_ms=round(q.window_ms, 1), frozen_by=q.frozen_by,
-            lease_expires=rec.lease_expires, warnings=warnings, held=list(q.held))
+            lease_expires=rec.lease_expires, warnings=warnings, held=list(q.held),
+            members=members)
 
     def _finish_failed(self, rec: SessionRecord) -> None:
         # runs last on the failure path: all undos before it succeeded or were reported
@@ -303,16 +351,21 @@ class Agent:
         rec = self.journal.load(session_id)
         if rec is None:
             return {"session_id": session_id, "status": "unknown"}
-        dup_res = next((r for r in rec.resources
-                        if r.kind in DUPLICATE_KINDS or r.kind == STORAGE_DUPLICATE), None)
+        dup_ress = [r for r in rec.resources
+                    if r.kind in DUPLICATE_KINDS or r.kind == STORAGE_DUPLICATE]
         status = "healthy"
         if rec.state != "ready":
             status = rec.state
         elif self.clock() >= rec.lease_expires:
             status = "expired"
-        elif dup_res is not None:
-            status = self._ctl(str(dup_res.fields.get("node") or "")).health(
-                _journaled_duplicate(dup_res))
+        else:
+            # a group is as healthy as its worst member
+            for res in dup_ress:
+                health = self._ctl(str(res.fields.get("node") or "")).health(
+                    _journaled_duplicate(res))
+                if health != "healthy":
+                    status = health
+                    break
         return {"session_id": session_id, "status": status, "state": rec.state,
                 "lease_expires": rec.lease_expires, "path": rec.path, **rec.info}
 
@@ -417,6 +470,34 @@ class Agent:
         ctl = self.controller
         return [(str(o), functools.partial(ctl.remove_orphan, o))
                 for o in ctl.orphans(accounted)]
+
+
+def member_session_id(sid: str, index: int) -> str:
+    """The id member ``index`` of a group's names its objects by: the session's own for the
+    first, ``HOST-gN-HEX`` for the others (still a session id to a storage node)."""
+    if index == 0:
+        return sid
+    host, _, tail = sid.rpartition("-")
+    return f"{host}-g{index}-{tail}"
+
+
+def _check_group(objs: list[BackupObject], ctl: StorageController) -> None:
+    """One volume per member, no member inside another, and one instant for all (fsfreeze)."""
+    for i, a in enumerate(objs):
+        for b in objs[:i]:
+            if a.mount.devno == b.mount.devno:
+                raise RefusedError(f"{a.requested_path} and {b.requested_path} are on one "
+                                   f"filesystem ({a.mount.target}): a group has one path per "
+                                   "volume", hint="back up their common directory instead")
+            if os.path.commonpath([a.real_path, b.real_path]) in (a.real_path, b.real_path):
+                raise RefusedError(f"{a.requested_path} and {b.requested_path}: one holds the "
+                                   "other; a group's paths are disjoint")
+        kind = a.duplicate_kind or DuplicateKind.SNAPSHOT
+        if ctl.who_freezes(kind) is not WhoFreezes.FSFREEZE:
+            raise RefusedError(
+                f"{a.requested_path}: its {kind} would be frozen by LVM's own suspend on this "
+                "kernel (Linux < 6.6), one volume at a time: a group needs one instant",
+                hint="use thin volumes or a raid1/mirror split, Linux >= 6.6, or SAN mode")
 
 
 def _journaled_duplicate(res: Resource) -> Duplicate:

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 #: a duplicate's name as the agent makes it: the mark, then its session id
 _SESSION = r"[a-z0-9][a-z0-9-]{0,40}-[0-9a-f]{8}"
 DUPLICATE_NAME_RE = re.compile(re.escape(lvm.NAME_PREFIX) + f"(?P<sid>{_SESSION})")
+#: a consistency group's member N > 0 (agent.session.member_session_id)
+_MEMBER_RE = re.compile(r"(?P<host>[a-z0-9][a-z0-9-]*)-g[1-9][0-9]?-(?P<tail>[0-9a-f]{8})")
 #: CHAP as LIO stores it in configfs: no whitespace or quotes that could end the attribute
 _CHAP_USER_RE = re.compile(r"[A-Za-z0-9._:@-]{1,255}")
 _CHAP_SECRET_RE = re.compile(r"[A-Za-z0-9._~+/=:@-]{12,255}")
@@ -282,7 +284,7 @@ class StorageNode:
         if found is None:
             raise RefusedError(f"no port {_shown(port)} on this storage node "
                                f"(ports: {', '.join(sorted(self.config.ports))})")
-        if target_iqn != lio.target_iqn_for(rec.session_id) or \
+        if target_iqn not in self._targets_for(client, rec.session_id) or \
                 backstore != lio.backstore_name_for(rec.session_id):
             raise RefusedError(
                 f"expose: target {_shown(target_iqn)} and backstore {_shown(backstore)} are "
@@ -328,6 +330,19 @@ class StorageNode:
                  held.duplicate.name, export.target_iqn, export.lun, export.identifier, port,
                  initiator)
         return export
+
+    def _targets_for(self, client: str, sid: str) -> set[str]:
+        """The targets a duplicate may be exposed in: its own session's, and for a member of
+        a consistency group (``HOST-gN-HEX``), the group's (``HOST-HEX``) when that
+        duplicate is this client's too (every member is a LUN of one target)."""
+        targets = {lio.target_iqn_for(sid)}
+        match = _MEMBER_RE.fullmatch(sid)
+        if match is not None:
+            group = f"{match.group('host')}-{match.group('tail')}"
+            rec = self.journal.load(group)
+            if rec is not None and rec.client == client:
+                targets.add(lio.target_iqn_for(group))
+        return targets
 
     def _unexport(self, rec: SessionRecord, resources: list[Resource]) -> list[str]:
         iqn = next((str(r.fields["iqn"]) for r in resources if r.kind == "lio-target"), "")

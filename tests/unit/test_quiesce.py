@@ -31,6 +31,7 @@ from sanoffload.errors import (
     RefusedError,
     UsageError,
 )
+from sanoffload.kinds import WhoFreezes
 from sanoffload.runner import CommandRunner
 from sanoffload.signals import install_signal_handlers
 from sanoffload.testing import FakeRunner
@@ -600,3 +601,59 @@ def test_a_holding_hook_failing_after_the_thaw_is_a_warning(guard: FakeGuard, ho
                            "UNLOCK TABLES: server gone")]
     assert failure.returncode == 4
     assert events[-2:] == ["hold-let-go", "post-hook"]
+
+
+# --------------------------------------------------------------------------
+# a consistency group: several mount points, one window
+# --------------------------------------------------------------------------
+
+def _group_runner(events: list[str], hooks: Hooks) -> FakeRunner:
+    r = FakeRunner()
+    r.on("sync", "-f", action=lambda argv: events.append(f"sync {argv[-1]}"))
+    r.on("fsfreeze", "--freeze", action=lambda argv: events.append(f"freeze {argv[-1]}"))
+    r.on("fsfreeze", "--unfreeze", action=lambda argv: events.append(f"thaw {argv[-1]}"))
+    r.on(hooks.pre_freeze[0].path, action=lambda argv: events.append("pre-hook"))
+    r.on(hooks.post_thaw[0].path, action=lambda argv: events.append("post-hook"))
+    return r
+
+
+def test_a_group_is_frozen_in_order_duplicated_once_and_thawed_in_reverse(
+        guard: FakeGuard, hooks: Hooks, events: list[str]) -> None:
+    runner = _group_runner(events, hooks)
+
+    def duplicate() -> list[str]:
+        events.append("duplicate all")
+        return ["dup-a", "dup-b"]
+
+    q = quiesce_and_duplicate(runner, ["/srv/a", "/srv/b"], duplicate, hooks=hooks,
+                              guard_factory=guard.factory, state_dir="/run/test-state")
+    assert q.result == ["dup-a", "dup-b"] and q.frozen_by is WhoFreezes.FSFREEZE
+    plain = [e for e in events if not e.startswith("guard")]
+    assert plain == ["pre-hook", "sync /srv/a", "sync /srv/b", "freeze /srv/a", "freeze /srv/b",
+                     "duplicate all", "thaw /srv/b", "thaw /srv/a", "post-hook"]
+    assert [m for m, _d, _s in guard.created] == ["/srv/a", "/srv/b"]  # a guard for each
+
+
+def test_a_group_whose_second_freeze_fails_thaws_the_first(
+        guard: FakeGuard, hooks: Hooks, events: list[str]) -> None:
+    runner = _group_runner(events, hooks)
+    runner.on("fsfreeze", "--freeze", "/srv/b", returncode=1,
+              stderr="fsfreeze: /srv/b: freeze failed: Operation not supported\n")
+    made: list[str] = []
+    with pytest.raises(FreezeError, match="could not freeze /srv/b"):
+        quiesce_and_duplicate(runner, ["/srv/a", "/srv/b"], lambda: made.append("x"),
+                              hooks=hooks, guard_factory=guard.factory,
+                              state_dir="/run/test-state")
+    assert made == []
+    assert "thaw /srv/a" in events and "thaw /srv/b" not in events
+
+
+@pytest.mark.hostile("agent", "a consistency group asked to freeze by LVM's suspend",
+                     "refused before any hook or freeze: no common instant")
+def test_a_group_cannot_be_frozen_by_lvm(guard: FakeGuard, hooks: Hooks,
+                                         events: list[str]) -> None:
+    runner = _group_runner(events, hooks)
+    with pytest.raises(UsageError, match="consistency group is frozen by fsfreeze"):
+        quiesce_and_duplicate(runner, ["/srv/a", "/srv/b"], lambda: None, hooks=hooks,
+                              who_freezes="lvm", guard_factory=guard.factory)
+    assert events == []

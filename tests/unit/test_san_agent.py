@@ -410,3 +410,96 @@ def test_a_node_that_dies_mid_request_is_a_clear_command_error() -> None:
         assert ctl._client is None  # dropped: the next request connects anew
     finally:
         ctl.close()
+
+
+# -- a consistency group on st1 ------------------------------------------------------
+
+class GroupResolver:
+    """/srv/lin/dir is on LUN lin, /srv/thin/dir on LUN r1 (two filesystems on fs1)."""
+
+    PLACES = {"/srv/lin/dir": ("findmnt_lin", "lin"), "/srv/thin/dir": ("findmnt_thin", "r1"),
+              "/srv/lin/other": ("findmnt_lin", "lin")}
+
+    def __call__(self, runner: Any, path: str, allowed_roots: Any, *,
+                 duplicate_kind: str | None = None) -> BackupObject:
+        mount, lun = self.PLACES[path]
+        return BackupObject(requested_path=path, real_path=path, kind=ObjectKind.DIRECTORY,
+                            mount=recorded_mount(mount), lv=None, path_in_fs="dir",
+                            duplicate_kind=None, root="/srv",
+                            san=SanDisk(LUN[lun], f"/dev/sd{lun[0]}"))
+
+
+def _group(tmp_path: Path) -> San:
+    env = San(tmp_path)
+    env.agent.resolve = GroupResolver()
+    for verb, what in (("--freeze", "freeze"), ("--unfreeze", "thaw")):
+        env.runner.on("fsfreeze", verb, action=lambda a, w=what: env.events.append(
+            f"{w} {a[-1]} (st1 duplicates: {len(env.st1.journal())})"))
+    env.runner.on("sync", "-f")
+    return env
+
+
+def test_a_group_is_frozen_together_duplicated_on_st1_and_exposed_as_luns_of_one_target(
+        tmp_path: Path) -> None:
+    san = _group(tmp_path)
+    try:
+        answer = san.agent.prepare("/srv/lin/dir", PX1, also=["/srv/thin/dir"])
+        mounts = ("/srv/lin", "/srv/thin")
+        assert [e for e in san.events if e.startswith(("freeze", "thaw"))] == [
+            f"freeze {mounts[0]} (st1 duplicates: 0)", f"freeze {mounts[1]} (st1 duplicates: 0)",
+            f"thaw {mounts[1]} (st1 duplicates: 2)", f"thaw {mounts[0]} (st1 duplicates: 2)"]
+        assert [(m.path, m.lun, m.duplicate_kind.value) for m in answer.members] == [
+            ("/srv/lin/dir", 0, "snapshot"), ("/srv/thin/dir", 1, "raid1-split")]
+        assert (answer.lun, answer.identifier) == (0, answer.members[0].identifier)
+        # both LUNs in the one target (the fake LIO keeps the last spec per target), behind
+        # one CHAP pair, each its own backstore
+        [spec] = san.st1.lio.exports.values()
+        assert (spec.target_iqn, spec.lun) == (answer.target_iqn, 1)
+        assert (spec.chap_user, spec.chap_secret) == (answer.chap_user, answer.chap_secret)
+        sid = answer.session_id
+        host, tail = sid.rsplit("-", 1)
+        assert {f"sanoffload-{sid}", f"sanoffload-{host}-g1-{tail}"} <= set(
+            san.st1.lio.backstore_names)
+        wire = answer.to_wire()
+        assert type(answer).from_wire(wire).members == answer.members
+        # (status asks each member's health; the recorded lvs here knows one LV set at a time)
+        san.agent.release(sid)
+        assert san.st1.journal() == [] and san.st1.lio.exports == {}
+        assert list(Journal(san.config.state_dir)) == []
+    finally:
+        san.agent.close()
+        LIVE_CONNECTIONS.clear()
+
+
+@pytest.mark.hostile("agent", "a consistency group naming two paths on one filesystem, or "
+                              "one path inside another", "refused (3) before anything is frozen")
+def test_a_group_with_two_paths_on_one_filesystem_is_refused(tmp_path: Path) -> None:
+    san = _group(tmp_path)
+    try:
+        with pytest.raises(RefusedError, match="are on one filesystem"):
+            san.agent.prepare("/srv/lin/dir", PX1, also=["/srv/lin/other"])
+        assert san.events == [] and san.st1.journal() == []
+        assert list(Journal(san.config.state_dir)) == []
+    finally:
+        san.agent.close()
+        LIVE_CONNECTIONS.clear()
+
+
+@pytest.mark.hostile("agent", "the node is asked to expose a duplicate in another session's "
+                              "target, posing as a group member", "refused (3), nothing exported")
+def test_the_node_takes_a_group_target_only_from_the_same_client(san: San) -> None:
+    with san.st1.connect() as fs1:
+        first = fs1.call("duplicate", lun=LUN["lin"], name="sanoffload-fs1-0000aaaa")["duplicate"]
+        member = fs1.call("duplicate", lun=LUN["r1"],
+                          name="sanoffload-fs1-g1-0000bbbb")["duplicate"]
+        fields = {"initiator": PX1, "port": "p1", "userid": "sanoffload-fs1-0000aaaa",
+                  "password": "s3cretCHAPpass99", "lun": 1,
+                  "serial": "ea0c139e-cf01-4536-b143-859e35718396"}
+        # g1-0000bbbb is no member of group 0000aaaa: its group would be 0000bbbb
+        with pytest.raises(RefusedError, match="not this duplicate's"):
+            fs1.call("expose", duplicate=member,
+                     target_iqn=lio.target_iqn_for("fs1-0000aaaa"),
+                     backstore=lio.backstore_name_for("fs1-g1-0000bbbb"), **fields)
+        assert san.st1.lio.exports == {}
+        fs1.call("discard", duplicate=member)
+        fs1.call("discard", duplicate=first)
