@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 from sanoffload.runner import Runner
+from sanoffload.tools.lio import naa_from_serial
 
 from . import config, vm
 
@@ -188,3 +190,243 @@ def deploy(runner: Runner, hosts: list[str], **options: object) -> None:
     ssh_keys(runner)
     configs(runner, **options)  # type: ignore[arg-type]
     volumes(runner)
+
+
+# --------------------------------------------------------------------------
+# SAN mode: st1 serves fs1's production disks as LUNs
+# --------------------------------------------------------------------------
+#
+#     fs1 --iSCSI (logs in at boot)--> st1: sanvg/fs1db, sanvg/fs1log (LIO block backstores)
+#     fs1 --ssh, forced "storage serve --client fs1"--> st1
+#
+# These are the site's own production objects: their names (VG, LVs, backstores,
+# target) are deliberately outside sanoffload's prefixes, so nothing of the product
+# may take them for its own.
+
+SAN_VG = "sanvg"
+SAN_TARGET = "iqn.2026-11.org.sanoffload.lab:st1.fs1"
+SAN_DISKS = ("/dev/vdb", "/dev/vdc")
+SAN_PORT = 3260
+STORAGE_STATE = "/var/lib/sanoffload/storage"
+STORAGE_FORCED = "sanoffload storage serve --stdio --client fs1"
+
+
+@dataclass(frozen=True)
+class SanLun:
+    """One production LUN: the LV on st1 behind it, its unit serial, where fs1 mounts it."""
+
+    lv: str
+    size: str
+    serial: str
+    mount: str
+
+    @property
+    def identifier(self) -> str:
+        """What fs1's udev shows as the disk's wwid (``naa.6001405…``)."""
+        return naa_from_serial(self.serial)
+
+    @property
+    def by_id(self) -> str:
+        """fs1's udev link for the disk (``wwn-0x`` and the identifier's digits)."""
+        return f"/dev/disk/by-id/wwn-0x{self.identifier.removeprefix('naa.')}"
+
+
+# fixed serials: the identifiers must survive a redeploy (storage.toml names them)
+SAN_LUNS: dict[str, SanLun] = {
+    "db": SanLun(lv="fs1db", size="600m", serial="5a7e0f1d-2b3c-4d5e-8f60-7182a3b4c5d6",
+                 mount="/srv/san/db"),
+    "log": SanLun(lv="fs1log", size="200m", serial="5a7e0f1d-9c8b-4a7e-b6d5-c4b3a2918070",
+                  mount="/srv/san/log"),
+}
+
+# LUN numbers follow SAN_LUNS' order: db is LUN 0, log LUN 1
+SAN_EXPORT = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore", UserWarning)  # "Cannot set dbroot": harmless
+import rtslib_fb as r
+spec = json.loads(sys.argv[1])
+root = r.RTSRoot()
+objs = {so.name: so for so in root.storage_objects}
+stores = []
+for lun in spec["luns"]:
+    so = objs.get(lun["name"])
+    if so is None:
+        so = r.BlockStorageObject(lun["name"], dev=lun["dev"], wwn=lun["serial"])
+    if so.wwn != lun["serial"] or so.udev_path != lun["dev"]:
+        sys.exit("backstore %s exists with another serial or device" % lun["name"])
+    stores.append(so)
+tgt = r.Target(r.FabricModule("iscsi"), spec["target"])
+tpg = r.TPG(tgt, 1)
+tpg.set_attribute("authentication", "0")
+tpg.set_attribute("generate_node_acls", "0")
+if not any(p.ip_address == spec["ip"] and p.port == spec["port"] for p in tpg.network_portals):
+    r.NetworkPortal(tpg, spec["ip"], spec["port"])
+luns = {l.lun: l for l in tpg.luns}
+for n, so in enumerate(stores):
+    if n not in luns:
+        luns[n] = r.LUN(tpg, n, so)
+    elif luns[n].storage_object.name != so.name:
+        sys.exit("LUN %d of %s is not %s" % (n, spec["target"], so.name))
+acl = r.NodeACL(tpg, spec["initiator"])
+mapped = {m.mapped_lun for m in acl.mapped_luns}
+for n in range(len(stores)):
+    if n not in mapped:
+        r.MappedLUN(acl, n, luns[n], write_protect=False)
+tpg.enable = True
+print(json.dumps({so.name: so.wwn for so in stores}))
+"""
+
+SAN_UNEXPORT = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore", UserWarning)
+import rtslib_fb as r
+spec = json.loads(sys.argv[1])
+root = r.RTSRoot()
+for t in list(root.targets):
+    if t.wwn == spec["target"]:
+        t.delete()
+for so in list(root.storage_objects):
+    if so.name in spec["backstores"]:
+        so.delete()
+"""
+
+
+def _san_spec() -> dict[str, Any]:
+    return {"target": SAN_TARGET, "ip": config.HOSTS["st1"].ip, "port": SAN_PORT,
+            "initiator": config.HOSTS["fs1"].iqn,
+            "backstores": [lun.lv for lun in SAN_LUNS.values()],
+            "luns": [{"name": lun.lv, "dev": f"/dev/{SAN_VG}/{lun.lv}", "serial": lun.serial}
+                     for lun in SAN_LUNS.values()]}
+
+
+def _fstab_filter() -> str:
+    """A sed script deleting fs1's fstab lines for the SAN mounts (and nothing else)."""
+    return "".join(f"\\# {lun.mount} #d;" for lun in SAN_LUNS.values())
+
+
+def san_volumes(runner: Runner) -> None:
+    """st1 exports two LVs to fs1, which logs in (also at boot) and mounts a filesystem on each.
+
+    Idempotent: what exists is kept (a filesystem is made only where blkid finds none).
+    """
+    disks = " ".join(SAN_DISKS)
+    lvs = "\n".join(f"lvs {SAN_VG}/{lun.lv} >/dev/null 2>&1 || "
+                    f"lvcreate -q -y --type linear -L {lun.size} -n {lun.lv} {SAN_VG}"
+                    for lun in SAN_LUNS.values())
+    sh(runner, "st1", f"""set -e
+        if ! vgs {SAN_VG} >/dev/null 2>&1; then
+            pvcreate -q -y {disks}
+            vgcreate -q {SAN_VG} {disks}
+        fi
+        {lvs}
+        udevadm settle --timeout=60
+        """, timeout=300)
+    spec = shlex.quote(json.dumps(_san_spec()))
+    sh(runner, "st1", f"python3 -c {shlex.quote(SAN_EXPORT)} {spec}", timeout=120)
+    st1 = f"{config.HOSTS['st1'].ip}:{SAN_PORT},1"
+    node = f"iscsiadm -m node -T {SAN_TARGET} -p {st1}"
+    # a node record of its own (not a nonpersistent discovery): open-iscsi.service logs
+    # in every node.startup=automatic record at boot, and _netdev mounts wait for it
+    sh(runner, "fs1", f"""set -e
+        {node} >/dev/null 2>&1 || {node} -o new >/dev/null
+        {node} -o update -n node.startup -v automatic
+        iscsiadm -m session 2>/dev/null | grep -qF ' {SAN_TARGET} ' || {node} --login >/dev/null
+        """, timeout=120)
+    fstab = []
+    for lun in SAN_LUNS.values():
+        mount = shlex.quote(lun.mount)
+        # udevadm wait: until udev has made the by-id link (no polling of ours)
+        uuid = sh(runner, "fs1", f"""set -e
+            udevadm wait --timeout=60 {lun.by_id}
+            dev=$(readlink -e {lun.by_id})
+            if [ -z "$(blkid -p -s TYPE -o value "$dev" || true)" ]; then
+                mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
+                udevadm settle --timeout=60
+            fi
+            blkid -p -s UUID -o value "$dev"
+            """, timeout=300).strip()
+        if not uuid:
+            raise RuntimeError(f"fs1: no filesystem UUID on {lun.by_id}")
+        fstab.append(f"UUID={uuid} {lun.mount} ext4 _netdev,nofail 0 2\n")
+        sh(runner, "fs1", f"mkdir -p {mount} && {{ mountpoint -q {mount} || "
+                          f"mount UUID={uuid} {mount}; }}", timeout=120)
+    sh(runner, "fs1", f"sed -i {shlex.quote(_fstab_filter())} /etc/fstab && cat >> /etc/fstab && "
+                      "systemctl daemon-reload", input="".join(fstab), timeout=120)
+
+
+STORAGE_TOML = """\
+state_dir = "{state_dir}"
+grace_s = 5
+
+[ports.p1]
+address = "{ip}"
+port = {port}
+
+[clients.fs1]
+luns = [{luns}]
+proxies = ["{px1}"]
+max_sessions = 4
+"""
+
+
+def san_config(runner: Runner) -> None:
+    """st1's storage.toml; fs1's own ssh key, forced to ``storage serve`` on st1."""
+    luns = ", ".join(f'"{lun.identifier}"' for lun in SAN_LUNS.values())
+    sh(runner, "st1", "mkdir -p /etc/sanoffload && cat > /etc/sanoffload/storage.toml.new && "
+                      "mv /etc/sanoffload/storage.toml.new /etc/sanoffload/storage.toml",
+       input=STORAGE_TOML.format(state_dir=STORAGE_STATE, ip=config.HOSTS["st1"].ip,
+                                 port=SAN_PORT, luns=luns, px1=config.HOSTS["px1"].iqn))
+    pub = sh(runner, "fs1", "mkdir -p -m 700 /root/.ssh; test -f /root/.ssh/id_ed25519 || "
+                            "ssh-keygen -q -t ed25519 -N '' -C root@fs1 -f /root/.ssh/id_ed25519;"
+                            " cat /root/.ssh/id_ed25519.pub").strip()
+    line = f'command="{STORAGE_FORCED}",restrict {pub}'
+    sh(runner, "st1", "mkdir -p -m 700 /root/.ssh; touch /root/.ssh/authorized_keys; "
+                      f"grep -vF {shlex.quote(pub)} /root/.ssh/authorized_keys > /root/.ssh/ak;"
+                      " cat >> /root/.ssh/ak; mv /root/.ssh/ak /root/.ssh/authorized_keys; "
+                      "chmod 600 /root/.ssh/authorized_keys", input=line + "\n")
+    st1 = config.HOSTS["st1"].ip
+    # by name and by address: the agent may be configured with either
+    sh(runner, "fs1", "touch /root/.ssh/known_hosts; "
+                      f"ssh-keygen -R st1 >/dev/null 2>&1; ssh-keygen -R {st1} >/dev/null 2>&1; "
+                      f"keys=$(ssh-keyscan -t ed25519 st1 {st1} 2>/dev/null) && "
+                      "[ -n \"$keys\" ] && echo \"$keys\" >> /root/.ssh/known_hosts")
+
+
+def undeploy_san(runner: Runner) -> None:
+    """Take the SAN wiring apart (fs1 first: st1 must not pull disks from under a mount).
+
+    Idempotent: what is already gone is skipped.
+    """
+    mounts = " ".join(shlex.quote(lun.mount) for lun in SAN_LUNS.values())
+    st1 = f"{config.HOSTS['st1'].ip}:{SAN_PORT}"
+    sh(runner, "fs1", f"""
+        for m in {mounts}; do mountpoint -q "$m" && umount "$m"; done
+        sed -i {shlex.quote(_fstab_filter())} /etc/fstab
+        systemctl daemon-reload
+        iscsiadm -m node -T {SAN_TARGET} -p {st1} --logout >/dev/null 2>&1
+        iscsiadm -m node -T {SAN_TARGET} -o delete >/dev/null 2>&1
+        rmdir {mounts} /srv/san 2>/dev/null
+        true
+        """, timeout=120)
+    pub = sh(runner, "fs1", "cat /root/.ssh/id_ed25519.pub 2>/dev/null; true").strip()
+    disks = " ".join(SAN_DISKS)
+    forget_key = (f"grep -vF {shlex.quote(pub)} /root/.ssh/authorized_keys > /root/.ssh/ak; "
+                  "mv /root/.ssh/ak /root/.ssh/authorized_keys; "
+                  "chmod 600 /root/.ssh/authorized_keys" if pub else "true")
+    sh(runner, "st1", "test -f /etc/sanoffload/storage.toml && "
+                      "sanoffload storage cleanup --all >/dev/null 2>&1; "
+                      f"python3 -c {shlex.quote(SAN_UNEXPORT)} "
+                      f"{shlex.quote(json.dumps(_san_spec()))}", timeout=300)
+    sh(runner, "st1", f"""
+        if vgs {SAN_VG} >/dev/null 2>&1; then
+            vgremove -q -f {SAN_VG}
+            for d in {disks}; do
+                [ -z "$(pvs --noheadings -o vg_name "$d" 2>/dev/null | tr -d ' ')" ] &&
+                    pvremove -q "$d" && wipefs -q -a "$d"
+            done
+        fi
+        rm -f /etc/sanoffload/storage.toml
+        rm -rf {STORAGE_STATE}
+        {forget_key}
+        true
+        """, timeout=300)
