@@ -19,6 +19,19 @@ session), so a session or mount already there is a leftover of an earlier
 attempt of this same backup: it is reused, and its undo registered like a
 new one's, so that it is cleaned up with the rest.
 
+A consistency group (the answer lists ``members``: LUNs of the one target) is
+a branch of its own, :func:`attach_group`; a single path never goes there::
+
+    (node record, udev monitor, one login: as above)
+    (wait for every member's disk, one deadline)
+    mkdir /run/sanoffload/mnt/SESSION                    # undo: remove the tree
+    per member i: mkdir SESSION/mI; blkid; mount -t FS -o ro,... DEV SESSION/mI
+    per member: mkdir/touch SESSION/stage/ARCHIVE_NAME
+                mount --bind SESSION/mI/PATH_IN_FS SESSION/stage/ARCHIVE_NAME
+                mount -o remount,bind,ro,nodev,nosuid,noexec SESSION/stage/ARCHIVE_NAME
+
+and tar reads ``-C SESSION/stage ARCHIVE_NAME…``.
+
 With a :class:`~sanoffload.proxy.journal.ProxyJournal`, each of the node
 record, the session and the mount is written down before it is made and
 struck off once undone, so a proxy killed outright (SIGKILL, power) leaves a
@@ -27,6 +40,7 @@ record ``sanoffload proxy cleanup`` undoes (see :mod:`sanoffload.proxy.journal`)
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -39,22 +53,34 @@ from ..runner import Runner
 from ..tools import iscsiadm
 from ..undo import UndoStack
 from . import mount
-from .devices import DEFAULT_DEADLINE_S, DeviceWaiter, Waiter
+from .devices import DEFAULT_DEADLINE_S, DeviceWaiter, DisksWaiter, GroupWaiter, Waiter
 from .journal import Held, ProxyJournal
 
 log = logging.getLogger(__name__)
 
 #: makes the waiter for one identifier: DeviceWaiter, or a test's stand-in
 WaiterFactory = Callable[..., Waiter]
+#: makes the waiter for a group's identifiers: DisksWaiter, or a test's stand-in
+GroupWaiterFactory = Callable[..., GroupWaiter]
 
 
 @dataclass(frozen=True)
 class Attached:
-    """The mounted duplicate: its disk, where it is mounted, the backup object's real path."""
+    """The mounted duplicate: its disk, where it is mounted, the backup object's real path.
+
+    A group's: member 0's disk, the session directory, the staging tree (also
+    ``staging``), the members' names in it in order, and their mount points.
+    """
 
     device: str
     mountpoint: str
     object_path: str
+    #: a group's staging tree (tar -C), None for a single path
+    staging: str | None = None
+    #: a group's members as tar names them inside ``staging`` (Member.archive_name)
+    names: tuple[str, ...] = ()
+    #: a group's members' mount points, in members' order
+    mountpoints: tuple[str, ...] = ()
 
 
 def attach(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
@@ -62,7 +88,8 @@ def attach(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
            device_deadline_s: float = DEFAULT_DEADLINE_S,
            replacement_timeout: int = iscsiadm.DEFAULT_REPLACEMENT_TIMEOUT,
            mount_root: str = mount.MOUNT_ROOT,
-           journal: ProxyJournal | None = None) -> Attached:
+           journal: ProxyJournal | None = None,
+           group_waiter_factory: GroupWaiterFactory = DisksWaiter) -> Attached:
     """Log in to the agent's export, find its disk, mount it read-only; see the module doc.
 
     Idempotent: an existing session to the target is not logged in again and
@@ -72,6 +99,11 @@ def attach(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
     type the proxy does not mount is refused here (RefusedError), before
     anything is logged in or mounted.
     """
+    if req.members:
+        return attach_group(runner, req, undo, waiter_factory=group_waiter_factory,
+                            device_deadline_s=device_deadline_s,
+                            replacement_timeout=replacement_timeout, mount_root=mount_root,
+                            journal=journal)
     mount.check_fstype(req.fstype)
     # masked everywhere from now on, not only in the call that passes it
     runner.add_secret(req.chap_secret)
@@ -101,6 +133,111 @@ def attach(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
     obj = mount.check_object(mountpoint, req.path_in_fs, req.object_kind)
     log.info("attached %s: %s mounted at %s, object %s", req.session_id, device, mountpoint, obj)
     return Attached(device=device, mountpoint=mountpoint, object_path=obj)
+
+
+def attach_group(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
+                 waiter_factory: GroupWaiterFactory = DisksWaiter,
+                 device_deadline_s: float = DEFAULT_DEADLINE_S,
+                 replacement_timeout: int = iscsiadm.DEFAULT_REPLACEMENT_TIMEOUT,
+                 mount_root: str = mount.MOUNT_ROOT,
+                 journal: ProxyJournal | None = None) -> Attached:
+    """A consistency group: one login, every member's disk, each mounted read-only at
+    ``SESSION/mI`` and its object bound read-only at ``SESSION/stage/ARCHIVE_NAME``.
+
+    Every mount is journaled before it is made and its undo registered the
+    moment it exists; a failure at member i unwinds members i-1…0, logs out
+    and deletes the node (the caller's UndoStack). A leftover session
+    directory is refused (``sanoffload proxy cleanup`` removes it).
+    """
+    members = req.members
+    for m in members:  # before anything is logged in or mounted
+        mount.check_fstype(m.fstype)
+    runner.add_secret(req.chap_secret)
+    target, portal = req.target_iqn, req.portal
+    session_dir = mount.mountpoint_for(req.session_id, mount_root)
+    held = _begin(journal, req, session_dir, undo)
+
+    existing = iscsiadm.find_session(runner, target, portal)
+    if existing is None:
+        _make_node(runner, req, undo, replacement_timeout, held)
+    else:
+        log.info("already logged in to %s at %s (session %d): not logging in again",
+                 target, portal, existing.sid)
+        _intend(held, "node")
+        undo.push(f"iscsi node {target}", _undone, held, "node",
+                  iscsiadm.delete_node, runner, target, portal)
+    # one monitor for every member, listening before the login that brings all of them
+    with waiter_factory([m.identifier for m in members],
+                        deadline_s=device_deadline_s) as waiter:
+        if existing is None:
+            _login(runner, req, undo, held)
+        else:
+            _intend(held, "session")
+            undo.push(f"iscsi session {target}", _undone, held, "session",
+                      iscsiadm.logout, runner, target, portal)
+        devices = waiter.wait(lambda: iscsiadm.rescan(runner, target, portal))
+
+    _intend(held, "mount")
+    os.makedirs(mount_root, mode=0o700, exist_ok=True)
+    # the tree goes only once every mount in it is gone: remove_tree never crosses a mount
+    undo.push(f"session directory {session_dir}", _undone, held, "mount",
+              mount.remove_tree, session_dir)
+    mount.make_private_dir(session_dir)
+    objects: list[str] = []
+    mountpoints: list[str] = []
+    for i, (m, device) in enumerate(zip(members, devices, strict=True)):
+        rel = mount.member_dir(i)
+        mp = os.path.join(session_dir, rel)
+        _intend_mount(held, rel)
+        mount.make_private_dir(mp)
+        mount.verify_fstype(runner, device, m.fstype)
+        _mount_step(runner, undo, held, rel, mp,
+                    functools.partial(mount.mount_readonly, runner, device, m.fstype, mp,
+                                      verify=False))
+        objects.append(mount.check_object(mp, m.path_in_fs, m.object_kind))
+        mountpoints.append(mp)
+    staging = os.path.join(session_dir, mount.STAGE_DIR)
+    mount.make_private_dir(staging)
+    for m, obj in zip(members, objects, strict=True):
+        rel = os.path.join(mount.STAGE_DIR, m.archive_name)
+        dest = os.path.join(session_dir, rel)
+        _intend_mount(held, rel)
+        mount.make_bind_target(dest, m.object_kind)
+        _mount_step(runner, undo, held, rel, dest,
+                    functools.partial(mount.bind, runner, obj, dest))
+        mount.remount_readonly(runner, dest)  # its undo is registered: the bind exists
+    names = tuple(m.archive_name for m in members)
+    log.info("attached group %s: %s mounted under %s, staged as %s", req.session_id,
+             ", ".join(devices), session_dir, ", ".join(names))
+    return Attached(device=devices[0], mountpoint=session_dir, object_path=staging,
+                    staging=staging, names=names, mountpoints=tuple(mountpoints))
+
+
+def _intend_mount(held: Held | None, rel: str) -> None:
+    if held is not None:
+        held.intend_mount(rel)
+
+
+def _unmount_member(runner: Runner, held: Held | None, rel: str, path: str) -> None:
+    mount.unmount(runner, path)
+    if held is not None:
+        held.mount_gone(rel)
+
+
+def _mount_step(runner: Runner, undo: UndoStack, held: Held | None, rel: str, path: str,
+                make: Callable[[], None]) -> None:
+    """Make one of a group's mounts; its undo is registered the moment it may exist."""
+    try:
+        make()
+    except CommandTimeoutError:
+        # the kernel may finish a mount whose mount(8) was killed
+        undo.push(f"mount {path}", _unmount_member, runner, held, rel, path)
+        raise
+    except BaseException:
+        if held is not None:
+            held.mount_gone(rel)  # refused: nothing was mounted
+        raise
+    undo.push(f"mount {path}", _unmount_member, runner, held, rel, path)
 
 
 def _begin(journal: ProxyJournal | None, req: PrepareAnswer, mountpoint: str,

@@ -10,7 +10,16 @@ runs, newest resource first::
     iscsiadm -m node -T T -p P --logout               #   only then (iscsid may not run yet)
     iscsiadm -m node -T T -p P -o delete              # "node"
 
-and removes the record once nothing is left in it. Only what carries our
+and removes the record once nothing is left in it. A consistency group's
+record also names its mounts inside the session directory (``mounts``):
+each is unmounted, newest first (the staging tree's bind mounts, then the
+members' duplicates), before the directory's tree of empty directories goes::
+
+    umount /run/sanoffload/mnt/SESSION/stage/srv/san/log   # "mounts", newest first
+    umount /run/sanoffload/mnt/SESSION/stage/srv/san/db
+    umount /run/sanoffload/mnt/SESSION/m1
+    umount /run/sanoffload/mnt/SESSION/m0
+    (empty directories and files of SESSION removed)       # "mount" Only what carries our
 marks is touched: the targets and mount points named in our own records, and
 directories in our own mount root (``/run/sanoffload/mnt``) no record claims;
 never a node record, session or mount this proxy did not make. An attachment
@@ -67,6 +76,22 @@ def _unmount(runner: Runner, mountpoint: str) -> None:
     mount.remove_mountpoint(mountpoint)
 
 
+def _unmount_group(runner: Runner, held: Held) -> None:
+    """A group's mounts, newest first, then its session directory (only empty things in it)."""
+    rec = held.record
+    errors: list[BaseException] = []
+    for rel in reversed(list(rec.mounts)):
+        try:
+            # umount tolerates "not mounted": after a reboot there is nothing left
+            mount.unmount(runner, os.path.join(rec.mountpoint, rel))
+            held.mount_gone(rel)
+        except (SanoffloadError, OSError) as exc:  # the others are still tried
+            errors.append(exc)
+    if errors:
+        raise CleanupError(errors, context=f"unmounting the group of {rec.session_id}")
+    mount.remove_tree(rec.mountpoint)
+
+
 def _step(held: Held, kind: str, fn: Callable[..., Any], *args: Any) -> None:
     fn(*args)
     held.gone(kind)
@@ -83,16 +108,30 @@ def undo_attachment(runner: Runner, held: Held) -> list[BaseException]:
     if "session" in rec.resources:
         undo.push(f"iscsi session {rec.target}", _step, held, "session",
                   _logout_if_logged_in, runner, rec.target, rec.portal)
-    if "mount" in rec.resources:
+    if rec.mounts or ("mount" in rec.resources and _is_group_dir(rec.mountpoint)):
+        undo.push(f"group mounts under {rec.mountpoint}", _step, held, "mount",
+                  _unmount_group, runner, held)
+    elif "mount" in rec.resources:
         undo.push(f"mount {rec.mountpoint}", _step, held, "mount",
                   _unmount, runner, rec.mountpoint)
     return undo.unwind()
 
 
+def _is_group_dir(path: str) -> bool:
+    """A session directory holding a group's tree (mN, stage), not a mount point itself."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return not os.path.ismount(path) and bool(names) and all(
+        mount.MEMBER_DIR_RE.fullmatch(n) or n == mount.STAGE_DIR for n in names)
+
+
 def _describe(rec: Attachment) -> str:
     what = {"mount": f"mount {rec.mountpoint}", "session": f"session to {rec.target}",
             "node": f"node record {rec.target} at {rec.portal}"}
-    done = [what[k] for k in reversed(rec.resources)]
+    done = [f"mount {os.path.join(rec.mountpoint, m)}" for m in reversed(rec.mounts)]
+    done += [what[k] for k in reversed(rec.resources)]
     return ", ".join(done) if done else "an empty record"
 
 

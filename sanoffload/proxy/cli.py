@@ -76,6 +76,10 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
 @click.command()
 @click.argument("source", required=False, metavar="HOST:/PATH")
 @click.option("--store", "store_loc", default=None, metavar="STORE", help=STORE_HELP)
+@click.option("--with", "also", multiple=True, metavar="/PATH",
+              help="Another path on the same first server, frozen in the same window and "
+                   "stored in the same archive under its path (a consistency group; "
+                   "repeatable).")
 @click.option("--job", default=None,
               help="Take SOURCE, --store and options from /etc/sanoffload/jobs/JOB.toml.")
 @click.option("--kind", default=None,
@@ -96,7 +100,8 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as JSON (backup_id, sizes, freeze window, verification).")
 @pass_app
-def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
+def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str, ...],
+           job: str | None,
            kind: str | None, verify_mode: str | None, no_verify: bool, level: int | None,
            progress: bool | None,
            ssh_opts: tuple[str, ...], as_json: bool) -> None:
@@ -115,6 +120,7 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
       sanoffload backup fs1:/srv/data --store bk1:/srv/backups
       sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json --no-progress
       sanoffload backup --job data          # /etc/sanoffload/jobs/data.toml
+      sanoffload backup fs1:/srv/san/db --with /srv/san/log --store bk1:/srv/backups
     """
     from .offhost import run_offhost_backup
 
@@ -129,6 +135,8 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
     if job is not None:
         if source or store_loc:
             raise UsageError("--job takes its source and store from the job file")
+        if also:
+            raise UsageError("--job takes its source's group (with = [...]) from the job file")
         from .jobs import load_job
 
         j = load_job(job)
@@ -139,6 +147,7 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
         level = j.level if level is None else level
         ssh = tuple(j.ssh_options) + ssh
         timeout = j.timeout_s
+        also = j.also
     else:
         if not source or not store_loc:
             raise UsageError("give HOST:/PATH and --store STORE (or --job NAME)")
@@ -147,7 +156,7 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
     show = sys.stderr.isatty() if progress is None else progress
     summary = run_offhost_backup(app.get_runner(), source_loc, target,
                                  verify=verify or VerifyMode.STREAM, kind=dup_kind, level=level,
-                                 ssh_options=ssh,
+                                 ssh_options=ssh, also=also,
                                  timeout=timeout, progress=Progress() if show else None)
     warnings = list(summary.get("warnings") or [])
     if as_json:
@@ -158,6 +167,8 @@ def backup(app: App, source: str | None, store_loc: str | None, job: str | None,
         if summary.get("verify") == VerifyMode.STREAM.value:
             verified = "checked in flight (checksums end to end, decoded by the store)"
         said = f"; {len(warnings)} warning(s)" if warnings else ""
+        if summary.get("members"):
+            said += "; group of " + ", ".join(printable(str(p)) for p in summary["members"])
         click.echo(f"backup {printable(str(summary['backup_id']))}: {summary['archive_bytes']} "
                    f"bytes in {summary['stream_seconds']:.1f} s "
                    f"({summary['throughput_mib_s']:.1f} MiB/s), "

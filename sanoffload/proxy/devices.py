@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -28,8 +28,8 @@ from ..channel.messages import check_identifier, normalize_wwid
 from ..errors import DeadlineError, ResourceError
 from ..requirements import Requirement
 
-__all__ = ["DEFAULT_DEADLINE_S", "DeviceWaiter", "UdevContext", "Waiter", "check_identifier",
-           "device_wwids", "normalize_wwid"]
+__all__ = ["DEFAULT_DEADLINE_S", "DeviceWaiter", "DisksWaiter", "GroupWaiter", "UdevContext",
+           "Waiter", "check_identifier", "device_wwids", "normalize_wwid"]
 
 REQUIRES: tuple[Requirement, ...] = (
     Requirement("pyudev", "Python module pyudev (with libudev)", roles=("proxy",),
@@ -208,3 +208,117 @@ class DeviceWaiter:
                 self._drain(matches)
                 if matches:
                     return self._one(matches)
+
+
+class GroupWaiter(Protocol):
+    """What a group's attach uses of :class:`DisksWaiter`: one disk per identifier."""
+
+    def __enter__(self) -> GroupWaiter: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    def wait(self, rescan: Callable[[], None] | None = None) -> list[str]: ...
+
+
+class DisksWaiter:
+    """Wait for the disks of a consistency group (LUNs of one target): one monitor, one deadline.
+
+    ``with DisksWaiter([id0, id1]) as w: login(); devs = w.wait(rescan)``: the
+    monitor starts on entering, before the one login brings every LUN in, so no
+    disk's "add" event slips by; ``wait`` returns the /dev nodes in the order of
+    the identifiers, once every one is there, or raises DeadlineError naming
+    those still missing. Matching is :class:`DeviceWaiter`'s, identifier by identifier.
+    """
+
+    def __init__(self, identifiers: Sequence[str], deadline_s: float = DEFAULT_DEADLINE_S,
+                 context: UdevContext | None = None, *,
+                 monitor_factory: Callable[[Any], Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        # one DeviceWaiter per identifier, never entered: only its matching is used
+        self._each = [DeviceWaiter(i, deadline_s, context, clock=clock) for i in identifiers]
+        names = [w.identifier for w in self._each]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"want distinct identifiers, not {names}")
+        self.deadline_s = float(deadline_s)
+        self._context = context
+        self._monitor_factory = monitor_factory
+        self._clock = clock
+        self._monitor: Any | None = None
+        self.rescans = 0
+
+    def __enter__(self) -> DisksWaiter:
+        if self._context is None or self._monitor_factory is None:
+            import pyudev  # only here: unit tests never load libudev
+
+            if self._context is None:
+                self._context = pyudev.Context()
+            if self._monitor_factory is None:
+                self._monitor_factory = pyudev.Monitor.from_netlink
+        monitor = self._monitor_factory(self._context)
+        monitor.filter_by(subsystem="block", device_type="disk")
+        monitor.start()  # every event from now on is queued for wait()
+        self._monitor = monitor
+        for w in self._each:
+            w._context = self._context
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._monitor = None
+
+    def _handle(self, device: Any, matches: list[dict[str, Any]]) -> None:
+        for w, found in zip(self._each, matches, strict=True):
+            w._handle(device, found)
+
+    def _drain(self, matches: list[dict[str, Any]]) -> None:
+        assert self._monitor is not None
+        while (device := self._monitor.poll(timeout=0)) is not None:
+            self._handle(device, matches)
+
+    def _missing(self, matches: list[dict[str, Any]]) -> list[str]:
+        return [w.identifier for w, found in zip(self._each, matches, strict=True) if not found]
+
+    def _all(self, matches: list[dict[str, Any]]) -> list[str]:
+        nodes = [w._one(found) for w, found in zip(self._each, matches, strict=True)]
+        if len(set(nodes)) != len(nodes):  # one disk cannot be two members
+            raise ResourceError(f"one disk carries two of the identifiers: {', '.join(nodes)}")
+        return nodes
+
+    def wait(self, rescan: Callable[[], None] | None = None) -> list[str]:
+        """The /dev node of each identifier's one initialized disk, in the identifiers' order.
+
+        DeadlineError when one is still missing at the deadline (``rescan`` is
+        called once at half of it); ResourceError when two disks carry one identifier.
+        """
+        if self._monitor is None:
+            raise RuntimeError("DisksWaiter.wait() outside its 'with' block")
+        assert self._context is not None
+        start = self._clock()
+        deadline = start + self.deadline_s
+        half = start + self.deadline_s / 2
+        matches: list[dict[str, Any]] = [{} for _ in self._each]
+        for device in self._context.list_devices(subsystem="block", DEVTYPE="disk"):
+            self._handle(device, matches)
+        self._drain(matches)
+        while self._missing(matches):
+            now = self._clock()
+            if now >= deadline:
+                missing = self._missing(matches)
+                raise DeadlineError(
+                    f"no disk with identifier {', '.join(missing)} appeared within "
+                    f"{self.deadline_s:g} s ({len(self._each) - len(missing)} of "
+                    f"{len(self._each)} found)",
+                    hint="check the session's LUNs (iscsiadm -m session -P 3)")
+            if rescan is not None and not self.rescans and now >= half:
+                log.info("disks %s still missing after %.1f s: rescanning the session",
+                         ", ".join(self._missing(matches)), now - start)
+                self.rescans += 1
+                rescan()
+                continue
+            until = deadline if rescan is None or self.rescans else half
+            device = self._monitor.poll(timeout=max(min(until - now, _MAX_POLL_S), 0.01))
+            if device is not None:
+                self._handle(device, matches)
+                self._drain(matches)
+        return self._all(matches)

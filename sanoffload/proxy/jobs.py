@@ -12,6 +12,8 @@ Example (every key; only ``source`` and ``store`` are required)::
                                       #   raid1-split | mirror-split (default: the agent chooses)
     ssh_options = ["-o", "Port=2222"] # extra ssh arguments, options only
     timeout_s = 43200                 # the whole backup's limit
+    with = ["/srv/log"]               # a consistency group: more paths on the same first
+                                      #   server, frozen in the same window, one archive
 
 NAME becomes a file name and a systemd instance name
 (``sanoffload-backup@NAME.timer``), so it is letters, digits, ``_``, ``.``,
@@ -33,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..channel.messages import MAX_MEMBERS
 from ..configfile import parse_toml, read_text, valid_name
 from ..errors import ConfigError, UsageError
 from ..kinds import DuplicateKind, VerifyMode
@@ -42,7 +45,9 @@ JOB_SUFFIX = ".toml"
 #: within the unit's TimeoutStartSec (13h), so the backup's own deadline cleans up first
 DEFAULT_TIMEOUT_S = 12 * 3600.0
 
-_KEYS = {"source", "store", "verify", "level", "kind", "ssh_options", "timeout_s"}
+_KEYS = {"source", "store", "verify", "level", "kind", "ssh_options", "timeout_s", "with"}
+#: the most paths one consistency group may name (the agent's answer lists at most these)
+MAX_GROUP_PATHS = MAX_MEMBERS
 
 # HOST:PATH. The host never starts with '-' (ssh would read it as an option);
 # an IPv6 address is written in brackets, as scp does.
@@ -76,6 +81,8 @@ class Job:
     kind: DuplicateKind | None = None
     ssh_options: tuple[str, ...] = ()
     timeout_s: float = DEFAULT_TIMEOUT_S
+    #: a consistency group's other paths on the source's host (empty: one path)
+    also: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -132,6 +139,39 @@ def parse_location(text: str, what: str, *, require_host: bool = False,
         raise error(f"{what}: needs a host (HOST:/PATH): a backup is always taken from "
                     f"another machine: {text!r}")
     return host, posixpath.normpath(path)
+
+
+def group_paths(source: str, also: Any, what: str,
+                error: type[UsageError] = UsageError) -> tuple[str, ...]:
+    """A consistency group's other paths, checked like the source's; ``error`` if one is bad.
+
+    Each an absolute ``/PATH`` on the source's host (no ``..``, no NUL or line
+    break; normalised), not ``/``, distinct, none the source and none inside
+    another (each becomes a top directory of one archive); at most
+    :data:`MAX_GROUP_PATHS` paths with the source.
+    """
+    if not isinstance(also, (list, tuple)):
+        raise error(f"{what}: must be a list of /PATH, not {also!r}")
+    out: list[str] = []
+    for i, given in enumerate(also):
+        here = f"{what}[{i}]" if isinstance(also, list) else what
+        host, path = parse_location(given, here, error=error)
+        if host is not None:
+            raise error(f"{here}: a path on the source's host (/PATH), not {given!r}")
+        if path == "/":
+            raise error(f"{here}: not the root directory")
+        out.append(path)
+    paths = [source, *out]
+    if len(paths) > MAX_GROUP_PATHS:
+        raise error(f"{what}: a consistency group has at most {MAX_GROUP_PATHS} paths, "
+                    f"not {len(paths)}")
+    if len(set(paths)) != len(paths):
+        raise error(f"{what}: a path is named twice: {', '.join(paths)}")
+    for a in paths:
+        for b in paths:
+            if a != b and b.startswith(a.rstrip("/") + "/"):
+                raise error(f"{what}: {b} is inside {a}: back up {a} alone")
+    return tuple(out)
 
 
 def valid_job_name(name: str) -> bool:
@@ -247,7 +287,9 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
         level=c.level(data.get("level"), "level"),
         kind=None if kind is None else c.kind(kind, "kind"),
         ssh_options=c.ssh_options(data.get("ssh_options", []), "ssh_options"),
-        timeout_s=c.seconds(data.get("timeout_s", DEFAULT_TIMEOUT_S), "timeout_s"))
+        timeout_s=c.seconds(data.get("timeout_s", DEFAULT_TIMEOUT_S), "timeout_s"),
+        also=group_paths(source_path, data.get("with", []), f"{source}: with",
+                         error=ConfigError))
 
 
 def parse(name: str, text: str, source: str = "<string>") -> Job:

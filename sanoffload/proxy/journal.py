@@ -19,6 +19,13 @@ kernel drops it when the process dies, SIGKILL included, and a reused pid
 cannot fake it. Cleanup takes the same lock before touching anything, so it
 never undoes what a running backup holds.
 
+A consistency group's record also lists, in ``mounts``, every mount it makes
+inside its session directory (``m0``, ``m1``… a member's duplicate;
+``stage/srv/san/db``… a member's object bound into the staging tree), each
+written down before it is made and struck off once unmounted; ``mount`` then
+stands for the session directory itself. A single path's record has no
+``mounts`` key and is what it always was.
+
 Records are replaced atomically (write, fsync, rename, fsync the directory)
 and checked on reading like anything else from disk: owned by us, not
 writable by others, names that pass the same checks the attach used.
@@ -47,6 +54,8 @@ JOURNAL_DIR = "/var/lib/sanoffload/proxy"
 #: the resources an attachment can hold, in the order they are made
 KINDS = ("node", "session", "mount")
 _MAX_RECORD = 64 * 1024
+#: a group's mounts: a duplicate and a bind mount per member (messages.MAX_MEMBERS is 8)
+MAX_MOUNTS = 16
 
 
 class BrokenRecord(ValueError):
@@ -64,11 +73,17 @@ class Attachment:
     pid: int = field(default_factory=os.getpid)
     created: float = field(default_factory=time.time)
     resources: list[str] = field(default_factory=list)
+    #: a group's mounts inside ``mountpoint`` (its session directory), in the order made
+    mounts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"session_id": self.session_id, "target": self.target, "portal": self.portal,
-                "mountpoint": self.mountpoint, "pid": self.pid, "created": self.created,
-                "resources": list(self.resources)}
+        data: dict[str, Any] = {
+            "session_id": self.session_id, "target": self.target, "portal": self.portal,
+            "mountpoint": self.mountpoint, "pid": self.pid, "created": self.created,
+            "resources": list(self.resources)}
+        if self.mounts:  # only a group's: a single path's record is unchanged
+            data["mounts"] = list(self.mounts)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, mount_root: str) -> Attachment:
@@ -82,7 +97,17 @@ class Attachment:
             value = data.get(key)
             if not isinstance(value, typ) or isinstance(value, bool):
                 raise BrokenRecord(f"field {key!r} is missing or not a {typ}")
-        unknown = set(data) - set(want)
+        mounts = data.get("mounts", [])
+        if not isinstance(mounts, list) or len(mounts) > MAX_MOUNTS:
+            raise BrokenRecord(f"field 'mounts' is not a list of at most {MAX_MOUNTS}")
+        try:
+            for rel in mounts:
+                mount.check_group_mount(rel)
+        except ValueError as exc:
+            raise BrokenRecord(str(exc)) from None
+        if len(set(mounts)) != len(mounts):
+            raise BrokenRecord("field 'mounts' names a mount twice")
+        unknown = set(data) - set(want) - {"mounts"}
         if unknown:
             raise BrokenRecord(f"unknown field(s) {sorted(unknown)}")
         sid = data["session_id"]
@@ -102,7 +127,8 @@ class Attachment:
             raise BrokenRecord(f"invalid resources {res!r}")
         return cls(session_id=sid, target=data["target"], portal=data["portal"],
                    mountpoint=data["mountpoint"], pid=data["pid"],
-                   created=float(data["created"]), resources=list(res))
+                   created=float(data["created"]), resources=list(res),
+                   mounts=list(mounts))
 
 
 class Held:
@@ -127,6 +153,19 @@ class Held:
             self.record.resources.remove(kind)
             self.journal.save(self.record)
 
+    def intend_mount(self, rel: str) -> None:
+        """Write a group's mount ``rel`` (inside the session directory) down before making it."""
+        mount.check_group_mount(rel)
+        if rel not in self.record.mounts:
+            self.record.mounts.append(rel)
+            self.journal.save(self.record)
+
+    def mount_gone(self, rel: str) -> None:
+        """A group's mount ``rel`` was unmounted: strike it off."""
+        if rel in self.record.mounts:
+            self.record.mounts.remove(rel)
+            self.journal.save(self.record)
+
     def finish(self) -> bool:
         """Remove the record if nothing is left in it; let go of the lock either way.
 
@@ -134,7 +173,7 @@ class Held:
         """
         removed = False
         try:
-            if not self.record.resources:
+            if not self.record.resources and not self.record.mounts:
                 self.journal.remove(self.record.session_id)
                 removed = True
         finally:
@@ -204,6 +243,7 @@ class ProxyJournal:
         if old is not None:
             # a dead attempt of this same session left these: they stay ours to undo
             record.resources = list(old.resources)
+            record.mounts = list(old.mounts)
         held = Held(self, record, fd)
         try:
             self.save(record)

@@ -13,12 +13,21 @@ replaying a journal (it could not write anyway, the LUN is read-only),
 ``nouuid`` lets XFS mount a copy whose UUID may already be mounted here, and
 ``nodev,nosuid,noexec`` keep the backed-up data from acting on the proxy.
 The mount point is ``/run/sanoffload/mnt/SESSION`` (mode 0700).
+
+A consistency group (several volumes in one backup) gets a directory per
+session instead, each member's duplicate mounted as above at ``m0``, ``m1``…
+and its object bind-mounted read-only into a staging tree at its archive name::
+
+    SESSION/m0                 mount -t ext4 -o ro,... DEV0 SESSION/m0
+    SESSION/stage/srv/san/db   mount --bind SESSION/m0/db SESSION/stage/srv/san/db
+                               mount -o remount,bind,ro,nodev,nosuid,noexec SESSION/stage/srv/san/db
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from collections.abc import Mapping
 
@@ -84,6 +93,122 @@ def make_mountpoint(session_id: str, root: str = MOUNT_ROOT) -> str:
         raise ResourceError(f"mount point {path} exists and is not empty",
                             hint="a leftover of an earlier session? inspect and remove it")
     return path
+
+
+#: what a group's session directory holds: a member's mount point, and the staging tree
+MEMBER_DIR_RE = re.compile(r"m[0-9]{1,2}")
+STAGE_DIR = "stage"
+#: options of a bind mount of a member's object, as its remount gives them
+BIND_OPTIONS = "remount,bind,ro,nodev,nosuid,noexec"
+
+
+def member_dir(index: int) -> str:
+    """``m0``, ``m1``…: the name of member ``index``'s mount point in its session directory."""
+    if not 0 <= index < 100:
+        raise ValueError(f"member index out of range: {index}")
+    return f"m{index}"
+
+
+def check_group_mount(rel: str) -> str:
+    """``rel`` if it can name a group's mount inside its session directory; ValueError if not.
+
+    ``mN`` or ``stage/NAME…``: relative, normalised, no '..', no control character. A
+    journal record is read with this, so it can never send umount outside the directory.
+    """
+    if not isinstance(rel, str) or not rel or len(rel) > 4200 or rel.startswith("/") \
+            or os.path.normpath(rel) != rel or ".." in rel.split("/") \
+            or any(ord(c) < 32 or c == "\x7f" for c in rel):
+        raise ValueError(f"not a group mount inside a session directory: {rel!r}")
+    head, _, rest = rel.partition("/")
+    if not (MEMBER_DIR_RE.fullmatch(rel) or (head == STAGE_DIR and rest)):
+        raise ValueError(f"not a group mount inside a session directory: {rel!r}")
+    return rel
+
+
+def make_private_dir(path: str) -> str:
+    """mkdir ``path`` 0700; an existing empty directory is reused, anything else is refused."""
+    try:
+        os.mkdir(path, 0o700)
+        return path
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or os.path.ismount(path) or os.listdir(path):
+        raise ResourceError(f"{path} exists and is not an empty directory",
+                            hint="a leftover of an earlier attempt? run 'sanoffload proxy "
+                                 "cleanup'")
+    return path
+
+
+def make_bind_target(path: str, kind: ObjectKind) -> str:
+    """An empty directory (or, for a file, an empty file) at ``path`` to bind-mount onto.
+
+    Its parents are made 0700 (tar is not given them: only the member is archived).
+    """
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if kind is ObjectKind.FILE:
+        # O_EXCL|O_NOFOLLOW: a leftover (or a link) is never bind-mounted over
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600))
+    else:
+        make_private_dir(path)
+    return path
+
+
+def bind(runner: Runner, source: str, target: str) -> None:
+    """``mount --bind SRC DST``: the object at SRC seen at DST (read-only only after
+    :func:`remount_readonly`: a bind does not take ``ro`` from its own options)."""
+    for path in (source, target):
+        if not os.path.isabs(path):
+            raise ValueError(f"bind mount paths must be absolute: {path!r}")
+    runner.run(["mount", "--bind", source, target])
+
+
+def remount_readonly(runner: Runner, target: str) -> None:
+    """``mount -o remount,bind,ro,nodev,nosuid,noexec DST``: the bind at DST made read-only."""
+    if not os.path.isabs(target):
+        raise ValueError(f"mount point must be absolute: {target!r}")
+    runner.run(["mount", "-o", BIND_OPTIONS, target])
+    log.info("bound read-only at %s", target)
+
+
+def remove_tree(root: str) -> bool:
+    """Remove a group's session directory: empty directories and empty files only.
+
+    True if removed, False if already gone. Never descends into another
+    filesystem: an entry on another device than ``root`` is a mount still
+    there (a member's duplicate, a bind mount) and raises ResourceError, as
+    does anything that is not an empty directory or an empty regular file.
+    """
+    try:
+        top = os.lstat(root)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(top.st_mode):
+        raise ResourceError(f"{root} is not a directory")
+    order: list[tuple[str, bool]] = []
+    stack = [root]
+    while stack:
+        here = stack.pop()
+        order.append((here, True))
+        for name in os.listdir(here):
+            path = os.path.join(here, name)
+            st = os.lstat(path)
+            if st.st_dev != top.st_dev:
+                raise ResourceError(f"{path} is still mounted", hint=f"umount {path}")
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                order.append((path, False))
+            else:
+                raise ResourceError(f"{path} is not ours to remove (not an empty file)")
+    # deepest first: a directory goes once everything in it has gone
+    for path, is_dir in sorted(order, key=lambda e: e[0].count("/"), reverse=True):
+        if is_dir:
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    return True
 
 
 def remove_mountpoint(path: str) -> bool:

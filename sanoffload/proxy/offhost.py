@@ -38,15 +38,16 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
 from ..channel.messages import PrepareAnswer
-from ..errors import ConfigError, IntegrityError, UsageError
+from ..errors import ConfigError, IntegrityError, ProtocolError, UsageError
 from ..kinds import DuplicateKind, VerifyMode
 from ..runner import Runner
+from ..text import printable
 from ..undo import UndoStack
 from . import jobs
 from .attach import Attached
@@ -95,7 +96,28 @@ def manifest_fields(answer: PrepareAnswer) -> dict[str, Any]:
     if answer.held:
         # the holding hooks' outputs (backup_label...): a restore needs them beside the archive
         fields["held"] = [h.to_wire() for h in answer.held]
+    if answer.members:
+        # a group: what each archive top directory was read from (no LUN, no secret)
+        fields["members"] = [{"path": m.path, "identifier": m.identifier,
+                              "duplicate_kind": m.duplicate_kind.value, "fstype": m.fstype,
+                              "object_kind": m.object_kind.value} for m in answer.members]
     return fields
+
+
+def check_group(source: str, also: Sequence[str]) -> tuple[str, ...]:
+    """A consistency group's other paths (``--with``), checked: :func:`jobs.group_paths`."""
+    return jobs.group_paths(source, also, "--with")
+
+
+def _check_members(answer: PrepareAnswer, paths: list[str], where: str) -> None:
+    """The agent must answer the group that was asked for, in its order: the archive's
+    top directories are named after these paths."""
+    got = [m.path for m in answer.members]
+    if len(paths) == 1 and not got:
+        return
+    if got != paths:
+        raise ProtocolError(f"{where}: asked for {', '.join(paths)}, the agent answered "
+                            f"{printable(', '.join(got)) or 'one path'}")
 
 
 @dataclass(frozen=True)
@@ -163,12 +185,16 @@ class Progress:
         self.estimate: int | None = None
 
     def attached(self, att: Any) -> None:
-        """Size the display from the duplicate's used space (the whole filesystem's)."""
-        try:
-            st = os.statvfs(att.mountpoint)
-        except OSError:
-            return
-        self.estimate = (st.f_blocks - st.f_bfree) * st.f_frsize
+        """Size the display from the duplicate's used space (the whole filesystem's;
+        a group's: all of its members')."""
+        total = 0
+        for path in getattr(att, "mountpoints", ()) or (att.mountpoint,):
+            try:
+                st = os.statvfs(path)
+            except OSError:
+                return
+            total += (st.f_blocks - st.f_bfree) * st.f_frsize
+        self.estimate = total
 
     def __call__(self, sent: int) -> None:
         now = time.monotonic()
@@ -193,9 +219,13 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                        progress: Progress | None = None,
                        agent_conn: Connector | None = None,
                        store_conn: Connector | None = None,
-                       attach_fn: Callable[..., Attached] = journaled_attach) -> dict[str, Any]:
+                       attach_fn: Callable[..., Attached] = journaled_attach,
+                       also: Sequence[str] = ()) -> dict[str, Any]:
     """Back up ``source`` (on its first server) into ``store``; returns the summary.
 
+    ``also``: more paths on the same first server, frozen in the same window
+    (a consistency group, one archive holding each under its path); the
+    summary's ``members`` lists every path then.
     ``summary["warnings"]`` holds the agent's warnings (escaped); non-empty
     means the backup is stored but needs a look (the CLI exits 14).
     ``attach_fn`` makes the duplicate readable here (tests inject their own).
@@ -205,6 +235,7 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
     if source.host is None:
         raise UsageError(f"{source}: name the first server (HOST:/PATH): a backup is "
                          "always taken off-host")
+    group = [source.path, *check_group(source.path, also)] if also else [source.path]
     initiator = initiator or local_initiator()
     agent_conn = agent_conn or agent_connector(runner, source.host, ssh_options, timeout=timeout)
     started = time.monotonic()
@@ -216,9 +247,10 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                  else StoreClient(store_connector(runner, store, ssh_options, timeout=timeout),
                                   name=store.host))
         undo.push(f"connection to {store}", depot.close)
-        answer = agent.prepare(source.path, initiator, kind)
+        answer = agent.prepare(source.path, initiator, kind, also=tuple(group[1:]))
         sid = answer.session_id
         undo.push(f"release of {sid}", agent.release, sid)
+        _check_members(answer, group, f"{source.host}: the agent's answer")
         log.info("%s: session %s, %s frozen %.1f ms by %s", source, sid,
                  answer.duplicate_kind, answer.freeze_window_ms, answer.frozen_by)
         warnings = list(answer.warnings)  # escaped and bounded by from_wire
@@ -260,7 +292,10 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                 progress.done()
         stored = verdict.get("backup") or summary.backup
     seconds = time.monotonic() - started
-    return {
+    summary_extra: dict[str, Any] = {}
+    if answer.members:
+        summary_extra["members"] = [m.path for m in answer.members]
+    return {**summary_extra,
         "backup_id": stored["id"], "source": str(source), "store": str(store),
         "session_id": sid, "duplicate_kind": answer.duplicate_kind.value,
         "frozen_by": answer.frozen_by.value, "freeze_window_ms": answer.freeze_window_ms,

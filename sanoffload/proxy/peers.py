@@ -10,7 +10,7 @@ import hashlib
 import io
 import logging
 import select
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 from ..channel.client import Client, Connector
@@ -38,11 +38,16 @@ class AgentClient(Client):
             raise ProtocolError(f"{self.name}: the agent did not say its host name")
         return host
 
-    def prepare(self, path: str, initiator: str,
-                kind: DuplicateKind | None = None) -> PrepareAnswer:
-        """The agent's answer, every field checked (ProtocolError, exit 11, if malformed)."""
+    def prepare(self, path: str, initiator: str, kind: DuplicateKind | None = None, *,
+                also: Sequence[str] = ()) -> PrepareAnswer:
+        """The agent's answer, every field checked (ProtocolError, exit 11, if malformed).
+
+        ``also``: the other paths of a consistency group, sent as ``"also"`` only
+        when there are some (a single path's request is what it always was).
+        """
+        extra: dict[str, Any] = {"also": list(also)} if also else {}
         reply = self.call("prepare", path=path, initiator=initiator,
-                          kind=None if kind is None else kind.value)
+                          kind=None if kind is None else kind.value, **extra)
         session = check_reply(reply, {"session": dict})["session"]
         try:
             return PrepareAnswer.from_wire(session, what=f"{self.name}: the agent's answer")

@@ -14,6 +14,14 @@ Given the agent's ``prepare`` answer (a checked
    (``tar --diff``) and records the result;
 5. always unmounts and logs out (the UndoStack), whatever happened.
 
+A consistency group's archive holds every member under its archive name
+(its path without the leading /), read from the staging tree
+:func:`~sanoffload.proxy.attach.attach_group` bound them into::
+
+    tar --create --file=- --directory=STAGING <tar.CREATE_OPTIONS> -- srv/san/db srv/san/log
+
+(no ``--one-file-system``: each name is a bind mount, which tar must enter).
+
 Telling the agent to release is the caller's job (it owns that channel).
 """
 
@@ -73,6 +81,28 @@ def source_of(att: Attached, kind: ObjectKind | None) -> tuple[str, str]:
     return att.object_path, "."
 
 
+def group_create_argv(staging: str, names: tuple[str, ...] | list[str]) -> list[str]:
+    """``tar --create`` of a group's members, by their archive names inside ``staging``.
+
+    The names are relative and come after ``--`` (checked by the answer's
+    reader: absolute, normalised, no control character, none inside another).
+    """
+    if not names or any(not n or n.startswith("/") or ".." in n.split("/") for n in names):
+        raise ValueError(f"want the members' relative archive names, not {names!r}")
+    return ["tar", "--create", "--file=-", f"--directory={staging}", *tar.CREATE_OPTIONS,
+            "--", *names]
+
+
+def tar_source(att: Attached, answer: PrepareAnswer) -> tuple[str, list[str]]:
+    """``(directory tar reads in and compares against, tar --create argv)``."""
+    if answer.members:
+        if att.staging is None or list(att.names) != [m.archive_name for m in answer.members]:
+            raise ValueError("a group's attachment without its staging tree")
+        return att.staging, group_create_argv(att.staging, att.names)
+    src, member = source_of(att, answer.object_kind)
+    return src, tar.create_argv(src, member)
+
+
 def _invalid(answer: PrepareAnswer) -> DuplicateInvalidError:
     return DuplicateInvalidError(
         f"the duplicate of session {answer.session_id} became invalid "
@@ -123,9 +153,13 @@ def stream_duplicate(runner: Runner, answer: PrepareAnswer, writer: Writer, *,
             raise
         if on_attach is not None:
             on_attach(att)
-        src, member = source_of(att, answer.object_kind)
+        try:
+            src, create = tar_source(att, answer)
+        except BaseException:
+            writer.abort()
+            raise
         started = time.monotonic()
-        stages = [Stage(tar.create_argv(src, member)), Stage(zstd.compress_argv(level=level))]
+        stages = [Stage(create), Stage(zstd.compress_argv(level=level))]
         try:
             with runner.pipeline(stages, timeout=STREAM_TIMEOUT_S) as pipe:
                 writer.write_from(pipe.stdout)

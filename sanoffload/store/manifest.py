@@ -29,7 +29,12 @@ shown escaped). ``held`` holds what each holding hook printed after READY
 checked as the proxy checks it (:func:`~sanoffload.channel.messages.check_held`:
 at most 8, each at most 64 KiB, no control character but newline and tab), and
 the warnings and ``held`` together are at most :data:`MAX_NOTES_JSON` bytes of
-JSON, so a manifest stays under :data:`MAX_BYTES`. Keys this version does not
+JSON, so a manifest stays under :data:`MAX_BYTES`. ``members`` is stored only
+for a consistency group (one backup of several paths frozen in one window,
+each under its path without the leading / in the archive): ``[{"path",
+"identifier", "duplicate_kind", "fstype", "object_kind"}]``, the manifest's
+``path`` first, at most :data:`MAX_MEMBERS` (2 or more), exactly those keys,
+each value checked (:class:`GroupMember`). Keys this version does not
 know are kept in ``extra`` so a manifest round-trips unchanged; their nesting
 is bounded (:data:`MAX_DEPTH`) so writing them back out cannot exhaust the
 stack.
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -46,9 +52,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import __version__
-from ..channel.messages import HeldOutput, check_held, held_json_size
+from ..channel.messages import (
+    MAX_MEMBERS,
+    HeldOutput,
+    check_held,
+    check_identifier,
+    held_json_size,
+)
 from ..errors import UsageError
-from ..kinds import Choice, DuplicateKind, WhoFreezes
+from ..kinds import Choice, DuplicateKind, ObjectKind, WhoFreezes
 from ..text import has_control
 
 FORMAT = 1
@@ -79,7 +91,11 @@ _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 #: what a sender (the proxy) may say about a backup, and the check each value gets
 SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_ms", "frozen_by",
                                   "session_id", "source_bytes", "file_count", "sha256",
-                                  "archive_bytes", "warnings", "held")
+                                  "archive_bytes", "warnings", "held", "members")
+#: a group member's keys, all required, no others
+MEMBER_KEYS = frozenset({"path", "identifier", "duplicate_kind", "fstype", "object_kind"})
+_MAX_PATH = 4096
+_FSTYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
 def utc_iso(when: datetime, *, millis: bool = False) -> str:
@@ -145,6 +161,80 @@ class Verification:
 
 
 @dataclass(frozen=True)
+class GroupMember:
+    """One path of a consistency group's backup: where it came from (no LUN, no secret)."""
+
+    path: str
+    identifier: str
+    duplicate_kind: str
+    fstype: str
+    object_kind: str
+
+    @property
+    def archive_name(self) -> str:
+        """Its top directory in the archive: the path without the leading /."""
+        return self.path.lstrip("/")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "identifier": self.identifier,
+                "duplicate_kind": self.duplicate_kind, "fstype": self.fstype,
+                "object_kind": self.object_kind}
+
+    @classmethod
+    def check(cls, raw: Any, where: str) -> GroupMember:
+        """``raw`` (a manifest's or a sender's member) checked; ValueError naming ``where``."""
+        if isinstance(raw, GroupMember):
+            raw = raw.to_dict()
+        if not isinstance(raw, Mapping) or set(raw) != MEMBER_KEYS:
+            keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
+            raise ValueError(f"{where}: want exactly {{{', '.join(sorted(MEMBER_KEYS))}}}, "
+                             f"not {str(keys)[:200]}")
+        path = raw["path"]
+        if (not isinstance(path, str) or not path.startswith("/") or path == "/"
+                or len(path) > _MAX_PATH or has_control(path)
+                or posixpath.normpath(path) != path or ".." in path.split("/")):
+            raise ValueError(f"{where}.path: want an absolute, normalised path: "
+                             f"{str(path)[:100]!r}")
+        ident = raw["identifier"]
+        try:
+            if not isinstance(ident, str) or len(ident) > 80:
+                raise ValueError
+            ident = check_identifier(ident)
+        except ValueError:
+            raise ValueError(f"{where}.identifier: want naa. + hex digits: "
+                             f"{str(ident)[:100]!r}") from None
+        fstype = raw["fstype"]
+        if not isinstance(fstype, str) or not _FSTYPE_RE.fullmatch(fstype):
+            raise ValueError(f"{where}.fstype: want a filesystem type: {str(fstype)[:100]!r}")
+        return cls(path=path, identifier=ident,
+                   duplicate_kind=_member(DuplicateKind, f"{where}.duplicate_kind",
+                                          raw["duplicate_kind"]).value,
+                   fstype=fstype,
+                   object_kind=_member(ObjectKind, f"{where}.object_kind",
+                                       raw["object_kind"]).value)
+
+
+def check_members(raw: Any) -> tuple[GroupMember, ...]:
+    """A group's ``members`` checked (2 to MAX_MEMBERS, distinct, none inside another)."""
+    if isinstance(raw, tuple):  # a manifest's own, already made
+        raw = list(raw)
+    if not isinstance(raw, list):
+        raise ValueError(f"manifest: members: want a list, not {type(raw).__name__}")
+    if not raw:
+        return ()
+    if not 2 <= len(raw) <= MAX_MEMBERS:
+        raise ValueError(f"manifest: members: want 2 to {MAX_MEMBERS}, not {len(raw)}")
+    out = tuple(GroupMember.check(m, f"manifest: members[{i}]") for i, m in enumerate(raw))
+    names = [m.archive_name for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError("manifest: members: a path is named twice")
+    for a in names:
+        if any(b != a and b.startswith(a + "/") for b in names):
+            raise ValueError(f"manifest: members: {a!r} contains another member")
+    return out
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What one stored backup holds (see the module docstring for the JSON)."""
 
@@ -176,6 +266,8 @@ class Manifest:
     warnings: tuple[str, ...] = ()
     #: what each holding hook printed after READY (backup_label...), in the order they ran
     held: tuple[HeldOutput, ...] = ()
+    #: a consistency group's paths, this manifest's ``path`` first (empty: one path)
+    members: tuple[GroupMember, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -227,6 +319,10 @@ class Manifest:
                           > MAX_NOTES_JSON):
             raise ValueError(f"manifest: warnings and held: more than {MAX_NOTES_JSON} bytes "
                              "of JSON together")
+        object.__setattr__(self, "members", check_members(self.members))
+        if self.members and self.members[0].path != self.path:
+            raise ValueError(f"manifest: members[0] is {self.members[0].path!r}, not the "
+                             f"backup's path {self.path!r}")
         if not isinstance(self.extra, dict):
             raise ValueError("manifest: extra must be a mapping")
         if _depth(self.extra) > MAX_DEPTH:
@@ -251,6 +347,11 @@ class Manifest:
             data["held"] = [h.to_wire() for h in self.held]
         else:
             del data["held"]
+        # only for a group: a single path's manifest reads back as it was
+        if self.members:
+            data["members"] = [m.to_dict() for m in self.members]
+        else:
+            del data["members"]
         return {**extra, **data}
 
     def to_json(self) -> bytes:
@@ -375,13 +476,17 @@ def sender_fields(values: Mapping[str, Any] | None) -> dict[str, Any]:
                 value = [h.to_wire() for h in check_held(value)]
             except ValueError as exc:
                 raise ValueError(f"held: {exc}") from None
+        elif key == "members":
+            value = [m.to_dict() for m in check_members(value)]
         elif key in _SENDER_MAXIMA and _is_number(value) and value > _SENDER_MAXIMA[key]:
             raise ValueError(f"{key} must be at most {_SENDER_MAXIMA[key]}: {value!r}")
         out[key] = value
     # the same checks a stored manifest gets, on a stand-in for the rest
     probe = {k: v for k, v in out.items() if k not in ("sha256", "archive_bytes")}
-    Manifest(host="h", path="/", slug="s", timestamp="t", archive_bytes=out.get("archive_bytes", 0),
-             sha256="0" * 64, **probe)
+    # a group's first member is the backup's path: the stand-in takes it
+    path = out["members"][0]["path"] if out.get("members") else "/"
+    Manifest(host="h", path=path, slug="s", timestamp="t",
+             archive_bytes=out.get("archive_bytes", 0), sha256="0" * 64, **probe)
     return out
 
 

@@ -12,9 +12,9 @@ the quiesce tests' FakeGuard (no process).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -417,8 +417,9 @@ def test_a_node_that_dies_mid_request_is_a_clear_command_error() -> None:
 class GroupResolver:
     """/srv/lin/dir is on LUN lin, /srv/thin/dir on LUN r1 (two filesystems on fs1)."""
 
-    PLACES = {"/srv/lin/dir": ("findmnt_lin", "lin"), "/srv/thin/dir": ("findmnt_thin", "r1"),
-              "/srv/lin/other": ("findmnt_lin", "lin")}
+    PLACES: ClassVar[dict[str, tuple[str, str]]] = {
+        "/srv/lin/dir": ("findmnt_lin", "lin"), "/srv/thin/dir": ("findmnt_thin", "r1"),
+        "/srv/lin/other": ("findmnt_lin", "lin")}
 
     def __call__(self, runner: Any, path: str, allowed_roots: Any, *,
                  duplicate_kind: str | None = None) -> BackupObject:
@@ -432,9 +433,12 @@ class GroupResolver:
 def _group(tmp_path: Path) -> San:
     env = San(tmp_path)
     env.agent.resolve = GroupResolver()
-    for verb, what in (("--freeze", "freeze"), ("--unfreeze", "thaw")):
-        env.runner.on("fsfreeze", verb, action=lambda a, w=what: env.events.append(
-            f"{w} {a[-1]} (st1 duplicates: {len(env.st1.journal())})"))
+    def note(what: str) -> Callable[[list[str]], None]:
+        return lambda argv: env.events.append(
+            f"{what} {argv[-1]} (st1 duplicates: {len(env.st1.journal())})")
+
+    env.runner.on("fsfreeze", "--freeze", action=note("freeze"))
+    env.runner.on("fsfreeze", "--unfreeze", action=note("thaw"))
     env.runner.on("sync", "-f")
     return env
 
