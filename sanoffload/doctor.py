@@ -36,7 +36,13 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .channel import client
 from .configfile import trusted_owners
-from .errors import CommandError, ConfigError, MissingDependencyError, RefusedError
+from .errors import (
+    CommandError,
+    ConfigError,
+    MissingDependencyError,
+    RefusedError,
+    SanoffloadError,
+)
 from .proxy import devices, mount
 from .requirements import ROLES, Requirement
 from .runner import Runner
@@ -44,6 +50,7 @@ from .text import printable
 from .tools import findmnt, fsfreeze, iscsiadm, lio, lvm, tar, thin, zstd
 
 if TYPE_CHECKING:
+    from .agent.config import StorageNodeRef
     from .storage.config import StorageClient, StorageConfig
     from .storage.luns import Lun
 
@@ -56,6 +63,14 @@ ISCSID_SOCKET = "@ISCSIADM_ABSTRACT_NAMESPACE"
 
 #: a module by name: importlib.import_module, or a test's stand-in (a namespace of attributes)
 Importer = Callable[[str], object]
+
+
+class RemoteLike(Protocol):
+    """What the agent's storage-node check asks of a RemoteController."""
+
+    def ping(self) -> float: ...
+
+    def close(self) -> None: ...
 
 
 class LunResolver(Protocol):
@@ -100,13 +115,15 @@ class Host:
     def __init__(self, runner: Runner, *, root: str | os.PathLike[str] = "/",
                  importer: Importer | None = None, config: str | None = None,
                  addresses: Callable[[], Collection[str]] | None = None,
-                 lun_map: Callable[[Host], LunResolver] | None = None) -> None:
+                 lun_map: Callable[[Host], LunResolver] | None = None,
+                 remote: Callable[[StorageNodeRef], RemoteLike] | None = None) -> None:
         self.runner = runner
         self.root = Path(root)
         self.importer: Importer = importer or importlib.import_module
         self.config = config
         self.addresses: Callable[[], Collection[str]] = addresses or local_addresses
         self.lun_map: Callable[[Host], LunResolver] = lun_map or lio_lun_map
+        self.remote: Callable[[StorageNodeRef], RemoteLike] = remote or self._ssh_remote
         self._storage: StorageConfig | ConfigError | None = None
 
     def path(self, path: str) -> Path:
@@ -131,6 +148,11 @@ class Host:
 
     def module(self, name: str) -> object:
         return self.importer(name)
+
+    def _ssh_remote(self, ref: StorageNodeRef) -> RemoteLike:
+        from .agent.remote import RemoteController
+
+        return RemoteController.over_ssh(self.runner, ref)
 
     def storage_config_path(self) -> str:
         """storage.toml as on the real host (a relative --config is taken from the cwd)."""
@@ -421,6 +443,38 @@ def storage_toml(host: Host) -> tuple[bool, str]:
                            f"{luns} LUN(s)")
 
 
+def agent_storage_nodes(host: Host) -> tuple[bool, str]:
+    """SAN mode: each storage node in agent.toml answers on its channel (hello, ping).
+
+    Without agent.toml (not deployed yet) or without ``[storage_nodes]``
+    (co-located mode) there is nothing to reach: the check passes and says so.
+    """
+    from .agent import config as agent_config
+
+    path = os.path.abspath(host.config or agent_config.DEFAULT_PATH)
+    if not host.exists(path):
+        return True, printable(f"{path} absent: no storage node to reach")
+    try:
+        cfg = agent_config.load(host.path(path))
+    except ConfigError as exc:
+        return False, printable(str(exc))
+    if not cfg.storage_nodes:
+        return True, "none configured (co-located mode)"
+    answered, failed = [], []
+    for ref in cfg.storage_nodes.values():
+        ctl = host.remote(ref)
+        try:
+            ctl.ping()
+            answered.append(f"{ref.name} ({ref.ssh})")
+        except SanoffloadError as exc:
+            failed.append(f"{ref.name} ({ref.ssh}): {exc.message}")
+        finally:
+            ctl.close()
+    if failed:
+        return False, printable("; ".join(failed))
+    return True, printable("answered: " + ", ".join(answered))
+
+
 def storage_ports(host: Host) -> tuple[bool, str]:
     """Every port's address is one of this host's (LIO can listen only there)."""
     cfg = host.storage_config()
@@ -547,6 +601,11 @@ HOST_SERVICES: tuple[Requirement, ...] = (
 
 #: what a role's configuration must give on this host, after the tools and features
 SETUP: dict[str, tuple[Need, ...]] = {
+    "agent": (
+        Need("storage nodes", "SAN mode: each storage node in agent.toml answers (ssh, "
+             "storage serve)", agent_storage_nodes,
+             "a backup of a path on that node's LUNs fails at its freeze"),
+    ),
     "storage": (
         Need("storage.toml", "the storage node's configuration (root's, valid)", storage_toml,
              "storage serve refuses every first server and storage cleanup cannot run"),
