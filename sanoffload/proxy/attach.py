@@ -107,27 +107,11 @@ def attach(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
     mount.check_fstype(req.fstype)
     # masked everywhere from now on, not only in the call that passes it
     runner.add_secret(req.chap_secret)
-    target, portal = req.target_iqn, req.portal
     held = _begin(journal, req, mount.mountpoint_for(req.session_id, mount_root), undo)
 
-    existing = iscsiadm.find_session(runner, target, portal)
-    if existing is None:
-        _make_node(runner, req, undo, replacement_timeout, held)
-    else:
-        log.info("already logged in to %s at %s (session %d): not logging in again",
-                 target, portal, existing.sid)
-        _intend(held, "node")
-        undo.push(f"iscsi node {target}", _undone, held, "node",
-                  iscsiadm.delete_node, runner, target, portal)
-
-    with waiter_factory(req.identifier, deadline_s=device_deadline_s) as waiter:
-        if existing is None:
-            _login(runner, req, undo, held)
-        else:
-            _intend(held, "session")
-            undo.push(f"iscsi session {target}", _undone, held, "session",
-                      iscsiadm.logout, runner, target, portal)
-        device = waiter.wait(lambda: iscsiadm.rescan(runner, target, portal))
+    device: str = _log_in_and_wait(
+        runner, req, undo, replacement_timeout, held,
+        lambda: waiter_factory(req.identifier, deadline_s=device_deadline_s))
 
     mountpoint = _mount(runner, req, device, undo, mount_root, held)
     obj = mount.check_object(mountpoint, req.path_in_fs, req.object_kind)
@@ -153,29 +137,13 @@ def attach_group(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
     for m in members:  # before anything is logged in or mounted
         mount.check_fstype(m.fstype)
     runner.add_secret(req.chap_secret)
-    target, portal = req.target_iqn, req.portal
     session_dir = mount.mountpoint_for(req.session_id, mount_root)
     held = _begin(journal, req, session_dir, undo)
 
-    existing = iscsiadm.find_session(runner, target, portal)
-    if existing is None:
-        _make_node(runner, req, undo, replacement_timeout, held)
-    else:
-        log.info("already logged in to %s at %s (session %d): not logging in again",
-                 target, portal, existing.sid)
-        _intend(held, "node")
-        undo.push(f"iscsi node {target}", _undone, held, "node",
-                  iscsiadm.delete_node, runner, target, portal)
     # one monitor for every member, listening before the login that brings all of them
-    with waiter_factory([m.identifier for m in members],
-                        deadline_s=device_deadline_s) as waiter:
-        if existing is None:
-            _login(runner, req, undo, held)
-        else:
-            _intend(held, "session")
-            undo.push(f"iscsi session {target}", _undone, held, "session",
-                      iscsiadm.logout, runner, target, portal)
-        devices = waiter.wait(lambda: iscsiadm.rescan(runner, target, portal))
+    devices = _log_in_and_wait(
+        runner, req, undo, replacement_timeout, held,
+        lambda: waiter_factory([m.identifier for m in members], deadline_s=device_deadline_s))
 
     _intend(held, "mount")
     os.makedirs(mount_root, mode=0o700, exist_ok=True)
@@ -238,6 +206,31 @@ def _mount_step(runner: Runner, undo: UndoStack, held: Held | None, rel: str, pa
             held.mount_gone(rel)  # refused: nothing was mounted
         raise
     undo.push(f"mount {path}", _unmount_member, runner, held, rel, path)
+
+
+def _log_in_and_wait(runner: Runner, req: PrepareAnswer, undo: UndoStack,
+                     replacement_timeout: int, held: Held | None,
+                     waiter: Callable[[], Any]) -> Any:
+    """The node (made, or an existing session's reused), then, with the waiter's monitor
+    listening, the login; what the waiter's ``wait`` gives (a disk, or one per member)."""
+    target, portal = req.target_iqn, req.portal
+    existing = iscsiadm.find_session(runner, target, portal)
+    if existing is None:
+        _make_node(runner, req, undo, replacement_timeout, held)
+    else:
+        log.info("already logged in to %s at %s (session %d): not logging in again",
+                 target, portal, existing.sid)
+        _intend(held, "node")
+        undo.push(f"iscsi node {target}", _undone, held, "node",
+                  iscsiadm.delete_node, runner, target, portal)
+    with waiter() as listening:
+        if existing is None:
+            _login(runner, req, undo, held)
+        else:
+            _intend(held, "session")
+            undo.push(f"iscsi session {target}", _undone, held, "session",
+                      iscsiadm.logout, runner, target, portal)
+        return listening.wait(lambda: iscsiadm.rescan(runner, target, portal))
 
 
 def _begin(journal: ProxyJournal | None, req: PrepareAnswer, mountpoint: str,

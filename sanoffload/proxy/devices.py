@@ -80,6 +80,21 @@ def device_wwids(device: Any) -> set[str]:
     return found
 
 
+def start_disk_monitor(context: UdevContext | None,
+                       monitor_factory: Callable[[Any], Any] | None) -> tuple[Any, Any]:
+    """A udev monitor of block disks, receiving from now on: every event after this call is
+    queued for the waiter (so it must start before the login). ``(context, monitor)``."""
+    if context is None or monitor_factory is None:
+        import pyudev  # only here: unit tests never load libudev
+
+        context = context if context is not None else pyudev.Context()
+        monitor_factory = monitor_factory or pyudev.Monitor.from_netlink
+    monitor = monitor_factory(context)
+    monitor.filter_by(subsystem="block", device_type="disk")
+    monitor.start()
+    return context, monitor
+
+
 class DeviceWaiter:
     """Wait for the block disk carrying ``identifier``; use as a context manager.
 
@@ -105,18 +120,7 @@ class DeviceWaiter:
 
     # -- lifecycle --------------------------------------------------------
     def __enter__(self) -> DeviceWaiter:
-        if self._context is None or self._monitor_factory is None:
-            import pyudev  # only here: unit tests never load libudev
-
-            if self._context is None:
-                self._context = pyudev.Context()
-            if self._monitor_factory is None:
-                self._monitor_factory = pyudev.Monitor.from_netlink
-        monitor = self._monitor_factory(self._context)
-        monitor.filter_by(subsystem="block", device_type="disk")
-        # receiving starts here, so every event from now on is queued for wait()
-        monitor.start()
-        self._monitor = monitor
+        self._context, self._monitor = start_disk_monitor(self._context, self._monitor_factory)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -248,17 +252,7 @@ class DisksWaiter:
         self.rescans = 0
 
     def __enter__(self) -> DisksWaiter:
-        if self._context is None or self._monitor_factory is None:
-            import pyudev  # only here: unit tests never load libudev
-
-            if self._context is None:
-                self._context = pyudev.Context()
-            if self._monitor_factory is None:
-                self._monitor_factory = pyudev.Monitor.from_netlink
-        monitor = self._monitor_factory(self._context)
-        monitor.filter_by(subsystem="block", device_type="disk")
-        monitor.start()  # every event from now on is queued for wait()
-        self._monitor = monitor
+        self._context, self._monitor = start_disk_monitor(self._context, self._monitor_factory)
         for w in self._each:
             w._context = self._context
         return self
