@@ -264,6 +264,25 @@ class _Reader:
 MAX_MEMBERS = 8
 
 
+def check_member_path(path: Any) -> str:
+    """A group member's path: absolute, normalised, not / (ValueError otherwise); the agent's
+    answer and the store's manifest take the same."""
+    if (not isinstance(path, str) or not path.startswith("/") or path == "/"
+            or len(path) > MAX_PATH_CHARS or has_control(path)
+            or os.path.normpath(path) != path or ".." in path.split("/")):
+        raise ValueError(f"want an absolute, normalised path, not {_shown(path)}")
+    return path
+
+
+def member_holding_another(names: list[str]) -> str | None:
+    """The first of a group's archive names that is another's, or holds another in the
+    archive (``srv/a`` holds ``srv/a/b``); None when they are disjoint."""
+    for i, a in enumerate(names):
+        if a in names[:i] or any(b != a and b.startswith(a + "/") for b in names):
+            return a
+    return None
+
+
 @dataclass(frozen=True)
 class Member:
     """One volume of a consistency group: where its duplicate is and what to read from it."""
@@ -291,10 +310,10 @@ class Member:
         if not isinstance(data, Mapping):
             raise ProtocolError(f"{what}: not an object")
         r = _Reader(data, what)
-        path = r.text("path", max_len=MAX_PATH_CHARS)
-        if not path.startswith("/") or path == "/" or os.path.normpath(path) != path or \
-                ".." in path.split("/"):
-            raise r.error("path", f"want an absolute, normalised path, not {_shown(path)}")
+        try:
+            path = check_member_path(data.get("path"))
+        except ValueError as exc:
+            raise r.error("path", str(exc)) from None
         return cls(path=path, path_in_fs=_path(data.get("path_in_fs"), r),
                    fstype=r.text("fstype", _WORD_RE, max_len=32),
                    object_kind=_required(r.choice("object_kind", ObjectKind)),
@@ -437,11 +456,10 @@ def _members(data: Mapping[str, Any], r: _Reader) -> list[Member]:
         values = [getattr(m, key) for m in members]
         if len(set(values)) != len(values):
             raise r.error("members", f"two members have the same {key}")
-    names = [m.archive_name for m in members]
-    for a in names:
-        if any(b != a and (b + "/").startswith(a + "/") for b in names):
-            # one member's directory would hold another's in the archive
-            raise r.error("members", f"member {_shown(a)} contains another member")
+    # one member's directory would hold another's in the archive
+    held = member_holding_another([m.archive_name for m in members])
+    if held is not None:
+        raise r.error("members", f"member {_shown(held)} contains another member")
     first = members[0]
     if (first.lun, first.identifier, first.path_in_fs) != (
             data.get("lun", 0), check_identifier(str(data.get("identifier"))),

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -57,7 +56,9 @@ from ..channel.messages import (
     HeldOutput,
     check_held,
     check_identifier,
+    check_member_path,
     held_json_size,
+    member_holding_another,
 )
 from ..errors import UsageError
 from ..kinds import Choice, DuplicateKind, ObjectKind, WhoFreezes
@@ -94,7 +95,6 @@ SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_
                                   "archive_bytes", "warnings", "held", "members")
 #: a group member's keys, all required, no others
 MEMBER_KEYS = frozenset({"path", "identifier", "duplicate_kind", "fstype", "object_kind"})
-_MAX_PATH = 4096
 _FSTYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
@@ -189,12 +189,10 @@ class GroupMember:
             keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
             raise ValueError(f"{where}: want exactly {{{', '.join(sorted(MEMBER_KEYS))}}}, "
                              f"not {str(keys)[:200]}")
-        path = raw["path"]
-        if (not isinstance(path, str) or not path.startswith("/") or path == "/"
-                or len(path) > _MAX_PATH or has_control(path)
-                or posixpath.normpath(path) != path or ".." in path.split("/")):
-            raise ValueError(f"{where}.path: want an absolute, normalised path: "
-                             f"{str(path)[:100]!r}")
+        try:
+            path = check_member_path(raw["path"])
+        except ValueError as exc:
+            raise ValueError(f"{where}.path: {exc}") from None
         ident = raw["identifier"]
         try:
             if not isinstance(ident, str) or len(ident) > 80:
@@ -228,9 +226,9 @@ def check_members(raw: Any) -> tuple[GroupMember, ...]:
     names = [m.archive_name for m in out]
     if len(set(names)) != len(names):
         raise ValueError("manifest: members: a path is named twice")
-    for a in names:
-        if any(b != a and b.startswith(a + "/") for b in names):
-            raise ValueError(f"manifest: members: {a!r} contains another member")
+    held = member_holding_another(names)
+    if held is not None:
+        raise ValueError(f"manifest: members: {held!r} contains another member")
     return out
 
 
