@@ -28,7 +28,8 @@ ROLE_UNITS: dict[str, tuple[str, ...]] = {
               "sanoffload-lease.timer"),
     "proxy": ("sanoffload-backup@.service", "sanoffload-backup@.timer",
               "sanoffload-proxy-cleanup.service"),
-    "storage": ("sanoffload-storage-cleanup.service",),
+    "storage": ("sanoffload-storage-cleanup.service", "sanoffload-storage-lease.service",
+                "sanoffload-storage-lease.timer"),
 }
 ROLES = (*ROLE_UNITS, "all")
 
@@ -41,7 +42,8 @@ NEXT_STEPS: dict[str, str] = {
              "systemctl enable --now sanoffload-backup@JOB.timer "
              "(one per /etc/sanoffload/jobs/JOB.toml)",
     "storage": "next, on the storage node: systemctl daemon-reload && "
-               "systemctl enable sanoffload-storage-cleanup.service",
+               "systemctl enable --now sanoffload-storage-cleanup.service "
+               "sanoffload-storage-lease.timer",
 }
 
 

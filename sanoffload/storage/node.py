@@ -444,15 +444,22 @@ class StorageNode:
         return removed
 
     def cleanup(self, *, all_sessions: bool = False) -> dict[str, Any]:
-        """The node-wide sweep (``storage cleanup``): records whose connection is gone, then the
-        agent's pass (failed and expired records, marked objects no record accounts for)."""
+        """The node-wide sweep (``storage cleanup``): records whose connection is gone and that
+        were never exposed (an exposed one is its client's to release, until its lease ends),
+        then the agent's pass (failed and expired records, marked objects no record accounts
+        for). ``all_sessions``: everything (at boot: no proxy still holds a LUN of ours)."""
         self.journal.check("storage cleanup")
         released: list[str] = []
         with self._locked():
+            now = self.clock()
             for rec in list(self.journal):
-                if not self.held(rec) and not all_sessions:
-                    self.agent.release(rec.session_id)
-                    released.append(rec.session_id)
+                if all_sessions or self.held(rec):
+                    continue  # --all: the agent's pass below takes every record
+                if rec.state == "ready" and now < rec.lease_expires and \
+                        self.exposed(rec.session_id):
+                    continue
+                self.agent.release(rec.session_id)
+                released.append(rec.session_id)
             report = self.agent.cleanup(all_sessions=all_sessions)
         report["released"] = released + list(report["released"])
         return report

@@ -7,6 +7,8 @@
   backup left: node records, sessions, mounts).
 * ``sanoffload-storage-cleanup.service``: storage node, at boot: ``storage cleanup --all``
   (duplicates and their exports a crash or reboot left).
+* ``sanoffload-storage-lease.service`` + ``.timer``: storage node, every minute: ``storage
+  cleanup`` (expired, failed and abandoned duplicates).
 
 They are package data (``*.service``, ``*.timer``), read with importlib.resources
 so they work from a wheel, an editable install or a zip alike.

@@ -111,7 +111,9 @@ def test_storage_cleanup_service_runs_storage_cleanup_all_at_boot(
         units: dict[str, configparser.ConfigParser],
         capsys: pytest.CaptureFixture[str]) -> None:
     unit = units["sanoffload-storage-cleanup.service"]
-    assert ROLE_UNITS["storage"] == ("sanoffload-storage-cleanup.service",)
+    assert ROLE_UNITS["storage"] == ("sanoffload-storage-cleanup.service",
+                                     "sanoffload-storage-lease.service",
+                                     "sanoffload-storage-lease.timer")
     service = unit["Service"]
     assert service["Type"] == "oneshot" and service["RemainAfterExit"] == "no"
     argv = service["ExecStart"].split()
@@ -362,15 +364,35 @@ def test_help_has_an_example() -> None:
     assert "[agent|proxy|storage|all]" in result.output
 
 
-def test_storage_role_installs_its_cleanup_unit_and_says_how_to_enable_it(
+def test_storage_role_installs_its_cleanup_and_lease_units_and_says_how_to_enable_them(
         tmp_path: Path) -> None:
     result = invoke("--dest", str(tmp_path), "--role", "storage")
     assert result.exit_code == 0, result.output
-    assert listing(tmp_path) == {"sanoffload-storage-cleanup.service"}
-    path = tmp_path / "sanoffload-storage-cleanup.service"
-    assert path.read_text() == unit_files()[path.name]
-    assert path.stat().st_mode & 0o777 == 0o644
+    names = ["sanoffload-storage-cleanup.service", "sanoffload-storage-lease.service",
+             "sanoffload-storage-lease.timer"]
+    assert listing(tmp_path) == set(names)
+    for name in names:
+        path = tmp_path / name
+        assert path.read_text() == unit_files()[path.name]
+        assert path.stat().st_mode & 0o777 == 0o644
     assert result.output.splitlines() == [
-        f"written      {path}",
+        *(f"written      {tmp_path / name}" for name in names),
         ("next, on the storage node: systemctl daemon-reload && "
-         "systemctl enable sanoffload-storage-cleanup.service")]
+         "systemctl enable --now sanoffload-storage-cleanup.service "
+         "sanoffload-storage-lease.timer")]
+
+
+def test_storage_lease_units_run_storage_cleanup_every_minute(
+        units: dict[str, configparser.ConfigParser],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    service = units["sanoffload-storage-lease.service"]
+    argv = service["Service"]["ExecStart"].split()
+    assert argv == ["/usr/bin/env", "sanoffload", "storage", "cleanup"]  # never --all
+    assert cli.run([*argv[2:], "--help"]) == 0
+    assert "Usage: sanoffload storage cleanup" in capsys.readouterr().out
+    assert service["Unit"]["ConditionPathExists"] == "/etc/sanoffload/storage.toml"
+    assert not service.has_section("Install")  # started by its timer only
+    timer = units["sanoffload-storage-lease.timer"]
+    assert seconds(timer["Timer"]["OnUnitActiveSec"]) == 60
+    assert timer["Timer"]["Unit"] == "sanoffload-storage-lease.service"
+    assert timer["Install"]["WantedBy"] == "timers.target"
