@@ -5,6 +5,8 @@
 * :mod:`.manifest` — the JSON beside each archive;
 * :mod:`.prune` — retention (keep last/daily/weekly/monthly/yearly);
 * :mod:`.restore` — member checks and extraction, or the archive streamed out;
+* :mod:`.chunks` — content-addressed chunks of image backups (put/get/verify/gc; issue 13,
+  not wired in yet);
 * :mod:`.cli` — ``sanoffload store …``.
 """
 

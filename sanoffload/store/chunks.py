@@ -1,0 +1,495 @@
+"""The chunk store: content-addressed pieces of volume images (issue 13), beside the archives.
+
+Layout::
+
+    ROOT/chunks/                        0700
+    ROOT/chunks/ab/                     0700, one per first two hex digits of an id
+    ROOT/chunks/ab/abcdef…              0600, one chunk: HEADER + payload
+    ROOT/chunks/ab/abcdef….<16 hex>.partial   a put being written (or cut off)
+
+A chunk's id is the sha256 (64 lowercase hex) of its plain data, whatever codec
+stores it. Every file starts with a 12-byte header: ``SOCHNK``, version 1, the
+codec, the plain length (big-endian u32). A put writes a partial file in the
+chunk's own directory, fsyncs it, renames it to the id and fsyncs the directory:
+a crash leaves the chunk whole or a ``.partial``, never half a chunk under its id.
+An existing chunk is not rewritten (its mtime is refreshed, see below).
+
+**Codec: stored raw, behind the header's codec byte.** The project depends on no
+compression library (pyproject: click, pyudev, psutil, sh); the zstd CLI through
+the runner would mean a fork and exec per 4 MiB chunk (half a million for 2 TB).
+Ids hash the plain data, so a zstd codec can be added later without changing an
+id, a manifest or a reader of old chunks; an unknown codec is an IntegrityError.
+
+**gc is mark and sweep with a grace period.** The caller marks (the ids every
+manifest references); :meth:`ChunkStore.gc` sweeps chunks neither referenced nor
+touched within ``grace_s``. A backup still running has no manifest yet, so its
+chunks are protected by age only: ``grace_s`` must exceed the longest backup.
+A put that finds its chunk present refreshes the chunk's mtime under a shared
+lock on ``chunks/``; gc re-checks the age under the exclusive lock right before
+each unlink, so a chunk a backup has just re-used is never swept under it.
+
+**Hostile files.** Ids are checked (64 lowercase hex) before a path is built;
+every open is relative to a directory descriptor opened with O_NOFOLLOW, so a
+symlink in ``chunks/`` (a fan-out directory or a chunk) is never followed, read
+through or deleted through: listings report it as junk and leave it. A file is
+read only if it is regular and no bigger than :data:`MAX_CHUNK` plus the header.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import re
+import secrets
+import stat
+import struct
+import time
+from collections.abc import Iterable, Iterator, Set
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import IntegrityError, RefusedError, UsageError
+from ..text import printable
+
+log = logging.getLogger(__name__)
+
+#: the size image backups cut a volume into (aligned to volume offsets)
+CHUNK_SIZE = 4 << 20
+#: the biggest chunk put accepts and get reads: a hostile file must not make us read gigabytes
+MAX_CHUNK = 16 << 20
+CHUNKS = "chunks"
+PARTIAL_SUFFIX = ".partial"
+#: magic, version, codec, plain length
+HEADER = struct.Struct(">6sBBI")
+MAGIC = b"SOCHNK"
+VERSION = 1
+CODEC_RAW = 0
+CODECS = {CODEC_RAW: "raw"}
+
+_ID_RE = re.compile(r"[0-9a-f]{64}")
+_FAN_RE = re.compile(r"[0-9a-f]{2}")
+_PARTIAL_RE = re.compile(r"([0-9a-f]{64})\.[0-9a-f]{16}" + re.escape(PARTIAL_SUFFIX))
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted under a chunk's name must not hang the open
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def check_id(chunk_id: object) -> str:
+    """A chunk id: 64 lowercase hex digits (a sha256), or RefusedError."""
+    # fullmatch: "$" would let a trailing newline through
+    if not isinstance(chunk_id, str) or not _ID_RE.fullmatch(chunk_id):
+        raise RefusedError(f"invalid chunk id {printable(repr(chunk_id))[:80]}: "
+                           "expected 64 lowercase hex digits")
+    return chunk_id
+
+
+def chunk_id(data: bytes | bytearray | memoryview) -> str:
+    """The id ``data`` is stored under: its sha256."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True if ``data`` is all zero bytes: such a chunk is marked in the map, not stored."""
+    # bytes == bytes is one memcmp; a memoryview compares item by item, 50 times slower
+    raw = data if isinstance(data, bytes) else bytes(data)
+    return raw == bytes(len(raw))
+
+
+@dataclass(frozen=True)
+class Junk:
+    """Something in ``chunks/`` that is not ours to read or remove; ``path`` is relative to the
+    store's root and came from the disk: print it through :func:`printable`."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`ChunkStore.verify` found: ``bad`` holds (id, reason) pairs."""
+
+    checked: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    junk: list[Junk] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad and not self.missing
+
+
+@dataclass
+class GcReport:
+    """What :meth:`ChunkStore.gc` removed (or would remove, with ``dry_run``) and kept."""
+
+    dry_run: bool
+    removed: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept_referenced: int = 0
+    #: unreferenced, but younger than the grace period (a backup may still be writing)
+    kept_young: int = 0
+    partials_removed: list[str] = field(default_factory=list)
+    partials_left: int = 0
+    junk: list[Junk] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    kind: str  # "chunk", "partial" or "junk"
+    fan: str
+    name: str
+    reason: str = ""
+
+
+class ChunkStore:
+    """The chunks of a repository rooted at an existing directory (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(root))
+        if not self.root.is_dir():
+            raise UsageError(f"{self.root}: no such repository directory (create it first)")
+
+    # -- places ---------------------------------------------------------------
+    def _open_dir(self, parent_fd: int, name: str, *, create: bool = False) -> int | None:
+        """``name`` in ``parent_fd`` opened without following a symlink; None if absent."""
+        if create:
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            except FileExistsError:
+                pass
+            else:
+                os.fsync(parent_fd)  # the new directory survives a crash too
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise RefusedError(f"{printable(name)} in {self.root}/{CHUNKS}: not a directory "
+                                   "(a symlink?): not following it") from None
+            raise
+
+    @contextmanager
+    def _open(self, *names: str, create: bool = False) -> Iterator[list[int] | None]:
+        """``chunks/`` (then ``chunks/NAME``) as descriptors; None if one is absent."""
+        with ExitStack() as stack:
+            # the root is the operator's: followed; below it, nothing is
+            parent = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            stack.callback(os.close, parent)
+            fds: list[int] = []
+            for name in (CHUNKS, *names):
+                fd = self._open_dir(parent, name, create=create)
+                if fd is None:
+                    yield None
+                    return
+                stack.callback(os.close, fd)
+                fds.append(parent := fd)
+            yield fds
+
+    def path(self, chunk_id: str) -> Path:
+        """Where chunk ``chunk_id`` lives (for messages: open nothing by this path)."""
+        return self.root / CHUNKS / check_id(chunk_id)[:2] / chunk_id
+
+    # -- writing --------------------------------------------------------------
+    def put(self, data: bytes | bytearray | memoryview) -> str:
+        """Store ``data`` (at most MAX_CHUNK bytes) unless present; returns its id."""
+        view = memoryview(data).cast("B")
+        if len(view) > MAX_CHUNK:
+            raise RefusedError(f"chunk of {len(view)} bytes: the most is {MAX_CHUNK}")
+        cid = chunk_id(view)
+        with self._open(cid[:2], create=True) as fds:
+            assert fds is not None
+            chunks_fd, fan_fd = fds
+            with _flock(chunks_fd, fcntl.LOCK_SH):
+                if self._refresh(fan_fd, cid):
+                    return cid
+            self._write(chunks_fd, fan_fd, cid, view)
+        return cid
+
+    def _refresh(self, fan_fd: int, cid: str) -> bool:
+        """True if chunk ``cid`` is there; its mtime is then set to now (gc's grace restarts)."""
+        try:
+            st = os.stat(cid, dir_fd=fan_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedError(f"{self.path(cid)} is not a regular file (a symlink?): "
+                               "not writing through it")
+        os.utime(cid, dir_fd=fan_fd, follow_symlinks=False)
+        return True
+
+    def _write(self, chunks_fd: int, fan_fd: int, cid: str, view: memoryview) -> None:
+        partial = f"{cid}.{secrets.token_hex(8)}{PARTIAL_SUFFIX}"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=fan_fd)
+        try:
+            # held until the rename: gc leaves a partial whose writer is alive, however old
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _write_all(fd, memoryview(HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(view))))
+            _write_all(fd, view)
+            os.fsync(fd)
+            with _flock(chunks_fd, fcntl.LOCK_SH):
+                # a concurrent put of the same data renames identical bytes: either one wins
+                os.rename(partial, cid, src_dir_fd=fan_fd, dst_dir_fd=fan_fd)
+                os.fsync(fan_fd)
+        except BaseException:
+            try:
+                os.unlink(partial, dir_fd=fan_fd)
+            except FileNotFoundError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+
+    # -- reading --------------------------------------------------------------
+    def has(self, chunk_id: str) -> bool:
+        """True if a chunk file (a regular one) is stored under ``chunk_id``; nothing is read."""
+        st = self._lstat(chunk_id)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    def size(self, chunk_id: str) -> int:
+        """The bytes chunk ``chunk_id`` takes on disk, header included; IntegrityError if none."""
+        st = self._lstat(chunk_id)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"chunk {chunk_id} is missing")
+        return st.st_size
+
+    def _lstat(self, chunk_id: str) -> os.stat_result | None:
+        """What is at the chunk's name (not followed); None if nothing."""
+        cid = check_id(chunk_id)
+        with self._open(cid[:2]) as fds:
+            if fds is None:
+                return None
+            try:
+                return os.stat(cid, dir_fd=fds[1], follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+
+    def get(self, chunk_id: str) -> bytes:
+        """The plain data of chunk ``chunk_id``, re-hashed; IntegrityError if missing or bad."""
+        cid = check_id(chunk_id)
+        try:
+            with self._open(cid[:2]) as fds:
+                if fds is None:
+                    raise IntegrityError(f"chunk {cid} is missing")
+                return self._read(fds[1], cid)
+        except RefusedError as exc:  # a symlink for chunks/ or its fan-out directory
+            raise IntegrityError(str(exc)) from None
+
+    def _read(self, fan_fd: int, cid: str) -> bytes:
+        where = self.path(cid)
+        try:
+            fd = os.open(cid, _READ_FLAGS, dir_fd=fan_fd)
+        except FileNotFoundError:
+            raise IntegrityError(f"chunk {cid} is missing") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise IntegrityError(f"{where} is a symlink: not following it") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"{where} is not a regular file")
+            limit = HEADER.size + MAX_CHUNK
+            if st.st_size > limit:
+                raise IntegrityError(f"{where}: {st.st_size} bytes, more than a chunk can hold "
+                                     f"({limit}): not reading it")
+            with open(fd, "rb", closefd=False) as f:
+                blob = f.read(st.st_size + 1)  # one more: a file growing under us shows
+        finally:
+            os.close(fd)
+        if len(blob) != st.st_size:
+            raise IntegrityError(f"{where} changed while it was read")
+        if len(blob) < HEADER.size:
+            raise IntegrityError(f"{where}: {len(blob)} bytes, shorter than a chunk header")
+        magic, version, codec, length = HEADER.unpack_from(blob)
+        if magic != MAGIC or version != VERSION:
+            raise IntegrityError(f"{where}: not a chunk file (bad header)")
+        if codec != CODEC_RAW:
+            raise IntegrityError(f"{where}: unknown codec {codec} (written by a newer version?)")
+        payload = memoryview(blob)[HEADER.size:]
+        if len(payload) != length:
+            raise IntegrityError(f"{where}: {len(payload)} bytes of data, the header says "
+                                 f"{length}")
+        if chunk_id(payload) != cid:
+            raise IntegrityError(f"{where}: content does not match its sha256 (damaged)")
+        return bytes(payload)
+
+    # -- listing, checking, sweeping -----------------------------------------
+    def _scan(self) -> Iterator[tuple[_Entry, int, int]]:
+        """Every entry under ``chunks/``, sorted and classified, with the descriptors of
+        ``chunks/`` and of its fan-out directory (-1 for junk in ``chunks/`` itself), valid
+        until the next entry. Nothing is followed or opened but the fan-out directories."""
+        with self._open() as fds:
+            if fds is None:
+                return
+            chunks_fd = fds[0]
+            with os.scandir(chunks_fd) as it:
+                fans = sorted(it, key=lambda e: e.name)
+            for fan in fans:
+                if not _FAN_RE.fullmatch(fan.name):
+                    yield _Entry("junk", "", fan.name, "not a fan-out name"), chunks_fd, -1
+                    continue
+                try:
+                    fan_fd = self._open_dir(chunks_fd, fan.name)
+                except RefusedError:
+                    why = "not a directory (a symlink?): not followed"
+                    yield _Entry("junk", "", fan.name, why), chunks_fd, -1
+                    continue
+                if fan_fd is None:
+                    continue  # gone since the listing
+                try:
+                    with os.scandir(fan_fd) as it:
+                        entries = sorted(it, key=lambda e: e.name)
+                    for entry in entries:
+                        yield _classify(fan.name, entry), chunks_fd, fan_fd
+                finally:
+                    os.close(fan_fd)
+
+    def ids(self, junk: list[Junk] | None = None) -> Iterator[str]:
+        """The stored chunks' ids, sorted; anything else is logged and appended to ``junk``."""
+        for entry, _, _ in self._scan():
+            if entry.kind == "chunk":
+                yield entry.name
+            elif entry.kind == "junk":
+                found = Junk(_rel(entry), entry.reason)
+                log.warning("%s: %s", printable(found.path), found.reason)
+                if junk is not None:
+                    junk.append(found)
+
+    def verify(self, ids: Iterable[str] | None = None) -> VerifyReport:
+        """Re-hash every chunk, or those of ``ids`` (missing ones are listed as such)."""
+        report = VerifyReport()
+        for cid in (self.ids(report.junk) if ids is None else ids):
+            report.checked += 1
+            try:
+                self.get(cid)
+            except RefusedError as exc:
+                report.bad.append((printable(repr(cid))[:80], str(exc)))
+            except IntegrityError as exc:
+                try:
+                    absent = self._lstat(cid) is None
+                except RefusedError:
+                    absent = False  # a symlink for a fan-out directory: bad, not missing
+                if absent:
+                    report.missing.append(cid)
+                else:
+                    report.bad.append((cid, str(exc)))
+        return report
+
+    def gc(self, referenced: Set[str], *, grace_s: float, now: float | None = None,
+           dry_run: bool = False) -> GcReport:
+        """Remove chunks not in ``referenced`` and not touched for ``grace_s`` seconds, and
+        partial files older than that whose writer is gone. Junk is reported, never removed."""
+        if not isinstance(grace_s, (int, float)) or not math.isfinite(grace_s) or grace_s < 0:
+            raise UsageError(f"gc grace period must be a finite number of seconds >= 0, "
+                             f"not {grace_s!r}")
+        now = time.time() if now is None else now
+        report = GcReport(dry_run=dry_run)
+        for entry, chunks_fd, fan_fd in self._scan():
+            if entry.kind == "junk":
+                report.junk.append(Junk(_rel(entry), entry.reason))
+            elif entry.kind == "chunk" and entry.name in referenced:
+                report.kept_referenced += 1
+            else:
+                self._sweep(chunks_fd, fan_fd, entry, now - grace_s, report)
+        return report
+
+    def _sweep(self, chunks_fd: int, fan_fd: int, entry: _Entry, cutoff: float,
+               report: GcReport) -> None:
+        """Remove one unreferenced chunk or partial if older than ``cutoff`` (an mtime)."""
+        if entry.kind == "partial":
+            if not _old_regular(fan_fd, entry.name, cutoff):
+                report.partials_left += 1
+            elif _remove_dead_partial(report, fan_fd, entry.name):
+                report.partials_removed.append(_rel(entry))
+            else:
+                report.partials_left += 1  # its writer is alive
+            return
+        # exclusive: no put can re-use this chunk between the age check and the unlink
+        with _flock(chunks_fd, fcntl.LOCK_EX):
+            try:
+                st = os.stat(entry.name, dir_fd=fan_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISREG(st.st_mode) or st.st_mtime >= cutoff:
+                report.kept_young += 1
+                return
+            if not report.dry_run:
+                os.unlink(entry.name, dir_fd=fan_fd)
+        if not report.dry_run:
+            os.fsync(fan_fd)
+        report.removed.append(entry.name)
+        report.freed_bytes += st.st_size
+
+
+def _remove_dead_partial(report: GcReport, fan_fd: int, name: str) -> bool:
+    """Remove a dead writer's partial (True); False if its writer still holds its lock."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=fan_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        here = os.stat(name, dir_fd=fan_fd, follow_symlinks=False)
+        mine = os.fstat(fd)
+        # the writer may have renamed it and another taken the name: remove only what we hold
+        if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        if not report.dry_run:
+            os.unlink(name, dir_fd=fan_fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _classify(fan: str, entry: os.DirEntry[str]) -> _Entry:
+    name = entry.name
+    partial = _PARTIAL_RE.fullmatch(name)
+    cid = partial.group(1) if partial else name
+    if not _ID_RE.fullmatch(cid):
+        return _Entry("junk", fan, name, "not a chunk name")
+    if cid[:2] != fan:
+        return _Entry("junk", fan, name, "a chunk name in the wrong fan-out directory")
+    if not entry.is_file(follow_symlinks=False):
+        return _Entry("junk", fan, name, "not a regular file (a symlink?): not followed")
+    return _Entry("partial" if partial else "chunk", fan, name)
+
+
+def _rel(entry: _Entry) -> str:
+    return "/".join(p for p in (CHUNKS, entry.fan, entry.name) if p)
+
+
+def _old_regular(dir_fd: int, name: str, cutoff: float) -> bool:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff
+
+
+@contextmanager
+def _flock(fd: int, how: int) -> Iterator[None]:
+    """``chunks/``'s lock: shared by puts, exclusive for one gc unlink at a time."""
+    # each operation opens chunks/ anew: flock on one shared description would convert, not wait
+    fcntl.flock(fd, how)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
