@@ -51,7 +51,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -277,6 +277,40 @@ class Checker:
             raise self.error(key, "'/' would allow every path; name the directories to back up")
         return path
 
+    def named_tables(self, data: Any, what: str, rule: str, *, required: str | None = None,
+                     ) -> Iterator[tuple[str, str, Any]]:
+        """``(name, key, body)`` of each ``[what.NAME]`` table; ``required``: why at least one
+        must be there (None: none is fine)."""
+        if data is None or data == {}:
+            if required is not None:
+                raise self.error(what, required)
+            return
+        if not isinstance(data, dict):
+            raise self.error(what, f"must be a table of [{what}.NAME], not "
+                                   f"{type(data).__name__}")
+        for name, body in data.items():
+            key = f"{what}.{name}"
+            if not valid_name(name):
+                raise self.error(key, f"{rule} are {NAME_RULE}")
+            yield name, key, body
+
+    def snapshot_policy(self, data: Any) -> SnapshotPolicy:
+        """The ``[snapshot]`` table (the agent's and a storage node's)."""
+        t = self.table(data if data is not None else {}, "snapshot", {"percent", "min_mb"})
+        return SnapshotPolicy(
+            self.integer(t.get("percent", DEFAULT_SNAPSHOT_PERCENT), "snapshot.percent", 1, 100),
+            self.integer(t.get("min_mb", DEFAULT_SNAPSHOT_MIN_MB), "snapshot.min_mb", 1))
+
+    def thin_policy(self, data: Any) -> ThinPolicy:
+        """The ``[thin]`` table (the agent's and a storage node's)."""
+        t = self.table(data if data is not None else {}, "thin",
+                       {"max_data_percent", "max_metadata_percent"})
+        return ThinPolicy(
+            self.integer(t.get("max_data_percent", DEFAULT_THIN_MAX_PERCENT),
+                         "thin.max_data_percent", 1, 100),
+            self.integer(t.get("max_metadata_percent", DEFAULT_THIN_MAX_PERCENT),
+                         "thin.max_metadata_percent", 1, 100))
+
     def address(self, value: Any, key: str) -> str:
         if not isinstance(value, str):
             raise self.error(key, f"must be an IP address string, not {value!r}")
@@ -311,17 +345,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     portal = Portal(c.address(portal_t["address"], "portal.address"),
                     c.integer(portal_t.get("port", DEFAULT_PORT), "portal.port", 1, 65535))
 
-    snap_t = c.table(top.get("snapshot", {}), "snapshot", {"percent", "min_mb"})
-    snapshot = SnapshotPolicy(
-        c.integer(snap_t.get("percent", DEFAULT_SNAPSHOT_PERCENT), "snapshot.percent", 1, 100),
-        c.integer(snap_t.get("min_mb", DEFAULT_SNAPSHOT_MIN_MB), "snapshot.min_mb", 1))
-
-    thin_t = c.table(top.get("thin", {}), "thin", {"max_data_percent", "max_metadata_percent"})
-    thin = ThinPolicy(
-        c.integer(thin_t.get("max_data_percent", DEFAULT_THIN_MAX_PERCENT),
-                  "thin.max_data_percent", 1, 100),
-        c.integer(thin_t.get("max_metadata_percent", DEFAULT_THIN_MAX_PERCENT),
-                  "thin.max_metadata_percent", 1, 100))
+    snapshot = c.snapshot_policy(top.get("snapshot"))
+    thin = c.thin_policy(top.get("thin"))
 
     hooks_t = c.table(top.get("hooks", {}), "hooks",
                       {"pre_freeze", "post_thaw", "timeout_s", "hold", "hold_ready_s"})
@@ -363,15 +388,9 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
 
 
 def _storage_nodes(c: Checker, data: Any) -> dict[str, StorageNodeRef]:
-    if not isinstance(data, dict):
-        raise c.error("storage_nodes", f"must be a table of [storage_nodes.NAME], not "
-                                       f"{type(data).__name__}")
     nodes: dict[str, StorageNodeRef] = {}
     served: dict[str, str] = {}
-    for name, body in data.items():
-        key = f"storage_nodes.{name}"
-        if not valid_name(name):
-            raise c.error(key, f"storage node names are {NAME_RULE}")
+    for name, key, body in c.named_tables(data, "storage_nodes", "storage node names"):
         t = c.table(body, key, {"ssh", "identity", "timeout_s", "luns"})
         dest = t.get("ssh")
         if not isinstance(dest, str) or not _SSH_DEST_RE.fullmatch(dest):
@@ -403,16 +422,11 @@ def _storage_nodes(c: Checker, data: Any) -> dict[str, StorageNodeRef]:
 
 
 def _clients(c: Checker, data: Any) -> dict[str, Client]:
-    if data is None or data == {}:
-        raise c.error("clients", "no [clients.NAME] table: no proxy could use this agent")
-    if not isinstance(data, dict):
-        raise c.error("clients", f"must be a table of [clients.NAME], not {type(data).__name__}")
     clients: dict[str, Client] = {}
     owner: dict[str, str] = {}
-    for name, body in data.items():
-        key = f"clients.{name}"
-        if not valid_name(name):
-            raise c.error(key, f"client names are {NAME_RULE}")
+    for name, key, body in c.named_tables(
+            data, "clients", "client names",
+            required="no [clients.NAME] table: no proxy could use this agent"):
         t = c.table(body, key, {"initiators", "roots", "max_sessions", "san_port"})
         for required in ("initiators", "roots"):
             if required not in t:

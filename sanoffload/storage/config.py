@@ -42,14 +42,11 @@ from typing import Any
 from ..agent.config import (
     DEFAULT_GRACE_S,
     DEFAULT_PORT,
-    DEFAULT_SNAPSHOT_MIN_MB,
-    DEFAULT_SNAPSHOT_PERCENT,
-    DEFAULT_THIN_MAX_PERCENT,
     Checker,
     SnapshotPolicy,
     ThinPolicy,
 )
-from ..configfile import NAME_RULE, parse_toml, read_text, valid_name
+from ..configfile import parse_toml, read_text
 from ..errors import AuthError, ConfigError
 
 DEFAULT_PATH = "/etc/sanoffload/storage.toml"
@@ -109,16 +106,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> StorageConfi
     c = Checker(source)
     top = c.table(dict(data), "", _TOP_KEYS)
 
-    snap_t = c.table(top.get("snapshot", {}), "snapshot", {"percent", "min_mb"})
-    snapshot = SnapshotPolicy(
-        c.integer(snap_t.get("percent", DEFAULT_SNAPSHOT_PERCENT), "snapshot.percent", 1, 100),
-        c.integer(snap_t.get("min_mb", DEFAULT_SNAPSHOT_MIN_MB), "snapshot.min_mb", 1))
-    thin_t = c.table(top.get("thin", {}), "thin", {"max_data_percent", "max_metadata_percent"})
-    thin = ThinPolicy(
-        c.integer(thin_t.get("max_data_percent", DEFAULT_THIN_MAX_PERCENT),
-                  "thin.max_data_percent", 1, 100),
-        c.integer(thin_t.get("max_metadata_percent", DEFAULT_THIN_MAX_PERCENT),
-                  "thin.max_metadata_percent", 1, 100))
+    snapshot = c.snapshot_policy(top.get("snapshot"))
+    thin = c.thin_policy(top.get("thin"))
 
     return StorageConfig(
         path=source, ports=_ports(c, top.get("ports")), clients=_clients(c, top.get("clients")),
@@ -129,15 +118,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> StorageConfi
 
 
 def _ports(c: Checker, data: Any) -> dict[str, Port]:
-    if data is None or data == {}:
-        raise c.error("ports", "no [ports.ID] table: no duplicate could be exposed")
-    if not isinstance(data, dict):
-        raise c.error("ports", f"must be a table of [ports.ID], not {type(data).__name__}")
     ports: dict[str, Port] = {}
-    for port_id, body in data.items():
-        key = f"ports.{port_id}"
-        if not valid_name(port_id):
-            raise c.error(key, f"port IDs are {NAME_RULE}")
+    for port_id, key, body in c.named_tables(
+            data, "ports", "port IDs",
+            required="no [ports.ID] table: no duplicate could be exposed"):
         t = c.table(body, key, {"address", "port"})
         if "address" not in t:
             raise c.error(f"{key}.address", "required: the address LIO listens on for this "
@@ -155,16 +139,11 @@ def _identifier(c: Checker, value: Any, key: str) -> str:
 
 
 def _clients(c: Checker, data: Any) -> dict[str, StorageClient]:
-    if data is None or data == {}:
-        raise c.error("clients", "no [clients.NAME] table: no first server could use this node")
-    if not isinstance(data, dict):
-        raise c.error("clients", f"must be a table of [clients.NAME], not {type(data).__name__}")
     clients: dict[str, StorageClient] = {}
     owner: dict[str, str] = {}
-    for name, body in data.items():
-        key = f"clients.{name}"
-        if not valid_name(name):
-            raise c.error(key, f"client names are {NAME_RULE}")
+    for name, key, body in c.named_tables(
+            data, "clients", "client names",
+            required="no [clients.NAME] table: no first server could use this node"):
         t = c.table(body, key, {"luns", "proxies", "max_sessions"})
         for required in ("luns", "proxies"):
             if required not in t:
