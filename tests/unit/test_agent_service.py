@@ -381,3 +381,15 @@ def test_one_connections_drop_leaves_another_connections_session(agent: FakeAgen
     c2.close()
     assert agent.released() == [s1, s2]
     assert second.sleeps == []
+
+
+@pytest.mark.hostile("agent", "prepare's 'also' with a number in it, or eight extra paths",
+                     "protocol error (11) before anything is resolved or frozen")
+@pytest.mark.parametrize("also", [["/srv/log", 5], [f"/srv/p{i}" for i in range(8)]])
+def test_prepare_refuses_a_malformed_also_without_preparing(agent: FakeAgent,
+                                                            also: list[object]) -> None:
+    svc, _ = service(agent)
+    with pytest.raises(ProtocolError, match="'also' must be a list of at most 7 paths"):
+        svc.handle("prepare", {"path": "/srv/data", "initiator": PX1, "also": also},
+                   None)  # type: ignore[arg-type]
+    assert agent.calls == [] and svc.open == []

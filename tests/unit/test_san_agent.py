@@ -25,6 +25,7 @@ from sanoffload.agent.remote import RemoteController
 from sanoffload.agent.resolve import BackupObject, SanDisk, resolve
 from sanoffload.agent.session import Agent
 from sanoffload.channel.client import Connection, in_process_connector
+from sanoffload.channel.messages import PrepareAnswer
 from sanoffload.channel.protocol import Channel
 from sanoffload.channel.server import Service, serve
 from sanoffload.errors import (
@@ -507,3 +508,46 @@ def test_the_node_takes_a_group_target_only_from_the_same_client(san: San) -> No
         assert san.st1.lio.exports == {}
         fs1.call("discard", duplicate=member)
         fs1.call("discard", duplicate=first)
+
+
+@pytest.mark.hostile("agent", "SAN: san_port with a space or a number",
+                     "ConfigError naming clients.px1.san_port")
+@pytest.mark.parametrize("port", ['"p 1"', "1"])
+def test_a_malformed_san_port_is_refused(tmp_path: Path, port: str) -> None:
+    text = agent_toml(tmp_path).replace('san_port = "p2"', f"san_port = {port}")
+    with pytest.raises(ConfigError, match=r"clients.px1.san_port: port IDs are"):
+        agent_config.parse(text, "agent.toml")
+
+
+def _group_wire(**member1: Any) -> dict[str, Any]:
+    identifier = lio.naa_from_serial(SPEC.serial)
+    other = lio.naa_from_serial("00000000-cf01-4536-b143-859e35718396")
+    first = {"path": "/srv/san/db", "path_in_fs": ".", "fstype": "ext4",
+             "object_kind": "directory", "duplicate_kind": "snapshot", "lun": 0,
+             "identifier": identifier, "unit_serial": SPEC.serial}
+    second = {**first, "path": "/srv/san/log", "lun": 1, "identifier": other,
+              "unit_serial": "00000000-cf01-4536-b143-859e35718396", **member1}
+    return {"session_id": "fs1-0000000a", "target_iqn": SPEC.target_iqn,
+            "portals": ["10.77.0.10:3260"], "lun": 0, "identifier": identifier,
+            "unit_serial": SPEC.serial, "chap_user": "sanoffload-fs1-0000000a",
+            "chap_secret": "s" * 16, "fstype": "ext4", "path_in_fs": ".",
+            "object_kind": "directory", "duplicate_kind": "snapshot", "freeze_window_ms": 1.0,
+            "frozen_by": "fsfreeze", "lease_expires": 2e9, "members": [first, second]}
+
+
+def test_a_group_answer_reads_back() -> None:
+    answer = PrepareAnswer.from_wire(_group_wire())
+    assert [m.archive_name for m in answer.members] == ["srv/san/db", "srv/san/log"]
+
+
+@pytest.mark.hostile("channel", "a group answer whose members share a LUN or identifier, nest, "
+                                "name a relative path or '..', or carry an escape",
+                     "protocol error (11) before any login")
+@pytest.mark.parametrize("bad", [
+    {"lun": 0}, {"identifier": lio.naa_from_serial(SPEC.serial)},
+    {"path": "/srv/san/db/inner"}, {"path": "srv/san/log"}, {"path": "/srv/../etc"},
+    {"path": "/srv/\x1b[2Jlog"}, {"object_kind": "socket"},
+])
+def test_a_malformed_group_answer_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError):
+        PrepareAnswer.from_wire(_group_wire(**bad))
