@@ -14,6 +14,7 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import secrets
 import socket
 import string
@@ -479,6 +480,16 @@ def member_session_id(sid: str, index: int) -> str:
         return sid
     host, _, tail = sid.rpartition("-")
     return f"{host}-g{index}-{tail}"
+
+
+_MEMBER_RE = re.compile(r"(?P<host>[a-z0-9][a-z0-9-]*)-g[1-9][0-9]?-(?P<tail>[0-9a-f]{8})")
+
+
+def group_session_id(sid: str) -> str | None:
+    """The group's own session id for a member's (:func:`member_session_id` undone); None
+    for an id that names no member N > 0."""
+    match = _MEMBER_RE.fullmatch(sid)
+    return None if match is None else f"{match.group('host')}-{match.group('tail')}"
 
 
 def _check_group(objs: list[BackupObject], ctl: StorageController) -> None:

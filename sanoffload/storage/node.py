@@ -35,7 +35,7 @@ from ..agent import config as agent_config
 from ..agent.controller import Duplicate, Health, LocalController
 from ..agent.journal import Resource, SessionRecord
 from ..agent.resolve import check_lv, choose_kind
-from ..agent.session import DUPLICATE_KINDS, Agent
+from ..agent.session import DUPLICATE_KINDS, Agent, group_session_id
 from ..errors import AuthError, RefusedError, ResourceError, UsageError
 from ..iqn import valid_iqn
 from ..kinds import DuplicateKind
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 #: a duplicate's name as the agent makes it: the mark, then its session id
 _SESSION = r"[a-z0-9][a-z0-9-]{0,40}-[0-9a-f]{8}"
 DUPLICATE_NAME_RE = re.compile(re.escape(lvm.NAME_PREFIX) + f"(?P<sid>{_SESSION})")
-#: a consistency group's member N > 0 (agent.session.member_session_id)
-_MEMBER_RE = re.compile(r"(?P<host>[a-z0-9][a-z0-9-]*)-g[1-9][0-9]?-(?P<tail>[0-9a-f]{8})")
 #: CHAP as LIO stores it in configfs: no whitespace or quotes that could end the attribute
 _CHAP_USER_RE = re.compile(r"[A-Za-z0-9._:@-]{1,255}")
 _CHAP_SECRET_RE = re.compile(r"[A-Za-z0-9._~+/=:@-]{12,255}")
@@ -336,9 +334,8 @@ class StorageNode:
         a consistency group (``HOST-gN-HEX``), the group's (``HOST-HEX``) when that
         duplicate is this client's too (every member is a LUN of one target)."""
         targets = {lio.target_iqn_for(sid)}
-        match = _MEMBER_RE.fullmatch(sid)
-        if match is not None:
-            group = f"{match.group('host')}-{match.group('tail')}"
+        group = group_session_id(sid)
+        if group is not None:
             rec = self.journal.load(group)
             if rec is not None and rec.client == client:
                 targets.add(lio.target_iqn_for(group))

@@ -551,3 +551,11 @@ def test_a_group_answer_reads_back() -> None:
 def test_a_malformed_group_answer_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError):
         PrepareAnswer.from_wire(_group_wire(**bad))
+
+
+def test_a_member_session_id_leads_back_to_its_group() -> None:
+    from sanoffload.agent.session import group_session_id, member_session_id
+
+    assert member_session_id("fs1-0000aaaa", 0) == "fs1-0000aaaa"
+    assert group_session_id(member_session_id("fs1-0000aaaa", 3)) == "fs1-0000aaaa"
+    assert group_session_id("fs1-0000aaaa") is None  # a group's own id names no member
