@@ -84,7 +84,7 @@ class UdevDisks:
     def san_disk(self, major: int, minor: int) -> SanDisk | str | None:
         import pyudev
 
-        from ..proxy.devices import device_wwids
+        from ..channel.messages import device_wwids
 
         try:
             dev = pyudev.Devices.from_device_number(pyudev.Context(), "block",

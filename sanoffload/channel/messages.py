@@ -127,6 +127,26 @@ def normalize_wwid(value: str | bytes | None) -> str | None:
     return text
 
 
+def device_wwids(device: Any) -> set[str]:
+    """Every identifier udev and sysfs give ``device`` (a pyudev Device; normalised): the
+    agent names its SAN disk by it, the proxy finds the duplicate by it."""
+    found: set[str] = set()
+    props = getattr(device, "properties", None)
+    if props is not None:
+        norm = normalize_wwid(props.get("ID_WWN_WITH_EXTENSION"))
+        if norm:
+            found.add(norm)
+    attrs = getattr(device, "attributes", None)
+    if attrs is not None:
+        try:
+            norm = normalize_wwid(attrs.get("device/wwid"))
+        except OSError:  # the disk went away while we read it
+            norm = None
+        if norm:
+            found.add(norm)
+    return found
+
+
 def check_identifier(identifier: str) -> str:
     """The identifier, normalised, if it is a NAA designator (16 or 32 hex digits)."""
     norm = normalize_wwid(identifier)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..channel.messages import check_identifier, normalize_wwid
+from ..channel.messages import check_identifier, device_wwids, normalize_wwid
 from ..errors import DeadlineError, ResourceError
 from ..requirements import Requirement
 
@@ -59,25 +59,6 @@ class Waiter(Protocol):
                  tb: TracebackType | None) -> None: ...
 
     def wait(self, rescan: Callable[[], None] | None = None) -> str: ...
-
-
-def device_wwids(device: Any) -> set[str]:
-    """Every identifier udev and sysfs give ``device`` (normalised)."""
-    found: set[str] = set()
-    props = getattr(device, "properties", None)
-    if props is not None:
-        norm = normalize_wwid(props.get("ID_WWN_WITH_EXTENSION"))
-        if norm:
-            found.add(norm)
-    attrs = getattr(device, "attributes", None)
-    if attrs is not None:
-        try:
-            norm = normalize_wwid(attrs.get("device/wwid"))
-        except OSError:  # the disk went away while we read it
-            norm = None
-        if norm:
-            found.add(norm)
-    return found
 
 
 def start_disk_monitor(context: UdevContext | None,
