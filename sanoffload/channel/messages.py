@@ -506,3 +506,27 @@ def _warnings(raw: Any, r: _Reader) -> list[str]:
     if len(raw) > MAX_WARNINGS:
         out.append(f"... and {len(raw) - MAX_WARNINGS} more warning(s) (see the agent's log)")
     return out
+
+
+#: the most ranges a delta carries: the agent coalesces neighbours until it fits one line
+MAX_DELTA_RANGES = 16384
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What changed on the volume since the base backup (issue 13, block level, thin volumes).
+
+    ``changed`` and ``discarded`` are ``(offset, length)`` byte ranges of the volume,
+    each starting on a multiple of ``chunk_bytes`` and ending on one (or at
+    ``volume_bytes``), sorted, disjoint from each other and within the volume.
+    ``changed``: pieces to read (thin_delta's ``different`` and ``right_only``, and any
+    chunk only partly discarded). ``discarded``: whole chunks unmapped in the new
+    snapshot and not changed (thin_delta's ``left_only``): all zeros, nothing to read.
+    Everything else equals ``base`` (the backup id the base snapshot was committed as).
+    """
+
+    base: str
+    volume_bytes: int
+    chunk_bytes: int
+    changed: tuple[tuple[int, int], ...]
+    discarded: tuple[tuple[int, int], ...]
