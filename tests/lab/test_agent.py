@@ -234,21 +234,6 @@ def test_cleanup_after_agent_killed_mid_prepare(lab: Lab, fs1_volume: tuple[str,
     _write_config(lab)
 
 
-@pytest.mark.parametrize("fs1_volume", [("snapshot", "ext4")], indirect=True,
-                         ids=["snapshot-ext4"])
-def test_cleanup_after_a_vm_reset(lab: Lab, fs1_volume: tuple[str, str]) -> None:
-    ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data/tree",
-                                    "--initiator", lab.iqn("px1"), "--json"]).stdout)
-    lab.reset("fs1")
-    # after the reset LIO's objects are gone with the kernel, the LV and the journal are not
-    assert lab.sh("fs1", "lvs --noheadings -o lv_name @sanoffload").stdout.strip()
-    report = json.loads(lab.sh("fs1", ["sanoffload", "agent", "cleanup", "--all",
-                                       "--json"]).stdout)
-    assert report["released"] == [ans["session_id"]]
-    assert _leftovers_on_fs1(lab) == ""
-    assert lab.lio_inventory("fs1") == {"targets": [], "backstores": []}
-
-
 @pytest.mark.release_sensitive
 @pytest.mark.parametrize("fs1_volume", [("raid1-split", "ext4")], indirect=True,
                          ids=["raid1-split-ext4"])

@@ -10,7 +10,8 @@ The wiring first (from ``san_volumes``): fs1's disk carrying each LUN has
 the LUN's identifier as its wwid and is mounted where it should be; st1's own
 lookup maps each identifier to its LV and the forced command answers fs1; the
 production objects are not leftovers, a stray ``sanoffload-*`` LV beside them
-is; and, last, after a hard reset fs1 is logged in and mounted again by itself.
+is; and, last, after a hard reset fs1 is logged in and mounted again by itself, and
+its boot unit has released a local and a SAN session the crash left.
 
 Then SAN mode. Asserted: the backup restores to the frozen state while a writer appends;
 during it fs1 reads nothing from st1, sends next to nothing and spends far
@@ -464,22 +465,58 @@ def test_a_two_volume_group_restores_a_pair_from_one_instant(san: Lab) -> None:
     assert 0 <= len(first) - len(second) <= 1, (len(first), len(second))
 
 
-def test_fs1_logs_in_and_mounts_again_after_a_hard_reset(san: Lab) -> None:
+def _agent_sessions(lab: Lab) -> list[dict[str, Any]]:
+    out = lab.sh("fs1", ["sanoffload", "agent", "sessions", "--json"]).stdout
+    sessions: list[dict[str, Any]] = json.loads(out)
+    return sessions
+
+
+def test_after_a_hard_reset_fs1_logs_in_again_and_its_boot_unit_releases_all(san: Lab) -> None:
+    """One hard reset of fs1 (the lab's only one: a reset and boot cost minutes under
+    emulation) shows the three things a crash must not break: the SAN disks come back by
+    themselves; a local session and a SAN session alive at the crash are released by the
+    boot-time cleanup unit, nobody running ``agent cleanup``; LIO holds nothing of ours."""
     lab = san
-    marks = {lun.mount: f"{lun.lv} before reset\n" for lun in LUNS.values()}
-    for mount, text in marks.items():
-        lab.sh("fs1", f"cat > {mount}/mark.txt && sync", input=text)
-    started = time.monotonic()
-    lab.reset("fs1")
-    # the boot's own end, not a guess: the _netdev mounts are part of it (bounded)
-    state = lab.sh("fs1", ["timeout", "240", "systemctl", "is-system-running", "--wait"],
-                   check=False, timeout=300)
-    took = time.monotonic() - started
-    assert state.stdout.strip() in ("running", "degraded"), (state.stdout, state.stderr)
-    sessions = lab.sh("fs1", ["iscsiadm", "-m", "session"]).stdout
-    assert f" {deploy.SAN_TARGET} " in sessions, sessions
-    _assert_luns_mounted(lab)
-    for mount, text in marks.items():
-        assert lab.sh("fs1", ["cat", f"{mount}/mark.txt"]).stdout == text
-    print(f"fs1 back with its SAN disks mounted {took:.0f}s after the reset")
-    assert lab.leftovers() == []
+    deploy.volumes(lab.runner)  # a co-located volume beside the SAN disks
+    try:
+        out = lab.sh("fs1", ["sanoffload", "install-units", "--role", "agent"]).stdout
+        assert "sanoffload-cleanup.service" in out
+        lab.sh("fs1", "systemctl daemon-reload && systemctl enable sanoffload-cleanup.service")
+        marks = {lun.mount: f"{lun.lv} before reset\n" for lun in LUNS.values()}
+        for mount, text in marks.items():
+            lab.sh("fs1", f"cat > {mount}/mark.txt && sync", input=text)
+        lab.sh("fs1", f"mkdir -p {deploy.DATA}/tree && echo x > {deploy.DATA}/tree/f && sync")
+        asked = []
+        for path in (f"{deploy.DATA}/tree", SMALL):
+            ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", path,
+                                            "--initiator", lab.iqn("px1"), "--json"]).stdout)
+            asked.append(ans["session_id"])
+        assert {s["session_id"] for s in _agent_sessions(lab)} == set(asked)
+        assert st1_clean(lab), "the SAN session should hold a duplicate on st1"
+        started = time.monotonic()
+        lab.reset("fs1")
+        # the boot's own end, not a guess: the _netdev mounts and the cleanup unit are part of it
+        state = lab.sh("fs1", ["timeout", "240", "systemctl", "is-system-running", "--wait"],
+                       check=False, timeout=300)
+        took = time.monotonic() - started
+        assert state.stdout.strip() in ("running", "degraded"), (state.stdout, state.stderr)
+        sessions = lab.sh("fs1", ["iscsiadm", "-m", "session"]).stdout
+        assert f" {deploy.SAN_TARGET} " in sessions, sessions
+        _assert_luns_mounted(lab)
+        for mount, text in marks.items():
+            assert lab.sh("fs1", ["cat", f"{mount}/mark.txt"]).stdout == text
+        print(f"fs1 back with its SAN disks mounted {took:.0f}s after the reset")
+        boot = lab.sh("fs1", ["journalctl", "--no-pager", "-b", "-u",
+                              "sanoffload-cleanup.service"]).stdout
+        assert "released 2 session(s)" in boot, boot[-2000:]
+        assert _agent_sessions(lab) == []
+        assert st1_clean(lab) == []
+        tagged = lab.sh("fs1", ["lvs", "--noheadings", "-o", "lv_name", "@sanoffload"]).stdout
+        assert not tagged.strip(), tagged
+        assert lab.lio_inventory("fs1") == {"targets": [], "backstores": []}
+        assert lab.leftovers(deployed=("san", "volumes")) == []
+    finally:
+        lab.sh("fs1", "systemctl disable sanoffload-cleanup.service; "
+                      "rm -f /etc/systemd/system/sanoffload-*; systemctl daemon-reload",
+               check=False)
+        deploy.undeploy_volumes(lab.runner)

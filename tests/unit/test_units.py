@@ -79,7 +79,8 @@ def test_cleanup_service_runs_cleanup_all_at_boot(
     assert unit["Service"]["RemainAfterExit"] == "no"
     assert unit["Service"]["ExecStart"] == "/usr/bin/env sanoffload agent cleanup --all"
     after = unit["Unit"]["After"].split()
-    assert {"local-fs.target", "lvm2-monitor.service"} <= set(after)
+    assert {"local-fs.target", "lvm2-monitor.service", "network-online.target"} <= set(after)
+    assert unit["Unit"]["Wants"] == "network-online.target"
     assert "network" not in unit["Unit"].get("Before", "")
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
@@ -123,7 +124,9 @@ def test_storage_cleanup_service_runs_storage_cleanup_all_at_boot(
     assert service["SyslogIdentifier"] == "sanoffload-storage-cleanup"
     # as the agent's: LVs active and LIO's saved configuration restored first
     agent_after = units["sanoffload-cleanup.service"]["Unit"]["After"].split()
-    assert unit["Unit"]["After"].split() == agent_after
+    # the agent's also waits for the network (it asks storage nodes to release)
+    assert unit["Unit"]["After"].split() == [a for a in agent_after
+                                               if a != "network-online.target"]
     # no configuration, no node: the unit does nothing rather than fail every boot
     assert unit["Unit"]["ConditionPathExists"] == "/etc/sanoffload/storage.toml"
     # a cleanup stuck on LVM must not keep sshd (the administrator's way in) from starting
