@@ -153,8 +153,9 @@ def configs(runner: Runner, *, grace_s: float = 5, min_mb: int = 64) -> None:
        input=STORE_TOML.format(repo=REPO))
 
 
-def volumes(runner: Runner, *, size: str = "600m", fstype: str = "ext4") -> None:
-    """fs1: an LV with a filesystem at /srv/data; bk1: the repository's own disk."""
+def volumes(runner: Runner, *, size: str = "600m", fstype: str = "ext4",
+            store: bool = True) -> None:
+    """fs1: an LV with a filesystem at /srv/data; bk1 (``store``): the repository's own disk."""
     mkfs = {"ext4": "mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0",
             "xfs": "mkfs.xfs -q -f"}[fstype]
     sh(runner, "fs1", f"""set -e
@@ -167,6 +168,8 @@ def volumes(runner: Runner, *, size: str = "600m", fstype: str = "ext4") -> None
         mkdir -p {DATA}
         mountpoint -q {DATA} || mount /dev/{VG}/data {DATA}
         """, timeout=600)
+    if not store:
+        return
     sh(runner, "bk1", f"""set -e
         mkdir -p {REPO}
         if ! mountpoint -q {REPO}; then
@@ -176,13 +179,14 @@ def volumes(runner: Runner, *, size: str = "600m", fstype: str = "ext4") -> None
         """, timeout=300)
 
 
-def undeploy_volumes(runner: Runner) -> None:
+def undeploy_volumes(runner: Runner, *, store: bool = True) -> None:
     """Take the volumes apart again (what a test module leaves must be nothing)."""
     sh(runner, "fs1", f"sanoffload agent cleanup --all >/dev/null 2>&1; umount {DATA}; "
                       f"vgremove -q -f {VG}; pvremove -q /dev/vdb /dev/vdc; "
                       "wipefs -q -a /dev/vdb /dev/vdc; rm -rf /var/lib/sanoffload; true",
        timeout=300)
-    sh(runner, "bk1", f"umount {REPO}; wipefs -q -a /dev/vdb; true")
+    if store:
+        sh(runner, "bk1", f"umount {REPO}; wipefs -q -a /dev/vdb; true")
 
 
 def deploy(runner: Runner, hosts: list[str], **options: object) -> None:

@@ -477,7 +477,7 @@ def test_after_a_hard_reset_fs1_logs_in_again_and_its_boot_unit_releases_all(san
     themselves; a local session and a SAN session alive at the crash are released by the
     boot-time cleanup unit, nobody running ``agent cleanup``; LIO holds nothing of ours."""
     lab = san
-    deploy.volumes(lab.runner)  # a co-located volume beside the SAN disks
+    deploy.volumes(lab.runner, store=False)  # a co-located volume beside the SAN disks
     try:
         out = lab.sh("fs1", ["sanoffload", "install-units", "--role", "agent"]).stdout
         assert "sanoffload-cleanup.service" in out
@@ -519,4 +519,4 @@ def test_after_a_hard_reset_fs1_logs_in_again_and_its_boot_unit_releases_all(san
         lab.sh("fs1", "systemctl disable sanoffload-cleanup.service; "
                       "rm -f /etc/systemd/system/sanoffload-*; systemctl daemon-reload",
                check=False)
-        deploy.undeploy_volumes(lab.runner)
+        deploy.undeploy_volumes(lab.runner, store=False)
