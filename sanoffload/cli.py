@@ -48,6 +48,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "prune": "sanoffload.proxy.cli:prune",
     "proxy": "sanoffload.proxy.cli:proxy",
     "install-units": "sanoffload.install_units:install_units",
+    "mount": "sanoffload.store.mountcli:mount",
+    "umount": "sanoffload.store.mountcli:umount",
 }
 
 

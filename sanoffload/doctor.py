@@ -46,8 +46,9 @@ from .errors import (
 from .proxy import devices, mount
 from .requirements import ROLES, Requirement
 from .runner import Runner
+from .store import mount as image_mount
 from .text import printable
-from .tools import findmnt, fsfreeze, iscsiadm, lio, lvm, tar, thin, zstd
+from .tools import findmnt, fsfreeze, iscsiadm, lio, losetup, lvm, tar, thin, zstd
 
 if TYPE_CHECKING:
     from .agent.config import StorageNodeRef
@@ -581,7 +582,8 @@ class Need:
 #: the modules that declare REQUIRES (see sanoffload/requirements.py): each wrapper in
 #: tools/, and the proxy's and the channel's modules that run a tool or use a library
 DECLARING_MODULES: tuple[ModuleType, ...] = (lvm, fsfreeze, findmnt, lio, iscsiadm, tar, zstd,
-                                             mount, devices, client, thin)
+                                             mount, devices, client, thin, losetup,
+                                             image_mount)
 
 #: needs no module of ours runs, so they are needs of the host, declared here: sshd runs
 #: the forced commands (``store serve``; ``storage serve``, the storage node's only way

@@ -69,17 +69,30 @@ def prepare(ctx: click.Context, app: App, path: str, initiator: str, kind: str |
 
 
 @agent.command()
-@click.argument("session_id")
+@click.argument("session_id", required=False)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 @click.pass_context
-def status(ctx: click.Context, app: App, session_id: str, as_json: bool) -> None:
+def status(ctx: click.Context, app: App, session_id: str | None, as_json: bool) -> None:
     """Show a session's state: healthy, invalid (snapshot overflow), expired...
+
+    Without SESSION_ID: the thin bases kept for image backups (each volume's
+    snapshot of its last committed image backup, which the next one's thin_delta
+    starts from), and whether each is still trusted.
 
     \b
     Example:
       sanoffload agent status fs1-1a2b3c4d
+      sanoffload agent status --json
     """
+    if session_id is None:
+        rows = _agent(app, _config(ctx)).base_rows()
+        _emit({"bases": rows}, as_json, "\n".join(
+            f"{printable(str(r['volume']))}  base {printable(str(r['base']))}  "
+            f"{printable(str(r.get('backup', '-')))}  {r['state']}"
+            + ("" if r["trusted"] else f"  NOT TRUSTED: {printable(str(r.get('why', '')))}")
+            for r in rows) or "no thin bases")
+        return
     st = _agent(app, _config(ctx)).status(session_id)
     _emit(st, as_json, f"{session_id}: {st['status']}")
 
@@ -136,7 +149,8 @@ def cleanup(ctx: click.Context, app: App, all_sessions: bool, as_json: bool) -> 
     """
     report = _agent(app, _config(ctx)).cleanup(all_sessions=all_sessions)
     _emit(report, as_json, f"released {len(report['released'])} session(s), removed "
-                           f"{len(report['orphans_removed'])} orphan(s)")
+                           f"{len(report['orphans_removed'])} orphan(s)"
+                           + "".join(f"\n{printable(b)}" for b in report.get("bases", [])))
 
 
 @agent.command()

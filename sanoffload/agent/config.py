@@ -8,6 +8,7 @@ Example (every key; only ``portal.address`` and one client are required)::
     freeze = "auto"               # who inhibits writes for snapshots: auto | fsfreeze | lvm
     lease_s = 3600                # an export left unreleased this long is torn down
     grace_s = 10                  # a proxy's dropped connection: release its sessions after this
+    thin_base_max_use = 80        # image backups: keep no thin base above this pool use (%)
 
     [portal]
     address = "10.77.0.11"        # required: the interface the proxies reach
@@ -74,6 +75,8 @@ DEFAULT_GRACE_S = 10.0
 DEFAULT_SNAPSHOT_PERCENT = 10
 DEFAULT_SNAPSHOT_MIN_MB = 64
 DEFAULT_THIN_MAX_PERCENT = 80
+#: above this data or metadata use (percent) of its pool, no thin base is kept
+DEFAULT_THIN_BASE_MAX_USE = 80
 DEFAULT_MAX_SESSIONS = 1
 DEFAULT_STORAGE_TIMEOUT_S = 30.0
 #: a storage node slower than this keeps the filesystem frozen too long anyway
@@ -173,6 +176,9 @@ class Config:
     thin: ThinPolicy = field(default_factory=ThinPolicy)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     storage_nodes: Mapping[str, StorageNodeRef] = field(default_factory=dict)
+    #: a thin pool fuller than this (data or metadata, percent) keeps no base: a base pins
+    #: every block the volume rewrites until the next backup
+    thin_base_max_use: int = DEFAULT_THIN_BASE_MAX_USE
 
     def storage_node_for(self, identifier: str) -> StorageNodeRef | None:
         """The storage node serving the LUN ``identifier``: the node listing it, else the one
@@ -325,7 +331,7 @@ class Checker:
 
 
 _TOP_KEYS = {"state_dir", "run_dir", "freeze_deadline_s", "freeze", "lease_s", "grace_s", "portal",
-             "snapshot", "thin", "hooks", "clients", "storage_nodes"}
+             "snapshot", "thin", "hooks", "clients", "storage_nodes", "thin_base_max_use"}
 #: auto: fsfreeze where the kernel nests it with LVM's suspend (>= 6.6), else LVM's suspend
 FREEZE_MODES: tuple[str, ...] = FreezeMode.values()
 
@@ -384,7 +390,9 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         freeze=freeze,
         lease_s=c.integer(top.get("lease_s", DEFAULT_LEASE_S), "lease_s", 1),
         grace_s=c.number(top.get("grace_s", DEFAULT_GRACE_S), "grace_s", 3600),
-        snapshot=snapshot, thin=thin, hooks=hooks, storage_nodes=nodes)
+        snapshot=snapshot, thin=thin, hooks=hooks, storage_nodes=nodes,
+        thin_base_max_use=c.integer(top.get("thin_base_max_use", DEFAULT_THIN_BASE_MAX_USE),
+                                    "thin_base_max_use", 1, 100))
 
 
 def _storage_nodes(c: Checker, data: Any) -> dict[str, StorageNodeRef]:

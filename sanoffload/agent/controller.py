@@ -262,7 +262,8 @@ class LocalController:
 
     def orphans(self, accounted: Accounted) -> list[Orphan]:
         """LVs by their tag (never by name, see LogicalVolume.is_ours), LIO objects by
-        sanoffload's naming (LioExporter.ours), that ``accounted`` does not name."""
+        sanoffload's naming (LioExporter.ours), that ``accounted`` does not name. A thin
+        base (its tag) is never one: agent/bases.py decides when it goes."""
         found: list[Orphan] = []
         try:
             ours = self.exporter.ours()
@@ -276,7 +277,7 @@ class LocalController:
         found += [Orphan("lv", lv.name, vg=lv.vg, origin=lv.origin or "")
                   for lv in lvm.list_lvs(self.runner)
                   if lv.is_ours and (lv.vg, lv.name) not in accounted.duplicates
-                  and not lv.is_hidden]
+                  and not lv.is_hidden and not lv.is_base]
         return found
 
     def remove_orphan(self, orphan: Orphan) -> list[str]:

@@ -199,3 +199,140 @@ class Journal:
 
     def remove(self, session_id: str) -> None:
         self._path(session_id).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------
+# Thin bases (image backups): they outlive the session that made them
+# --------------------------------------------------------------------------
+
+#: an LVM UUID as lvs prints it (6-4-4-4-4-4-6 of [A-Za-z0-9]); names a base's record file
+LV_UUID_RE = re.compile(r"[A-Za-z0-9]{6}(?:-[A-Za-z0-9]{4}){5}-[A-Za-z0-9]{6}")
+#: a base record's state: "promoting" while the session's snapshot is being made the base
+#: (the old base is still whole: a crash then rolls back), "kept" once it is the base
+BASE_STATES = ("promoting", "kept")
+
+
+@dataclass
+class BaseRecord:
+    """The thin base of one volume: the snapshot backup ``backup`` was read from.
+
+    Trusted for the next thin_delta only while lvs still shows an LV ``vg/name`` with
+    this ``uuid`` and ``thin_id``, whose origin is ``origin_lv`` (``origin_uuid``) in
+    ``pool``, of ``size_bytes``.
+    """
+
+    origin_vg: str
+    origin_lv: str
+    origin_uuid: str
+    pool: str
+    name: str
+    uuid: str
+    thin_id: int
+    size_bytes: int
+    backup: str
+    state: str = "kept"
+    created: float = field(default_factory=time.time)
+    #: the record of the base this one replaces (its ``previous`` null), until that base
+    #: is removed: a promotion a crash interrupted rolls back to it
+    previous: dict[str, Any] | None = None
+
+    #: the journal's resource kind of a base (a session's are in RESOURCE_KINDS)
+    kind = "thin-base"
+
+    def __post_init__(self) -> None:
+        if not LV_UUID_RE.fullmatch(str(self.origin_uuid)):
+            raise UsageError(f"invalid origin LV UUID {self.origin_uuid!r}")
+        if self.state not in BASE_STATES:
+            raise ValueError(f"unknown base state {self.state!r}")
+
+    @property
+    def vg(self) -> str:
+        return self.origin_vg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BaseRecord:
+        """A record from its JSON form; ValueError/TypeError/UsageError for anything else."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a base record is a JSON object, not {type(data).__name__}")
+        rec = cls(**data)
+        for name in ("origin_vg", "origin_lv", "origin_uuid", "pool", "name", "uuid",
+                     "backup", "state"):
+            if not isinstance(getattr(rec, name), str):
+                raise TypeError(f"{name} must be a string")
+        for name in ("thin_id", "size_bytes"):
+            value = getattr(rec, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"{name} must be a non-negative integer")
+        if rec.previous is not None and not (
+                isinstance(rec.previous, dict)
+                and all(isinstance(rec.previous.get(k), str) for k in ("name", "uuid"))):
+            raise TypeError("previous must be null or a base record")
+        return rec
+
+
+class BaseJournal:
+    """Base records under ``<state_dir>/bases/``, one per origin volume (by its LV UUID)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(state_dir) / "bases"
+
+    def _path(self, origin_uuid: str) -> Path:
+        if not LV_UUID_RE.fullmatch(origin_uuid):
+            raise UsageError(f"invalid LV UUID {origin_uuid!r}")
+        return self.dir / f"{origin_uuid}.json"
+
+    def save(self, record: BaseRecord) -> None:
+        """Atomically replace the volume's record."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        replace_json(self._path(record.origin_uuid), record.to_dict())
+
+    def load(self, origin_uuid: str) -> BaseRecord | None:
+        """The volume's base record; None if none; JournalError if it cannot be read."""
+        path = self._path(origin_uuid)
+        if not path.exists():
+            return None
+        return self._read(path)
+
+    def remove(self, origin_uuid: str) -> None:
+        self._path(origin_uuid).unlink(missing_ok=True)
+
+    def _read(self, path: Path) -> BaseRecord:
+        try:
+            rec = BaseRecord.from_dict(json.loads(path.read_bytes()))
+            if f"{rec.origin_uuid}.json" != path.name:
+                raise ValueError(f"it holds the base of {rec.origin_uuid!r}")
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, TypeError, RecursionError, UsageError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise JournalError(
+                f"base record {path} is unreadable ({printable(why)[:200]})",
+                paths=[str(path)],
+                hint="inspect it; moving it out of the way makes the next image backup of "
+                     "its volume a full read (its base LV, tagged sanoffload-base, stays "
+                     "until removed by hand)") from None
+        return rec
+
+    def _files(self) -> list[Path]:
+        return sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
+
+    def __iter__(self) -> Iterator[BaseRecord]:
+        for p in self._files():
+            try:
+                yield self._read(p)
+            except (FileNotFoundError, JournalError):
+                continue  # gone meanwhile, or named by broken()
+
+    def broken(self) -> list[JournalError]:
+        bad = []
+        for p in self._files():
+            try:
+                self._read(p)
+            except FileNotFoundError:
+                continue
+            except JournalError as exc:
+                bad.append(exc)
+        return bad

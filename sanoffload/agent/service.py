@@ -12,6 +12,11 @@ in one window, one LUN each of one target; the answer lists them as ``members``.
     {"op": "status", "session_id": "fs1-1a2b3c4d"}   -> {"status": "healthy", ...}
     {"op": "release", "session_id": "fs1-1a2b3c4d"}  -> {"released": ["lio-target ...", ...]}
 
+``image`` (prepare, optional): an image backup; a thin volume's answer may carry
+``delta`` (what changed since its base, see :class:`~sanoffload.channel.messages.Delta`).
+``committed`` (release, optional): the backup id the store committed the image backup
+as; the session's thin snapshot becomes the volume's base (``sanoffload.agent.bases``).
+
 The client name comes from the forced command sshd ran for the proxy's key,
 never from the request: a proxy can only use its own initiators and roots, and
 only see and release its own sessions. ``warnings`` lists, one printable line
@@ -31,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..channel.messages import MAX_MEMBERS
+from ..channel.messages import MAX_BACKUP_ID_CHARS, MAX_MEMBERS, check_backup_id
 from ..channel.protocol import Channel, Spec
 from ..channel.server import Service
 from ..errors import AuthError, CleanupError, Interrupted, ProtocolError
@@ -43,9 +48,9 @@ log = logging.getLogger(__name__)
 SPECS = {
     "ping": Spec(),
     "prepare": Spec(required={"path": str, "initiator": str},
-                    optional={"kind": str, "also": list}),
+                    optional={"kind": str, "also": list, "image": bool}),
     "status": Spec(required={"session_id": str}),
-    "release": Spec(required={"session_id": str}),
+    "release": Spec(required={"session_id": str}, optional={"committed": str}),
 }
 
 
@@ -114,9 +119,11 @@ class AgentService(Service):
             if len(also) > MAX_MEMBERS - 1 or not all(isinstance(p, str) for p in also):
                 raise ProtocolError(f"prepare: 'also' must be a list of at most "
                                     f"{MAX_MEMBERS - 1} paths")
-            group = {"also": also} if also else {}
+            extra: dict[str, Any] = {"also": also} if also else {}
+            if fields.get("image"):
+                extra["image"] = True
             answer = self.agent.prepare(fields["path"], fields["initiator"], kind=kind,
-                                        client=self.client, **group)
+                                        client=self.client, **extra)
             self.open.append(answer.session_id)
             log.info("client %s: prepared %s for %s", self.client, answer.session_id,
                      fields["path"])
@@ -126,7 +133,16 @@ class AgentService(Service):
         if op == "status":
             return self.agent.status(session_id)
         # release
-        done = self.agent.release(session_id)
+        committed = fields.get("committed")
+        if committed is not None:
+            # it names the base the next delta is answered against, and goes into a log
+            try:
+                check_backup_id(committed)
+            except ValueError as exc:
+                raise ProtocolError(f"release: committed: {str(exc)[:MAX_BACKUP_ID_CHARS]}") \
+                    from None
+        done = (self.agent.release(session_id, committed=committed) if committed is not None
+                else self.agent.release(session_id))
         if session_id in self.open:
             self.open.remove(session_id)
         log.info("client %s: released %s", self.client, session_id)

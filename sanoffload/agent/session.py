@@ -32,6 +32,7 @@ from ..kinds import DuplicateKind, WhoFreezes
 from ..runner import Runner
 from ..tools import fsfreeze, lio, lvm
 from ..undo import UndoStack
+from .bases import ImagePrepared, ThinBases
 from .config import Client, Config
 from .controller import Accounted, Duplicate, LocalController, StorageController
 from .guard import FreezeGuard
@@ -83,6 +84,7 @@ class Agent:
         self._remotes: dict[str, RemoteController] = {}
         self.guard_factory = guard_factory
         self.journal = Journal(config.state_dir)
+        self.bases = ThinBases(runner, config)
         self.host = host or socket.gethostname().split(".")[0]
         self.clock = clock
         self._held = False
@@ -146,8 +148,14 @@ class Agent:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def prepare(self, path: str, initiator: str, *, kind: DuplicateKind | None = None,
-                client: str | None = None, also: Sequence[str] = ()) -> Prepared:
+                client: str | None = None, also: Sequence[str] = (),
+                image: bool = False) -> Prepared:
         """Answer a proxy's request.
+
+        ``image``: the proxy reads the volume's blocks (an image backup): for a thin
+        snapshot with a trusted base the answer carries the delta since it, and the
+        release that says ``committed`` keeps the snapshot as the next base
+        (:mod:`sanoffload.agent.bases`).
 
         ``also`` names more paths frozen in the same window (a consistency
         group): one volume each, all on this host's LVs or all on one storage
@@ -181,7 +189,7 @@ class Agent:
             _check_group(objs, self._ctl(node))
         with self.locked():
             self._cleanup_locked(all_sessions=False, orphans=False)
-            return self._prepare(owner, objs, node, initiator)
+            return self._prepare(owner, objs, node, initiator, image=image)
 
     def owner(self, session_id: str) -> str | None:
         """The client a session was prepared for (None: no such session)."""
@@ -189,7 +197,7 @@ class Agent:
         return rec.client if rec is not None else None
 
     def _prepare(self, client: Client, objs: list[BackupObject], node: str,
-                 initiator: str) -> Prepared:
+                 initiator: str, *, image: bool = False) -> Prepared:
         active = [r for r in self.journal if r.client == client.name]
         if len(active) >= client.max_sessions:
             raise ResourceError(f"client {client.name} already has {len(active)} session(s) "
@@ -268,6 +276,12 @@ class Agent:
             for res, dup in zip(dup_ress, dups, strict=True):
                 self.journal.done(rec, res, vg=dup.vg, name=dup.name, origin=dup.origin,
                                   **({"made_kind": dup.kind.value} if node else {}))
+            # after the thaw: thin_delta never runs while the filesystem is frozen
+            img = self._image(obj, dups[0], group=group, node=node) if image else \
+                ImagePrepared()
+            if img.keep is not None:
+                rec.info["image"] = img.keep
+                self.journal.save(rec)
 
             chap_secret = "".join(secrets.choice(_SECRET_ALPHABET)
                                   for _ in range(CHAP_SECRET_LEN))
@@ -296,7 +310,7 @@ class Agent:
             spec, export = exports[0]
             rec.state = "ready"
             # holding hooks that failed after the thaw, then post-thaw hooks: exit 14 at the proxy
-            warnings = q.warnings
+            warnings = q.warnings + img.warnings
             rec.info.update({"window_ms": q.window_ms, "frozen_by": q.frozen_by.value,
                              "identifier": export.identifier, "warnings": warnings,
                              "held": [h.hook for h in q.held]})
@@ -318,7 +332,18 @@ class Agent:
             object_kind=obj.kind, duplicate_kind=dups[0].kind, frozen_at=frozen_at,
             freeze_window_ms=round(q.window_ms, 1), frozen_by=q.frozen_by,
             lease_expires=rec.lease_expires, warnings=warnings, held=list(q.held),
-            members=members)
+            members=members, delta=img.delta)
+
+    def _image(self, obj: BackupObject, dup: Duplicate, *, group: bool,
+               node: str) -> ImagePrepared:
+        """An image backup's delta and base keeping: a thin snapshot of this host only."""
+        if group or node or obj.lv is None or dup.kind is not DuplicateKind.THIN_SNAPSHOT:
+            # not thin (or a storage node's, or a group's): the proxy reads it all
+            log.info("image backup of %s: a %s%s: full read, no base kept", obj.real_path,
+                     dup.kind, " of a group" if group else
+                     (f" on storage node {node}" if node else ""))
+            return ImagePrepared()
+        return self.bases.prepare(obj.lv, dup.name)
 
     def _finish_failed(self, rec: SessionRecord) -> None:
         # runs last on the failure path: all undos before it succeeded or were reported
@@ -370,12 +395,16 @@ class Agent:
         return {"session_id": session_id, "status": status, "state": rec.state,
                 "lease_expires": rec.lease_expires, "path": rec.path, **rec.info}
 
-    def release(self, session_id: str) -> list[str]:
+    def release(self, session_id: str, *, committed: str | None = None) -> list[str]:
         with self.locked():
-            return self._release(session_id)
+            return self._release(session_id, committed=committed)
 
-    def _release(self, session_id: str) -> list[str]:
+    def _release(self, session_id: str, *, committed: str | None = None) -> list[str]:
         """Undo everything the session holds, newest first. Idempotent.
+
+        ``committed``: the store committed the image backup read from this session's
+        thin snapshot under that id, which becomes the volume's base (tick/tock:
+        without it, or if keeping it fails, the snapshot goes and the old base stays).
 
         Goes on past errors and raises CleanupError listing all of them; the
         record stays in the journal then, so a later cleanup tries again.
@@ -387,8 +416,15 @@ class Agent:
         self.journal.save(rec)
         errors: list[BaseException] = []
         done: list[str] = []
+        keep = rec.info.get("image") if committed else None
         for res in sorted(rec.resources, key=lambda r: RELEASE_ORDER[r.kind]):
             try:
+                if (isinstance(keep, dict) and res.kind == DuplicateKind.THIN_SNAPSHOT.value
+                        and res.fields.get("name") == keep.get("name")):
+                    kept = self._keep_base(rec, res, keep, str(committed))
+                    if kept is not None:
+                        done.append(kept)
+                        continue
                 self._undo(rec, res)
                 done.append(f"{res.kind} {res.fields}")
             except Exception as exc:  # rtslib and OSErrors too: the others must still run
@@ -400,6 +436,23 @@ class Agent:
         self.journal.remove(session_id)
         log.info("session %s released", session_id)
         return done
+
+    def _keep_base(self, rec: SessionRecord, res: Resource, keep: dict[str, Any],
+                   committed: str) -> str | None:
+        """The session's snapshot made the base; None if it was not (then it is discarded,
+        and the old base stays)."""
+        try:
+            kept = self.bases.commit(keep, committed)
+        except Exception as exc:  # any failure: tock, not tick
+            log.warning("session %s: the snapshot of %s is not kept as a base (%s); the old "
+                        "base stays", rec.session_id, rec.path, exc)
+            return None
+        self.journal.forget(rec, res)
+        return kept
+
+    def base_rows(self) -> list[dict[str, Any]]:
+        """The thin bases kept for image backups (``agent status``)."""
+        return self.bases.status()
 
     def sessions(self) -> list[dict[str, Any]]:
         """Every session's status; an unreadable record is a row ``status: unreadable``."""
@@ -427,6 +480,10 @@ class Agent:
         """
         if orphans:
             self.journal.check("agent cleanup")
+            bad = self.bases.journal.broken()
+            if bad:
+                # its base would look like a leftover: nothing is removed until it is read
+                raise bad[0]
         released, errors = [], []
         now = self.clock()
         for rec in list(self.journal):
@@ -438,6 +495,12 @@ class Agent:
                     released.append(rec.session_id)
                 except Exception as exc:  # one stuck session must not stop the pass
                     errors.append(exc)
+        bases: list[str] = []
+        if orphans:
+            try:
+                bases = self.bases.tidy()
+            except Exception as exc:  # the sessions and orphans are still swept
+                errors.append(exc)
         found = self._orphans() if orphans else []
         for _what, undo in found:
             try:
@@ -451,7 +514,10 @@ class Agent:
                 swept += [f"{node}: {r}" for r in self.remote(node).sweep()]
             except Exception as exc:
                 errors.append(exc)
-        report = {"released": released, "orphans_removed": [w for w, _ in found] + swept}
+        report: dict[str, Any] = {"released": released,
+                                  "orphans_removed": [w for w, _ in found] + swept}
+        if bases:  # only when one was dropped or rolled back: the report it always was
+            report["bases"] = bases
         if errors:
             raise CleanupError(errors, context="agent cleanup")
         return report
@@ -461,9 +527,10 @@ class Agent:
         # a storage node's objects are its own to sweep: only this host's are accounted here
         recs = [rec for rec in self.journal if not rec.info.get("node")]
         accounted = Accounted(
+            # a thin base is never an orphan: its own journal accounts for it
             duplicates=frozenset((str(r.fields.get("vg")), str(r.fields.get("name")))
                                  for rec in recs for r in rec.resources
-                                 if r.kind in DUPLICATE_KINDS),
+                                 if r.kind in DUPLICATE_KINDS) | self.bases.names(),
             targets=frozenset(str(r.fields.get("iqn")) for rec in recs for r in rec.resources
                               if r.kind == "lio-target"),
             backstores=frozenset(str(r.fields.get("name")) for rec in recs

@@ -42,18 +42,26 @@ each ``{"path": "/srv/san/db", "path_in_fs": "db", "fstype": "ext4",
 Paths are absolute, normalised and distinct; LUNs and identifiers distinct; at
 most :data:`MAX_MEMBERS`.
 
+``delta`` is sent only for an image backup of a thin volume whose base the agent
+trusts (see :class:`Delta`): ``{"base": "fs1/srv-thin-1a2b3c4d/20261126T102933Z",
+"volume_bytes": 536870912, "chunk_bytes": 4194304, "changed": [[0, 8388608], ...],
+"discarded": [[67108864, 4194304]]}``, at most :data:`MAX_DELTA_RANGES` ranges in all.
+Absent, the proxy reads the whole volume.
+
 This module imports only leaf modules (errors, kinds, text, iqn, the iscsiadm
 wrapper's name checks): both the agent and the proxy import it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from ..errors import ProtocolError, UsageError
@@ -371,6 +379,9 @@ class PrepareAnswer:
     held: list[HeldOutput] = field(default_factory=list)
     #: a consistency group's volumes, member 0 first (empty: one path was asked for)
     members: list[Member] = field(default_factory=list)
+    #: image backups of a thin volume with a trusted base: what changed since it (None: the
+    #: proxy reads the whole volume)
+    delta: Delta | None = None
 
     @property
     def portal(self) -> str:
@@ -394,6 +405,11 @@ class PrepareAnswer:
             wire["members"] = [m.to_wire() for m in self.members]
         else:
             del wire["members"]
+        # only when there is one: a tar backup's answer is the JSON it always was
+        if self.delta is not None:
+            wire["delta"] = self.delta.to_wire()
+        else:
+            del wire["delta"]
         return wire
 
     #: the name the agent's callers have used
@@ -437,7 +453,8 @@ class PrepareAnswer:
             frozen_at=float(r.number("frozen_at", 0, MAX_EPOCH_S, default=0.0)),
             warnings=_warnings(data.get("warnings"), r),
             held=_held(data.get("held"), r),
-            members=_members(data, r))
+            members=_members(data, r),
+            delta=_delta(data.get("delta"), what))
 
 
 def _required(value: E | None) -> E:
@@ -488,6 +505,12 @@ def _members(data: Mapping[str, Any], r: _Reader) -> list[Member]:
     return members
 
 
+def _delta(raw: Any, what: str) -> Delta | None:
+    if raw is None:
+        return None  # no base, not a thin volume, an older agent: the proxy reads it all
+    return Delta.from_wire(raw, what=f"{what}: delta")
+
+
 def _held(raw: Any, r: _Reader) -> list[HeldOutput]:
     if raw is None:
         return []  # an agent older than holding hooks
@@ -510,6 +533,73 @@ def _warnings(raw: Any, r: _Reader) -> list[str]:
 
 #: the most ranges a delta carries: the agent coalesces neighbours until it fits one line
 MAX_DELTA_RANGES = 16384
+#: a volume past 2**62 bytes (4 EiB) is no volume: a forged size, or an overflow
+MAX_VOLUME_BYTES = 1 << 62
+#: the chunk sizes a delta may be aligned to: powers of two from 64 KiB (a thin pool's
+#: smallest data block) to 1 GiB (its largest)
+MIN_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = 1 << 30
+
+#: ``HOST/SLUG/STAMP``, as the store names a backup (store/repo.py: BackupId); the parts'
+#: rules are the store's, restated here because this module imports only leaf modules
+_BACKUP_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_BACKUP_SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_BACKUP_STAMP_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+MAX_BACKUP_ID_CHARS = 63 + 1 + 100 + 1 + 16
+
+
+def check_backup_id(value: Any) -> str:
+    """``value`` if it has a backup id's shape (``fs1/srv-data-3f2a9c1e/20261126T102933Z``);
+    ValueError otherwise. The agent keeps a base under this name and answers it back."""
+    parts = value.split("/") if isinstance(value, str) and len(value) <= MAX_BACKUP_ID_CHARS \
+        else []
+    if len(parts) != 3:
+        raise ValueError(f"want a backup id HOST/SLUG/STAMP, not {_shown(value)}")
+    host, slug, stamp = parts
+    for part, pattern in ((host, _BACKUP_HOST_RE), (slug, _BACKUP_SLUG_RE)):
+        # the store refuses these as names too: a '..' or a trailing '.' is never a backup's
+        if not pattern.fullmatch(part) or ".." in part or part.endswith("."):
+            raise ValueError(f"want a backup id HOST/SLUG/STAMP, not {_shown(value)}")
+    try:
+        # strptime: 20260231T000000Z has the shape and names no instant
+        real = bool(_BACKUP_STAMP_RE.fullmatch(stamp)) and bool(
+            datetime.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        real = False
+    if not real:
+        raise ValueError(f"want a backup id HOST/SLUG/STAMP (STAMP like 20261126T102933Z), "
+                         f"not {_shown(value)}")
+    return f"{host}/{slug}/{stamp}"
+
+
+def _check_ranges(name: str, ranges: Any, volume_bytes: int,
+                  chunk_bytes: int) -> tuple[tuple[int, int], ...]:
+    """``ranges`` as a tuple of ``(offset, length)``: chunk-aligned, sorted, disjoint, inside
+    the volume; ValueError naming the first that is not."""
+    if not isinstance(ranges, (list, tuple)):
+        raise ValueError(f"{name}: want a list of [offset, length], not {_shown(ranges)}")
+    if len(ranges) > MAX_DELTA_RANGES:
+        raise ValueError(f"{name}: more than {MAX_DELTA_RANGES} ranges")
+    out: list[tuple[int, int]] = []
+    end_before = 0
+    for i, item in enumerate(ranges):
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in item):
+            raise ValueError(f"{name}[{i}]: want [offset, length] in bytes, not {_shown(item)}")
+        offset, length = item
+        end = offset + length
+        if offset < 0 or length <= 0 or end > volume_bytes:
+            raise ValueError(f"{name}[{i}]: {offset}+{length} is not a range inside the "
+                             f"volume's {volume_bytes} bytes")
+        if offset % chunk_bytes or (end % chunk_bytes and end != volume_bytes):
+            raise ValueError(f"{name}[{i}]: {offset}+{length} is not aligned to "
+                             f"{chunk_bytes}-byte chunks")
+        if offset < end_before:
+            raise ValueError(f"{name}[{i}]: at {offset}, overlaps or precedes the range "
+                             f"before (which ends at {end_before})")
+        end_before = end
+        out.append((offset, length))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -530,3 +620,75 @@ class Delta:
     chunk_bytes: int
     changed: tuple[tuple[int, int], ...]
     discarded: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        # every Delta is a valid one: the agent's own is checked by the rules the proxy applies
+        check_backup_id(self.base)
+        for name in ("volume_bytes", "chunk_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}: want an integer, not {_shown(value)}")
+        if not 0 < self.volume_bytes <= MAX_VOLUME_BYTES:
+            raise ValueError(f"volume_bytes: must be between 1 and {MAX_VOLUME_BYTES}, "
+                             f"not {self.volume_bytes}")
+        if (not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES
+                or self.chunk_bytes & (self.chunk_bytes - 1)):
+            raise ValueError(f"chunk_bytes: must be a power of two from {MIN_CHUNK_BYTES} to "
+                             f"{MAX_CHUNK_BYTES}, not {self.chunk_bytes}")
+        changed = _check_ranges("changed", self.changed, self.volume_bytes, self.chunk_bytes)
+        discarded = _check_ranges("discarded", self.discarded, self.volume_bytes,
+                                  self.chunk_bytes)
+        if len(changed) + len(discarded) > MAX_DELTA_RANGES:
+            raise ValueError(f"more than {MAX_DELTA_RANGES} ranges in all "
+                             f"({len(changed)} changed, {len(discarded)} discarded)")
+        # a chunk both to read and known to be zeros: one of the two is a lie
+        merged = sorted(changed + discarded)
+        for (a_off, a_len), (b_off, _b_len) in itertools.pairwise(merged):
+            if b_off < a_off + a_len:
+                raise ValueError(f"changed and discarded overlap at byte {b_off}")
+        object.__setattr__(self, "changed", changed)
+        object.__setattr__(self, "discarded", discarded)
+
+    @property
+    def ranges(self) -> int:
+        """How many ranges the delta carries (at most :data:`MAX_DELTA_RANGES`)."""
+        return len(self.changed) + len(self.discarded)
+
+    @property
+    def changed_bytes(self) -> int:
+        """What the proxy reads: the changed ranges' total length."""
+        return sum(length for _offset, length in self.changed)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object in the agent's answer: ranges as ``[offset, length]`` lists."""
+        return {"base": self.base, "volume_bytes": self.volume_bytes,
+                "chunk_bytes": self.chunk_bytes,
+                "changed": [list(r) for r in self.changed],
+                "discarded": [list(r) for r in self.discarded]}
+
+    @classmethod
+    def from_wire(cls, data: Any, *, what: str = "the agent's delta") -> Delta:
+        """Check a received delta; ProtocolError (exit 11) naming what is wrong.
+
+        A compromised agent steers what the proxy reads and what it takes from the base:
+        every range must be aligned, sorted, disjoint and inside the volume.
+        """
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"{what} is not an object")
+        unknown = sorted(set(data) - {"base", "volume_bytes", "chunk_bytes", "changed",
+                                      "discarded"})
+        if unknown:
+            raise ProtocolError(f"{what}: unknown keys {_shown(unknown)}")
+        r = _Reader(data, what)
+        base = r.checked("base", check_backup_id, max_len=MAX_BACKUP_ID_CHARS)
+        volume_bytes = int(r.number("volume_bytes", 1, MAX_VOLUME_BYTES, integer=True))
+        chunk_bytes = int(r.number("chunk_bytes", MIN_CHUNK_BYTES, MAX_CHUNK_BYTES,
+                                   integer=True))
+        try:
+            # the ranges' checks are Delta's own (__post_init__), whatever arrived
+            return cls(base=base, volume_bytes=volume_bytes, chunk_bytes=chunk_bytes,
+                       changed=data.get("changed"),  # type: ignore[arg-type]
+                       discarded=data.get("discarded"))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ProtocolError(f"{what}: {exc}") from None
+

@@ -19,6 +19,9 @@ session), so a session or mount already there is a leftover of an earlier
 attempt of this same backup: it is reused, and its undo registered like a
 new one's, so that it is cleaned up with the rest.
 
+An image backup needs the disk, not a filesystem: :func:`attach_block` stops after
+the wait (node, session, disk), journaled and undone the same way.
+
 A consistency group (the answer lists ``members``: LUNs of the one target) is
 a branch of its own, :func:`attach_group`; a single path never goes there::
 
@@ -48,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..channel.messages import PrepareAnswer
-from ..errors import CommandError, CommandTimeoutError, ResourceError
+from ..errors import CommandError, CommandTimeoutError, RefusedError, ResourceError
 from ..runner import Runner
 from ..tools import iscsiadm
 from ..undo import UndoStack
@@ -117,6 +120,33 @@ def attach(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
     obj = mount.check_object(mountpoint, req.path_in_fs, req.object_kind)
     log.info("attached %s: %s mounted at %s, object %s", req.session_id, device, mountpoint, obj)
     return Attached(device=device, mountpoint=mountpoint, object_path=obj)
+
+
+def attach_block(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,
+                 waiter_factory: WaiterFactory = DeviceWaiter,
+                 device_deadline_s: float = DEFAULT_DEADLINE_S,
+                 replacement_timeout: int = iscsiadm.DEFAULT_REPLACEMENT_TIMEOUT,
+                 mount_root: str = mount.MOUNT_ROOT,
+                 journal: ProxyJournal | None = None) -> str:
+    """Log in to the agent's export and find its disk, without mounting it: the disk's path.
+
+    An image backup reads the duplicate's blocks; a mount would only add a way to
+    change them (a journal replay). The node record and the session are journaled
+    and undone (logout, node deleted) exactly as :func:`attach`'s; the record names
+    the session's mount point but never holds a mount. A consistency group is refused
+    (RefusedError): an image is of one volume.
+    """
+    if req.members:
+        raise RefusedError(f"session {req.session_id} is a consistency group of "
+                           f"{len(req.members)} volumes: an image backup reads one volume "
+                           "(back the group up without --image)")
+    runner.add_secret(req.chap_secret)
+    held = _begin(journal, req, mount.mountpoint_for(req.session_id, mount_root), undo)
+    device: str = _log_in_and_wait(
+        runner, req, undo, replacement_timeout, held,
+        lambda: waiter_factory(req.identifier, deadline_s=device_deadline_s))
+    log.info("attached %s: %s (not mounted: its blocks are read)", req.session_id, device)
+    return device
 
 
 def attach_group(runner: Runner, req: PrepareAnswer, undo: UndoStack, *,

@@ -91,6 +91,10 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
                    "the flag alone): then tar --diff of the stored archive against the "
                    "duplicate, which reads both again; none.")
 @click.option("--no-verify", is_flag=True, help="The same as --verify none.")
+@click.option("--image", is_flag=True, default=None,
+              help="Store the volume's blocks (4 MiB chunks, each stored once) instead of an "
+                   "archive: after the first, a thin volume's backups read only what changed. "
+                   "One path (no --with). Default: the job's mode, else tar.")
 @click.option("--level", type=click.IntRange(1, 19), default=None,
               help="zstd level (default 3, or the job's); zstd uses every core (-T0).")
 @click.option("--progress/--no-progress", default=None,
@@ -102,8 +106,8 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
 @pass_app
 def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str, ...],
            job: str | None,
-           kind: str | None, verify_mode: str | None, no_verify: bool, level: int | None,
-           progress: bool | None,
+           kind: str | None, verify_mode: str | None, no_verify: bool, image: bool | None,
+           level: int | None, progress: bool | None,
            ssh_opts: tuple[str, ...], as_json: bool) -> None:
     """Back up HOST:/PATH off-host, from this proxy, into STORE.
 
@@ -121,6 +125,7 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
       sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json --no-progress
       sanoffload backup --job data          # /etc/sanoffload/jobs/data.toml
       sanoffload backup fs1:/srv/san/db --with /srv/san/log --store bk1:/srv/backups
+      sanoffload backup fs1:/srv/thin --image --store bk1:/srv/backups
     """
     from .offhost import run_offhost_backup
 
@@ -137,9 +142,10 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
             raise UsageError("--job takes its source and store from the job file")
         if also:
             raise UsageError("--job takes its source's group (with = [...]) from the job file")
-        from .jobs import load_job
+        from .jobs import BackupMode, load_job
 
         j = load_job(job)
+        image = (j.mode is BackupMode.IMAGE) if image is None else image
         source_loc = Location(j.source_host, j.source_path)
         target = Location(j.store_host, j.store_path)
         dup_kind = dup_kind or j.kind
@@ -156,11 +162,13 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
     show = sys.stderr.isatty() if progress is None else progress
     summary = run_offhost_backup(app.get_runner(), source_loc, target,
                                  verify=verify or VerifyMode.STREAM, kind=dup_kind, level=level,
-                                 ssh_options=ssh, also=also,
+                                 ssh_options=ssh, also=also, image=bool(image),
                                  timeout=timeout, progress=Progress() if show else None)
     warnings = list(summary.get("warnings") or [])
     if as_json:
         _echo_json(summary)
+    elif summary.get("kind") == "image":
+        click.echo(_image_line(summary, warnings))
     else:
         verified = {True: "compared with the duplicate: identical",
                     None: "not compared"}.get(summary["verified"], "DIFFERS")
@@ -181,6 +189,23 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
             f"backup {printable(str(summary['backup_id']))} is stored, with "
             f"{len(warnings)} warning(s) from {source_loc.host}: "
             + " | ".join(printable(w) for w in warnings), warnings)
+
+
+def _image_line(summary: dict[str, Any], warnings: list[str]) -> str:
+    how = ("incremental from " + printable(str(summary["base"])) if summary.get("incremental")
+           else "full read (" + printable(str(summary.get("full_reason"))) + ")")
+    compared = summary.get("compared_chunks")
+    verified = ("not compared" if compared is None
+                else f"{compared} chunk(s) read again and compared with the duplicate")
+    said = f"; {len(warnings)} warning(s)" if warnings else ""
+    return (f"image backup {printable(str(summary['backup_id']))}: read "
+            f"{summary['read_bytes']} bytes ({summary['chunks_read']} of {summary['chunks']} "
+            f"chunks, {summary['changed_chunks']} changed), stored {summary['new_bytes']} "
+            f"bytes in {summary['new_chunks']} new chunk(s), {summary['stream_seconds']:.1f} s "
+            f"({summary['throughput_mib_s']:.1f} MiB/s); {how}; "
+            f"{printable(str(summary['duplicate_kind']))} frozen "
+            f"{summary['freeze_window_ms']} ms by {printable(str(summary['frozen_by']))}; "
+            f"{verified}{said}")
 
 
 @click.command("list")
@@ -233,9 +258,12 @@ def verify(app: App, backup_ids: tuple[str, ...], store_loc: str,
 
 @click.command()
 @click.argument("backup_id")
-@click.argument("target", type=click.Path())
+@click.argument("target", type=click.Path(), required=False)
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--store", "store_loc", required=True, metavar="STORE", help=STORE_HELP)
+@click.option("--image", "image_target", default=None, metavar="DEVICE|FILE",
+              help="An image backup: write the volume to DEVICE (unmounted, big enough) or to "
+                   "a new sparse FILE.")
 @click.option("--force", is_flag=True, help="Restore into a non-empty TARGET, replacing files.")
 @click.option("--devices", is_flag=True,
               help="Also restore device nodes (left out by default: an archive is not trusted "
@@ -244,8 +272,9 @@ def verify(app: App, backup_ids: tuple[str, ...], store_loc: str,
               help="Keep set-user-ID and set-group-ID bits (dropped by default).")
 @click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT")
 @pass_app
-def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store_loc: str,
-            force: bool, devices: bool, setid: bool, ssh_opts: tuple[str, ...]) -> None:
+def restore(app: App, backup_id: str, target: str | None, paths: tuple[str, ...],
+            store_loc: str, image_target: str | None, force: bool, devices: bool, setid: bool,
+            ssh_opts: tuple[str, ...]) -> None:
     """Restore BACKUP_ID from STORE into TARGET on this host (whole, or only PATHS).
 
     The archive is fetched (sha256 checked), every member name is checked,
@@ -256,6 +285,7 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
     Examples:
       sanoffload restore --store bk1:/srv/backups fs1/srv-data-3f2a9c1e/20261126T102933Z /restore
       sanoffload restore --store bk1:/srv/backups ID /restore etc/app.conf
+      sanoffload restore --store /srv/backups ID --image /dev/vg0/data-restored
     """
     from ..store.repo import BackupId, Repository
     from ..store.restore import restore as restore_local
@@ -263,6 +293,20 @@ def restore(app: App, backup_id: str, target: str, paths: tuple[str, ...], store
     loc = parse_location(store_loc, "--store")
     runner = app.get_runner()
     bid = BackupId.parse(backup_id)
+    if image_target is not None:
+        if target is not None or paths:
+            raise UsageError("restore --image writes the whole volume: name no TARGET or PATHS")
+        if loc.host is not None:
+            raise UsageError("restore --image reads the repository's chunks directly: run it on "
+                             "the backup server (--store /PATH), or `sanoffload store restore "
+                             "ID --image ...` there")
+        from ..store.image import restore_image
+        img = restore_image(Repository(loc.path, runner), bid, image_target, force=force)
+        click.echo(f"restored image {printable(str(img.backup))} to {printable(str(img.target))}"
+                   f" ({img.size} bytes, {img.chunks} chunks)")
+        return
+    if target is None:
+        raise UsageError("name the TARGET directory to restore into (or --image DEVICE|FILE)")
     selected = [os.fsencode(p) for p in paths]
     if loc.host is None:
         done = restore_local(Repository(loc.path, runner), bid, target, selected, force=force,

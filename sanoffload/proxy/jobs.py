@@ -14,6 +14,9 @@ Example (every key; only ``source`` and ``store`` are required)::
     timeout_s = 43200                 # the whole backup's limit
     with = ["/srv/log"]               # a consistency group: more paths on the same first
                                       #   server, frozen in the same window, one archive
+    mode = "tar"                      # tar (an archive of the files, the default) | image
+                                      #   (the volume's blocks in chunks; incremental on
+                                      #   thin volumes; one path only, no "with")
 
 NAME becomes a file name and a systemd instance name
 (``sanoffload-backup@NAME.timer``), so it is letters, digits, ``_``, ``.``,
@@ -38,14 +41,15 @@ from typing import Any
 from ..channel.messages import MAX_MEMBERS
 from ..configfile import parse_toml, read_text, valid_name
 from ..errors import ConfigError, UsageError
-from ..kinds import DuplicateKind, VerifyMode
+from ..kinds import Choice, DuplicateKind, VerifyMode
 
 JOBS_DIR = "/etc/sanoffload/jobs"
 JOB_SUFFIX = ".toml"
 #: within the unit's TimeoutStartSec (13h), so the backup's own deadline cleans up first
 DEFAULT_TIMEOUT_S = 12 * 3600.0
 
-_KEYS = {"source", "store", "verify", "level", "kind", "ssh_options", "timeout_s", "with"}
+_KEYS = {"source", "store", "verify", "level", "kind", "ssh_options", "timeout_s", "with",
+         "mode"}
 #: the most paths one consistency group may name (the agent's answer lists at most these)
 MAX_GROUP_PATHS = MAX_MEMBERS
 
@@ -63,6 +67,17 @@ _CONTROL = ("\0", "\n", "\r")
 _SSH_VALUE_OPTIONS = ("-o", "-p", "-i", "-F", "-J", "-l", "-c", "-m", "-b", "-B", "-E")
 _SSH_FLAGS = ("-4", "-6", "-C", "-q", "-v", "-vv", "-vvv")
 _SSH_CONFIG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)\S")
+
+
+class BackupMode(Choice):
+    """What a backup stores: an archive of the files, or the volume's blocks."""
+
+    TAR = "tar"
+    IMAGE = "image"
+
+    @classmethod
+    def label(cls) -> str:
+        return "backup mode"
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,7 @@ class Job:
     timeout_s: float = DEFAULT_TIMEOUT_S
     #: a consistency group's other paths on the source's host (empty: one path)
     also: tuple[str, ...] = ()
+    mode: BackupMode = BackupMode.TAR
 
     @property
     def source(self) -> str:
@@ -213,6 +229,12 @@ class Checker:
         except UsageError as exc:
             raise self.error(key, exc.message) from None
 
+    def mode(self, value: Any, key: str) -> BackupMode:
+        try:
+            return BackupMode.parse(value)
+        except UsageError as exc:
+            raise self.error(key, exc.message) from None
+
     def kind(self, value: Any, key: str) -> DuplicateKind:
         try:
             return DuplicateKind.parse(value)
@@ -280,6 +302,10 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
     assert source_host is not None  # require_host
     store_host, store_path = c.location(data, "store", require_host=False)
     kind = data.get("kind")
+    mode = c.mode(data.get("mode", BackupMode.TAR.value), "mode")
+    if mode is BackupMode.IMAGE and data.get("with"):
+        raise c.error("with", "an image backup reads one volume: a consistency group is "
+                              "backed up with mode = \"tar\"")
     return Job(
         name=name, source_host=source_host, source_path=source_path,
         store_host=store_host, store_path=store_path,
@@ -289,7 +315,8 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
         ssh_options=c.ssh_options(data.get("ssh_options", []), "ssh_options"),
         timeout_s=c.seconds(data.get("timeout_s", DEFAULT_TIMEOUT_S), "timeout_s"),
         also=group_paths(source_path, data.get("with", []), f"{source}: with",
-                         error=ConfigError))
+                         error=ConfigError),
+        mode=mode)
 
 
 def parse(name: str, text: str, source: str = "<string>") -> Job:

@@ -22,6 +22,19 @@ session go, in that order. Should the proxy die outright, its ssh connection
 drops and the agent releases the session after its grace period, and the
 proxy's journal names what ``sanoffload proxy cleanup`` must undo here.
 
+An image backup (``--image``, issue 13) reads the duplicate's blocks instead::
+
+    ssh HOST … prepare {"image": true}           # the answer may carry a delta since the base
+    store: the base backup's chunk map (ImageSink.previous_map), when there is a delta
+    attach (iSCSI login, find the disk; no mount)
+    read the changed chunks (or all), O_DIRECT; the store gets the ones it lacks
+    read them again and compare with the map (--verify full: every chunk)
+    agent status: still healthy?  commit the map and the manifest
+    logout; release {"committed": BACKUP_ID}     # the agent keeps the snapshot as the base
+
+On any failure the sink is aborted and the release carries no ``committed``: the
+agent drops the new snapshot and keeps the old base (see :mod:`sanoffload.proxy.image`).
+
 The agent's ``warnings`` (a post-thaw or holding hook failed: a database may
 still be in backup mode) are logged as they arrive, stored in the manifest and
 returned in the summary; the caller decides the exit code (14) once everything
@@ -44,19 +57,33 @@ from typing import TYPE_CHECKING, Any
 
 from ..channel.client import DEFAULT_CONNECTION_S, Connector, ssh_connector
 from ..channel.messages import PrepareAnswer
-from ..errors import ConfigError, IntegrityError, ProtocolError, UsageError
+from ..errors import (
+    ConfigError,
+    DuplicateInvalidError,
+    IntegrityError,
+    ProtocolError,
+    SanoffloadError,
+    UsageError,
+)
 from ..kinds import DuplicateKind, VerifyMode
 from ..runner import Runner
+from ..store.imagemap import DEFAULT_CHUNK_SIZE
 from ..text import printable
 from ..undo import UndoStack
 from . import jobs
-from .attach import Attached
+from .attach import Attached, attach_block
 from .compare import compare_stored_archive
+from .image import ImageResult, check_delta, compare_image, device_size, read_image
+from .journal import ProxyJournal
 from .peers import AgentClient, LocalStoreClient, StoreClient
-from .stream import journaled_attach, stream_duplicate
+from .stream import _blame_invalid, journaled_attach, stream_duplicate
 
 if TYPE_CHECKING:
+    from ..store.imagemap import ImageSink
     from ..store.service import StoreService
+
+#: opens an image backup's sink on the store: ``(store, host, path, fields, *, size)``
+SinkFactory = Callable[..., "ImageSink"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +206,8 @@ class Progress:
 
     def __init__(self, out: Any = None, every_s: float = 1.0) -> None:
         self.out = out or sys.stderr
+        #: what the count is: an archive's compressed bytes sent, or an image's bytes read
+        self.what = "sent {mib:9.1f} MiB compressed"
         self.every_s = every_s
         self.started = time.monotonic()
         self.last = 0.0
@@ -203,12 +232,116 @@ class Progress:
         self.last = now
         rate = sent / max(now - self.started, 1e-3) / (1 << 20)
         of = f" (volume holds ~{self.estimate / (1 << 30):.1f} GiB)" if self.estimate else ""
-        self.out.write(f"\r  sent {sent / (1 << 20):9.1f} MiB compressed, {rate:6.1f} MiB/s{of}")
+        done = self.what.format(mib=sent / (1 << 20))
+        self.out.write(f"\r  {done}, {rate:6.1f} MiB/s{of}")
         self.out.flush()
 
     def done(self) -> None:
         self.out.write("\n")
         self.out.flush()
+
+
+def journaled_attach_block(runner: Runner, answer: PrepareAnswer, undo: UndoStack) -> str:
+    """:func:`~sanoffload.proxy.attach.attach_block` with the proxy's journal."""
+    return attach_block(runner, answer, undo, journal=ProxyJournal())
+
+
+def _open_sink(depot: StoreClient, host: str, path: str, fields: Mapping[str, Any], *,
+               size: int) -> ImageSink:
+    return depot.image_sink(host, path, fields, size=size)
+
+
+def image_fields(answer: PrepareAnswer, result: ImageResult) -> dict[str, Any]:
+    """What an image backup's commit tells the store: :func:`manifest_fields` and ``image``.
+
+    The store makes the manifest ``"kind": "image"`` itself and counts ``new_chunks`` and
+    ``new_bytes`` as it stores them (a chunk another backup stored meanwhile is not this
+    one's); the map's numbers are stated so that the store checks them against its own.
+    """
+    m = result.chunk_map
+    base = None if result.full or answer.delta is None else answer.delta.base
+    return {**manifest_fields(answer),
+            "image": {"size": m.size, "chunk_size": m.chunk_size, "map_sha256": m.sha256(),
+                      "map_bytes": len(m.to_bytes()), "chunks": len(m.referenced()),
+                      "read_bytes": result.read_bytes, "base": base,
+                      "fstype": answer.fstype}}
+
+
+@dataclass
+class _ImageRun:
+    result: ImageResult
+    backup: dict[str, Any]
+    compared: int | None
+
+
+def _image_backup(runner: Runner, answer: PrepareAnswer, open_sink: Callable[[int], ImageSink],
+                  mode: VerifyMode, *, still_valid: Callable[[], bool],
+                  attach_block_fn: Callable[..., str], outcome: dict[str, str],
+                  progress: Progress | None) -> _ImageRun:
+    """Attach, open the store's sink for the device's size, read, compare, check, commit
+    (see the module doc); the sink is aborted on any failure, and ``outcome["committed"]``
+    set once the store has committed."""
+    delta = answer.delta
+    sink: ImageSink | None = None
+    if answer.path_in_fs not in ("", "."):
+        log.info("%s is %s inside its filesystem: the image holds the whole volume",
+                 answer.session_id, printable(answer.path_in_fs))
+    try:
+        with UndoStack() as undo:
+            device = attach_block_fn(runner, answer, undo)
+            try:
+                size = device_size(device)
+                if delta is not None:
+                    # before the store is asked for a base map of some other volume
+                    check_delta(delta, size, DEFAULT_CHUNK_SIZE)
+                sink = open_sink(size)
+                previous = None
+                if delta is not None:
+                    previous = sink.previous_map(delta.base)
+                    if previous is None:
+                        log.warning("the store has no map of %s (the agent's base): a full "
+                                    "read", printable(delta.base))
+                if progress is not None:
+                    progress.what = "read {mib:9.1f} MiB"
+                result = read_image(device, sink, delta=delta, previous=previous,
+                                    progress=progress)
+                compared: int | None = None
+                if mode is not VerifyMode.NONE:
+                    chunk_map = result.chunk_map
+                    indexes = (range(chunk_map.count) if mode is VerifyMode.FULL
+                               else result.read_indexes())
+                    # what was stored is what the snapshot holds: read again, hashes compared
+                    compared = compare_image(device, chunk_map, indexes)
+                if not still_valid():
+                    raise DuplicateInvalidError(
+                        f"the duplicate of session {answer.session_id} became invalid "
+                        "(snapshot overflow?): the backup is discarded")
+            except BaseException as exc:
+                _blame_invalid(exc, answer, still_valid)
+                raise
+            finally:
+                if progress is not None:
+                    progress.done()
+            backup = sink.commit(result.chunk_map, image_fields(answer, result))
+            bid = backup.get("id")
+            if not isinstance(bid, str) or not bid:
+                raise ProtocolError(f"the store committed the image backup without an id: "
+                                    f"{printable(repr(bid))[:80]}")
+            outcome["committed"] = bid
+        return _ImageRun(result, backup, compared)
+    except BaseException as exc:
+        if sink is not None and "committed" not in outcome:
+            try:
+                sink.abort(f"the backup failed: {type(exc).__name__}")
+            except SanoffloadError as err:  # the original error says more
+                log.warning("could not abort the image backup on the store: %s", err)
+        raise
+
+
+def _release(agent: AgentClient, session_id: str, outcome: Mapping[str, str]) -> None:
+    # committed only once the store has the backup: the agent then keeps its snapshot as
+    # the base; without it the snapshot goes and the old base stays
+    agent.release(session_id, committed=outcome.get("committed"))
 
 
 def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
@@ -220,7 +353,9 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                        agent_conn: Connector | None = None,
                        store_conn: Connector | None = None,
                        attach_fn: Callable[..., Attached] = journaled_attach,
-                       also: Sequence[str] = ()) -> dict[str, Any]:
+                       also: Sequence[str] = (), image: bool = False,
+                       attach_block_fn: Callable[..., str] = journaled_attach_block,
+                       image_sink_fn: SinkFactory = _open_sink) -> dict[str, Any]:
     """Back up ``source`` (on its first server) into ``store``; returns the summary.
 
     ``also``: more paths on the same first server, frozen in the same window
@@ -230,11 +365,16 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
     means the backup is stored but needs a look (the CLI exits 14).
     ``attach_fn`` makes the duplicate readable here (tests inject their own).
     ``verify``: a :class:`~sanoffload.kinds.VerifyMode` (True/False: full/none).
+    ``image``: an image backup (:func:`_image_backup`; ``attach_block_fn`` and
+    ``image_sink_fn`` are injected by tests), summarised by :func:`_image_summary`.
     """
     mode = VerifyMode.of(verify, where="verify")
     if source.host is None:
         raise UsageError(f"{source}: name the first server (HOST:/PATH): a backup is "
                          "always taken off-host")
+    if image and also:
+        raise UsageError("an image backup reads one volume: --with (a consistency group) "
+                         "is backed up without --image")
     group = [source.path, *check_group(source.path, also)] if also else [source.path]
     initiator = initiator or local_initiator()
     agent_conn = agent_conn or agent_connector(runner, source.host, ssh_options, timeout=timeout)
@@ -247,17 +387,17 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                  else StoreClient(store_connector(runner, store, ssh_options, timeout=timeout),
                                   name=store.host))
         undo.push(f"connection to {store}", depot.close)
-        answer = agent.prepare(source.path, initiator, kind, also=tuple(group[1:]))
+        answer = agent.prepare(source.path, initiator, kind, also=tuple(group[1:]),
+                               image=image)
         sid = answer.session_id
-        undo.push(f"release of {sid}", agent.release, sid)
+        outcome: dict[str, str] = {}
+        undo.push(f"release of {sid}", _release, agent, sid, outcome)
         _check_members(answer, group, f"{source.host}: the agent's answer")
         log.info("%s: session %s, %s frozen %.1f ms by %s", source, sid,
                  answer.duplicate_kind, answer.freeze_window_ms, answer.frozen_by)
         warnings = list(answer.warnings)  # escaped and bounded by from_wire
         for w in warnings:
             log.warning("%s: %s", source.host, w)
-        writer = depot.writer(agent.host, source.path, manifest_fields(answer),
-                              progress=progress)
 
         def still_valid() -> bool:
             status = agent.status(sid)
@@ -265,33 +405,48 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                 log.error("session %s is %s", sid, status)
             return status == "healthy"
 
-        verdict: dict[str, Any] = {}
+        run: _ImageRun | None = None
+        if image:
+            fields = manifest_fields(answer)
+            run = _image_backup(runner, answer,
+                                lambda size: image_sink_fn(depot, agent.host, source.path,
+                                                           fields, size=size),
+                                mode, still_valid=still_valid,
+                                attach_block_fn=attach_block_fn, outcome=outcome,
+                                progress=progress)
+        else:
+            writer = depot.writer(agent.host, source.path, manifest_fields(answer),
+                                  progress=progress)
 
-        def compare(stored: Mapping[str, Any], src: str) -> bool:
-            same, detail = compare_stored_archive(runner, depot, str(stored["id"]), src,
-                                                  timeout=timeout)
-            verdict["backup"] = depot.verify(str(stored["id"]),
-                                             {"status": "ok" if same else "failed",
-                                              "detail": detail})
-            verdict["detail"] = detail
-            return same
+            verdict: dict[str, Any] = {}
 
-        extra: dict[str, Any] = {}
-        if progress is not None:
-            extra["on_attach"] = progress.attached
-        try:
-            summary = stream_duplicate(runner, answer, writer, still_valid=still_valid,
-                                       compare=compare if mode is VerifyMode.FULL else None,
-                                       attach_fn=attach_fn, level=level, **extra)
-        except IntegrityError:
-            log.error("the stored archive differs from the duplicate: %s",
-                      verdict.get("detail", ""))
-            raise
-        finally:
+            def compare(stored: Mapping[str, Any], src: str) -> bool:
+                same, detail = compare_stored_archive(runner, depot, str(stored["id"]), src,
+                                                      timeout=timeout)
+                verdict["backup"] = depot.verify(str(stored["id"]),
+                                                 {"status": "ok" if same else "failed",
+                                                  "detail": detail})
+                verdict["detail"] = detail
+                return same
+
+            extra: dict[str, Any] = {}
             if progress is not None:
-                progress.done()
-        stored = verdict.get("backup") or summary.backup
+                extra["on_attach"] = progress.attached
+            try:
+                summary = stream_duplicate(runner, answer, writer, still_valid=still_valid,
+                                           compare=compare if mode is VerifyMode.FULL else None,
+                                           attach_fn=attach_fn, level=level, **extra)
+            except IntegrityError:
+                log.error("the stored archive differs from the duplicate: %s",
+                          verdict.get("detail", ""))
+                raise
+            finally:
+                if progress is not None:
+                    progress.done()
+            stored = verdict.get("backup") or summary.backup
     seconds = time.monotonic() - started
+    if run is not None:
+        return _image_summary(run, answer, source, store, mode, seconds, warnings)
     summary_extra: dict[str, Any] = {}
     if answer.members:
         summary_extra["members"] = [m.path for m in answer.members]
@@ -309,6 +464,31 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
         "verification": stored.get("verification"), "compared": stored.get("compared"),
         "warnings": warnings,
         "held": [h.hook for h in answer.held],
+    }
+
+
+def _image_summary(run: _ImageRun, answer: PrepareAnswer, source: Location, store: Location,
+                   mode: VerifyMode, seconds: float, warnings: list[str]) -> dict[str, Any]:
+    r = run.result
+    delta = answer.delta
+    return {
+        "backup_id": run.backup["id"], "kind": "image", "source": str(source),
+        "store": str(store), "session_id": answer.session_id,
+        "duplicate_kind": answer.duplicate_kind.value, "frozen_by": answer.frozen_by.value,
+        "freeze_window_ms": answer.freeze_window_ms,
+        "size": r.chunk_map.size, "chunks": r.chunk_map.count,
+        "read_bytes": r.read_bytes, "chunks_read": r.chunks_read,
+        "new_bytes": r.new_bytes, "new_chunks": r.chunks_new,
+        "changed_chunks": r.changed, "zero_chunks": r.chunks_zero,
+        "discarded_chunks": r.chunks_discarded,
+        "incremental": not r.full, "full_reason": r.full_reason,
+        "base": None if r.full or delta is None else delta.base,
+        "stream_seconds": round(r.seconds, 3), "total_seconds": round(seconds, 3),
+        "throughput_mib_s": round(r.read_bytes / max(r.seconds, 1e-6) / (1 << 20), 2),
+        # every chunk's hash was checked by the store; compared: read again and matched
+        "verified": mode is not VerifyMode.NONE, "verify": mode.value,
+        "compared_chunks": run.compared,
+        "warnings": warnings, "held": [h.hook for h in answer.held],
     }
 
 

@@ -18,6 +18,7 @@ from ..channel.messages import PrepareAnswer
 from ..channel.protocol import CHUNK, check_reply
 from ..errors import CommandError, IntegrityError, ProtocolError, SanoffloadError
 from ..kinds import DuplicateKind
+from ..store.imagemap import ImageSink
 from ..store.service import StoreService
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,16 @@ class AgentClient(Client):
         return host
 
     def prepare(self, path: str, initiator: str, kind: DuplicateKind | None = None, *,
-                also: Sequence[str] = ()) -> PrepareAnswer:
+                also: Sequence[str] = (), image: bool = False) -> PrepareAnswer:
         """The agent's answer, every field checked (ProtocolError, exit 11, if malformed).
 
         ``also``: the other paths of a consistency group, sent as ``"also"`` only
-        when there are some (a single path's request is what it always was).
+        when there are some; ``image``: an image backup (the agent may answer a
+        ``delta``), sent only when true. A tar backup's request is what it always was.
         """
         extra: dict[str, Any] = {"also": list(also)} if also else {}
+        if image:
+            extra["image"] = True
         reply = self.call("prepare", path=path, initiator=initiator,
                           kind=None if kind is None else kind.value, **extra)
         session = check_reply(reply, {"session": dict})["session"]
@@ -67,8 +71,11 @@ class AgentClient(Client):
         return str(check_reply(self.call("status", session_id=session_id),
                                {"status": str})["status"])
 
-    def release(self, session_id: str) -> list[str]:
-        return list(check_reply(self.call("release", session_id=session_id),
+    def release(self, session_id: str, committed: str | None = None) -> list[str]:
+        """Release the session; ``committed``: the image backup the store committed from it
+        (its snapshot becomes the agent's base), sent only when set."""
+        extra: dict[str, Any] = {} if committed is None else {"committed": committed}
+        return list(check_reply(self.call("release", session_id=session_id, **extra),
                                 {"released": list})["released"])
 
     def ping(self) -> float:
@@ -106,6 +113,14 @@ class StoreClient(Client):
     def writer(self, host: str, path: str, fields: Mapping[str, Any], *,
                progress: Callable[[int], None] | None = None) -> RemoteWriter | LocalWriter:
         return RemoteWriter(self, host, path, fields, progress=progress)
+
+    def image_sink(self, host: str, path: str, fields: Mapping[str, Any], *,
+                   size: int | None = None, chunk_size: int | None = None) -> ImageSink:
+        """Where an image backup of ``host:path`` goes (the store's image ops over the wire);
+        ``size``: the volume's bytes (else ``fields["image"]["size"]``)."""
+        from .storeimage import remote_image_sink
+
+        return remote_image_sink(self, host, path, fields, size=size, chunk_size=chunk_size)
 
     def verify(self, backup_id: str,
                compared: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -149,6 +164,14 @@ class LocalStoreClient(StoreClient):
     def writer(self, host: str, path: str, fields: Mapping[str, Any], *,
                progress: Callable[[int], None] | None = None) -> RemoteWriter | LocalWriter:
         return LocalWriter(self.store_service, host, path, fields, progress=progress)
+
+    def image_sink(self, host: str, path: str, fields: Mapping[str, Any], *,
+                   size: int | None = None, chunk_size: int | None = None) -> ImageSink:
+        """Chunks straight into the repository on this host (no channel in between)."""
+        from .storeimage import local_image_sink
+
+        return local_image_sink(self.store_service, host, path, fields, size=size,
+                                chunk_size=chunk_size)
 
 
 class LocalWriter:

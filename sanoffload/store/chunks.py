@@ -14,11 +14,16 @@ chunk's own directory, fsyncs it, renames it to the id and fsyncs the directory:
 a crash leaves the chunk whole or a ``.partial``, never half a chunk under its id.
 An existing chunk is not rewritten (its mtime is refreshed, see below).
 
-**Codec: stored raw, behind the header's codec byte.** The project depends on no
-compression library (pyproject: click, pyudev, psutil, sh); the zstd CLI through
-the runner would mean a fork and exec per 4 MiB chunk (half a million for 2 TB).
-Ids hash the plain data, so a zstd codec can be added later without changing an
-id, a manifest or a reader of old chunks; an unknown codec is an IntegrityError.
+**Codecs: raw or zstd, behind the header's codec byte.** zstd comes from the
+``zstandard`` package (in process: the zstd CLI through the runner would mean a
+fork and exec per 4 MiB chunk, half a million for 2 TB), imported only when a
+chunk is encoded or decoded. :func:`encode_chunk` stores raw when the package is
+absent or zstd saves nothing (an encrypted or already compressed volume); a zstd
+chunk read without the package is a clear MissingDependencyError, never garbage.
+Ids hash the *plain* data, so the codec changes no id, no map and no manifest. A
+payload is decoded with its plain length as the bound (a zstd bomb stops there)
+and re-hashed before it is stored (:meth:`ChunkStore.put_encoded`) and whenever it
+is read (:meth:`ChunkStore.get`); an unknown codec is an IntegrityError.
 
 **gc is mark and sweep with a grace period.** The caller marks (the ids every
 manifest references); :meth:`ChunkStore.gc` sweeps chunks neither referenced nor
@@ -40,6 +45,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import logging
 import math
 import os
@@ -52,8 +58,9 @@ from collections.abc import Iterable, Iterator, Set
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..errors import IntegrityError, RefusedError, UsageError
+from ..errors import IntegrityError, MissingDependencyError, RefusedError, UsageError
 from ..text import printable
 
 log = logging.getLogger(__name__)
@@ -69,7 +76,11 @@ HEADER = struct.Struct(">6sBBI")
 MAGIC = b"SOCHNK"
 VERSION = 1
 CODEC_RAW = 0
-CODECS = {CODEC_RAW: "raw"}
+CODEC_ZSTD = 1
+CODECS = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
+#: zstd level for chunks: fast (a chunk is compressed on the proxy, in line with the read)
+ZSTD_LEVEL = 3
+ZSTD_PACKAGE = "zstandard"
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 _FAN_RE = re.compile(r"[0-9a-f]{2}")
@@ -98,6 +109,65 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     # bytes == bytes is one memcmp; a memoryview compares item by item, 50 times slower
     raw = data if isinstance(data, bytes) else bytes(data)
     return raw == bytes(len(raw))
+
+
+def _zstd(*, needed: bool) -> Any:
+    """The ``zstandard`` module; None if absent (MissingDependencyError if ``needed``)."""
+    try:
+        import zstandard
+    except ImportError:
+        if needed:
+            raise MissingDependencyError(
+                f"a zstd chunk needs the Python package {ZSTD_PACKAGE!r} to be read",
+                hint=f"pip install {ZSTD_PACKAGE}") from None
+        return None
+    return zstandard
+
+
+def encode_chunk(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    """``(codec, payload)`` for storing ``data``: zstd when available and smaller, else raw."""
+    raw = bytes(data)
+    zstandard = _zstd(needed=False)
+    if zstandard is not None and raw:
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+        if len(packed) < len(raw):
+            return CODEC_ZSTD, packed
+    return CODEC_RAW, raw
+
+
+def decode_chunk(codec: int, payload: bytes | bytearray | memoryview, plain_bytes: int,
+                 *, where: str = "chunk") -> bytes:
+    """The plain data of ``payload`` (``plain_bytes`` long, at most MAX_CHUNK), or
+    IntegrityError; the length bound holds while decoding, so a bomb never expands."""
+    if isinstance(plain_bytes, bool) or not isinstance(plain_bytes, int) or \
+            not 0 <= plain_bytes <= MAX_CHUNK:
+        raise IntegrityError(f"{where}: plain length {plain_bytes!r}: expected 0 to {MAX_CHUNK}")
+    if codec == CODEC_RAW:
+        if len(payload) != plain_bytes:
+            raise IntegrityError(f"{where}: {len(payload)} bytes of raw data, {plain_bytes} "
+                                 "announced")
+        return bytes(payload)
+    if codec != CODEC_ZSTD:
+        raise IntegrityError(f"{where}: unknown codec {printable(repr(codec))[:40]} "
+                             "(written by a newer version?)")
+    zstandard = _zstd(needed=True)
+    # a stream read with the plain length (+1) as the bound: a frame claiming gigabytes,
+    # or no size at all, stops there instead of filling memory
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(payload))) as reader:
+            while len(out) <= plain_bytes:
+                piece = reader.read(plain_bytes + 1 - len(out))
+                if not piece:
+                    break
+                out += piece
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{where}: zstd data cannot be decoded: {exc}") from None
+    if len(out) != plain_bytes:
+        more = "more than " if len(out) > plain_bytes else ""
+        raise IntegrityError(f"{where}: decodes to {more}{min(len(out), plain_bytes)} bytes, "
+                             f"{plain_bytes} announced")
+    return bytes(out)
 
 
 @dataclass(frozen=True)
@@ -208,8 +278,29 @@ class ChunkStore:
             with _flock(chunks_fd, fcntl.LOCK_SH):
                 if self._refresh(fan_fd, cid):
                     return cid
-            self._write(chunks_fd, fan_fd, cid, view)
+            self._write(chunks_fd, fan_fd, cid, CODEC_RAW, view, len(view))
         return cid
+
+    def put_encoded(self, chunk_id: str, codec: int, payload: bytes | bytearray | memoryview,
+                    plain_bytes: int) -> int:
+        """Store a chunk a peer encoded: decoded (bounded by ``plain_bytes``, at most
+        MAX_CHUNK) and re-hashed first, IntegrityError if it is not ``chunk_id``'s data;
+        stored as given (``codec``). Returns the bytes it added on disk (0: already there)."""
+        cid = check_id(chunk_id)
+        view = memoryview(payload).cast("B")
+        if len(view) > MAX_CHUNK:
+            raise RefusedError(f"chunk payload of {len(view)} bytes: the most is {MAX_CHUNK}")
+        plain = decode_chunk(codec, view, plain_bytes, where=f"chunk {cid}")
+        if hashlib.sha256(plain).hexdigest() != cid:  # (``chunk_id`` is the argument here)
+            raise IntegrityError(f"chunk {cid}: the data sent does not hash to its id")
+        with self._open(cid[:2], create=True) as fds:
+            assert fds is not None
+            chunks_fd, fan_fd = fds
+            with _flock(chunks_fd, fcntl.LOCK_SH):
+                if self._refresh(fan_fd, cid):
+                    return 0
+            self._write(chunks_fd, fan_fd, cid, codec, view, plain_bytes)
+        return HEADER.size + len(view)
 
     def _refresh(self, fan_fd: int, cid: str) -> bool:
         """True if chunk ``cid`` is there; its mtime is then set to now (gc's grace restarts)."""
@@ -223,14 +314,15 @@ class ChunkStore:
         os.utime(cid, dir_fd=fan_fd, follow_symlinks=False)
         return True
 
-    def _write(self, chunks_fd: int, fan_fd: int, cid: str, view: memoryview) -> None:
+    def _write(self, chunks_fd: int, fan_fd: int, cid: str, codec: int, view: memoryview,
+               plain_bytes: int) -> None:
         partial = f"{cid}.{secrets.token_hex(8)}{PARTIAL_SUFFIX}"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=fan_fd)
         try:
             # held until the rename: gc leaves a partial whose writer is alive, however old
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _write_all(fd, memoryview(HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(view))))
+            _write_all(fd, memoryview(HEADER.pack(MAGIC, VERSION, codec, plain_bytes)))
             _write_all(fd, view)
             os.fsync(fd)
             with _flock(chunks_fd, fcntl.LOCK_SH):
@@ -251,6 +343,20 @@ class ChunkStore:
         """True if a chunk file (a regular one) is stored under ``chunk_id``; nothing is read."""
         st = self._lstat(chunk_id)
         return st is not None and stat.S_ISREG(st.st_mode)
+
+    def touch(self, chunk_id: str) -> bool:
+        """True if chunk ``chunk_id`` is stored; its mtime is then set to now, so gc's grace
+        period protects it for a backup that re-uses it instead of putting it again."""
+        cid = check_id(chunk_id)
+        with self._open(cid[:2]) as fds:
+            if fds is None:
+                return False
+            chunks_fd, fan_fd = fds
+            with _flock(chunks_fd, fcntl.LOCK_SH):
+                try:
+                    return self._refresh(fan_fd, cid)
+                except RefusedError:
+                    return False  # junk under its name: "missing", and put refuses it
 
     def size(self, chunk_id: str) -> int:
         """The bytes chunk ``chunk_id`` takes on disk, header included; IntegrityError if none."""
@@ -310,15 +416,14 @@ class ChunkStore:
         magic, version, codec, length = HEADER.unpack_from(blob)
         if magic != MAGIC or version != VERSION:
             raise IntegrityError(f"{where}: not a chunk file (bad header)")
-        if codec != CODEC_RAW:
-            raise IntegrityError(f"{where}: unknown codec {codec} (written by a newer version?)")
         payload = memoryview(blob)[HEADER.size:]
-        if len(payload) != length:
+        if codec == CODEC_RAW and len(payload) != length:
             raise IntegrityError(f"{where}: {len(payload)} bytes of data, the header says "
                                  f"{length}")
-        if chunk_id(payload) != cid:
+        plain = decode_chunk(codec, payload, length, where=str(where))
+        if chunk_id(plain) != cid:
             raise IntegrityError(f"{where}: content does not match its sha256 (damaged)")
-        return bytes(payload)
+        return plain
 
     # -- listing, checking, sweeping -----------------------------------------
     def _scan(self) -> Iterator[tuple[_Entry, int, int]]:

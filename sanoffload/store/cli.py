@@ -68,6 +68,9 @@ def store(ctx: click.Context, repo_dir: str | None) -> None:
       sanoffload store --repo /srv/backup verify fs1/srv-data-3f2a9c1e/20261126T102933Z
       sanoffload store --repo /srv/backup prune --keep-last 3 --keep-daily 7 --dry-run
       sanoffload store --repo /srv/backup restore fs1/srv-data-3f2a9c1e/20261126T102933Z /restore
+      sanoffload store --repo /srv/backup restore fs1/srv-thin-1b2c3d4e/20261126T102933Z \
+          --image /dev/vg0/restored
+      sanoffload store --repo /srv/backup gc --grace 24h --dry-run
     """
     ctx.meta["store_repo"] = repo_dir
 
@@ -108,13 +111,13 @@ def format_backups(backups: Sequence[object]) -> str:
     """
     if not backups:
         return "no backups"
-    rows = [("ID", "SIZE", "MEMBERS", "VERIFIED", "COMPARED", "PATH")]
+    rows = [("ID", "KIND", "SIZE", "MEMBERS", "VERIFIED", "COMPARED", "PATH")]
     for b in backups:
         if not isinstance(b, dict):
             continue
         ident = printable(str(b.get("id", "?")))
         if b.get("broken") is not None:
-            rows.append((ident, "-", "-", "BROKEN", "-",
+            rows.append((ident, "-", "-", "-", "BROKEN", "-",
                          f"(manifest: {printable(str(b['broken']))})"))
             continue
         members = b.get("member_count")
@@ -122,7 +125,16 @@ def format_backups(backups: Sequence[object]) -> str:
         warnings = b.get("warnings")
         if isinstance(warnings, list) and warnings:
             where += f"  [warnings: {len(warnings)}]"
-        rows.append((ident, _size(b.get("archive_bytes")),
+        kind, size = "tar", b.get("archive_bytes")
+        if b.get("kind") == "image":
+            # what the image backup added to the repository, of the volume's size
+            given = b.get("image")
+            image: dict[str, Any] = given if isinstance(given, dict) else {}
+            kind, size = "image", image.get("new_bytes")
+            where += f"  [image of {_size(image.get('size'))}]"
+        elif b.get("kind") is not None:
+            kind = "?"
+        rows.append((ident, kind, _size(size),
                      printable(str(members)) if members is not None else "-",
                      _status(b.get("verification")), _status(b.get("compared")), where))
     return _table(rows)
@@ -137,7 +149,8 @@ def format_backups(backups: Sequence[object]) -> str:
 @click.pass_context
 def verify(ctx: click.Context, app: App, backup_ids: tuple[str, ...], all_: bool,
            as_json: bool) -> None:
-    """Re-hash each backup and test-read it to the end (zstd -t, tar --list).
+    """Re-hash each backup and test-read it to the end (zstd -t, tar --list); for an image
+    backup, re-check its chunk map and re-hash every chunk it names.
 
     Records the outcome in the manifest; exits 12 if any backup fails.
 
@@ -214,13 +227,72 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
         click.echo(f"broken {broken.id} (left alone: {printable(broken.reason)})")
     click.echo(f"{len(plan.keep)} kept, {len(plan.remove)} {verb}"
                + (f", {len(plan.broken)} broken left alone" if plan.broken else ""))
+    if plan.images_removed:
+        click.echo("image backups were removed: their chunks stay until "
+                   "'sanoffload store gc' frees the unreferenced ones")
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``24h``, ``7d`` as seconds; UsageError otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    body, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not body.isdigit() or len(body) > 9:
+        raise UsageError(f"--grace {text!r}: want a number and s, m, h or d (e.g. 24h)")
+    return float(int(body) * units[unit])
+
+
+@store.command()
+@click.option("--grace", default="24h", show_default=True, metavar="DURATION",
+              help="Keep unreferenced chunks younger than this (a running backup's new "
+                   "chunks): longer than the longest backup. 90s, 30m, 24h, 7d.")
+@click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {dry_run, removed, freed_bytes, kept_referenced, kept_young, ...}.")
+@pass_app
+@click.pass_context
+def gc(ctx: click.Context, app: App, grace: str, dry_run: bool, as_json: bool) -> None:
+    """Remove the chunks no image backup references any more (after prune).
+
+    Marks every chunk each image backup's map names and sweeps the others older
+    than --grace, under the repository's lock. If any backup's manifest or map
+    cannot be read whole, nothing is swept (exit 12, naming it).
+
+    \b
+    Example:
+      sanoffload store --repo /srv/backup gc --grace 24h --dry-run
+    """
+    from .prune import gc as gc_repo
+
+    report = gc_repo(_repo(ctx, app), grace_s=_duration(grace), dry_run=dry_run)
+    if as_json:
+        _echo_json({"dry_run": report.dry_run, "removed": report.removed,
+                    "freed_bytes": report.freed_bytes,
+                    "kept_referenced": report.kept_referenced,
+                    "kept_young": report.kept_young,
+                    "partials_removed": report.partials_removed,
+                    "partials_left": report.partials_left,
+                    "junk": [{"path": j.path, "reason": j.reason} for j in report.junk]})
+        return
+    for junk in report.junk:
+        click.echo(f"junk   {printable(junk.path)} (left alone: {printable(junk.reason)})")
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{len(report.removed)} chunk(s) {verb} ({_size(report.freed_bytes)}), "
+               f"{report.kept_referenced} referenced, {report.kept_young} unreferenced but "
+               f"younger than {printable(grace)}; {len(report.partials_removed)} dead "
+               "partial(s) removed")
 
 
 @store.command()
 @click.argument("backup_id")
-@click.argument("target", type=click.Path())
+@click.argument("target", type=click.Path(), required=False)
 @click.argument("paths", nargs=-1, type=click.Path())
-@click.option("--force", is_flag=True, help="Restore into a non-empty TARGET, replacing files.")
+@click.option("--image", "image_target", default=None, metavar="DEVICE|FILE",
+              help="Write an image backup's volume to a block device (unmounted, at least "
+                   "as big) or a new file (zeros as holes).")
+@click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="With --image: chunks read at once.")
+@click.option("--force", is_flag=True, help="Restore into a non-empty TARGET, replacing files "
+              "(with --image: replace an existing FILE).")
 @click.option("--devices", is_flag=True,
               help="Restore device nodes too (left out unless asked for: an archive from a "
                    "proxy's key could hold a world-writable disk device).")
@@ -228,8 +300,9 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
               help="Keep set-uid/set-gid bits (dropped unless asked for).")
 @pass_app
 @click.pass_context
-def restore(ctx: click.Context, app: App, backup_id: str, target: str, paths: tuple[str, ...],
-            force: bool, devices: bool, setid: bool) -> None:
+def restore(ctx: click.Context, app: App, backup_id: str, target: str | None,
+            paths: tuple[str, ...], image_target: str | None, jobs: int, force: bool,
+            devices: bool, setid: bool) -> None:
     """Restore BACKUP_ID into TARGET, whole or only PATHS (relative to the backup's root).
 
     The archive's checksum and every member name are checked before anything
@@ -241,8 +314,23 @@ def restore(ctx: click.Context, app: App, backup_id: str, target: str, paths: tu
       sanoffload store --repo /srv/backup restore ID /restore etc/app.conf www
       sanoffload store --repo /srv/backup restore ID /restore --devices --setid
       sanoffload store --repo /srv/backup restore ID - | ssh fs2 'zstd -d | tar -x ...'
+      sanoffload store --repo /srv/backup restore ID --image /dev/vg0/restored
+      sanoffload store --repo /srv/backup restore ID --image /srv/images/vol.img
     """
     repo = _repo(ctx, app)
+    if image_target is not None:
+        if target is not None or paths or devices or setid:
+            raise UsageError("restore --image takes no TARGET, PATHS, --devices or --setid")
+        from .image import restore_image
+
+        done_image = restore_image(repo, backup_id, image_target, jobs=jobs, force=force)
+        what = "device" if done_image.device else "file"
+        click.echo(f"restored {done_image.backup} to {what} {printable(str(done_image.target))}:"
+                   f" {_size(done_image.size)}, {done_image.chunks} chunk(s) checked, "
+                   f"{done_image.zero_chunks} zero")
+        return
+    if target is None:
+        raise UsageError("give TARGET (a directory, or - for stdout), or --image DEVICE|FILE")
     if target == "-":
         if paths or force or devices or setid:
             raise UsageError("restore to stdout (-) takes no PATHS, --force, --devices or "

@@ -34,7 +34,18 @@ for a consistency group (one backup of several paths frozen in one window,
 each under its path without the leading / in the archive): ``[{"path",
 "identifier", "duplicate_kind", "fstype", "object_kind"}]``, the manifest's
 ``path`` first, at most :data:`MAX_MEMBERS` (2 or more), exactly those keys,
-each value checked (:class:`GroupMember`). Keys this version does not
+each value checked (:class:`GroupMember`).
+
+An image backup (issue 13) says ``"kind": "image"`` (absent: ``"tar"``, every
+older manifest) and has no ``sha256``, ``archive_bytes``, ``member_count``,
+``compression`` or ``archive_format``; it has ``image`` instead
+(:class:`ImageInfo`): ``{"size", "chunk_size", "map_sha256", "map_bytes",
+"chunks" (distinct ids its map references), "new_chunks", "new_bytes" (stored
+bytes the backup added: what the quota charges), "read_bytes" (what the proxy
+read from the device), "base" (the backup id whose map it extended, or null),
+"fstype"}``, every value checked as hostile input (the geometry as the map's,
+``map_bytes`` exactly what the geometry needs, the counts within what the map can
+hold). Its chunk map is ``<timestamp>.map`` beside it. Keys this version does not
 know are kept in ``extra`` so a manifest round-trips unchanged; their nesting
 is bounded (:data:`MAX_DEPTH`) so writing them back out cannot exhaust the
 stack.
@@ -60,9 +71,10 @@ from ..channel.messages import (
     held_json_size,
     member_holding_another,
 )
-from ..errors import UsageError
+from ..errors import IntegrityError, UsageError
 from ..kinds import Choice, DuplicateKind, ObjectKind, WhoFreezes
 from ..text import has_control
+from .imagemap import DIGEST_BYTES, HEADER as MAP_HEADER, check_geometry
 
 FORMAT = 1
 COMPRESSION = "zstd"
@@ -96,6 +108,17 @@ SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_
 #: a group member's keys, all required, no others
 MEMBER_KEYS = frozenset({"path", "identifier", "duplicate_kind", "fstype", "object_kind"})
 _FSTYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+KIND_TAR, KIND_IMAGE = "tar", "image"
+#: a backup id as a manifest names another (repo.BackupId checks it again where it is used)
+_BACKUP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}/[A-Za-z0-9][A-Za-z0-9._-]{0,99}/"
+                           r"[0-9]{8}T[0-9]{6}Z")
+#: an image manifest's keys: the sender states these (read_bytes, base, fstype) ...
+IMAGE_SENDER_KEYS = ("read_bytes", "base", "fstype")
+#: ... the store computes the rest from the map and the chunks it stored
+IMAGE_KEYS = ("size", "chunk_size", "map_sha256", "map_bytes", "chunks", "new_chunks",
+              "new_bytes", *IMAGE_SENDER_KEYS)
+#: fields of a tar manifest an image manifest does not have
+_TAR_ONLY = ("sha256", "archive_bytes", "member_count", "compression", "archive_format")
 
 
 def utc_iso(when: datetime, *, millis: bool = False) -> str:
@@ -233,6 +256,72 @@ def check_members(raw: Any) -> tuple[GroupMember, ...]:
 
 
 @dataclass(frozen=True)
+class ImageInfo:
+    """What an image backup holds (the ``image`` of its manifest; see the module docstring)."""
+
+    size: int
+    chunk_size: int
+    map_sha256: str
+    map_bytes: int
+    chunks: int
+    new_chunks: int = 0
+    new_bytes: int = 0
+    read_bytes: int | None = None
+    base: str | None = None
+    fstype: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            check_geometry(self.size, self.chunk_size)
+        except IntegrityError as exc:
+            raise ValueError(f"manifest: image: {exc.message}") from None
+        count = -(-self.size // self.chunk_size)
+        if not isinstance(self.map_sha256, str) or not _SHA256_RE.fullmatch(self.map_sha256):
+            raise ValueError("manifest: image.map_sha256 must be 64 lowercase hex digits")
+        for name in ("map_bytes", "chunks", "new_chunks", "new_bytes"):
+            _check_count(f"image.{name}", getattr(self, name), optional=False)
+        _check_count("image.read_bytes", self.read_bytes)
+        if self.map_bytes != MAP_HEADER.size + count * DIGEST_BYTES:
+            raise ValueError(f"manifest: image.map_bytes {self.map_bytes}: a map of "
+                             f"{self.size} bytes in {self.chunk_size}-byte chunks is "
+                             f"{MAP_HEADER.size + count * DIGEST_BYTES}")
+        if self.chunks > count or self.new_chunks > self.chunks:
+            raise ValueError(f"manifest: image: {self.chunks} chunks ({self.new_chunks} new) "
+                             f"in a map of {count} entries")
+        # a stored chunk is at most its plain size plus a header: anything more is a lie
+        if self.new_bytes > self.new_chunks * (self.chunk_size + 64):
+            raise ValueError(f"manifest: image.new_bytes {self.new_bytes} for "
+                             f"{self.new_chunks} new chunks")
+        if self.base is not None and (not isinstance(self.base, str)
+                                      or not _BACKUP_ID_RE.fullmatch(self.base)
+                                      or ".." in self.base):
+            raise ValueError(f"manifest: image.base must be a backup id or null: "
+                             f"{str(self.base)[:120]!r}")
+        if self.fstype is not None and (not isinstance(self.fstype, str)
+                                        or not _FSTYPE_RE.fullmatch(self.fstype)):
+            raise ValueError(f"manifest: image.fstype: want a filesystem type: "
+                             f"{str(self.fstype)[:100]!r}")
+
+    @property
+    def count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IMAGE_KEYS}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ImageInfo:
+        """An ``image`` read from a manifest: exactly :data:`IMAGE_KEYS`; ValueError if not."""
+        if isinstance(raw, ImageInfo):
+            return raw
+        if not isinstance(raw, Mapping) or set(raw) != set(IMAGE_KEYS):
+            keys = sorted(map(str, raw)) if isinstance(raw, Mapping) else type(raw).__name__
+            raise ValueError(f"manifest: image: want exactly {{{', '.join(IMAGE_KEYS)}}}, "
+                             f"not {str(keys)[:200]}")
+        return cls(**{k: raw[k] for k in IMAGE_KEYS})
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What one stored backup holds (see the module docstring for the JSON)."""
 
@@ -240,8 +329,9 @@ class Manifest:
     path: str
     slug: str
     timestamp: str
-    archive_bytes: int
-    sha256: str
+    #: a tar backup's archive size and sha256 (an image backup has neither: 0 and "")
+    archive_bytes: int = 0
+    sha256: str = ""
     duplicate_kind: str | None = None
     frozen_at: str | None = None
     freeze_window_ms: float | None = None
@@ -266,6 +356,10 @@ class Manifest:
     held: tuple[HeldOutput, ...] = ()
     #: a consistency group's paths, this manifest's ``path`` first (empty: one path)
     members: tuple[GroupMember, ...] = ()
+    #: "tar" (an archive) or "image" (a chunk map beside the manifest)
+    kind: str = KIND_TAR
+    #: an image backup's geometry, map and counts (None for tar)
+    image: ImageInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -275,7 +369,18 @@ class Manifest:
                 raise ValueError(f"manifest: {name} must be a non-empty string")
         if not self.path.startswith("/") or "\0" in self.path or len(self.path) > 4096:
             raise ValueError(f"manifest: path must be absolute: {self.path!r}")
-        if not _SHA256_RE.fullmatch(self.sha256):
+        if self.kind == KIND_IMAGE:
+            object.__setattr__(self, "image", ImageInfo.from_dict(self.image))
+            if self.sha256 or self.archive_bytes or self.member_count is not None or \
+                    self.members:
+                raise ValueError("manifest: an image backup has no sha256, archive_bytes, "
+                                 "member_count or members")
+        elif self.kind != KIND_TAR:
+            raise ValueError(f"manifest: kind must be {KIND_TAR!r} or {KIND_IMAGE!r}: "
+                             f"{str(self.kind)[:40]!r}")
+        elif self.image is not None:
+            raise ValueError("manifest: a tar backup has no image")
+        elif not isinstance(self.sha256, str) or not _SHA256_RE.fullmatch(self.sha256):
             raise ValueError(f"manifest: sha256 must be 64 lowercase hex digits: {self.sha256!r}")
         _check_count("archive_bytes", self.archive_bytes, optional=False)
         for name in ("source_bytes", "file_count", "member_count"):
@@ -330,6 +435,15 @@ class Manifest:
     def backup_id(self) -> str:
         return f"{self.host}/{self.slug}/{self.timestamp}"
 
+    @property
+    def is_image(self) -> bool:
+        return self.kind == KIND_IMAGE
+
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes this backup added to the repository (what a quota charges)."""
+        return self.image.new_bytes if self.image is not None else self.archive_bytes
+
     def with_verification(self, verification: Verification) -> Manifest:
         return replace(self, verification=verification)
 
@@ -350,6 +464,13 @@ class Manifest:
             data["members"] = [m.to_dict() for m in self.members]
         else:
             del data["members"]
+        if self.image is not None:
+            data["image"] = self.image.to_dict()
+            for name in _TAR_ONLY:
+                del data[name]
+        else:
+            # a tar manifest reads back as it always was: no kind, no image
+            del data["kind"], data["image"]
         return {**extra, **data}
 
     def to_json(self) -> bytes:
@@ -361,6 +482,12 @@ class Manifest:
             raise ValueError("manifest: not a JSON object")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
+        if kwargs.get("kind") == KIND_IMAGE and set(kwargs) & set(_TAR_ONLY):
+            raise ValueError(f"manifest: an image backup has none of {', '.join(_TAR_ONLY)}")
+        if kwargs.get("kind", KIND_TAR) == KIND_TAR:
+            for name in ("archive_bytes", "sha256"):
+                if name not in kwargs:
+                    raise ValueError(f"manifest: missing {name!r}")
         extra = {k: v for k, v in data.items() if k not in known}
         for name in ("verification", "compared"):
             ver = kwargs.get(name)
@@ -496,3 +623,40 @@ _SENDER_MAXIMA: dict[str, float] = {"source_bytes": MAX_SOURCE_BYTES,
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def image_sender_fields(values: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check what a sender says about an image backup: ``(fields, image)``.
+
+    ``fields`` are the usual sender fields (:func:`sender_fields`) but for the
+    tar-only ``sha256``, ``archive_bytes`` and ``members``; ``image`` holds the
+    sender's :data:`IMAGE_SENDER_KEYS`, given under ``"image"`` or at the top
+    level. The keys the store computes (size, chunk_size, map_sha256, ...) may be
+    stated under ``"image"`` too: the store checks they match what it computed.
+    Raises ValueError for an unknown key or a bad value.
+    """
+    rest = dict(values or {})
+    stated = rest.pop("image", None) or {}
+    if not isinstance(stated, Mapping):
+        raise ValueError("image: must be an object")
+    unknown = sorted(str(k) for k in set(stated) - set(IMAGE_KEYS))
+    if unknown:
+        raise ValueError(f"image: unknown key(s) {', '.join(unknown)[:200]} "
+                         f"(known: {', '.join(IMAGE_KEYS)})")
+    image = dict(stated)
+    for key in IMAGE_SENDER_KEYS:
+        if key in rest:
+            value = rest.pop(key)
+            if key in image and image[key] != value:
+                raise ValueError(f"{key}: given twice, differently")
+            image[key] = value
+    for key in ("sha256", "archive_bytes", "members"):
+        if rest.get(key) is not None:
+            raise ValueError(f"{key}: an image backup has none")
+    fields = sender_fields(rest)
+    # the sender's keys get the manifest's checks now, on a stand-in for the store's part
+    ImageInfo(size=1, chunk_size=1 << 22, map_sha256="0" * 64,
+              map_bytes=MAP_HEADER.size + DIGEST_BYTES, chunks=0,
+              read_bytes=image.get("read_bytes"), base=image.get("base"),
+              fstype=image.get("fstype"))
+    return fields, image

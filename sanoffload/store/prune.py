@@ -16,6 +16,12 @@ Semantics are restic's ``forget`` (borg's ``prune`` is alike), per object
   never removed and takes no slot: nothing prune decides rests on a manifest
   it cannot read. The plan names them (``broken``) for the operator.
 
+Prune removes manifests and their archives or chunk maps, never chunks: an image
+backup's chunks may be shared with kept backups. :func:`gc` (``store gc``) then
+marks every chunk a listed image backup's map names and sweeps the rest older than
+its grace period. It refuses to sweep at all if any backup's map (or manifest)
+cannot be read whole: a chunk only that backup names would look unreferenced.
+
 :func:`select` is the pure part (unit-tested); :func:`prune` applies it.
 """
 
@@ -27,8 +33,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from ..errors import UsageError
-from .repo import Backup, Broken, Repository
+from ..errors import IntegrityError, UsageError
+from ..text import printable
+from .chunks import GcReport
+from .repo import MAP_SUFFIX, Backup, Broken, Repository
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +129,11 @@ class Plan:
     #: backups whose manifest is broken: left alone
     broken: list[Broken] = field(default_factory=list)
 
+    @property
+    def images_removed(self) -> bool:
+        """True if an image backup went (or would go): its chunks wait for ``store gc``."""
+        return any(b.is_image for b in self.remove)
+
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy.to_dict(), "dry_run": self.dry_run,
                 "keep": [{"id": str(b.id), "reasons": list(r)} for b, r in self.keep],
@@ -158,3 +171,51 @@ def prune(repo: Repository, policy: Policy, *, host: str | None = None,
             log.info("prune: removing %s", backup.id)
             repo.delete(backup.id)
     return plan
+
+
+#: the default grace period of ``store gc``: longer than any backup runs
+DEFAULT_GRACE_S = 24 * 3600.0
+
+
+def referenced_chunks(repo: Repository) -> tuple[set[str], int]:
+    """Every chunk id some image backup's map names, and how many image backups there are.
+
+    IntegrityError, naming the backup, if any backup's manifest or map cannot be read
+    whole: gc must never sweep on a listing it could not read whole.
+    """
+    marked: set[str] = set()
+    images = 0
+    for bid in repo.ids():
+        found = repo._load(bid)
+        if found is None:
+            raise IntegrityError(f"gc: {bid} vanished or lost its data file while being "
+                                 "listed: not sweeping (run gc again)")
+        if isinstance(found, Broken):
+            if found.archive.name.endswith(MAP_SUFFIX) or repo.map_path(bid).exists():
+                raise IntegrityError(f"gc: {bid} has a chunk map but its manifest is broken "
+                                     f"({printable(found.reason)}): not sweeping", hint=(
+                                         "repair or remove that backup, then run gc again"))
+            continue
+        if found.is_image:
+            try:
+                marked |= repo.load_map(found).referenced()
+            except IntegrityError as exc:
+                raise IntegrityError(f"gc: {exc.message}: not sweeping", hint=(
+                    "repair or remove that backup, then run gc again")) from None
+            images += 1
+    for path, why in repo.leftovers():
+        if why.startswith("manifest without"):
+            raise IntegrityError(f"gc: {path}: {why}: it may be an image backup whose map "
+                                 "is gone: not sweeping", hint="remove that manifest")
+    return marked, images
+
+
+def gc(repo: Repository, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
+       now: float | None = None) -> GcReport:
+    """Mark (every image backup's map) and sweep (chunks unreferenced and older than
+    ``grace_s``), all under the repository lock: a commit (which takes it too) either
+    is seen by the mark or sees what was swept."""
+    with repo.lock():
+        marked, images = referenced_chunks(repo)
+        log.info("gc: %d chunk(s) referenced by %d image backup(s)", len(marked), images)
+        return repo.chunks.gc(marked, grace_s=grace_s, now=now, dry_run=dry_run)

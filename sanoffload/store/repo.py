@@ -4,6 +4,15 @@ Layout::
 
     <repo>/<host>/<slug>/<timestamp>.tar.zst    the archive (tar | zstd), read-only
     <repo>/<host>/<slug>/<timestamp>.json       its manifest, written last: the commit
+    <repo>/<host>/<slug>/<timestamp>.map        an image backup's chunk map (instead of
+                                                 an archive; :mod:`sanoffload.store.image`)
+    <repo>/chunks/                              the chunks image backups' maps name
+                                                 (:mod:`sanoffload.store.chunks`)
+
+A backup's data file is its archive (``"kind": "tar"``) or its chunk map
+(``"kind": "image"``); :attr:`Backup.archive` names whichever it is. A map is
+published like an archive, before its manifest. ``chunks`` is therefore no host
+name (:func:`check_host` refuses it).
 
 A backup is streamed to ``<timestamp>.tar.zst.partial``, fsynced, test-read,
 published under its final name without replacing anything (link, then unlink
@@ -60,7 +69,7 @@ import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -81,7 +90,11 @@ from ..errors import (
 from ..runner import Runner
 from ..text import has_control, printable
 from ..tools import tar, zstd
+from .chunks import ChunkStore
+from .imagemap import ChunkMap
 from .manifest import (
+    KIND_IMAGE,
+    KIND_TAR,
     MAX_BYTES,
     NOT_VERIFIED,
     VERIFIED_OK,
@@ -99,6 +112,9 @@ ARCHIVE_SUFFIX = ".tar" + zstd.SUFFIX
 #: the test-read on receipt lasts as long as the upload; the channel bounds a stalled sender
 RECEIPT_CHECK_TIMEOUT = 24 * 3600.0
 MANIFEST_SUFFIX = ".json"
+MAP_SUFFIX = ".map"
+#: names in the repository's root that are not hosts
+RESERVED_HOSTS = frozenset({"chunks"})
 PARTIAL_SUFFIX = ".partial"
 #: every read and write moves this much at a time
 CHUNK = 1 << 20
@@ -144,6 +160,8 @@ def _check_name(kind: str, name: object, pattern: re.Pattern[str], limit: int) -
 
 def check_host(name: object) -> str:
     """A host name as a directory name: ``fs1``, ``fs1.example.org``."""
+    if isinstance(name, str) and name in RESERVED_HOSTS:
+        raise RefusedError(f"invalid host name {name!r}: the repository keeps its chunks there")
     return _check_name("host name", name, _HOST_RE, 63)
 
 
@@ -230,12 +248,17 @@ class BackupId:
 
 @dataclass(frozen=True)
 class Backup:
-    """A complete backup: its id, its manifest and where its archive is."""
+    """A complete backup: its id, its manifest and where its data file is (``archive``: the
+    ``.tar.zst`` of a tar backup, the ``.map`` of an image backup)."""
 
     id: BackupId
     manifest: Manifest
     archive: Path
     manifest_path: Path
+
+    @property
+    def is_image(self) -> bool:
+        return self.manifest.is_image
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), **self.manifest.to_dict()}
@@ -402,7 +425,7 @@ class Repository:
         for b in self.list():
             owner = b.manifest.client
             if owner == client or (owner is None and (hosts is None or b.id.host in hosts)):
-                total += b.manifest.archive_bytes
+                total += b.manifest.stored_bytes
         return total
 
     def reserved(self, client: str, *, besides: Path | None = None) -> int:
@@ -469,6 +492,14 @@ class Repository:
     def manifest_path(self, bid: BackupId) -> Path:
         return self._dir(bid.host, bid.slug) / (bid.timestamp + MANIFEST_SUFFIX)
 
+    def map_path(self, bid: BackupId) -> Path:
+        return self._dir(bid.host, bid.slug) / (bid.timestamp + MAP_SUFFIX)
+
+    @property
+    def chunks(self) -> ChunkStore:
+        """The chunks of this repository's image backups (``ROOT/chunks/``)."""
+        return ChunkStore(self.root)
+
     # -- writing --------------------------------------------------------------
     def writer(self, host: str, path: str, *, slug: str | None = None,
                timestamp: str | datetime | None = None, client: str | None = None,
@@ -525,18 +556,23 @@ class Repository:
 
     # -- reading --------------------------------------------------------------
     def _load(self, bid: BackupId) -> Backup | Broken | None:
-        """The backup ``bid``; Broken if its manifest is bad; None if either file is missing."""
+        """The backup ``bid``; Broken if its manifest is bad; None if its manifest or the data
+        file its kind needs (archive or map) is missing."""
         directory = self._dir(bid.host, bid.slug)
         archive = directory / (bid.timestamp + ARCHIVE_SUFFIX)
+        map_file = directory / (bid.timestamp + MAP_SUFFIX)
         mpath = directory / (bid.timestamp + MANIFEST_SUFFIX)
+        data = {kind: _is_regular(path) for kind, path in ((KIND_TAR, archive),
+                                                           (KIND_IMAGE, map_file))}
 
         def broken(reason: str) -> Broken:
             log.warning("%s: %s", mpath, printable(reason))
-            return Broken(bid, reason[:300], archive, mpath)
+            return Broken(bid, reason[:300], map_file if data[KIND_IMAGE] and not data[KIND_TAR]
+                          else archive, mpath)
 
+        if not any(data.values()):
+            return None
         try:
-            if not stat.S_ISREG(os.lstat(archive).st_mode):
-                return None
             # no symlink followed, no FIFO waited on
             fd = os.open(mpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             with open(fd, "rb") as f:
@@ -553,7 +589,9 @@ class Repository:
             return broken(f"unreadable manifest: {exc}")
         if manifest.backup_id != str(bid):
             return broken(f"the manifest names {manifest.backup_id}, not this backup")
-        return Backup(bid, manifest, archive, mpath)
+        if not data[manifest.kind]:
+            return None  # its own data file is gone (being deleted): not a backup
+        return Backup(bid, manifest, map_file if manifest.is_image else archive, mpath)
 
     def get(self, bid: BackupId | str) -> Backup:
         """The complete backup ``bid``; UsageError if there is none, IntegrityError if its
@@ -600,7 +638,8 @@ class Repository:
                     continue
                 for name in sorted(names):
                     ts = name[:-len(MANIFEST_SUFFIX)]
-                    if not name.endswith(MANIFEST_SUFFIX) or ts + ARCHIVE_SUFFIX not in names:
+                    if not name.endswith(MANIFEST_SUFFIX) or (ts + ARCHIVE_SUFFIX not in names
+                                                              and ts + MAP_SUFFIX not in names):
                         continue
                     try:
                         bid = BackupId(h, s, ts)
@@ -641,13 +680,15 @@ class Repository:
                     if name.endswith(PARTIAL_SUFFIX):
                         found.append((directory / name, "partial (an upload running or cut off)"))
                         continue
-                    for suffix, other, why in (
-                            (ARCHIVE_SUFFIX, MANIFEST_SUFFIX, "archive without a manifest"),
-                            (MANIFEST_SUFFIX, ARCHIVE_SUFFIX, "manifest without an archive")):
+                    for suffix, others, why in (
+                            (ARCHIVE_SUFFIX, (MANIFEST_SUFFIX,), "archive without a manifest"),
+                            (MAP_SUFFIX, (MANIFEST_SUFFIX,), "chunk map without a manifest"),
+                            (MANIFEST_SUFFIX, (ARCHIVE_SUFFIX, MAP_SUFFIX),
+                             "manifest without an archive or chunk map")):
                         ts = name[:-len(suffix)]
                         if not name.endswith(suffix) or not _TIMESTAMP_RE.fullmatch(ts):
                             continue
-                        if ts + other not in names:
+                        if not any(ts + other in names for other in others):
                             found.append((directory / name, why))
                         elif suffix == MANIFEST_SUFFIX:
                             loaded = self._load(BackupId(h, s, ts))
@@ -659,6 +700,7 @@ class Repository:
     def check_sha256(self, backup: Backup) -> None:
         """Re-hash the archive (CHUNK at a time) and compare size and sha256 with the manifest."""
         m = backup.manifest
+        _not_image(backup)
         try:
             with open(backup.archive, "rb", buffering=0) as f:
                 _check_size(backup, f)
@@ -678,6 +720,7 @@ class Repository:
         tar also fails on it.
         """
         m = backup.manifest
+        _not_image(backup)
         h = hashlib.sha256()
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -743,10 +786,15 @@ class Repository:
         limit = timeout if timeout is not None else read_timeout(m.archive_bytes, m.source_bytes)
         failure: IntegrityError | None = None
         try:
-            count = self.read_check(backup, timeout=limit)
-            if m.member_count is not None and count != m.member_count:
-                raise IntegrityError(f"{backup.id}: {count} archive members, the manifest "
-                                     f"says {m.member_count}")
+            if backup.is_image:
+                count, missing, bad = self.check_image_chunks(backup)
+                if missing or bad:
+                    raise IntegrityError(image_failure(backup.id, count, missing, bad))
+            else:
+                count = self.read_check(backup, timeout=limit)
+                if m.member_count is not None and count != m.member_count:
+                    raise IntegrityError(f"{backup.id}: {count} archive members, the manifest "
+                                         f"says {m.member_count}")
         except IntegrityError as exc:
             failure = exc
         result = (Verification.now(VERIFY_FAILED, str(failure)) if failure
@@ -760,6 +808,46 @@ class Repository:
         if failure is not None:
             raise failure
         return backup
+
+    def load_map(self, backup: Backup) -> ChunkMap:
+        """The chunk map of image backup ``backup``, checked against its manifest's
+        ``map_bytes`` and ``map_sha256`` and then whole; IntegrityError otherwise."""
+        info = backup.manifest.image
+        if info is None:
+            raise UsageError(f"{backup.id} is a tar backup: it has no chunk map")
+        where = f"{backup.id}: chunk map"
+        try:
+            fd = os.open(backup.archive,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise IntegrityError(f"{where} is missing") from None
+        except OSError as exc:
+            raise IntegrityError(f"{where}: cannot open it: {exc.strerror or exc}") from None
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"{where} is not a regular file")
+            if st.st_size != info.map_bytes:
+                raise IntegrityError(f"{where}: {st.st_size} bytes, the manifest says "
+                                     f"{info.map_bytes}")
+            data = f.read(info.map_bytes + 1)
+        if len(data) != info.map_bytes:
+            raise IntegrityError(f"{where} changed while it was read")
+        chunk_map = ChunkMap.from_bytes(data, where=where)
+        if chunk_map.sha256() != info.map_sha256:
+            raise IntegrityError(f"{where}: sha256 {chunk_map.sha256()}, the manifest says "
+                                 f"{info.map_sha256} (damaged)")
+        if (chunk_map.size, chunk_map.chunk_size) != (info.size, info.chunk_size):
+            raise IntegrityError(f"{where}: geometry differs from the manifest's")
+        return chunk_map
+
+    def check_image_chunks(self, backup: Backup
+                           ) -> tuple[int, builtins.list[str], builtins.list[tuple[str, str]]]:
+        """An image backup's map loaded (IntegrityError if it is bad) and every chunk it names
+        re-hashed: ``(chunks, missing ids, (bad id, reason) pairs)``."""
+        referenced = sorted(self.load_map(backup).referenced())
+        report = self.chunks.verify(referenced)
+        return len(referenced), list(report.missing), list(report.bad)
 
     def record_compare(self, bid: BackupId | str, result: Verification) -> Backup:
         """Record the proxy's comparison of the archive with its duplicate in the manifest."""
@@ -786,12 +874,38 @@ class Repository:
 
     # -- removing -------------------------------------------------------------
     def delete(self, bid: BackupId) -> None:
-        """Remove a backup: the manifest first, so it is never listed half-removed."""
+        """Remove a backup: the manifest first, so it is never listed half-removed; then its
+        archive or chunk map (its chunks stay until ``store gc`` finds them unreferenced)."""
         directory = self._dir(bid.host, bid.slug)
         (directory / (bid.timestamp + MANIFEST_SUFFIX)).unlink(missing_ok=True)
         fsync_dir(directory)
-        (directory / (bid.timestamp + ARCHIVE_SUFFIX)).unlink(missing_ok=True)
+        for suffix in (ARCHIVE_SUFFIX, MAP_SUFFIX):
+            if os.path.lexists(data := directory / (bid.timestamp + suffix)):
+                data.unlink(missing_ok=True)
         fsync_dir(directory)
+
+
+def image_failure(bid: BackupId, chunks: int, missing: Sequence[str],
+                  bad: Sequence[tuple[str, str]], named: int = 5) -> str:
+    """What a failed image verification says: the backup, the counts, the first chunks."""
+    said = [f"{cid} missing" for cid in missing[:named]] + \
+           [f"{cid} bad ({printable(why)[:120]})" for cid, why in bad[:named]]
+    return (f"{bid}: {len(missing)} chunk(s) missing, {len(bad)} bad of {chunks}: "
+            + "; ".join(said))
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _not_image(backup: Backup) -> None:
+    """UsageError for an image backup where only an archive will do."""
+    if backup.is_image:
+        raise UsageError(f"{backup.id} is an image backup (no archive): restore it with "
+                         "--image TARGET, or mount it")
 
 
 def _check_size(backup: Backup, f: io.RawIOBase) -> None:
@@ -861,7 +975,8 @@ class BackupWriter:
         self.manifest_path = self.directory / (bid.timestamp + MANIFEST_SUFFIX)
         self.partial = self.directory / (bid.timestamp + ARCHIVE_SUFFIX + PARTIAL_SUFFIX)
         with repo.lock():
-            if self.archive.exists() or self.manifest_path.exists():
+            if self.archive.exists() or self.manifest_path.exists() or \
+                    (self.directory / (bid.timestamp + MAP_SUFFIX)).exists():
                 raise ResourceError(f"backup {bid} already exists")
             if quota is not None:
                 used = repo.charged(quota.client, quota.hosts)
@@ -1066,6 +1181,48 @@ class BackupWriter:
             self.archive.unlink(missing_ok=True)
             raise
         return Backup(self.id, manifest, self.archive, self.manifest_path)
+
+
+class QuotaHold:
+    """A put's hold on its client's quota, for writers other than :class:`BackupWriter`
+    (an image backup's sink): checked and created under the repository lock, grown ahead
+    of the bytes, released when the manifest is published or the put fails."""
+
+    def __init__(self, repo: Repository, quota: Quota, bid: BackupId) -> None:
+        self.repo = repo
+        self.quota = quota
+        self.id = bid
+        with repo.lock():
+            used = repo.charged(quota.client, quota.hosts)
+            others = repo.reserved(quota.client)
+            if used + others >= quota.limit:
+                raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes is "
+                                    f"used up ({used} bytes stored, {others} being received)",
+                                    hint="prune old backups, then run store gc")
+            self._reservation: _Reservation | None = _Reservation.create(repo, quota.client,
+                                                                         bid)
+
+    def need(self, total: int) -> None:
+        """Hold at least ``total`` bytes in all, or ResourceError."""
+        reservation, quota = self._reservation, self.quota
+        if reservation is None:
+            raise ValueError("quota hold released")
+        if total <= reservation.bytes:
+            return
+        with self.repo.lock():
+            used = self.repo.charged(quota.client, quota.hosts)
+            others = self.repo.reserved(quota.client, besides=reservation.path)
+            room = quota.limit - used - others
+            if total > room:
+                raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes would "
+                                    f"be exceeded by {self.id} ({used} bytes stored, {others} "
+                                    "being received by other puts)", hint="prune old backups")
+            reservation.set(min(room, total + max(QUOTA_STEP, reservation.bytes // 4)))
+
+    def release(self) -> None:
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
 
 
 class _Reservation:

@@ -15,6 +15,30 @@ Ops (JSON lines, see :mod:`sanoffload.channel.protocol`)::
     {"op": "verify", "id": …, "compared": {"status": "ok", "detail": ""}}
                                                -> {"backup": {…}}
 
+An image backup (issue 13) is one put over several ops, on one connection, one at
+a time; every size and id the client gives is checked before anything is read::
+
+    {"op": "image", "host": "fs1", "path": "/srv/thin", "size": N, "chunk_size": 4194304,
+     "fields": {frozen_at, …}}                 -> {"id": "fs1/srv-thin-…/2026…Z"}
+    {"op": "image_map", "id": BASE}            -> {"found": false}
+                                                or {"found": true, "map_bytes": N} + chunks
+    {"op": "missing", "ids": [ID, …]}          -> {"missing": [ID, …]}   (at most 4096 ids)
+    {"op": "chunk", "id": ID, "codec": 0|1, "plain_bytes": N, "payload_bytes": M}
+        -> M bytes as chunk frames, {"chunk": 0}  -> {"stored": true|false}
+    {"op": "image_commit", "fields": {…, "image": {read_bytes, base, fstype}}}
+        -> the map as chunk frames, {"chunk": 0}  -> {"backup": {id, manifest fields…}}
+    {"op": "image_abort", "reason": "…"}       -> {"aborted": true}
+
+``image_map`` answers only for an image backup of the same host and path as the
+open put (and a host the client may read): the previous map of an incremental. A
+chunk's ``plain_bytes`` and ``payload_bytes`` are at most the put's chunk size; its
+payload is decoded with that bound and re-hashed, and a payload that does not hash
+to its id fails the put. The map's frames are bounded by the size its geometry
+implies; the commit checks that every chunk the map names is in the store. Any
+error inside an image put aborts it (its chunks wait for ``store gc``); an error
+while frames may still come closes the connection. New chunk bytes count against
+the quota (reserved before each chunk is written).
+
 A client can add backups and read them, never delete or overwrite one (prune
 runs on the store itself): a stolen proxy key cannot destroy the history. A
 failure half-way through a put removes the partial file; the error reply goes
@@ -41,9 +65,18 @@ from typing import Any
 
 from ..channel.protocol import CHUNK, MAX_LINE, Channel, Spec, check_message
 from ..channel.server import BrokenStream, Service
-from ..errors import AuthError, ProtocolError, ResourceError, SanoffloadError, UsageError
+from ..errors import (
+    AuthError,
+    IntegrityError,
+    ProtocolError,
+    ResourceError,
+    SanoffloadError,
+    UsageError,
+)
 from ..text import printable
 from .config import check_client
+from .image import MAX_MISSING_IDS, LocalImageSink
+from .imagemap import DIGEST_BYTES, HEADER as MAP_HEADER, ChunkMap, check_geometry
 from .manifest import VERIFIED_OK, VERIFY_FAILED, Verification, sender_fields, to_utc
 from .repo import Backup, BackupId, BackupWriter, Quota, Repository
 
@@ -57,6 +90,17 @@ SPECS = {
     "verify": Spec(required={"id": str}, optional={"compared": dict}),
 }
 _AFTER_DATA = {"commit": Spec(optional={"fields": dict}), "abort": Spec(optional={"reason": str})}
+IMAGE_SPECS = {
+    "image": Spec(required={"host": str, "path": str, "size": int, "chunk_size": int},
+                  optional={"fields": dict}),
+    "image_map": Spec(required={"id": str}),
+    "missing": Spec(required={"ids": list}),
+    "chunk": Spec(required={"id": str, "codec": int, "plain_bytes": int,
+                            "payload_bytes": int}),
+    "image_commit": Spec(optional={"fields": dict}),
+    "image_abort": Spec(optional={"reason": str}),
+}
+SPECS.update(IMAGE_SPECS)
 #: the most JSON one list reply carries (half a line: the envelope and one more entry fit)
 PAGE_BYTES = MAX_LINE // 2
 
@@ -74,6 +118,8 @@ class StoreService(Service):
         self.quota_bytes = quota_bytes
         #: the source hosts this client may store and read (None: any)
         self.hosts = hosts
+        #: the image put open on this connection, if any
+        self._image: LocalImageSink | None = None
 
     def hello_info(self) -> dict[str, Any]:
         return {"client": self.client}
@@ -90,6 +136,8 @@ class StoreService(Service):
             return self._list(fields)
         if op == "put":
             return self._put(fields, channel)
+        if op in IMAGE_SPECS:
+            return self._image_op(op, fields, channel)
         bid = BackupId.parse(fields["id"])
         self._host_allowed(bid.host)
         if op == "get":
@@ -132,8 +180,7 @@ class StoreService(Service):
             stamp = to_utc(when) if when is not None else None
         except ValueError as exc:
             raise UsageError(f"put: manifest fields: {exc}") from None
-        quota = (Quota(self.client, self.quota_bytes, self.hosts)
-                 if self.quota_bytes is not None else None)
+        quota = self.quota()
         # the writer checks the quota (and reserves) before the data: a refusal is an answer
         writer = self.repo.writer(host, path, timestamp=stamp, client=self.client, quota=quota)
         return writer, fields
@@ -174,6 +221,109 @@ class StoreService(Service):
                  backup.manifest.archive_bytes)
         return backup
 
+    # -- image puts --------------------------------------------------------------
+    def quota(self) -> Quota | None:
+        return (Quota(self.client, self.quota_bytes, self.hosts)
+                if self.quota_bytes is not None else None)
+
+    def open_image(self, host: str, path: str, sent: Mapping[str, Any] | None, *,
+                   size: int | None = None, chunk_size: int | None = None) -> LocalImageSink:
+        """An image put's checks and its sink (the wire's ``image`` op and a store in the
+        proxy's own process both start here)."""
+        self._host_allowed(host)
+        return LocalImageSink(self.repo, self.client, host, path, sent, quota=self.quota(),
+                              size=size, chunk_size=chunk_size)
+
+    def _image_op(self, op: str, fields: dict[str, Any],
+                  channel: Channel) -> dict[str, Any] | None:
+        if op == "image":
+            if self._image is not None:
+                raise UsageError(f"image: a put ({self._image.id}) is already open on this "
+                                 "connection")
+            try:
+                check_geometry(fields["size"], fields["chunk_size"])
+            except IntegrityError as exc:
+                raise UsageError(f"image: {exc.message}") from None
+            self._image = self.open_image(fields["host"], fields["path"], fields.get("fields"),
+                                          size=fields["size"], chunk_size=fields["chunk_size"])
+            return {"id": str(self._image.id)}
+        sink = self._image
+        if sink is None:
+            raise BrokenStream(UsageError(f"{op}: no image put is open")) if op in (
+                "chunk", "image_commit") else UsageError(f"{op}: no image put is open")
+        try:
+            if op == "image_map":
+                self._image_map(sink, fields["id"], channel)
+                return None
+            if op == "missing":
+                ids = fields["ids"]
+                if len(ids) > MAX_MISSING_IDS or not all(isinstance(i, str) for i in ids):
+                    raise UsageError(f"missing: at most {MAX_MISSING_IDS} ids (strings)")
+                return {"missing": sorted(sink.missing(ids))}
+            if op == "chunk":
+                return {"stored": self._chunk(sink, fields, channel)}
+            if op == "image_commit":
+                return {"backup": self._image_commit(sink, fields.get("fields"), channel)}
+            reason = printable(fields.get("reason") or "no reason given")[:200]
+            sink.abort(f"aborted by the sender: {reason}")
+            self._image = None
+            return {"aborted": True}
+        except BaseException:
+            if self._image is sink:
+                sink.abort(f"{op} failed")
+                self._image = None
+            raise
+
+    def _image_map(self, sink: LocalImageSink, backup_id: str, channel: Channel) -> None:
+        bid = BackupId.parse(backup_id)
+        self._host_allowed(bid.host)
+        found = sink.previous_map(str(bid))
+        if found is None:
+            channel.send({"ok": True, "found": False})
+            return
+        blob = found.to_bytes()
+        channel.send({"ok": True, "found": True, "map_bytes": len(blob)})
+        view = memoryview(blob)
+        for start in range(0, len(blob), CHUNK):
+            channel.send_chunk(view[start:start + CHUNK])
+        channel.end_chunks()
+
+    def _chunk(self, sink: LocalImageSink, fields: dict[str, Any], channel: Channel) -> bool:
+        assert sink.geometry is not None
+        limit = sink.geometry[1]
+        plain, size = fields["plain_bytes"], fields["payload_bytes"]
+        # the frames follow unasked: a header we refuse leaves them on the line, so hang up
+        if not 0 < plain <= limit or not 0 < size <= limit:
+            raise BrokenStream(UsageError(f"chunk: plain_bytes {plain} and payload_bytes "
+                                          f"{size} must be 1 to the chunk size {limit}"))
+        data = _recv_exactly(channel, size, "chunk")
+        before = sink.new_chunks
+        try:
+            sink.put_chunk(fields["id"], fields["codec"], data, plain)
+        except SanoffloadError as exc:
+            log.warning("client %s: %s: chunk refused: %s", self.client, sink.id, exc)
+            raise
+        return sink.new_chunks > before
+
+    def _image_commit(self, sink: LocalImageSink, sent: Any,
+                      channel: Channel) -> dict[str, Any]:
+        assert sink.geometry is not None
+        size, chunk_size = sink.geometry
+        expected = MAP_HEADER.size + -(-size // chunk_size) * DIGEST_BYTES
+        blob = _recv_exactly(channel, expected, "image_commit")
+        try:
+            chunk_map = ChunkMap.from_bytes(blob, where=f"{sink.id}: the map sent")
+        except IntegrityError as exc:
+            raise UsageError(exc.message) from None
+        backup = sink.commit(chunk_map, sent)
+        self._image = None
+        return backup
+
+    def closed(self, clean: bool) -> None:
+        if self._image is not None:
+            self._image.abort("the connection closed")
+            self._image = None
+
     # -- get -----------------------------------------------------------------------
     def _get(self, bid: BackupId, channel: Channel) -> None:
         backup = self.repo.get(bid)
@@ -198,3 +348,19 @@ class StoreService(Service):
             self.repo.record_compare(bid, Verification.now(status, printable(detail)))
         backup = self.repo.verify(bid)
         return {"backup": backup.to_dict()}
+
+
+def _recv_exactly(channel: Channel, size: int, op: str) -> bytes:
+    """``size`` bytes as chunk frames up to the end frame; more (refused as soon as it
+    shows), less, or a broken frame closes the connection."""
+    buf = bytearray()
+    try:
+        for piece in channel.recv_chunks():
+            if len(buf) + len(piece) > size:
+                raise ProtocolError(f"{op}: more than the {size} bytes announced")
+            buf += piece
+    except SanoffloadError as exc:
+        raise BrokenStream(exc) from None
+    if len(buf) != size:
+        raise UsageError(f"{op}: {len(buf)} bytes arrived, {size} announced")
+    return bytes(buf)

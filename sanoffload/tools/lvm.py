@@ -17,6 +17,7 @@ Changes (names and tags are validated first, so none can pass as an option)::
     lvconvert --yes --splitmirrors 1 --name N VG/LV                         # legacy mirror
     lvconvert --yes --type mirror -m 1 --mirrorlog core --background VG/LV
     lvchange --addtag T VG/LV
+    lvrename VG OLD NEW                                                      # a thin base
     lvremove --yes VG/LV
 
 What a failed ``lvcreate`` leaves below LVM (device-mapper devices, by name)::
@@ -65,13 +66,18 @@ LV_FIELDS: tuple[str, ...] = (
     "lv_name", "vg_name", "lv_attr", "lv_size", "segtype", "pool_lv", "origin",
     "data_percent", "metadata_percent", "snap_percent", "copy_percent", "sync_percent",
     "lv_tags", "lv_path", "lv_dm_path", "lv_kernel_major", "lv_kernel_minor", "lv_uuid",
-    "raid_sync_action", "lv_health_status", "lv_active")
+    "raid_sync_action", "lv_health_status", "lv_active", "thin_id")
 VG_FIELDS: tuple[str, ...] = ("vg_name", "vg_size", "vg_free", "vg_extent_size", "vg_tags")
 
 #: the tag every LV sanoffload creates carries: what makes an LV ours (and the name
 #: prefix it uses, which makes an LV look like ours but proves nothing)
 SANOFFLOAD_TAG = "sanoffload"
 NAME_PREFIX = "sanoffload-"
+#: a thin base (the snapshot an image backup committed, kept for the next one's thin_delta)
+#: carries this tag besides SANOFFLOAD_TAG, and a name no session's snapshot can have (a
+#: session id never holds '_')
+BASE_TAG = "sanoffload-base"
+BASE_PREFIX = "sanoffload-base_"
 
 #: ``lvremove`` of an LV that is not there: exit 5 with this message (lvremove_missing)
 LV_NOT_FOUND: dict[int, str] = {5: "lv-not-found"}
@@ -101,6 +107,12 @@ def _devnum(value: str) -> int | None:
     # -1: no kernel device (inactive LV, pool metadata spare)
     number = int(value) if value not in ("", None) else -1
     return None if number < 0 else number
+
+
+def _thin_id(value: Any) -> int | None:
+    # "" for an LV that is no thin volume; 24 bits in the pool's metadata
+    text = str(value) if value is not None else ""
+    return int(text) if text.isdigit() and int(text) < (1 << 24) else None
 
 
 def _bare(name: str) -> str:
@@ -134,6 +146,8 @@ class LogicalVolume:
     active: str = ""
     #: lvs showed the name as ``[name]`` (an LV LVM uses internally)
     hidden: bool = False
+    #: a thin LV's device id in its pool (what thin_delta takes); None for other LVs
+    thin_id: int | None = None
 
     @classmethod
     def from_report(cls, row: Mapping[str, Any]) -> LogicalVolume:
@@ -155,7 +169,7 @@ class LogicalVolume:
             uuid=str(row.get("lv_uuid", "")), sync_action=str(row.get("raid_sync_action", "")),
             health_status=str(row.get("lv_health_status", "")),
             active=str(row.get("lv_active", "")),
-            hidden=raw_name.startswith("["))
+            hidden=raw_name.startswith("["), thin_id=_thin_id(row.get("thin_id", "")))
 
     def _bit(self, index: int) -> str:
         return self.attr[index] if len(self.attr) > index else "-"
@@ -245,6 +259,11 @@ class LogicalVolume:
         lvs_msplit); the journal, written before the split, accounts for it.
         """
         return SANOFFLOAD_TAG in self.tags
+
+    @property
+    def is_base(self) -> bool:
+        """A thin base sanoffload keeps (its tag): never an orphan, see agent/bases.py."""
+        return self.is_ours and BASE_TAG in self.tags
 
     @property
     def looks_like_ours(self) -> bool:
@@ -640,6 +659,12 @@ def readd_mirror(runner: Runner, lv: LogicalVolume, split: LogicalVolume | str, 
 def add_tag(runner: Runner, vg: str, name: str, tag: str) -> None:
     """``lvchange --addtag TAG VG/LV``."""
     runner.run(["lvchange", "--addtag", check_tag(tag), _lv_arg(vg, name)], env=LVM_ENV)
+
+
+def rename_lv(runner: Runner, vg: str, name: str, new_name: str) -> None:
+    """``lvrename VG NAME NEW_NAME``."""
+    runner.run(["lvrename", check_name(vg, "VG name"), check_name(name), check_name(new_name)],
+               env=LVM_ENV)
 
 
 def remove_lv(runner: Runner, vg: str, name: str, *, timeout: float | None = None) -> bool:

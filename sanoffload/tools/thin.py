@@ -38,6 +38,7 @@ inside the volume.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -61,6 +62,11 @@ REQUIRES: tuple[Requirement, ...] = (
                 fails_without="no block-level incremental backup of thin volumes "
                               "(every image backup reads the whole volume)",
                 executables=("thin_delta",)),
+    # optional: without it no thin base is kept (the same full read); part of LVM's tools
+    Requirement("lvrename", "LVM tools (lvrename)", roles=(), optional_for=("agent",),
+                fails_without="no thin base is kept for image backups (every image backup "
+                              "reads the whole volume)",
+                executables=("lvrename",)),
     Requirement("dmsetup", "device-mapper tool", roles=("agent",),
                 fails_without="cannot reserve a thin pool's metadata snapshot "
                               "(no block-level incremental backup)",
@@ -416,3 +422,130 @@ def changed_chunks(delta: Delta, volume_bytes: int, chunk_bytes: int = CHUNK_BYT
         for start, end in _clipped(ranges, volume_bytes):
             touched.update(range(start // chunk_bytes, (end - 1) // chunk_bytes + 1))
     return sorted(touched - whole)
+
+
+#: thin_delta's answer past this many ranges is coalesced (the channel's line limit)
+DEFAULT_MAX_RANGES = 16384
+
+ByteRanges = tuple[tuple[int, int], ...]
+
+
+def _merged(spans: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """``[start, end)`` spans sorted, overlapping and touching ones joined."""
+    out: list[list[int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def _minus(spans: list[list[int]], cut: list[list[int]]) -> list[list[int]]:
+    """``spans`` without ``cut`` (both sorted and disjoint)."""
+    out: list[list[int]] = []
+    j = 0
+    for start, end in spans:
+        while j < len(cut) and cut[j][1] <= start:
+            j += 1
+        k, pos = j, start
+        while k < len(cut) and cut[k][0] < end:
+            if cut[k][0] > pos:
+                out.append([pos, cut[k][0]])
+            pos = max(pos, cut[k][1])
+            k += 1
+        if pos < end:
+            out.append([pos, end])
+    return out
+
+
+def chunk_ranges(delta: Delta, volume_bytes: int, chunk_bytes: int = CHUNK_BYTES, *,
+                 max_ranges: int = DEFAULT_MAX_RANGES) -> tuple[ByteRanges, ByteRanges]:
+    """``(changed, discarded)``: thin_delta's answer as the proxy reads it, in bytes.
+
+    Every range starts on a chunk and ends on one (or at the volume's end); a chunk
+    any changed block touches is changed (read again whole), and so is a chunk only
+    partly discarded (its discarded part now reads as zeros, the rest does not);
+    discarded keeps the chunks discarded whole. Neighbours are then joined, the
+    cheapest joins first (the fewest bytes the proxy reads in vain; a discarded range
+    swallowed by a join is read, as zeros: correct, only slower), until at most
+    ``max_ranges`` ranges remain in all: an answer over the channel's line limit would
+    be no answer.
+    """
+    _check_sizes(volume_bytes, chunk_bytes)
+    if max_ranges < 1:
+        raise UsageError(f"max_ranges must be at least 1, not {max_ranges}")
+    c = chunk_bytes
+    # in chunk indexes: [first, last)
+    changed = [(start // c, -(-end // c)) for start, end in _clipped(delta.changed,
+                                                                      volume_bytes)]
+    whole: list[tuple[int, int]] = []
+    for start, end in _clipped(delta.discarded, volume_bytes):
+        touched = (start // c, -(-end // c))
+        first = -(-start // c)
+        last = end // c if end < volume_bytes else touched[1]
+        if first >= last:  # inside one chunk, or across a boundary covering neither
+            changed.append(touched)
+            continue
+        whole.append((first, last))
+        # the chunks at either end the discard touches without covering
+        if touched[0] < first:
+            changed.append((touched[0], first))
+        if last < touched[1]:
+            changed.append((last, touched[1]))
+    changed_m = _merged(changed)
+    discarded_m = _minus(_merged(whole), changed_m)
+    spans = sorted([(s, e, True) for s, e in changed_m] + [(s, e, False) for s, e in discarded_m])
+    spans = _coalesce(spans, max_ranges)
+    last_chunk_end = -(-volume_bytes // c)
+
+    def to_bytes(s: int, e: int) -> tuple[int, int]:
+        end = volume_bytes if e >= last_chunk_end else e * c
+        return s * c, end - s * c
+
+    return (tuple(to_bytes(s, e) for s, e, read in spans if read),
+            tuple(to_bytes(s, e) for s, e, read in spans if not read))
+
+
+def _coalesce(spans: list[tuple[int, int, bool]],
+              max_ranges: int) -> list[tuple[int, int, bool]]:
+    """Join neighbouring spans, the one costing the fewest chunks read in vain first, until
+    at most ``max_ranges`` are left; a joined span is read (it covers a gap)."""
+    n = len(spans)
+    if n <= max_ranges:
+        return spans
+    start = [s for s, _e, _r in spans]
+    end = [e for _s, e, _r in spans]
+    read = [r for _s, _e, r in spans]
+    nxt = list(range(1, n + 1))
+    prv = list(range(-1, n - 1))
+    alive = [True] * n
+    version = [0] * n
+
+    def cost(i: int) -> int:
+        j = nxt[i]
+        # the gap, plus what of either side is not read yet
+        return (start[j] - end[i]) + (0 if read[i] else end[i] - start[i]) + (
+            0 if read[j] else end[j] - start[j])
+
+    heap = [(cost(i), i, 0, 0) for i in range(n - 1)]
+    heapq.heapify(heap)
+    left = n
+    while left > max_ranges and heap:
+        _cost, i, vi, vj = heapq.heappop(heap)
+        j = nxt[i] if alive[i] else n
+        if not alive[i] or j >= n or version[i] != vi or version[j] != vj:
+            continue  # stale: one side changed since
+        end[i], read[i] = end[j], True
+        alive[j] = False
+        nxt[i] = nxt[j]
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+        version[i] += 1
+        left -= 1
+        if nxt[i] < n:
+            heapq.heappush(heap, (cost(i), i, version[i], version[nxt[i]]))
+        if prv[i] >= 0:
+            p = prv[i]
+            heapq.heappush(heap, (cost(p), p, version[p], version[i]))
+    return [(start[i], end[i], read[i]) for i in range(n) if alive[i]]

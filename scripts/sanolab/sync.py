@@ -24,6 +24,8 @@ from sanoffload.runner import Runner
 from . import config, vm
 
 SH_REQUIREMENT = "sh>=2.0,<3"
+#: pure-Python wheels Debian does not package (or packages too old), sent with sanoffload's
+PURE_WHEELS = {"sh": SH_REQUIREMENT, "mfusepy": "mfusepy>=3.1,<4"}
 VENV = "/opt/sanoffload"
 
 # One pip run: under emulation each costs ~15 s. --no-deps: the dependencies are
@@ -37,7 +39,8 @@ tar -x -C "$wheels" -f -
 VENV/bin/pip install --quiet --disable-pip-version-check --no-index --force-reinstall \
     --no-deps "$wheels"/*.whl
 ln -sfn VENV/bin/sanoffload /usr/local/bin/sanoffload
-VENV/bin/python -c 'import click, psutil, pyudev, sh, sanoffload; print(sanoffload.__version__)'
+VENV/bin/python -c 'import click, psutil, pyudev, sh, mfusepy, zstandard, sanoffload
+print(sanoffload.__version__)'
 """.replace("VENV", VENV)
 
 
@@ -46,17 +49,19 @@ def _pip(runner: Runner, *args: str) -> None:
     runner.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], timeout=300)
 
 
-def _sh_wheel(runner: Runner) -> Path:
+def _pure_wheel(runner: Runner, name: str) -> Path:
+    """The cached wheel of ``name`` (downloaded once): pure Python, so one fits every release."""
     wheels = config.cache_dir() / "wheels"
-    found = sorted(wheels.glob("sh-2*.whl"))
+    pattern = f"{name}-*-py3-none-any.whl"
+    found = sorted(wheels.glob(pattern))
     if found:
         return found[-1]
     wheels.mkdir(parents=True, exist_ok=True)
     _pip(runner, "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
-         SH_REQUIREMENT)
-    found = sorted(wheels.glob("sh-2*.whl"))
+         PURE_WHEELS[name])
+    found = sorted(wheels.glob(pattern))
     if not found:
-        raise SystemExit("lab: could not download the sh wheel")
+        raise SystemExit(f"lab: could not download the {name} wheel")
     return found[-1]
 
 
@@ -70,11 +75,13 @@ def build_wheel(runner: Runner, dest: Path) -> Path:
 
 
 def payload(runner: Runner) -> bytes:
-    """A tar of the wheels each VM installs: sanoffload's, built from this tree, and sh's."""
+    """A tar of the wheels each VM installs: sanoffload's, built from this tree, and
+    :data:`PURE_WHEELS`."""
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory(prefix="sanolab-wheel-") as tmp, \
             tarfile.open(fileobj=buf, mode="w") as tar:
-        for wheel in (build_wheel(runner, Path(tmp)), _sh_wheel(runner)):
+        for wheel in (build_wheel(runner, Path(tmp)),
+                      *(_pure_wheel(runner, n) for n in PURE_WHEELS)):
             tar.add(wheel, arcname=wheel.name, recursive=False)
     return buf.getvalue()
 

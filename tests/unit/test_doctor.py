@@ -302,7 +302,8 @@ def test_role_check_lists_differ_where_roles_differ() -> None:
     assert {"iscsiadm", "iscsid", "iscsi_tcp", "pyudev", "mount", "tar", "zstd", "ssh"} <= proxy
     assert {"LIO", "device-mapper", "lvm", "dmsetup", "SCSI", "rtslib_fb", "sshd", "thin_check",
             "storage.toml", "ports", "luns", "state_dir"} <= storage
-    assert store == {"tar", "zstd", "ssh", "sshd"}
+    # image backups: the optional mount of one (FUSE, loop device, mount)
+    assert store == {"tar", "zstd", "ssh", "sshd", "image-mount", "losetup", "mfusepy"}
     assert "LIO" not in proxy and "iscsiadm" not in storage and "fsfreeze" not in storage
 
 

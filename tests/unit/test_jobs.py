@@ -285,3 +285,31 @@ def test_location_round_trip(text: str) -> None:
     host, path = parse_location(text, "x")
     job = Job("j", "h", "/p", host, path)
     assert job.store == text
+
+
+# --------------------------------------------------------------------------
+# mode: tar (the default) or image
+# --------------------------------------------------------------------------
+
+def test_mode_is_tar_by_default_or_image() -> None:
+    assert jobs.parse("j", MINIMAL).mode is jobs.BackupMode.TAR
+    assert jobs.parse("j", MINIMAL + 'mode = "image"\n').mode is jobs.BackupMode.IMAGE
+    assert jobs.parse("j", MINIMAL + 'mode = "tar"\n').mode == "tar"
+
+
+@pytest.mark.hostile("proxy", "a job's mode that is not tar or image (a typo, a number)",
+                     "config error naming the file, the key and the valid modes")
+@pytest.mark.parametrize("value", ['"Image"', '"images"', "1", "true", '"tar\\n"'])
+def test_a_bad_mode_names_file_key_and_the_modes(tmp_path: Path, value: str) -> None:
+    path = write_job(tmp_path, "j", MINIMAL + f"mode = {value}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_job("j", tmp_path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: mode: unknown backup mode "), message
+    assert "(one of: tar, image)" in message and "\n" not in message
+
+
+def test_an_image_job_with_a_group_is_refused(tmp_path: Path) -> None:
+    path = write_job(tmp_path, "j", MINIMAL + 'mode = "image"\nwith = ["/srv/log"]\n')
+    with pytest.raises(ConfigError, match=f"{path}: with: an image backup reads one volume"):
+        load_job("j", tmp_path)

@@ -17,11 +17,11 @@ from tests.unit.recorded import feed, load
 pytestmark = pytest.mark.unit
 
 MIB = 1024 * 1024
-MUTATING = ("lvcreate", "lvconvert", "lvremove", "lvchange", "fsfreeze")
+MUTATING = ("lvcreate", "lvconvert", "lvremove", "lvchange", "lvrename", "fsfreeze")
 LV_FIELDS = ("lv_name,vg_name,lv_attr,lv_size,segtype,pool_lv,origin,data_percent,"
              "metadata_percent,snap_percent,copy_percent,sync_percent,lv_tags,lv_path,"
              "lv_dm_path,lv_kernel_major,lv_kernel_minor,lv_uuid,raid_sync_action,"
-             "lv_health_status,lv_active")
+             "lv_health_status,lv_active,thin_id")
 LVS = ["lvs", "--all", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS]
 
 

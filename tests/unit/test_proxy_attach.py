@@ -362,3 +362,52 @@ def test_detach_is_idempotent(tmp_path: Path) -> None:
     runner.calls.clear()
     detach(runner, answer(), mount_root=str(tmp_path))
     assert runner.argvs() == [[*NODE, "--logout"], [*NODE, "-o", "delete"]]
+
+
+# --------------------------------------------------------------------------
+# attach_block: an image backup's disk, never mounted
+# --------------------------------------------------------------------------
+
+def test_attach_block_logs_in_finds_the_disk_and_never_mounts(tmp_path: Path) -> None:
+    from sanoffload.proxy.attach import attach_block
+    from sanoffload.proxy.journal import ProxyJournal
+
+    lab = Lab(tmp_path)
+    journal = ProxyJournal(tmp_path / "journal", mount_root=str(lab.root))
+    undo = UndoStack()
+    device = attach_block(lab.runner, answer(), undo, waiter_factory=lab.udev.factory(),
+                          mount_root=str(lab.root), journal=journal)
+    assert device == "/dev/sdb"
+    assert lab.runner.argvs()[-1] == [*NODE, "--login"]
+    assert not lab.runner.called("blkid") and not lab.runner.called("mount")
+    record = journal.load(SID)
+    assert record is not None and record.resources == ["node", "session"]
+    assert not lab.root.exists()  # no mount point was made
+    # unwinding logs out, deletes the node record, and the journal record goes
+    lab.runner.calls.clear()
+    assert undo.unwind() == []
+    assert lab.runner.argvs() == [[*NODE, "--logout"], [*NODE, "-o", "delete"]]
+    assert journal.load(SID) is None
+
+
+def test_attach_block_of_any_filesystem_type(tmp_path: Path) -> None:
+    """An image holds blocks: no filesystem is mounted, so none is refused here."""
+    from sanoffload.proxy.attach import attach_block
+
+    lab = Lab(tmp_path)
+    with UndoStack() as undo:
+        assert attach_block(lab.runner, answer(fstype="btrfs"), undo,
+                            waiter_factory=lab.udev.factory(),
+                            mount_root=str(lab.root)) == "/dev/sdb"
+
+
+def test_attach_block_refuses_a_group_before_any_login(tmp_path: Path) -> None:
+    from sanoffload.proxy.attach import attach_block
+    from tests.unit.test_group_attach import group_answer
+
+    lab = Lab(tmp_path)
+    with pytest.raises(RefusedError, match="an image backup reads one volume"):
+        with UndoStack() as undo:
+            attach_block(lab.runner, group_answer(), undo, waiter_factory=lab.udev.factory(),
+                         mount_root=str(lab.root))
+    assert lab.runner.argvs() == []

@@ -448,3 +448,55 @@ def test_restore_from_a_remote_store_into_a_new_directory_tree(
     rc = cli.run(["restore", "--store", "bk1:/srv/backups", str(ids[1]), str(target)])
     assert (rc, capsys.readouterr().err) == (0, "")
     assert (target / "sub" / "a.txt").read_text() == "hello from fs1\n"
+
+
+# -- backup --image ---------------------------------------------------------------------------
+IMAGE_SUMMARY: dict[str, Any] = {
+    "backup_id": "fs1/srv-thin-3f2a9c1e/20261126T102933Z", "kind": "image",
+    "read_bytes": 8388608, "chunks_read": 2, "chunks": 256, "changed_chunks": 2,
+    "new_bytes": 4000, "new_chunks": 1, "stream_seconds": 1.5, "throughput_mib_s": 5.3,
+    "incremental": True, "base": "fs1/srv-thin-3f2a9c1e/20261125T102933Z", "full_reason": None,
+    "duplicate_kind": "thin-snapshot", "freeze_window_ms": 12.5, "frozen_by": "fsfreeze",
+    "compared_chunks": 2, "verify": "stream", "verified": True, "warnings": [],
+}
+
+
+def test_backup_image_asks_for_an_image_and_says_what_it_read(
+        recorder: Recorder, monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
+    monkeypatch.setattr(offhost, "run_offhost_backup",
+                        lambda *a, **kw: recorder(*a, **kw) and IMAGE_SUMMARY)
+    assert cli.run(["backup", "fs1:/srv/thin", "--store", "bk1:/srv/backups", "--image",
+                    "--no-progress"]) == 0
+    [(_, _, kw)] = recorder.calls
+    assert kw["image"] is True
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert out.startswith("image backup fs1/srv-thin-3f2a9c1e/20261126T102933Z: read 8388608 "
+                          "bytes (2 of 256 chunks, 2 changed), stored 4000 bytes in 1 new")
+    assert "incremental from fs1/srv-thin-3f2a9c1e/20261125T102933Z" in out
+    assert "2 chunk(s) read again and compared with the duplicate" in out
+
+
+def test_backup_image_full_read_reason_is_printed_escaped(
+        recorder: Recorder, monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
+    summary = {**IMAGE_SUMMARY, "incremental": False, "base": None, "compared_chunks": None,
+               "full_reason": "the store has no map of the base backup x\x1b[2J"}
+    monkeypatch.setattr(offhost, "run_offhost_backup", lambda *a, **kw: summary)
+    assert cli.run(["backup", "fs1:/srv/thin", "--store", "bk1:/srv/backups", "--image",
+                    "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "full read (the store has no map of the base backup x" in out
+    assert out.rstrip().endswith("; not compared")
+
+
+def test_backup_is_tar_unless_asked_or_the_job_says_image(
+        jobs_dir: Path, recorder: Recorder) -> None:
+    assert cli.run(["backup", "fs1:/srv/data", "--store", "/srv/b", "--no-progress"]) == 0
+    (jobs_dir / "thin.toml").write_text(
+        'source = "fs1:/srv/thin"\nstore = "bk1:/srv/backups"\nmode = "image"\n')
+    (jobs_dir / "data.toml").write_text('source = "fs1:/srv/data"\nstore = "bk1:/srv/b"\n')
+    assert cli.run(["backup", "--job", "thin", "--no-progress", "--json"]) == 0
+    assert cli.run(["backup", "--job", "data", "--no-progress", "--json"]) == 0
+    assert cli.run(["backup", "--job", "data", "--image", "--no-progress", "--json"]) == 0
+    # the command line, the image job, the tar job, the tar job with --image
+    assert [kw["image"] for _, _, kw in recorder.calls] == [False, True, False, True]

@@ -44,7 +44,7 @@ def test_list_text_and_json(setup: tuple[Path, FakeRunner, list[BackupId]],
     repo, runner, ids = setup
     assert cli.run(["store", "--repo", str(repo), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["ID", "SIZE", "MEMBERS", "VERIFIED", "COMPARED", "PATH"]
+    assert out[0].split() == ["ID", "KIND", "SIZE", "MEMBERS", "VERIFIED", "COMPARED", "PATH"]
     assert [line.split()[0] for line in out[1:]] == [str(i) for i in ids]
     assert out[1].split()[-3:] == ["not-verified", "-", "/srv/data"]
     assert cli.run(["store", "--repo", str(repo), "list", "--json"]) == 0
@@ -201,4 +201,4 @@ def test_list_escapes_and_marks_warnings_and_broken_rows() -> None:
     assert "\x1b" not in table and "\x07" not in table
     assert "/a\\nb\\x1b[2J  [warnings: 2]" in lines[1] and "ok\\x07" in lines[1]
     assert "BROKEN" in lines[2] and "x\\ny" in lines[2]
-    assert lines[3].split()[1:4] == ["?", "3\\n4", "-"]
+    assert lines[3].split()[1:5] == ["tar", "?", "3\\n4", "-"]
