@@ -2,8 +2,10 @@
 
 Tests take the ``lab`` fixture. Those marked ``release_sensitive`` run on every
 release in ``SANOLAB_RELEASES`` (default ``bookworm,trixie``); the others on
-the first one only. ``SANOLAB_REUSE=1`` keeps a lab that is already up (and
-leaves it up), for a quick edit-test loop; CI always boots a fresh one.
+the first one only. ``release_sensitive(cases=[...])`` narrows a test's
+``fs1_volume`` cases on the later releases to those listed. ``SANOLAB_REUSE=1``
+keeps a lab that is already up (and leaves it up), for a quick edit-test loop;
+CI always boots a fresh one.
 If the lab cannot boot, every lab test fails with the reason.
 """
 
@@ -28,6 +30,25 @@ def _releases() -> list[str]:
     if bad:
         raise pytest.UsageError(f"SANOLAB_RELEASES: unknown release(s) {bad}")
     return rels
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.release_sensitive(cases=[...])``: on releases after the first, only
+    those values of the test's ``fs1_volume`` run (the kernel-dependent ones; the others
+    are the same code on every kernel, and each case costs a minute under emulation)."""
+    first = _releases()[0]
+    dropped = []
+    for item in items:
+        marker = item.get_closest_marker("release_sensitive")
+        callspec = getattr(item, "callspec", None)
+        if marker is None or callspec is None or "cases" not in marker.kwargs:
+            continue
+        if callspec.params.get("lab") != first and \
+                tuple(callspec.params.get("fs1_volume", ())) not in marker.kwargs["cases"]:
+            dropped.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if i not in dropped]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
