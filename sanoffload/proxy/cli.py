@@ -97,6 +97,13 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
                    "One path (no --with). Default: the job's mode, else tar.")
 @click.option("--level", type=click.IntRange(1, 19), default=None,
               help="zstd level (default 3, or the job's); zstd uses every core (-T0).")
+@click.option("--incremental", is_flag=True, default=None,
+              help="tar --listed-incremental: only what changed since the last level (its "
+                   "state file comes from the store); a restore applies the chain. Default: "
+                   "the job's incremental, else a full archive.")
+@click.option("--full-every", type=click.IntRange(1, 1000), default=None, metavar="N",
+              help="With --incremental: a new level 0 after N levels (default 7, or the "
+                   "job's full_every).")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress on stderr (default: when stderr is a terminal).")
 @click.option("--ssh-option", "ssh_opts", multiple=True, metavar="OPT",
@@ -107,8 +114,8 @@ def _printable_rows(backups: list[Any]) -> list[dict[str, Any]]:
 def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str, ...],
            job: str | None,
            kind: str | None, verify_mode: str | None, no_verify: bool, image: bool | None,
-           level: int | None, progress: bool | None,
-           ssh_opts: tuple[str, ...], as_json: bool) -> None:
+           level: int | None, incremental: bool | None, full_every: int | None,
+           progress: bool | None, ssh_opts: tuple[str, ...], as_json: bool) -> None:
     """Back up HOST:/PATH off-host, from this proxy, into STORE.
 
     The first server freezes the filesystem only to duplicate the volume and
@@ -126,6 +133,7 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
       sanoffload backup --job data          # /etc/sanoffload/jobs/data.toml
       sanoffload backup fs1:/srv/san/db --with /srv/san/log --store bk1:/srv/backups
       sanoffload backup fs1:/srv/thin --image --store bk1:/srv/backups
+      sanoffload backup fs1:/srv/data --incremental --full-every 6 --store bk1:/srv/backups
     """
     from .offhost import run_offhost_backup
 
@@ -151,6 +159,9 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
         dup_kind = dup_kind or j.kind
         verify = j.verify if verify is None else verify
         level = j.level if level is None else level
+        incremental = j.incremental if incremental is None else incremental
+        if incremental and full_every is None:
+            full_every = j.full_every
         ssh = tuple(j.ssh_options) + ssh
         timeout = j.timeout_s
         also = j.also
@@ -159,11 +170,19 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
             raise UsageError("give HOST:/PATH and --store STORE (or --job NAME)")
         source_loc = parse_location(source, "HOST:/PATH")
         target = parse_location(store_loc, "--store")
+    if full_every is not None and not incremental:
+        raise UsageError("--full-every needs --incremental")
     show = sys.stderr.isatty() if progress is None else progress
+    extra: dict[str, Any] = {}
+    if incremental:
+        extra = {"incremental": True}
+        if full_every is not None:
+            extra["full_every"] = full_every
     summary = run_offhost_backup(app.get_runner(), source_loc, target,
                                  verify=verify or VerifyMode.STREAM, kind=dup_kind, level=level,
                                  ssh_options=ssh, also=also, image=bool(image),
-                                 timeout=timeout, progress=Progress() if show else None)
+                                 timeout=timeout, progress=Progress() if show else None,
+                                 **extra)
     warnings = list(summary.get("warnings") or [])
     if as_json:
         _echo_json(summary)
@@ -175,6 +194,8 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
         if summary.get("verify") == VerifyMode.STREAM.value:
             verified = "checked in flight (checksums end to end, decoded by the store)"
         said = f"; {len(warnings)} warning(s)" if warnings else ""
+        if summary.get("tar_level") is not None:
+            said += f"; incremental level {printable(str(summary['tar_level']))}"
         if summary.get("members"):
             said += "; group of " + ", ".join(printable(str(p)) for p in summary["members"])
         click.echo(f"backup {printable(str(summary['backup_id']))}: {summary['archive_bytes']} "

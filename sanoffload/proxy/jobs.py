@@ -17,6 +17,10 @@ Example (every key; only ``source`` and ``store`` are required)::
     mode = "tar"                      # tar (an archive of the files, the default) | image
                                       #   (the volume's blocks in chunks; incremental on
                                       #   thin volumes; one path only, no "with")
+    incremental = false               # tar only: tar --listed-incremental levels, each
+                                      #   against the last; restore applies the chain
+    full_every = 7                    # with incremental: a new level 0 after this many
+                                      #   incremental levels (1-1000, default 7)
 
 NAME becomes a file name and a systemd instance name
 (``sanoffload-backup@NAME.timer``), so it is letters, digits, ``_``, ``.``,
@@ -49,7 +53,11 @@ JOB_SUFFIX = ".toml"
 DEFAULT_TIMEOUT_S = 12 * 3600.0
 
 _KEYS = {"source", "store", "verify", "level", "kind", "ssh_options", "timeout_s", "with",
-         "mode"}
+         "mode", "incremental", "full_every"}
+#: a new level 0 after this many incremental levels, unless the job says otherwise
+DEFAULT_FULL_EVERY = 7
+#: the most incremental levels above a level 0 (the store refuses longer chains)
+MAX_FULL_EVERY = 1000
 #: the most paths one consistency group may name (the agent's answer lists at most these)
 MAX_GROUP_PATHS = MAX_MEMBERS
 
@@ -99,6 +107,10 @@ class Job:
     #: a consistency group's other paths on the source's host (empty: one path)
     also: tuple[str, ...] = ()
     mode: BackupMode = BackupMode.TAR
+    #: tar --listed-incremental levels (tar mode only)
+    incremental: bool = False
+    #: with ``incremental``: a new level 0 after this many levels
+    full_every: int = DEFAULT_FULL_EVERY
 
     @property
     def source(self) -> str:
@@ -223,6 +235,18 @@ class Checker:
             raise self.error(key, f"must be a zstd level from 1 to 19, not {value!r}")
         return value
 
+    def flag(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
+    def full_every(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not 1 <= value <= MAX_FULL_EVERY:
+            raise self.error(key, f"must be a whole number of levels from 1 to "
+                                  f"{MAX_FULL_EVERY}, not {value!r}")
+        return value
+
     def verify_mode(self, value: Any, key: str) -> VerifyMode:
         try:
             return VerifyMode.of(value)
@@ -306,6 +330,12 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
     if mode is BackupMode.IMAGE and data.get("with"):
         raise c.error("with", "an image backup reads one volume: a consistency group is "
                               "backed up with mode = \"tar\"")
+    incremental = c.flag(data.get("incremental", False), "incremental")
+    if incremental and mode is BackupMode.IMAGE:
+        raise c.error("incremental", "is for mode = \"tar\": an image backup of a thin "
+                                     "volume is incremental by itself")
+    if "full_every" in data and not incremental:
+        raise c.error("full_every", "needs incremental = true")
     return Job(
         name=name, source_host=source_host, source_path=source_path,
         store_host=store_host, store_path=store_path,
@@ -316,7 +346,8 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
         timeout_s=c.seconds(data.get("timeout_s", DEFAULT_TIMEOUT_S), "timeout_s"),
         also=group_paths(source_path, data.get("with", []), f"{source}: with",
                          error=ConfigError),
-        mode=mode)
+        mode=mode, incremental=incremental,
+        full_every=c.full_every(data.get("full_every", DEFAULT_FULL_EVERY), "full_every"))
 
 
 def parse(name: str, text: str, source: str = "<string>") -> Job:

@@ -28,9 +28,23 @@ An image backup (``--image``, issue 13) reads the duplicate's blocks instead::
     store: the base backup's chunk map (ImageSink.previous_map), when there is a delta
     attach (iSCSI login, find the disk; no mount)
     read the changed chunks (or all), O_DIRECT; the store gets the ones it lacks
-    read them again and compare with the map (--verify full: every chunk)
+    --verify full: read every chunk again and compare it with the map
     agent status: still healthy?  commit the map and the manifest
     logout; release {"committed": BACKUP_ID}     # the agent keeps the snapshot as the base
+
+As for an archive, the default check (``stream``) costs no second read: a chunk's id
+is the sha256 of the bytes read from the duplicate, and the store decodes and
+re-hashes every chunk against its id before it keeps it, and refuses a commit whose
+map names a chunk it lacks. A second read would double what an incremental reads.
+
+An incremental tar backup (``--incremental``, issue 13) asks the store first::
+
+    store: state HOST:PATH -> the newest incremental backup whose chain is whole and
+           its state file (sha256 checked), into a private temporary directory
+    level: 0 if there is none, if its verification failed or the chain already has
+           full_every levels above its level 0; else the next one
+    tar --listed-incremental=STATE --no-check-device …   (see sanoffload.proxy.stream)
+    the state file's dump time set to the freeze time less a margin; sent, then commit
 
 On any failure the sink is aborted and the release carries no ``committed``: the
 agent drops the new snapshot and keeps the old base (see :mod:`sanoffload.proxy.image`).
@@ -48,8 +62,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,6 +84,8 @@ from ..errors import (
 from ..kinds import DuplicateKind, VerifyMode
 from ..runner import Runner
 from ..store.imagemap import DEFAULT_CHUNK_SIZE
+from ..store.manifest import MAX_TAR_LEVEL, VERIFY_FAILED, check_incremental
+from ..store.repo import BackupId
 from ..text import printable
 from ..undo import UndoStack
 from . import jobs
@@ -76,7 +94,7 @@ from .compare import compare_stored_archive
 from .image import ImageResult, check_delta, compare_image, device_size, read_image
 from .journal import ProxyJournal
 from .peers import AgentClient, LocalStoreClient, StoreClient
-from .stream import _blame_invalid, journaled_attach, stream_duplicate
+from .stream import Incremental, _blame_invalid, journaled_attach, stream_duplicate
 
 if TYPE_CHECKING:
     from ..store.imagemap import ImageSink
@@ -306,12 +324,11 @@ def _image_backup(runner: Runner, answer: PrepareAnswer, open_sink: Callable[[in
                 result = read_image(device, sink, delta=delta, previous=previous,
                                     progress=progress)
                 compared: int | None = None
-                if mode is not VerifyMode.NONE:
+                if mode is VerifyMode.FULL:
+                    # the whole map is what the snapshot holds: every chunk read again
+                    # (the base's too) and its hash compared
                     chunk_map = result.chunk_map
-                    indexes = (range(chunk_map.count) if mode is VerifyMode.FULL
-                               else result.read_indexes())
-                    # what was stored is what the snapshot holds: read again, hashes compared
-                    compared = compare_image(device, chunk_map, indexes)
+                    compared = compare_image(device, chunk_map, range(chunk_map.count))
                 if not still_valid():
                     raise DuplicateInvalidError(
                         f"the duplicate of session {answer.session_id} became invalid "
@@ -338,6 +355,61 @@ def _image_backup(runner: Runner, answer: PrepareAnswer, open_sink: Callable[[in
         raise
 
 
+#: a new level 0 after this many incremental levels (a job's ``full_every``)
+DEFAULT_FULL_EVERY = 7
+#: the state file's dump time is the freeze time less this: the first server's and the
+#: proxy's clocks may differ, and a file changed just before the freeze must not be skipped
+DUMP_MARGIN_S = 60.0
+
+
+def next_level(previous: Mapping[str, Any] | None, full_every: int) -> tuple[dict[str, Any], str]:
+    """The manifest fields of the next level after ``previous`` (the store's ``state``
+    answer: a manifest's fields, hostile until checked) and why it is that level.
+
+    Level 0 when there is no previous level, when it failed its verification, when the
+    chain has ``full_every`` levels above its level 0, or when its fields do not check.
+    """
+    if previous is None:
+        return {"tar_level": 0}, "no previous incremental backup"
+    bid = previous.get("id")
+    level = previous.get("tar_level")
+    try:
+        check_incremental(level, previous.get("parent"), previous.get("chain"),
+                          previous.get("snapshot_sha256"), previous.get("snapshot_bytes"),
+                          own=bid if isinstance(bid, str) else None)
+        BackupId.parse(bid if isinstance(bid, str) else "")
+    except (ValueError, SanoffloadError) as exc:
+        return {"tar_level": 0}, f"the previous level does not check: {printable(str(exc))[:200]}"
+    assert isinstance(level, int) and isinstance(bid, str)
+    verification = previous.get("verification")
+    if isinstance(verification, Mapping) and verification.get("status") == VERIFY_FAILED:
+        return {"tar_level": 0}, f"{bid} failed its verification"
+    if level >= full_every:
+        return {"tar_level": 0}, f"the chain has {level} levels above its level 0"
+    chain = previous.get("chain") or bid
+    return ({"tar_level": level + 1, "parent": bid, "chain": chain},
+            f"level {level + 1} of {chain}")
+
+
+def _prepare_incremental(depot: StoreClient, host: str, path: str, full_every: int,
+                         directory: str) -> tuple[str, dict[str, Any]]:
+    """Fetch the previous state file into ``directory`` and decide the level:
+    ``(state file path, manifest fields)``; the file is absent for a level 0."""
+    state = os.path.join(directory, "state.snar")
+    fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with open(fd, "wb") as f:
+        previous = depot.state(host, path, f)
+    fields, why = next_level(previous.backup, full_every)
+    if previous.backup is None:
+        why = f"{why}: {previous.reason}"
+    if fields["tar_level"] == 0:
+        os.unlink(state)  # tar makes a level 0 when its state file is absent
+    log.info("%s:%s: incremental level %d (%s)", host, printable(path), fields["tar_level"],
+             why)
+    return state, fields
+
+
 def _release(agent: AgentClient, session_id: str, outcome: Mapping[str, str]) -> None:
     # committed only once the store has the backup: the agent then keeps its snapshot as
     # the base; without it the snapshot goes and the old base stays
@@ -355,7 +427,9 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                        attach_fn: Callable[..., Attached] = journaled_attach,
                        also: Sequence[str] = (), image: bool = False,
                        attach_block_fn: Callable[..., str] = journaled_attach_block,
-                       image_sink_fn: SinkFactory = _open_sink) -> dict[str, Any]:
+                       image_sink_fn: SinkFactory = _open_sink,
+                       incremental: bool = False, full_every: int = DEFAULT_FULL_EVERY,
+                       dump_margin_s: float = DUMP_MARGIN_S) -> dict[str, Any]:
     """Back up ``source`` (on its first server) into ``store``; returns the summary.
 
     ``also``: more paths on the same first server, frozen in the same window
@@ -367,11 +441,22 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
     ``verify``: a :class:`~sanoffload.kinds.VerifyMode` (True/False: full/none).
     ``image``: an image backup (:func:`_image_backup`; ``attach_block_fn`` and
     ``image_sink_fn`` are injected by tests), summarised by :func:`_image_summary`.
+    ``incremental``: a level of a ``tar --listed-incremental`` chain (a new level 0
+    after ``full_every`` levels); the state file's dump time is set to the freeze time
+    less ``dump_margin_s``.
     """
     mode = VerifyMode.of(verify, where="verify")
     if source.host is None:
         raise UsageError(f"{source}: name the first server (HOST:/PATH): a backup is "
                          "always taken off-host")
+    if image and incremental:
+        raise UsageError("--incremental is for tar backups: an image backup is incremental "
+                         "by itself (on thin volumes)")
+    if isinstance(full_every, bool) or not isinstance(full_every, int) or \
+            not 1 <= full_every <= MAX_TAR_LEVEL:
+        raise UsageError(f"full_every must be 1 to {MAX_TAR_LEVEL}: {full_every!r}")
+    if not 0 <= dump_margin_s <= 86400:
+        raise UsageError(f"the dump time margin must be 0 to 86400 s: {dump_margin_s!r}")
     if image and also:
         raise UsageError("an image backup reads one volume: --with (a consistency group) "
                          "is backed up without --image")
@@ -387,6 +472,7 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                  else StoreClient(store_connector(runner, store, ssh_options, timeout=timeout),
                                   name=store.host))
         undo.push(f"connection to {store}", depot.close)
+        asked_at = time.time()
         answer = agent.prepare(source.path, initiator, kind, also=tuple(group[1:]),
                                image=image)
         sid = answer.session_id
@@ -415,8 +501,18 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
                                 attach_block_fn=attach_block_fn, outcome=outcome,
                                 progress=progress)
         else:
-            writer = depot.writer(agent.host, source.path, manifest_fields(answer),
-                                  progress=progress)
+            fields = manifest_fields(answer)
+            level_run: Incremental | None = None
+            if incremental:
+                scratch = tempfile.mkdtemp(prefix="sanoffload-state-")  # 0700: ours only
+                undo.push("the state file's directory", shutil.rmtree, scratch, True)
+                state, level_fields = _prepare_incremental(depot, agent.host, source.path,
+                                                           full_every, scratch)
+                fields.update(level_fields)
+                # an agent without frozen_at: the moment it was asked is before the freeze
+                frozen = min(answer.frozen_at or asked_at, asked_at + 3600)
+                level_run = Incremental(state, max(frozen - dump_margin_s, 0.0))
+            writer = depot.writer(agent.host, source.path, fields, progress=progress)
 
             verdict: dict[str, Any] = {}
 
@@ -435,7 +531,8 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
             try:
                 summary = stream_duplicate(runner, answer, writer, still_valid=still_valid,
                                            compare=compare if mode is VerifyMode.FULL else None,
-                                           attach_fn=attach_fn, level=level, **extra)
+                                           attach_fn=attach_fn, level=level,
+                                           incremental=level_run, **extra)
             except IntegrityError:
                 log.error("the stored archive differs from the duplicate: %s",
                           verdict.get("detail", ""))
@@ -464,6 +561,8 @@ def run_offhost_backup(runner: Runner, source: Location, store: Location, *,
         "verification": stored.get("verification"), "compared": stored.get("compared"),
         "warnings": warnings,
         "held": [h.hook for h in answer.held],
+        **({"tar_level": stored.get("tar_level"), "parent": stored.get("parent"),
+            "chain": stored.get("chain")} if incremental else {}),
     }
 
 

@@ -11,6 +11,7 @@ import io
 import logging
 import select
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 from ..channel.client import Client, Connector
@@ -20,6 +21,8 @@ from ..errors import CommandError, IntegrityError, ProtocolError, SanoffloadErro
 from ..kinds import DuplicateKind
 from ..store.imagemap import ImageSink
 from ..store.service import StoreService
+from ..text import printable
+from ..tools import tar
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,37 @@ class StoreClient(Client):
                progress: Callable[[int], None] | None = None) -> RemoteWriter | LocalWriter:
         return RemoteWriter(self, host, path, fields, progress=progress)
 
+    def state(self, host: str, path: str, out: IO[bytes]) -> PreviousState:
+        """The newest incremental backup of ``host:path`` whose chain is whole: its state
+        file goes to ``out`` (at most ``tar.MAX_SNAPSHOT_BYTES``, its sha256 checked against
+        the manifest); ``found`` False (and the store's reason) if there is none."""
+        reply = check_reply(self.call("state", host=host, path=path), {"found": bool})
+        if not reply["found"]:
+            reason = reply.get("reason")
+            return PreviousState(None, printable(reason)[:300] if isinstance(reason, str)
+                                 else "no incremental backup")
+        backup = reply.get("backup")
+        size = reply.get("snapshot_bytes")
+        if not isinstance(backup, dict) or isinstance(size, bool) or not isinstance(size, int):
+            self.close(quiet=True)  # its frames follow: out of step now
+            raise ProtocolError(f"{self.name}: a state answer without backup and size")
+        h = hashlib.sha256()
+        got = 0
+        for chunk in self.channel.recv_chunks():
+            got += len(chunk)
+            if got > min(size, tar.MAX_SNAPSHOT_BYTES):
+                self.close(quiet=True)
+                raise ProtocolError(f"{self.name}: the state file is longer than the "
+                                    f"{size} bytes announced")
+            h.update(chunk)
+            out.write(chunk)
+        bid = printable(str(backup.get("id")))[:200]
+        if got != size or got != backup.get("snapshot_bytes") or \
+                h.hexdigest() != backup.get("snapshot_sha256"):
+            raise IntegrityError(f"{bid}: the state file that arrived ({got} bytes, sha256 "
+                                 f"{h.hexdigest()}) is not what the manifest says")
+        return PreviousState(backup, "")
+
     def image_sink(self, host: str, path: str, fields: Mapping[str, Any], *,
                    size: int | None = None, chunk_size: int | None = None) -> ImageSink:
         """Where an image backup of ``host:path`` goes (the store's image ops over the wire);
@@ -148,6 +182,33 @@ class StoreClient(Client):
             raise IntegrityError(f"{backup_id}: what arrived ({size} bytes, sha256 "
                                  f"{h.hexdigest()}) is not what the manifest says")
         return backup
+
+
+@dataclass(frozen=True)
+class PreviousState:
+    """What ``state`` answered: the previous incremental backup (its manifest's fields, as
+    the store sent them; None: there is none, ``reason`` says why)."""
+
+    backup: dict[str, Any] | None
+    reason: str
+
+
+def send_file_chunks(path: str, send: Callable[[memoryview], None]) -> tuple[str, int]:
+    """Read the file at ``path`` (at most ``tar.MAX_SNAPSHOT_BYTES``) and give it to
+    ``send`` CHUNK at a time; ``(sha256, bytes)``."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            size += n
+            if size > tar.MAX_SNAPSHOT_BYTES:
+                raise IntegrityError(f"the state file is larger than {tar.MAX_SNAPSHOT_BYTES} "
+                                     "bytes")
+            h.update(view[:n])
+            send(view[:n])
+    return h.hexdigest(), size
 
 
 class LocalStoreClient(StoreClient):
@@ -199,6 +260,14 @@ class LocalWriter:
     @property
     def sha256(self) -> str:
         return self._writer.sha256
+
+    def send_snapshot(self, path: str) -> tuple[str, int]:
+        """Hand the store the state file at ``path`` (an incremental backup); ``(sha256,
+        bytes)``."""
+        pieces: list[bytes] = []
+        sent = send_file_chunks(path, lambda view: pieces.append(bytes(view)))
+        self._writer.write_snapshot(pieces)
+        return sent
 
     def commit(self, fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return self.service.finish_put(self._writer, self._sent, fields).to_dict()
@@ -260,12 +329,25 @@ class RemoteWriter:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    def send_snapshot(self, path: str) -> tuple[str, int]:
+        """Send the state file at ``path`` after the archive (an incremental backup);
+        ``(sha256, bytes)``. The commit follows."""
+        channel = self.store.channel
+        try:
+            channel.end_chunks()
+            channel.send({"op": "snapshot"})
+            sent = send_file_chunks(path, channel.send_chunk)
+        except (ProtocolError, OSError):
+            self._early_error()
+            raise
+        return sent
+
     def commit(self, fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
         self._done = True
         channel = self.store.channel
         final = {**dict(fields or {}), "sha256": self.sha256, "archive_bytes": self.bytes}
         try:
-            channel.end_chunks()
+            channel.end_chunks()  # of the archive, or of the state file that followed it
             channel.send({"op": "commit", "fields": final})
         except (ProtocolError, OSError):
             self._early_error()  # the store refused the last chunk and hung up: say why

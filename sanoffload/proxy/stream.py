@@ -22,6 +22,13 @@ A consistency group's archive holds every member under its archive name
 
 (no ``--one-file-system``: each name is a bind mount, which tar must enter).
 
+An incremental backup (issue 13) adds ``--listed-incremental=STATE
+--no-check-device`` before the ``--`` (STATE: the previous level's state file, in
+a private temporary directory; absent for a level 0); once tar has ended, the
+state file's dump time is set back to the freeze time minus a margin
+(:func:`~sanoffload.tools.tar.rewrite_snapshot_file`) and it goes to the store
+after the archive, before the commit.
+
 Telling the agent to release is the caller's job (it owns that channel).
 """
 
@@ -32,7 +39,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..channel.messages import PrepareAnswer
 from ..errors import DuplicateInvalidError, IntegrityError, Interrupted
@@ -60,6 +67,24 @@ class Writer(Protocol):
     def commit(self, fields: Mapping[str, Any] | None = None) -> Any: ...
 
     def abort(self) -> None: ...
+
+
+@runtime_checkable
+class SnapshotWriter(Writer, Protocol):
+    """A writer that also takes an incremental level's state file (the store's writers)."""
+
+    def send_snapshot(self, path: str) -> tuple[str, int]: ...
+
+
+@dataclass(frozen=True)
+class Incremental:
+    """One level of a ``--listed-incremental`` chain, as the proxy runs it."""
+
+    #: the state file tar reads and updates (the previous level's copy; absent: level 0)
+    state_file: str
+    #: what the state file's dump time becomes after tar (epoch seconds): the freeze time
+    #: minus the clock-skew margin
+    dump_time: float
 
 
 @dataclass(frozen=True)
@@ -124,6 +149,21 @@ def _blame_invalid(exc: BaseException, answer: PrepareAnswer,
         raise _invalid(answer) from exc
 
 
+def _finish_state(writer: Writer, incremental: Incremental) -> dict[str, Any]:
+    """Set the state file's dump time to the freeze (tar wrote its own start) and send it;
+    the manifest fields that name it."""
+    try:
+        old = tar.rewrite_snapshot_file(incremental.state_file, incremental.dump_time)
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"the state file tar wrote: {exc}") from None
+    log.info("state file: dump time %d.%09d (tar's start) set to %.3f (the freeze, less the "
+             "margin)", old.seconds, old.nanoseconds, incremental.dump_time)
+    if not isinstance(writer, SnapshotWriter):
+        raise TypeError(f"{type(writer).__name__} cannot store an incremental level's state file")
+    sha256, size = writer.send_snapshot(incremental.state_file)
+    return {"snapshot_sha256": sha256, "snapshot_bytes": size}
+
+
 def journaled_attach(runner: Runner, answer: PrepareAnswer, undo: UndoStack) -> Attached:
     """:func:`~sanoffload.proxy.attach.attach` with the proxy's journal, so what a killed
     proxy left is found by ``sanoffload proxy cleanup``."""
@@ -135,14 +175,16 @@ def stream_duplicate(runner: Runner, answer: PrepareAnswer, writer: Writer, *,
                      compare: Callable[[Any, str], bool] | None = None,
                      attach_fn: Callable[..., Attached] = journaled_attach,
                      on_attach: Callable[[Attached], None] | None = None,
-                     level: int | None = None) -> BackupSummary:
+                     level: int | None = None,
+                     incremental: Incremental | None = None) -> BackupSummary:
     """Back up the session ``answer`` describes into ``writer``; see the module doc.
 
     ``still_valid`` asks the agent about the duplicate (status is "healthy");
     ``compare(backup, source_dir)`` checks the stored archive against the
     mounted duplicate (None: not verified); ``on_attach`` hears where the
     duplicate is mounted (a progress display sizes itself from it); ``level``
-    is zstd's (None: its default, 3).
+    is zstd's (None: its default, 3). ``incremental``: one level of a chain (the
+    writer must have ``send_snapshot``; ``fields`` hold the level's manifest fields).
     """
     with UndoStack() as undo:
         try:
@@ -155,6 +197,8 @@ def stream_duplicate(runner: Runner, answer: PrepareAnswer, writer: Writer, *,
             on_attach(att)
         try:
             src, create = tar_source(att, answer)
+            if incremental is not None:
+                create = tar.with_incremental(create, incremental.state_file)
         except BaseException:
             writer.abort()
             raise
@@ -166,7 +210,10 @@ def stream_duplicate(runner: Runner, answer: PrepareAnswer, writer: Writer, *,
                 pipe.wait()
             if not still_valid():
                 raise _invalid(answer)
-            backup = writer.commit(dict(fields or {}))
+            final = dict(fields or {})
+            if incremental is not None:
+                final.update(_finish_state(writer, incremental))
+            backup = writer.commit(final)
         except BaseException as exc:
             writer.abort()
             _blame_invalid(exc, answer, still_valid)

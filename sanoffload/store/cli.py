@@ -134,6 +134,11 @@ def format_backups(backups: Sequence[object]) -> str:
             where += f"  [image of {_size(image.get('size'))}]"
         elif b.get("kind") is not None:
             kind = "?"
+        elif b.get("tar_level") is not None:
+            # an incremental level: restoring it applies its chain from level 0
+            level = b.get("tar_level")
+            kind = f"tar L{level}" if isinstance(level, int) and not isinstance(level, bool) \
+                else "tar L?"
         rows.append((ident, kind, _size(size),
                      printable(str(members)) if members is not None else "-",
                      _status(b.get("verification")), _status(b.get("compared")), where))
@@ -225,8 +230,13 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
         click.echo(f"{verb} {backup.id}")
     for broken in plan.broken:
         click.echo(f"broken {broken.id} (left alone: {printable(broken.reason)})")
+    for backup, needed in plan.kept_for_chain:
+        click.echo(f"kept   {backup.id} only because {needed} (kept) needs it: an "
+                   "incremental level is restored with its whole chain")
     click.echo(f"{len(plan.keep)} kept, {len(plan.remove)} {verb}"
-               + (f", {len(plan.broken)} broken left alone" if plan.broken else ""))
+               + (f", {len(plan.broken)} broken left alone" if plan.broken else "")
+               + (f", {len(plan.kept_for_chain)} kept for a chain" if plan.kept_for_chain
+                  else ""))
     if plan.images_removed:
         click.echo("image backups were removed: their chunks stay until "
                    "'sanoffload store gc' frees the unreferenced ones")
@@ -344,6 +354,8 @@ def restore(ctx: click.Context, app: App, backup_id: str, target: str | None,
     if done.link_targets:
         what += (f" and {len(done.link_targets)} hard-linked file(s) they need: "
                  + ", ".join(f"'{printable(tar.show(n))}'" for n in done.link_targets))
+    if done.chain:
+        what += f", {len(done.chain)} levels applied from {done.chain[0]}"
     click.echo(f"restored {done.backup} into {printable(str(done.target))}: {what} "
                f"({done.members} members checked)")
 

@@ -74,6 +74,7 @@ from ..channel.messages import (
 from ..errors import IntegrityError, UsageError
 from ..kinds import Choice, DuplicateKind, ObjectKind, WhoFreezes
 from ..text import has_control
+from ..tools.tar import MAX_SNAPSHOT_BYTES
 from .imagemap import DIGEST_BYTES, HEADER as MAP_HEADER, check_geometry
 
 FORMAT = 1
@@ -104,7 +105,13 @@ _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 #: what a sender (the proxy) may say about a backup, and the check each value gets
 SENDER_FIELDS: tuple[str, ...] = ("duplicate_kind", "frozen_at", "freeze_window_ms", "frozen_by",
                                   "session_id", "source_bytes", "file_count", "sha256",
-                                  "archive_bytes", "warnings", "held", "members")
+                                  "archive_bytes", "warnings", "held", "members",
+                                  "tar_level", "parent", "chain", "snapshot_sha256",
+                                  "snapshot_bytes")
+#: an incremental tar backup's fields (issue 13): all absent for a full backup
+INCREMENTAL_KEYS = ("tar_level", "parent", "chain", "snapshot_sha256", "snapshot_bytes")
+#: the longest chain a manifest may claim (a job's full_every is far below)
+MAX_TAR_LEVEL = 1000
 #: a group member's keys, all required, no others
 MEMBER_KEYS = frozenset({"path", "identifier", "duplicate_kind", "fstype", "object_kind"})
 _FSTYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
@@ -360,6 +367,13 @@ class Manifest:
     kind: str = KIND_TAR
     #: an image backup's geometry, map and counts (None for tar)
     image: ImageInfo | None = None
+    #: an incremental tar backup: its place in the chain (0: a full level), the backup it
+    #: extends and the chain's level 0 (both None for level 0), and its state file
+    tar_level: int | None = None
+    parent: str | None = None
+    chain: str | None = None
+    snapshot_sha256: str | None = None
+    snapshot_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -423,6 +437,10 @@ class Manifest:
             raise ValueError(f"manifest: warnings and held: more than {MAX_NOTES_JSON} bytes "
                              "of JSON together")
         object.__setattr__(self, "members", check_members(self.members))
+        check_incremental(self.tar_level, self.parent, self.chain, self.snapshot_sha256,
+                          self.snapshot_bytes, own=self.backup_id)
+        if self.tar_level is not None and self.kind != KIND_TAR:
+            raise ValueError("manifest: an image backup has no tar_level")
         if self.members and self.members[0].path != self.path:
             raise ValueError(f"manifest: members[0] is {self.members[0].path!r}, not the "
                              f"backup's path {self.path!r}")
@@ -438,6 +456,18 @@ class Manifest:
     @property
     def is_image(self) -> bool:
         return self.kind == KIND_IMAGE
+
+    @property
+    def is_incremental(self) -> bool:
+        """A tar backup of a ``--listed-incremental`` chain (it carries a state file)."""
+        return self.tar_level is not None
+
+    @property
+    def chain_id(self) -> str | None:
+        """The id of this backup's level 0 (its own for a level 0; None: not incremental)."""
+        if self.tar_level is None:
+            return None
+        return self.chain or self.backup_id
 
     @property
     def stored_bytes(self) -> int:
@@ -464,6 +494,9 @@ class Manifest:
             data["members"] = [m.to_dict() for m in self.members]
         else:
             del data["members"]
+        for name in INCREMENTAL_KEYS:
+            if data[name] is None:
+                del data[name]  # a full backup's manifest reads back as it always was
         if self.image is not None:
             data["image"] = self.image.to_dict()
             for name in _TAR_ONLY:
@@ -606,8 +639,11 @@ def sender_fields(values: Mapping[str, Any] | None) -> dict[str, Any]:
         elif key in _SENDER_MAXIMA and _is_number(value) and value > _SENDER_MAXIMA[key]:
             raise ValueError(f"{key} must be at most {_SENDER_MAXIMA[key]}: {value!r}")
         out[key] = value
+    # the chain's ids are checked against the backup's own once the store names it
+    check_incremental(*(out.get(k) for k in INCREMENTAL_KEYS), own=None, sent=True)
     # the same checks a stored manifest gets, on a stand-in for the rest
-    probe = {k: v for k, v in out.items() if k not in ("sha256", "archive_bytes")}
+    probe = {k: v for k, v in out.items()
+             if k not in ("sha256", "archive_bytes", *INCREMENTAL_KEYS)}
     # a group's first member is the backup's path: the stand-in takes it
     path = out["members"][0]["path"] if out.get("members") else "/"
     Manifest(host="h", path=path, slug="s", timestamp="t",
@@ -619,6 +655,56 @@ def sender_fields(values: Mapping[str, Any] | None) -> dict[str, Any]:
 _SENDER_MAXIMA: dict[str, float] = {"source_bytes": MAX_SOURCE_BYTES,
                                     "file_count": MAX_FILE_COUNT,
                                     "freeze_window_ms": MAX_FREEZE_WINDOW_MS}
+
+
+def _split_id(value: Any, name: str) -> tuple[str, str]:
+    """``(HOST/SLUG, TIMESTAMP)`` of a backup id a manifest names; ValueError if it is none."""
+    if not isinstance(value, str) or not _BACKUP_ID_RE.fullmatch(value) or ".." in value:
+        raise ValueError(f"manifest: {name} must be a backup id: {str(value)[:120]!r}")
+    where, _, stamp = value.rpartition("/")
+    return where, stamp
+
+
+def check_incremental(level: Any, parent: Any, chain: Any, snapshot_sha256: Any,
+                      snapshot_bytes: Any, *, own: str | None, sent: bool = False) -> None:
+    """Check an incremental backup's fields (all None: a full backup); ValueError if bad.
+
+    ``own``: the backup's id (None: not known yet, the relations are checked later):
+    ``parent`` and ``chain`` must then be earlier backups of the same host and path,
+    the chain's level 0 no later than the parent, and level 1's parent its level 0.
+    ``sent``: a sender's fields, whose state file (``snapshot_*``) may follow later.
+    """
+    if level is None:
+        if any(v is not None for v in (parent, chain, snapshot_sha256, snapshot_bytes)):
+            raise ValueError("manifest: parent, chain and snapshot_* need a tar_level")
+        return
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_TAR_LEVEL:
+        raise ValueError(f"manifest: tar_level must be 0 to {MAX_TAR_LEVEL}: {str(level)[:40]!r}")
+    if not (sent and snapshot_sha256 is None and snapshot_bytes is None):
+        # a sender's may come later: the store fills them in from the state file it receives
+        if not isinstance(snapshot_sha256, str) or not _SHA256_RE.fullmatch(snapshot_sha256):
+            raise ValueError("manifest: snapshot_sha256 must be 64 lowercase hex digits")
+        if (isinstance(snapshot_bytes, bool) or not isinstance(snapshot_bytes, int)
+                or not 0 < snapshot_bytes <= MAX_SNAPSHOT_BYTES):
+            raise ValueError(f"manifest: snapshot_bytes must be 1 to {MAX_SNAPSHOT_BYTES}: "
+                             f"{str(snapshot_bytes)[:40]!r}")
+    if level == 0:
+        if parent is not None:
+            raise ValueError("manifest: a level 0 has no parent")
+        if chain is not None and (own is None or chain != own):
+            _split_id(chain, "chain")
+            if own is not None:
+                raise ValueError("manifest: a level 0 is its own chain")
+        return
+    p_where, p_stamp = _split_id(parent, "parent")
+    c_where, c_stamp = _split_id(chain, "chain")
+    if p_where != c_where or c_stamp > p_stamp or (level == 1 and chain != parent):
+        raise ValueError("manifest: parent and chain are not one chain of one path")
+    if own is not None:
+        o_where, _, o_stamp = own.rpartition("/")
+        if p_where != o_where or not p_stamp < o_stamp:
+            raise ValueError(f"manifest: parent {parent} is not an earlier backup of the "
+                             "same host and path")
 
 
 def _is_number(value: Any) -> bool:

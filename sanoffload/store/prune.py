@@ -28,15 +28,16 @@ cannot be read whole: a chunk only that backup names would look unreferenced.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from ..errors import IntegrityError, UsageError
+from ..errors import IntegrityError, SanoffloadError, UsageError
 from ..text import printable
 from .chunks import GcReport
-from .repo import MAP_SUFFIX, Backup, Broken, Repository
+from .manifest import MAX_TAR_LEVEL
+from .repo import MAP_SUFFIX, Backup, BackupId, Broken, Repository
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class Plan:
     dry_run: bool = False
     #: backups whose manifest is broken: left alone
     broken: list[Broken] = field(default_factory=list)
+    #: kept only because a kept incremental level needs them: (backup, the newest kept
+    #: backup that needs it)
+    kept_for_chain: list[tuple[Backup, str]] = field(default_factory=list)
 
     @property
     def images_removed(self) -> bool:
@@ -138,7 +142,33 @@ class Plan:
         return {"policy": self.policy.to_dict(), "dry_run": self.dry_run,
                 "keep": [{"id": str(b.id), "reasons": list(r)} for b, r in self.keep],
                 "remove": [str(b.id) for b in self.remove],
-                "broken": [{"id": str(b.id), "reason": b.reason} for b in self.broken]}
+                "broken": [{"id": str(b.id), "reason": b.reason} for b in self.broken],
+                "kept_for_chain": [{"id": str(b.id), "needed_by": n}
+                                   for b, n in self.kept_for_chain]}
+
+
+def dependencies(by_id: Mapping[BackupId, Backup], kept: set[BackupId]) -> dict[BackupId, str]:
+    """Every backup a kept incremental level needs to be restored (its parents down to its
+    level 0), mapped to the newest kept backup that needs it.
+
+    A parent that is not in ``by_id`` (missing, broken) ends the walk: there is nothing
+    to keep, and ``store verify`` reports the broken chain.
+    """
+    needed: dict[BackupId, str] = {}
+    for bid in sorted(kept, reverse=True):  # newest first: it names the dependency
+        manifest = by_id[bid].manifest
+        steps = 0
+        while manifest.parent is not None and steps <= MAX_TAR_LEVEL:
+            steps += 1
+            try:
+                parent = BackupId.parse(manifest.parent)
+            except SanoffloadError:
+                break
+            if parent not in by_id or parent in needed:
+                break
+            needed[parent] = str(bid)
+            manifest = by_id[parent].manifest
+    return needed
 
 
 def prune(repo: Repository, policy: Policy, *, host: str | None = None,
@@ -161,9 +191,14 @@ def prune(repo: Repository, policy: Policy, *, host: str | None = None,
     for members in groups.values():
         by_id = {b.id: b for b in members}
         chosen = select(((b.id, b.id.time) for b in members), policy)
+        kept = dict(chosen.keep)
+        for bid, needed in dependencies(by_id, set(chosen.keep)).items():
+            kept[bid] = (*kept.get(bid, ()), f"chain of {needed}")
+            if bid not in chosen.keep:
+                plan.kept_for_chain.append((by_id[bid], needed))
         for backup in members:
-            if backup.id in chosen.keep:
-                plan.keep.append((backup, chosen.keep[backup.id]))
+            if backup.id in kept:
+                plan.keep.append((backup, tuple(kept[backup.id])))
             else:
                 plan.remove.append(by_id[backup.id])
     if not dry_run:

@@ -69,7 +69,7 @@ import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -113,6 +113,8 @@ ARCHIVE_SUFFIX = ".tar" + zstd.SUFFIX
 RECEIPT_CHECK_TIMEOUT = 24 * 3600.0
 MANIFEST_SUFFIX = ".json"
 MAP_SUFFIX = ".map"
+#: an incremental tar backup's state file (``--listed-incremental``), beside its archive
+SNAPSHOT_SUFFIX = ".snar"
 #: names in the repository's root that are not hosts
 RESERVED_HOSTS = frozenset({"chunks"})
 PARTIAL_SUFFIX = ".partial"
@@ -495,6 +497,9 @@ class Repository:
     def map_path(self, bid: BackupId) -> Path:
         return self._dir(bid.host, bid.slug) / (bid.timestamp + MAP_SUFFIX)
 
+    def snapshot_path(self, bid: BackupId) -> Path:
+        return self._dir(bid.host, bid.slug) / (bid.timestamp + SNAPSHOT_SUFFIX)
+
     @property
     def chunks(self) -> ChunkStore:
         """The chunks of this repository's image backups (``ROOT/chunks/``)."""
@@ -795,6 +800,10 @@ class Repository:
                 if m.member_count is not None and count != m.member_count:
                     raise IntegrityError(f"{backup.id}: {count} archive members, the manifest "
                                          f"says {m.member_count}")
+                if m.is_incremental:
+                    # restorable only with its whole chain and its state file
+                    self.load_snapshot(backup)
+                    self.chain(backup)
         except IntegrityError as exc:
             failure = exc
         result = (Verification.now(VERIFY_FAILED, str(failure)) if failure
@@ -849,6 +858,82 @@ class Repository:
         report = self.chunks.verify(referenced)
         return len(referenced), list(report.missing), list(report.bad)
 
+    # -- incremental chains (issue 13) ------------------------------------------
+    def load_snapshot(self, backup: Backup) -> bytes:
+        """The state file of incremental backup ``backup``, checked against its manifest's
+        ``snapshot_bytes`` and ``snapshot_sha256`` and its header parsed; IntegrityError
+        otherwise."""
+        m = backup.manifest
+        if m.snapshot_bytes is None or m.snapshot_sha256 is None:
+            raise UsageError(f"{backup.id} is not an incremental backup: it has no state file")
+        where = f"{backup.id}: state file"
+        try:
+            fd = os.open(self.snapshot_path(backup.id),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise IntegrityError(f"{where} is missing") from None
+        except OSError as exc:
+            raise IntegrityError(f"{where}: cannot open it: {exc.strerror or exc}") from None
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IntegrityError(f"{where} is not a regular file")
+            data = f.read(m.snapshot_bytes + 1)
+        if len(data) != m.snapshot_bytes:
+            raise IntegrityError(f"{where}: {len(data)} bytes or more, the manifest says "
+                                 f"{m.snapshot_bytes}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != m.snapshot_sha256:
+            raise IntegrityError(f"{where}: sha256 {digest}, the manifest says "
+                                 f"{m.snapshot_sha256} (damaged)")
+        try:
+            tar.parse_snapshot_header(data)
+        except ValueError as exc:
+            raise IntegrityError(f"{where}: {exc}") from None
+        return data
+
+    def chain(self, backup: Backup | BackupId | str) -> builtins.list[Backup]:
+        """The backups a restore of ``backup`` applies, level 0 first, ``backup`` last.
+
+        A full backup is its own chain. Each parent must exist, have a manifest that
+        reads, be the level below in the same chain and not have failed its last
+        verification: IntegrityError naming the first link that does not.
+        """
+        if not isinstance(backup, Backup):
+            backup = self.get(backup)
+        out = [backup]
+        while (m := out[-1].manifest).tar_level:
+            parent = m.parent
+            assert parent is not None  # the manifest's check: level > 0 has a parent
+            try:
+                found = self._load(BackupId.parse(parent))
+            except RefusedError:
+                found = None
+            if found is None:
+                raise IntegrityError(f"{backup.id}: its chain is broken: {parent} (the parent "
+                                     f"of {out[-1].id}) is missing")
+            if isinstance(found, Broken):
+                raise IntegrityError(f"{backup.id}: its chain is broken: {parent}: "
+                                     f"{found.reason}")
+            pm = found.manifest
+            if pm.tar_level != m.tar_level - 1 or pm.chain_id != m.chain_id:
+                raise IntegrityError(f"{backup.id}: its chain is broken: {parent} is not "
+                                     f"level {m.tar_level - 1} of chain {m.chain_id}")
+            if pm.verification is not None and not pm.verification.ok:
+                raise IntegrityError(f"{backup.id}: its chain is broken: {parent} failed "
+                                     f"its verification: {pm.verification.detail[:200]}")
+            out.append(found)
+        out.reverse()
+        return out
+
+    def latest_state(self, host: str, slug: str) -> Backup | None:
+        """The newest complete incremental backup of ``host``/``slug`` (its state file is
+        the next level's start), or None."""
+        found = None
+        for entry in self.catalog(host, slug):
+            if isinstance(entry, Backup) and entry.manifest.is_incremental:
+                found = entry
+        return found
+
     def record_compare(self, bid: BackupId | str, result: Verification) -> Backup:
         """Record the proxy's comparison of the archive with its duplicate in the manifest."""
         backup = self.get(bid)
@@ -879,7 +964,7 @@ class Repository:
         directory = self._dir(bid.host, bid.slug)
         (directory / (bid.timestamp + MANIFEST_SUFFIX)).unlink(missing_ok=True)
         fsync_dir(directory)
-        for suffix in (ARCHIVE_SUFFIX, MAP_SUFFIX):
+        for suffix in (ARCHIVE_SUFFIX, MAP_SUFFIX, SNAPSHOT_SUFFIX):
             if os.path.lexists(data := directory / (bid.timestamp + suffix)):
                 data.unlink(missing_ok=True)
         fsync_dir(directory)
@@ -974,6 +1059,11 @@ class BackupWriter:
         self.archive = self.directory / (bid.timestamp + ARCHIVE_SUFFIX)
         self.manifest_path = self.directory / (bid.timestamp + MANIFEST_SUFFIX)
         self.partial = self.directory / (bid.timestamp + ARCHIVE_SUFFIX + PARTIAL_SUFFIX)
+        self.snapshot = self.directory / (bid.timestamp + SNAPSHOT_SUFFIX)
+        self._snapshot_partial = self.directory / (bid.timestamp + SNAPSHOT_SUFFIX
+                                                   + PARTIAL_SUFFIX)
+        #: (sha256, bytes) of the state file received (an incremental backup), else None
+        self.snapshot_received: tuple[str, int] | None = None
         with repo.lock():
             if self.archive.exists() or self.manifest_path.exists() or \
                     (self.directory / (bid.timestamp + MAP_SUFFIX)).exists():
@@ -1088,12 +1178,48 @@ class BackupWriter:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    def write_snapshot(self, chunks: Iterable[bytes | bytearray | memoryview]) -> tuple[str, int]:
+        """Receive the state file of an incremental backup (after the archive, before the
+        commit): at most ``tar.MAX_SNAPSHOT_BYTES``, its header parsed strictly; returns
+        ``(sha256, bytes)``. Published as ``STAMP.snar`` before the manifest."""
+        if self._fd is None or self._done or self.snapshot_received is not None:
+            raise ValueError("backup writer is closed or has its state file")
+        h = hashlib.sha256()
+        size = 0
+        head = b""
+        fd = os.open(self._snapshot_partial,
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                size += len(view)
+                if size > tar.MAX_SNAPSHOT_BYTES:
+                    raise IntegrityError(f"{self.id}: the state file is larger than "
+                                         f"{tar.MAX_SNAPSHOT_BYTES} bytes")
+                if len(head) < 256:
+                    head += bytes(view[:256 - len(head)])
+                h.update(view)
+                _write_all(fd, view)
+            try:
+                tar.parse_snapshot_header(head)
+            except ValueError as exc:
+                raise IntegrityError(f"{self.id}: {exc}") from None
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self._snapshot_partial.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self.snapshot_received = (h.hexdigest(), size)
+        return self.snapshot_received
+
     def abort(self) -> None:
         """Forget this backup: remove the partial file (and anything published), then unlock."""
         self._done = True
         if self._fd is not None:
             # removed while still locked: a sweeper that gets the lock finds nothing to remove
             self.partial.unlink(missing_ok=True)
+            self._snapshot_partial.unlink(missing_ok=True)
         self._close()
 
     def _close(self) -> None:
@@ -1143,6 +1269,7 @@ class BackupWriter:
         sent = values.pop("archive_bytes", None)
         if sent is not None and sent != self.bytes:
             raise IntegrityError(f"{self.id}: received {self.bytes} bytes, the sender says {sent}")
+        self._check_snapshot(values)
         members: int | None = None
         if verify and self._check is not None:
             # the test-read ran while the bytes arrived: only its end is waited for
@@ -1165,7 +1292,15 @@ class BackupWriter:
                             timestamp=self.id.timestamp, archive_bytes=self.bytes, sha256=digest,
                             member_count=members, stored_at=utc_iso(datetime.now(UTC)),
                             verification=check, client=self.client, **values)
-        _publish(self.partial, self.archive)
+        if self.snapshot_received is not None:
+            # before the archive and the manifest (the commit): a listed incremental backup
+            # always has its state file
+            _publish(self._snapshot_partial, self.snapshot)
+        try:
+            _publish(self.partial, self.archive)
+        except BaseException:
+            self.snapshot.unlink(missing_ok=True)
+            raise
         try:
             fsync_dir(self.directory)
             partial = self.directory / (self.id.timestamp + MANIFEST_SUFFIX + PARTIAL_SUFFIX)
@@ -1179,8 +1314,42 @@ class BackupWriter:
         except BaseException:
             # no manifest, no backup: the archive alone must not stay behind
             self.archive.unlink(missing_ok=True)
+            self.snapshot.unlink(missing_ok=True)
             raise
         return Backup(self.id, manifest, self.archive, self.manifest_path)
+
+    def _check_snapshot(self, values: dict[str, Any]) -> None:
+        """An incremental backup's fields against the state file received (filled in from
+        it); IntegrityError on a mismatch, UsageError for a state file without a level."""
+        got = self.snapshot_received
+        if values.get("tar_level") is None:
+            if got is not None:
+                raise UsageError(f"{self.id}: a state file arrived for a backup without a "
+                                 "tar_level")
+            return
+        if got is None:
+            raise UsageError(f"{self.id}: an incremental backup (tar_level "
+                             f"{values['tar_level']}) without its state file")
+        for key, have in (("snapshot_sha256", got[0]), ("snapshot_bytes", got[1])):
+            said = values.get(key)
+            if said is not None and said != have:
+                raise IntegrityError(f"{self.id}: the state file received has {key} {have}, "
+                                     f"the sender says {said}")
+            values[key] = have
+        if values["tar_level"] == 0:
+            values["chain"] = str(self.id)  # a level 0 is its own chain
+        elif values.get("parent") is not None:
+            parent = BackupId.parse(values["parent"])
+            if (parent.host, parent.slug) != (self.id.host, self.id.slug):
+                raise UsageError(f"{self.id}: parent {parent} is a backup of another path")
+            try:
+                links = self.repo.chain(parent)
+            except (IntegrityError, UsageError) as exc:
+                raise IntegrityError(f"{self.id}: its parent's chain: {exc.message}") from None
+            pm = links[-1].manifest
+            if pm.tar_level != values["tar_level"] - 1 or pm.chain_id != values.get("chain"):
+                raise UsageError(f"{self.id}: parent {parent} is not level "
+                                 f"{values['tar_level'] - 1} of chain {values.get('chain')}")
 
 
 class QuotaHold:

@@ -384,6 +384,8 @@ class Restored:
     link_targets: tuple[bytes, ...] = ()
     #: files whose set-uid/set-gid bits were cleared (``setid`` False)
     setid_cleared: int = 0
+    #: an incremental level: the backups applied, level 0 first (empty: one archive)
+    chain: tuple[BackupId, ...] = ()
 
 
 def restore(repo: Repository, backup_id: BackupId | str,
@@ -412,23 +414,37 @@ def restore(repo: Repository, backup_id: BackupId | str,
     if state == "full" and not force:
         raise RefusedError(f"restore target {shown} is not empty (--force replaces what "
                            "the backup holds)")
-    m = backup.manifest
-    limit = timeout if timeout is not None else read_timeout(m.archive_bytes, m.source_bytes)
-    repo.check_sha256(backup)
+    links = repo.chain(backup) if backup.manifest.is_incremental else [backup]
+    if backup.manifest.is_incremental and select:
+        raise UsageError(f"{backup.id} is level {backup.manifest.tar_level} of an incremental "
+                         "chain: selected paths are not restored from a chain yet; restore "
+                         "the whole backup into an empty directory and copy from there")
     runner = repo.command_runner()
-    try:
-        checked = check_members(tar.list_members(runner, backup.archive, timeout=limit), select)
-    except (CommandNotFoundError, CommandTimeoutError):
-        raise
-    except CommandError as exc:
-        raise IntegrityError(f"{backup.id}: cannot list the archive: {exc}") from None
-    except ValueError as exc:
-        raise RefusedError(f"{backup.id}: {exc}") from None
-    if checked.devices and not devices:
-        names = ", ".join(f"'{tar.show(n)}'" for n in checked.devices[:3])
-        more = f" and {len(checked.devices) - 3} more" if len(checked.devices) > 3 else ""
-        raise RefusedError(f"{backup.id}: archive holds device nodes ({names}{more}): pass "
-                           "--devices to restore them")
+    levels: list[_Level] = []
+    for link in links:
+        m = link.manifest
+        limit = timeout if timeout is not None else read_timeout(m.archive_bytes,
+                                                                 m.source_bytes)
+        repo.check_sha256(link)
+        seen: list[tuple[tuple[bytes, ...], bool]] = []
+        try:
+            checked = check_members(_recording(tar.list_members(runner, link.archive,
+                                                                timeout=limit), seen), select)
+        except (CommandNotFoundError, CommandTimeoutError):
+            raise
+        except CommandError as exc:
+            raise IntegrityError(f"{link.id}: cannot list the archive: {exc}") from None
+        except ValueError as exc:
+            raise RefusedError(f"{link.id}: {exc}") from None
+        if checked.devices and not devices:
+            names = ", ".join(f"'{tar.show(n)}'" for n in checked.devices[:3])
+            more = f" and {len(checked.devices) - 3} more" if len(checked.devices) > 3 else ""
+            raise RefusedError(f"{link.id}: archive holds device nodes ({names}{more}): pass "
+                               "--devices to restore them")
+        levels.append(_Level(link, checked, limit, seen))
+    _plan_removals(levels)
+    # every level lists every directory: the last one's are the restored tree's
+    checked = levels[-1].checked
     if state == "absent":
         try:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -462,8 +478,13 @@ def restore(repo: Repository, backup_id: BackupId | str,
                     files_from = f"/proc/self/fd/{sfd}/selected"
                     tar.write_files_from(files_from, checked.names)
                 try:
-                    tar.extract(runner, backup.archive, f"/proc/self/fd/{rfd}", timeout=limit,
-                                files_from=files_from, pass_fds=(rfd, sfd))
+                    for level in levels:
+                        for key in level.remove:
+                            _remove_staged(rfd, key)
+                        tar.extract(runner, level.backup.archive, f"/proc/self/fd/{rfd}",
+                                    timeout=level.timeout, files_from=files_from,
+                                    pass_fds=(rfd, sfd),
+                                    incremental=level.backup.manifest.is_incremental)
                 except CommandError as exc:
                     # tar says "Wrote only 2048 of 10240 bytes" for a short write: the
                     # filesystem, still holding what was staged, tells the cause
@@ -509,7 +530,78 @@ def restore(repo: Repository, backup_id: BackupId | str,
              f", {len(checked.selected)} selected" if checked.selected else "",
              f", set-id bits cleared on {cleared} files" if cleared else "")
     return Restored(backup.id, Path(os.fsdecode(dest)), checked.members, checked.selected,
-                    checked.link_targets, cleared)
+                    checked.link_targets, cleared,
+                    tuple(link.id for link in links) if len(links) > 1 else ())
+
+
+@dataclass
+class _Level:
+    """One archive a restore extracts (a chain has several, level 0 first)."""
+
+    backup: Backup
+    checked: Checked
+    timeout: float
+    #: every member's name parts and whether it is a directory, in archive order
+    members: list[tuple[tuple[bytes, ...], bool]]
+    #: names left as non-directories by earlier levels that this level makes a directory
+    #: or writes below: removed from staging before it is extracted
+    remove: list[bytes] = field(default_factory=list)
+
+
+def _recording(members: Iterable[Member],
+               out: list[tuple[tuple[bytes, ...], bool]]) -> Iterator[Member]:
+    for member in members:
+        out.append((member_parts(member.name), member.kind == DIRECTORY))
+        yield member
+
+
+def _plan_removals(levels: Sequence[_Level]) -> None:
+    """What each level of a chain needs gone from staging first.
+
+    Each archive is checked alone; across levels, a name an earlier level left as a
+    symlink (or file) may be a directory in a later one. tar would go through such a
+    symlink (it takes what a symlink to a directory points at as the directory), and an
+    outward symlink is real once the earlier tar has ended. So that name is removed
+    from staging before the later level is extracted: nothing is ever written through it.
+    """
+    non_dirs: set[bytes] = set()
+    for level in levels:
+        remove: set[bytes] = set()
+        made_dirs: set[bytes] = set()
+        made_files: set[bytes] = set()
+        for parts, is_dir in level.members:
+            for depth in range(1, len(parts) + 1):
+                prefix = b"/".join(parts[:depth])
+                if prefix in non_dirs and (depth < len(parts) or is_dir):
+                    remove.add(prefix)
+            key = b"/".join(parts)
+            (made_dirs if is_dir else made_files).add(key)
+        level.remove = sorted(remove, key=lambda k: (k.count(b"/"), k))
+        non_dirs = (non_dirs - made_dirs) | made_files
+
+
+def _remove_staged(root: int, key: bytes) -> None:
+    """Unlink the non-directory ``key`` below the staging root ``root`` (descriptors only,
+    no symlink followed); nothing if it or a parent is gone or is a directory."""
+    parts = key.split(b"/")
+    fds: list[int] = []
+    try:
+        cur = root
+        for part in parts[:-1]:
+            try:
+                cur = os.open(part, _OPEN_DIR, dir_fd=cur)
+            except OSError:
+                return  # a parent that is not a directory is removed first, as its own name
+            fds.append(cur)
+        try:
+            st = os.stat(parts[-1], dir_fd=cur, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(parts[-1], dir_fd=cur)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _rmdir_quietly(path: bytes) -> None:

@@ -15,6 +15,16 @@ Ops (JSON lines, see :mod:`sanoffload.channel.protocol`)::
     {"op": "verify", "id": …, "compared": {"status": "ok", "detail": ""}}
                                                -> {"backup": {…}}
 
+An incremental tar backup (issue 13) sends its state file after the archive, before
+the commit; the proxy asks for the previous one with ``state``::
+
+    put … {"chunk": 0}  -> {"op": "snapshot"} + chunks of the state file, {"chunk": 0}
+        -> {"op": "commit", "fields": {…, "tar_level": N, "parent": ID, "chain": ID,
+                                       "snapshot_sha256": …, "snapshot_bytes": …}}
+    {"op": "state", "host": "fs1", "path": "/srv/data"}
+        <- {"ok": true, "found": false, "reason": "…"}
+        or {"ok": true, "found": true, "backup": {…}, "snapshot_bytes": N} then chunks
+
 An image backup (issue 13) is one put over several ops, on one connection, one at
 a time; every size and id the client gives is checked before anything is read::
 
@@ -69,6 +79,7 @@ from ..errors import (
     AuthError,
     IntegrityError,
     ProtocolError,
+    RefusedError,
     ResourceError,
     SanoffloadError,
     UsageError,
@@ -78,7 +89,16 @@ from .config import check_client
 from .image import MAX_MISSING_IDS, LocalImageSink
 from .imagemap import DIGEST_BYTES, HEADER as MAP_HEADER, ChunkMap, check_geometry
 from .manifest import VERIFIED_OK, VERIFY_FAILED, Verification, sender_fields, to_utc
-from .repo import Backup, BackupId, BackupWriter, Quota, Repository
+from .repo import (
+    Backup,
+    BackupId,
+    BackupWriter,
+    Quota,
+    Repository,
+    check_host,
+    check_path,
+    slug_for_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +108,10 @@ SPECS = {
     "put": Spec(required={"host": str, "path": str}, optional={"fields": dict}),
     "get": Spec(required={"id": str}),
     "verify": Spec(required={"id": str}, optional={"compared": dict}),
+    "state": Spec(required={"host": str, "path": str}),
 }
-_AFTER_DATA = {"commit": Spec(optional={"fields": dict}), "abort": Spec(optional={"reason": str})}
+_AFTER_DATA = {"commit": Spec(optional={"fields": dict}), "abort": Spec(optional={"reason": str}),
+               "snapshot": Spec()}
 IMAGE_SPECS = {
     "image": Spec(required={"host": str, "path": str, "size": int, "chunk_size": int},
                   optional={"fields": dict}),
@@ -136,6 +158,9 @@ class StoreService(Service):
             return self._list(fields)
         if op == "put":
             return self._put(fields, channel)
+        if op == "state":
+            self._state(fields["host"], fields["path"], channel)
+            return None  # answered already, before the data
         if op in IMAGE_SPECS:
             return self._image_op(op, fields, channel)
         bid = BackupId.parse(fields["id"])
@@ -199,6 +224,12 @@ class StoreService(Service):
                 raise BrokenStream(ResourceError(f"{writer.id}: cannot write: {exc}")) from None
             try:
                 op, after = check_message(channel.expect(), _AFTER_DATA)
+                if op == "snapshot":
+                    # an incremental backup's state file, as frames up to the end frame
+                    self._receive_snapshot(writer, channel)
+                    op, after = check_message(channel.expect(), _AFTER_DATA)
+                    if op == "snapshot":
+                        raise ProtocolError("put: a second state file")
             except ProtocolError as exc:  # out of step after the data: hang up
                 raise BrokenStream(exc) from None
             if op == "abort":
@@ -207,6 +238,42 @@ class StoreService(Service):
                 raise UsageError(f"{writer.id}: aborted by the sender: {reason}")
             backup = self.finish_put(writer, sent, after.get("fields"))
         return {"backup": backup.to_dict()}
+
+    @staticmethod
+    def _receive_snapshot(writer: BackupWriter, channel: Channel) -> None:
+        try:
+            writer.write_snapshot(channel.recv_chunks())
+        except SanoffloadError as exc:
+            raise BrokenStream(exc) from None
+        except OSError as exc:
+            raise BrokenStream(ResourceError(f"{writer.id}: cannot write: {exc}")) from None
+
+    # -- state (incremental backups) --------------------------------------------------
+    def _state(self, host: str, path: str, channel: Channel) -> None:
+        """The newest incremental backup of HOST:PATH whose chain is whole, and its state
+        file (checked against the manifest) as frames; ``found`` false (and why) if none."""
+        self._host_allowed(host)
+        try:
+            latest = self.repo.latest_state(check_host(host), slug_for_path(check_path(path)))
+        except RefusedError as exc:
+            raise UsageError(f"state: {exc.message}") from None
+        if latest is None:
+            channel.send({"ok": True, "found": False, "reason": "no incremental backup"})
+            return
+        try:
+            self.repo.chain(latest)
+            data = self.repo.load_snapshot(latest)
+        except IntegrityError as exc:
+            log.warning("client %s: %s: not a base for the next level: %s", self.client,
+                        latest.id, exc.message)
+            channel.send({"ok": True, "found": False, "reason": exc.message[:300]})
+            return
+        channel.send({"ok": True, "found": True, "backup": latest.to_dict(),
+                      "snapshot_bytes": len(data)})
+        view = memoryview(data)
+        for start in range(0, len(data), CHUNK):
+            channel.send_chunk(view[start:start + CHUNK])
+        channel.end_chunks()
 
     def finish_put(self, writer: BackupWriter, sent: Mapping[str, Any],
                    after: Mapping[str, Any] | None) -> Backup:

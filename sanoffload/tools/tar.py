@@ -48,6 +48,12 @@ Why these options:
 * ``--null --verbatim-files-from --no-unquote``: selected paths travel in a
   NUL-separated file, byte for byte: newlines, backslashes, non-UTF-8 bytes
   and a leading ``-`` mean nothing special.
+* ``--listed-incremental=STATE --no-check-device`` (an incremental backup, issue 13):
+  STATE is the previous backup's state file (absent: a level 0); the attached
+  duplicate's device number changes every run, so devices are not compared.
+  Extracting a level: ``--listed-incremental=/dev/null``, so the deletions it
+  recorded are replayed in the staging tree. The state file's dump time is then
+  rewritten to the freeze time (:func:`rewrite_dump_time`).
 * no ``--index-file``: GNU tar ignores write errors on it, so on a full disk
   the listing was silently cut short. Read from tar's stdout, the listing is
   whole or the listing fails: tar's exit status is checked after the last
@@ -103,6 +109,108 @@ KNOWN_KINDS = frozenset({REGULAR, DIRECTORY, HARDLINK, SYMLINK, CHARDEV, BLOCKDE
                          CONTIGUOUS})
 
 
+#: what an incremental create adds before ``--`` (see :func:`incremental_options`)
+NO_CHECK_DEVICE = "--no-check-device"
+#: what extracting one level of an incremental chain adds: deletions are replayed
+EXTRACT_INCREMENTAL = "--listed-incremental=/dev/null"
+
+#: the largest state file (``--listed-incremental``) handled: tens of MiB for a big tree
+MAX_SNAPSHOT_BYTES = 256 << 20
+#: ``GNU tar-1.34-2\n``: format 2, the only one GNU tar has written since 1.16
+_SNAPSHOT_HEAD = re.compile(rb"GNU tar-([0-9]{1,4}(?:\.[0-9]{1,4}){1,3})-2\n")
+_DECIMAL = re.compile(rb"(0|[1-9][0-9]{0,18})\0")
+
+
+def incremental_options(state_file: str | os.PathLike[str]) -> list[str]:
+    """``--listed-incremental=STATE --no-check-device``: put before ``--`` in a create argv."""
+    return [f"--listed-incremental={os.fspath(state_file)}", NO_CHECK_DEVICE]
+
+
+def with_incremental(argv: list[str], state_file: str | os.PathLike[str] | None) -> list[str]:
+    """``argv`` (a ``tar --create ... -- NAMES``) with :func:`incremental_options` before
+    the ``--``; unchanged for None."""
+    if state_file is None:
+        return list(argv)
+    cut = argv.index("--")
+    return [*argv[:cut], *incremental_options(state_file), *argv[cut:]]
+
+
+@dataclass(frozen=True)
+class SnapshotHeader:
+    """The head of a GNU tar state file (snapshot format 2): version and dump time."""
+
+    version: str
+    seconds: int
+    nanoseconds: int
+    #: the offset of the first directory record (just after the dump time)
+    end: int
+
+
+def parse_snapshot_header(data: bytes) -> SnapshotHeader:
+    """The header of a ``--listed-incremental`` state file, checked strictly.
+
+    ``GNU tar-<version>-2\n`` then the dump time as two NUL-terminated
+    decimals (seconds, nanoseconds). Anything else (format 0 or 1, a sign,
+    a leading zero, nanoseconds past 999999999, a missing NUL) is a ValueError:
+    a state file is hostile input and a misread dump time silently skips files.
+    """
+    head = _SNAPSHOT_HEAD.match(data)
+    if head is None:
+        raise ValueError("not a GNU tar state file of format 2 (want 'GNU tar-VERSION-2'): "
+                         f"{show(data[:40])}")
+    sec = _DECIMAL.match(data, head.end())
+    if sec is None:
+        raise ValueError("state file: the dump time's seconds are not a NUL-terminated decimal")
+    nsec = _DECIMAL.match(data, sec.end())
+    if nsec is None:
+        raise ValueError("state file: the dump time's nanoseconds are not a NUL-terminated "
+                         "decimal")
+    nanoseconds = int(nsec.group(1))
+    if nanoseconds > 999_999_999:
+        raise ValueError(f"state file: {nanoseconds} nanoseconds")
+    return SnapshotHeader(head.group(1).decode(), int(sec.group(1)), nanoseconds, nsec.end())
+
+
+def rewrite_dump_time(data: bytes, seconds: int, nanoseconds: int = 0) -> bytes:
+    """``data`` (a state file) with its dump time set to ``seconds.nanoseconds``.
+
+    tar records the time it *started*; files changed between the freeze and
+    then would be skipped by the next level, silently. The freeze time (minus
+    a margin for clock skew) is what this backup really holds.
+    """
+    if seconds < 0 or not 0 <= nanoseconds <= 999_999_999:
+        raise ValueError(f"dump time {seconds}.{nanoseconds:09d} out of range")
+    header = parse_snapshot_header(data)
+    head = data[:data.index(b"\n") + 1]
+    return head + b"%d\0%d\0" % (seconds, nanoseconds) + data[header.end:]
+
+
+def rewrite_snapshot_file(path: str | os.PathLike[str], when: float) -> SnapshotHeader:
+    """Rewrite the dump time of the state file at ``path`` to ``when`` (epoch seconds, never
+    later than what tar wrote); returns the header as it was. The file is replaced whole."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_SNAPSHOT_BYTES + 1)
+    if len(data) > MAX_SNAPSHOT_BYTES:
+        raise ValueError(f"state file larger than {MAX_SNAPSHOT_BYTES} bytes")
+    old = parse_snapshot_header(data)
+    seconds = int(when)
+    nanoseconds = round((when - seconds) * 1e9)
+    if nanoseconds > 999_999_999:
+        seconds, nanoseconds = seconds + 1, 0
+    if (seconds, nanoseconds) > (old.seconds, old.nanoseconds):
+        # never later than tar's own start: that would skip what changed before it
+        seconds, nanoseconds = old.seconds, old.nanoseconds
+    new = rewrite_dump_time(data, max(seconds, 0), nanoseconds)
+    tmp = f"{os.fspath(path)}.rewrite"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return old
+
+
 def create_argv(source_dir: str | os.PathLike[str], member: str = ".") -> list[str]:
     """``tar --create --file=- --directory=SRC <CREATE_OPTIONS> MEMBER``: the archive on stdout.
 
@@ -151,7 +259,8 @@ def list_argv(archive: str | bytes | os.PathLike[str],
 def extract_argv(target: str | bytes | os.PathLike[str],
                  archive: str | bytes | os.PathLike[str] = "-", *,
                  zstd: bool = True,
-                 files_from: str | bytes | os.PathLike[str] | None = None) -> list[str]:
+                 files_from: str | bytes | os.PathLike[str] | None = None,
+                 incremental: bool = False) -> list[str]:
     """``tar --extract --force-local --zstd --file=ARCHIVE --directory=TARGET <EXTRACT_OPTIONS>``.
 
     ``archive`` "-" reads stdin; ``zstd`` False when the stream is already
@@ -165,6 +274,9 @@ def extract_argv(target: str | bytes | os.PathLike[str],
         argv.append("--zstd")
     argv += ["--file=" + os.fsdecode(archive), "--directory=" + os.fsdecode(target),
              *EXTRACT_OPTIONS]
+    if incremental:
+        # one level of a chain: the deletions it recorded are replayed
+        argv.append(EXTRACT_INCREMENTAL)
     if files_from is not None:
         argv += [*_SELECT_OPTIONS, "--files-from=" + os.fsdecode(files_from)]
     return argv
@@ -331,15 +443,15 @@ class StreamCount:
 def extract(runner: Runner, archive: str | bytes | os.PathLike[str],
             target: str | bytes | os.PathLike[str], *, timeout: float,
             files_from: str | bytes | os.PathLike[str] | None = None,
-            pass_fds: Iterable[int] = ()) -> Result:
+            pass_fds: Iterable[int] = (), incremental: bool = False) -> Result:
     """Run :func:`extract_argv` on a stored ``.tar.zst`` (check its members first).
 
     ``target`` may be ``/proc/self/fd/N`` with N in ``pass_fds``: tar then
     extracts into the very directory that descriptor holds, whatever its path
     has become since.
     """
-    return runner.run(extract_argv(target, archive, files_from=files_from), timeout=timeout,
-                      pass_fds=pass_fds)
+    return runner.run(extract_argv(target, archive, files_from=files_from,
+                                   incremental=incremental), timeout=timeout, pass_fds=pass_fds)
 
 
 def write_files_from(path: str | os.PathLike[str], names: Iterable[bytes]) -> None:
