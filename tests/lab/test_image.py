@@ -13,6 +13,10 @@ directories made immutable on bk1), and then one succeeds. Asserted:
   (the snapshot the backup read, kept by the agent);
 * ``sanoffload mount`` of the second backup on bk1 shows the rewritten file's new content and
   not the deleted file; ``umount`` leaves no loop device, FUSE mount or mount behind.
+
+And the file level on the same volume: a ``--incremental`` tar level 0 whose post-thaw hook
+changes a file after the freeze (before tar starts), then changes, a rename and deletions, then
+level 1: its restore on bk1 (the chain applied) equals the tree frozen for level 1.
 """
 
 from __future__ import annotations
@@ -187,3 +191,59 @@ def test_incremental_image_backup_reads_the_change_and_restores_the_snapshot(thi
     left = lab.sh("bk1", "losetup -a; grep -E ' fuse|image-backup' /proc/mounts; "
                          "pgrep -f '[s]anoffload.store.fusefile'; true").stdout.strip()
     assert left == "", left
+
+
+LATE_HOOK = """#!/bin/sh
+# a post-thaw hook (runs after the thaw, before the proxy's tar starts) that changes a file
+# when asked: the change is after the freeze, so this level must not hold it and the next must
+[ -e /run/sano-late.on ] && echo late >> /srv/data/inc/late.txt
+exit 0
+"""
+
+
+def _tar_backup(lab: Lab) -> dict[str, Any]:
+    res = lab.sh("px1", ["sanoffload", "backup", f"fs1:{DATA}/inc", "--incremental",
+                         "--store", STORE, "--json"], timeout=900)
+    summary: dict[str, Any] = json.loads(res.stdout)
+    return summary
+
+
+def test_a_level_1_tar_backup_restores_the_frozen_tree_exactly(thin: Lab) -> None:
+    """File level: level 0 (a file changed by a post-thaw hook between the freeze and tar's
+    start), then changes, renames and deletions, then level 1; the restore of level 1 (its
+    chain applied on bk1) equals the tree frozen for level 1, the late change included."""
+    lab = thin
+    lab.sh("fs1", f"""set -e
+        cat > /usr/local/sbin/sano-late && chmod 755 /usr/local/sbin/sano-late
+        printf '[hooks]\\npost_thaw = ["/usr/local/sbin/sano-late"]\\n' \\
+            >> /etc/sanoffload/agent.toml
+        rm -rf {DATA}/inc; mkdir -p {DATA}/inc/sub {DATA}/inc/gone
+        echo early > {DATA}/inc/late.txt
+        echo a > {DATA}/inc/a.txt; echo b > {DATA}/inc/sub/b.txt; echo c > {DATA}/inc/gone/c.txt
+        head -c 1M /dev/urandom > {DATA}/inc/blob; ln -s a.txt {DATA}/inc/link
+        touch /run/sano-late.on; sync""", input=LATE_HOOK)
+    try:
+        level0 = _tar_backup(lab)
+        assert level0["tar_level"] == 0, level0
+        lab.sh("fs1", f"""set -e
+            rm -f /run/sano-late.on
+            grep -qx late {DATA}/inc/late.txt   # the hook ran after the freeze
+            echo a2 >> {DATA}/inc/a.txt
+            echo new > {DATA}/inc/sub/new.txt
+            mv {DATA}/inc/sub/b.txt {DATA}/inc/sub/b-renamed.txt
+            rm -r {DATA}/inc/gone
+            ln -sfn sub {DATA}/inc/link
+            sync""")
+        level1 = _tar_backup(lab)
+        assert (level1["tar_level"], level1["parent"]) == (1, level0["backup_id"]), level1
+        want = deploy.digest(lab.runner, "fs1", f"{DATA}/inc")
+        lab.sh("bk1", "rm -rf /restore")
+        lab.sh("bk1", ["sanoffload", "store", "--repo", deploy.REPO, "restore",
+                       level1["backup_id"], "/restore"], timeout=600)
+        got = deploy.digest(lab.runner, "bk1", "/restore")
+        assert got == want
+        assert lab.sh("bk1", ["cat", "/restore/late.txt"]).stdout == "early\nlate\n"
+    finally:
+        lab.sh("fs1", "rm -f /run/sano-late.on /usr/local/sbin/sano-late; "
+                      "sed -i '/^\\[hooks\\]/,$d' /etc/sanoffload/agent.toml", check=False)
+        lab.sh("bk1", "rm -rf /restore", check=False)
