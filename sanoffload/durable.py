@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -39,3 +39,16 @@ def replace_json(path: Path, data: Mapping[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def read_bounded(f: BinaryIO, limit: int, *, piece: int = 1 << 20) -> bytes:
+    """At most ``limit + 1`` bytes of ``f`` (one more than allowed tells the caller it was too
+    big), read in pieces: ``f.read(limit + 1)`` would allocate the whole limit up front,
+    hundreds of MiB for a map's or a state file's bound, on a small backup server."""
+    out = bytearray()
+    while len(out) <= limit:
+        data = f.read(min(piece, limit + 1 - len(out)))
+        if not data:
+            break
+        out += data
+    return bytes(out)

@@ -46,6 +46,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..durable import read_bounded
 from ..errors import IntegrityError, SanoffloadError
 from ..text import printable
 from .chunks import ChunkStore
@@ -144,7 +145,7 @@ def read_map(path: str, expected_sha256: str) -> ChunkMap:
             raise IntegrityError(f"{path}: not a chunk map file (a regular file of at most "
                                  f"{MAX_MAP_FILE} bytes)")
         with open(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_MAP_FILE + 1)
+            data = read_bounded(f, MAX_MAP_FILE)
     finally:
         os.close(fd)
     if hashlib.sha256(data).hexdigest() != expected_sha256:

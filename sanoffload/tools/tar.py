@@ -70,6 +70,7 @@ import threading
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
+from ..durable import read_bounded
 from ..errors import CommandError
 from ..pipeline import PipelineLike, Stage
 from ..requirements import Requirement
@@ -189,7 +190,7 @@ def rewrite_snapshot_file(path: str | os.PathLike[str], when: float) -> Snapshot
     """Rewrite the dump time of the state file at ``path`` to ``when`` (epoch seconds, never
     later than what tar wrote); returns the header as it was. The file is replaced whole."""
     with open(path, "rb") as f:
-        data = f.read(MAX_SNAPSHOT_BYTES + 1)
+        data = read_bounded(f, MAX_SNAPSHOT_BYTES)
     if len(data) > MAX_SNAPSHOT_BYTES:
         raise ValueError(f"state file larger than {MAX_SNAPSHOT_BYTES} bytes")
     old = parse_snapshot_header(data)
