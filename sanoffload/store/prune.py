@@ -151,8 +151,10 @@ def dependencies(by_id: Mapping[BackupId, Backup], kept: set[BackupId]) -> dict[
     """Every backup a kept incremental level needs to be restored (its parents down to its
     level 0), mapped to the newest kept backup that needs it.
 
-    A parent that is not in ``by_id`` (missing, broken) ends the walk: there is nothing
-    to keep, and ``store verify`` reports the broken chain.
+    A parent that is not in ``by_id`` (missing, or its manifest broken: left alone) ends
+    the walk; then every earlier backup of the kept one's chain is kept too: the link may
+    be repaired, and prune must not be the one that makes the break final (``store
+    verify`` reports it).
     """
     needed: dict[BackupId, str] = {}
     for bid in sorted(kept, reverse=True):  # newest first: it names the dependency
@@ -163,8 +165,15 @@ def dependencies(by_id: Mapping[BackupId, Backup], kept: set[BackupId]) -> dict[
             try:
                 parent = BackupId.parse(manifest.parent)
             except SanoffloadError:
-                break
-            if parent not in by_id or parent in needed:
+                parent = None
+            if parent is not None and parent in needed:
+                break  # the rest of this chain is kept already
+            if parent is None or parent not in by_id:
+                chain = by_id[bid].manifest.chain_id
+                for other, backup in by_id.items():
+                    if other < bid and other not in needed and \
+                            backup.manifest.chain_id == chain:
+                        needed[other] = str(bid)
                 break
             needed[parent] = str(bid)
             manifest = by_id[parent].manifest

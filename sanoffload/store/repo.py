@@ -41,7 +41,8 @@ created and swept only under the repository's own lock (a ``flock`` on its root
 directory), so a sweeper never removes a name a new writer has just taken.
 
 **Quota: reserve, then commit** (:class:`Quota`). A client is charged for the
-backups it put (the manifest's ``client``); a backup stored before the store
+backups it put (the manifest's ``client``; an incremental level's state file counts
+with its archive); a backup stored before the store
 recorded the client (no ``client``) is charged to every client that may read
 its host, as before. A put reserves quota before it writes: a reservation file
 per put in ``.sanoffload-reservations/``, flock-held by the writer like its
@@ -427,7 +428,8 @@ class Repository:
         for b in self.list():
             owner = b.manifest.client
             if owner == client or (owner is None and (hosts is None or b.id.host in hosts)):
-                total += b.manifest.stored_bytes
+                # an incremental level's state file is stored beside its archive
+                total += b.manifest.stored_bytes + (b.manifest.snapshot_bytes or 0)
         return total
 
     def reserved(self, client: str, *, besides: Path | None = None) -> int:
@@ -688,6 +690,8 @@ class Repository:
                     for suffix, others, why in (
                             (ARCHIVE_SUFFIX, (MANIFEST_SUFFIX,), "archive without a manifest"),
                             (MAP_SUFFIX, (MANIFEST_SUFFIX,), "chunk map without a manifest"),
+                            (SNAPSHOT_SUFFIX, (MANIFEST_SUFFIX,),
+                             "state file without a manifest"),
                             (MANIFEST_SUFFIX, (ARCHIVE_SUFFIX, MAP_SUFFIX),
                              "manifest without an archive or chunk map")):
                         ts = name[:-len(suffix)]
@@ -918,7 +922,9 @@ class Repository:
             if pm.tar_level != m.tar_level - 1 or pm.chain_id != m.chain_id:
                 raise IntegrityError(f"{backup.id}: its chain is broken: {parent} is not "
                                      f"level {m.tar_level - 1} of chain {m.chain_id}")
-            if pm.verification is not None and not pm.verification.ok:
+            # failed, not "not verified": a put without the test-read (no runner, --no-verify)
+            # is a link like any other, as the proxy's next_level takes it
+            if pm.verification is not None and pm.verification.status == VERIFY_FAILED:
                 raise IntegrityError(f"{backup.id}: its chain is broken: {parent} failed "
                                      f"its verification: {pm.verification.detail[:200]}")
             out.append(found)
@@ -1100,6 +1106,18 @@ class BackupWriter:
                     _sweep_partial(self.directory / name)
                 except (ResourceError, OSError):
                     continue  # alive, or not ours to judge: another put's business
+        # a state file's partial carries no lock of its own: its writer holds the archive's
+        # partial from before it creates it until after it is published or removed, so one
+        # without an archive partial (swept just above, or gone) is a dead writer's. Left,
+        # it would block a retry of the same backup (its name is taken with O_EXCL).
+        snar = SNAPSHOT_SUFFIX + PARTIAL_SUFFIX
+        for name in sorted(os.listdir(self.directory)):
+            stamp = name[:-len(snar)]
+            if name.endswith(snar) and _TIMESTAMP_RE.fullmatch(stamp) and \
+                    not os.path.lexists(self.directory / (stamp + suffix)):
+                log.warning("%s: removing a state file's partial whose writer is gone",
+                            self.directory / name)
+                (self.directory / name).unlink(missing_ok=True)
 
     def _reserve(self, need: int) -> None:
         """Hold at least ``need`` bytes of the client's quota, or ResourceError."""
@@ -1196,6 +1214,10 @@ class BackupWriter:
                 if size > tar.MAX_SNAPSHOT_BYTES:
                     raise IntegrityError(f"{self.id}: the state file is larger than "
                                          f"{tar.MAX_SNAPSHOT_BYTES} bytes")
+                # the state file is stored too: the quota holds it with the archive
+                if self._reservation is not None and \
+                        self.bytes + size > self._reservation.bytes:
+                    self._reserve(self.bytes + size)
                 if len(head) < 256:
                     head += bytes(view[:256 - len(head)])
                 h.update(view)

@@ -313,3 +313,63 @@ def test_an_image_job_with_a_group_is_refused(tmp_path: Path) -> None:
     path = write_job(tmp_path, "j", MINIMAL + 'mode = "image"\nwith = ["/srv/log"]\n')
     with pytest.raises(ConfigError, match=f"{path}: with: an image backup reads one volume"):
         load_job("j", tmp_path)
+
+
+# --------------------------------------------------------------------------
+# incremental and full_every (issue 13, file level)
+# --------------------------------------------------------------------------
+
+def test_incremental_is_off_by_default_and_full_every_defaults_to_7() -> None:
+    job = jobs.parse("j", MINIMAL)
+    assert job.incremental is False and job.full_every == jobs.DEFAULT_FULL_EVERY == 7
+    job = jobs.parse("j", MINIMAL + "incremental = true\n")
+    assert job.incremental is True and job.full_every == 7
+    job = jobs.parse("j", MINIMAL + "incremental = true\nfull_every = 1\n")
+    assert job.full_every == 1
+    job = jobs.parse("j", MINIMAL + f"incremental = true\nfull_every = {jobs.MAX_FULL_EVERY}\n")
+    assert job.full_every == jobs.MAX_FULL_EVERY
+    assert jobs.parse("j", MINIMAL + 'mode = "tar"\nincremental = false\n').incremental is False
+
+
+@pytest.mark.hostile("proxy", "a job's incremental that is not a boolean (\"yes\", 1)",
+                     "config error naming the file and the key")
+@pytest.mark.parametrize("value", ['"yes"', "1", '"true"', "[]"])
+def test_a_bad_incremental_names_file_and_key(tmp_path: Path, value: str) -> None:
+    path = write_job(tmp_path, "j", MINIMAL + f"incremental = {value}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_job("j", tmp_path)
+    assert str(exc.value).startswith(f"{path}: incremental: must be true or false"), exc.value
+
+
+@pytest.mark.hostile("proxy", "a job's full_every of 0, -1, 1001, 2.5, true or \"7\"",
+                     "config error naming the file, the key and the range")
+@pytest.mark.parametrize("value", ["0", "-1", "1001", "2.5", "true", '"7"', "1e3"])
+def test_full_every_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    path = write_job(tmp_path, "j", MINIMAL + f"incremental = true\nfull_every = {value}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_job("j", tmp_path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: full_every: must be a whole number of levels from 1 "
+                              f"to {jobs.MAX_FULL_EVERY}"), message
+    assert "\n" not in message
+
+
+@pytest.mark.hostile("proxy", "a job's full_every without incremental = true",
+                     "config error: full_every needs incremental")
+@pytest.mark.parametrize("extra", ["", "incremental = false\n"])
+def test_full_every_without_incremental_is_refused(tmp_path: Path, extra: str) -> None:
+    path = write_job(tmp_path, "j", MINIMAL + extra + "full_every = 3\n")
+    with pytest.raises(ConfigError, match=f"{path}: full_every: needs incremental = true"):
+        load_job("j", tmp_path)
+
+
+@pytest.mark.hostile("proxy", "a job with mode = \"image\" and incremental = true",
+                     "config error: incremental is for tar")
+def test_an_incremental_image_job_is_refused(tmp_path: Path) -> None:
+    path = write_job(tmp_path, "j", MINIMAL + 'mode = "image"\nincremental = true\n')
+    with pytest.raises(ConfigError, match=f"{path}: incremental: is for mode = \"tar\""):
+        load_job("j", tmp_path)
+    # with full_every too: still the mode is what is wrong
+    write_job(tmp_path, "k", MINIMAL + 'mode = "image"\nincremental = true\nfull_every = 2\n')
+    with pytest.raises(ConfigError, match="incremental: is for mode"):
+        load_job("k", tmp_path)
