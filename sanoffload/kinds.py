@@ -1,6 +1,6 @@
 """The values with a fixed set of members, one enum each, checked once at the edge.
 
-A duplicate kind, who freezes and an object kind arrive as text (the agent's
+A duplicate kind, who freezes, an object kind and a backup mode arrive as text (the agent's
 config, the command line, the control channel, a job file, a manifest) and are
 turned into a member by ``parse`` where they arrive; past that edge the code
 holds members. A value that is not a member is always the same error:
@@ -13,6 +13,7 @@ existing records read the same.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any, Self
 
@@ -28,8 +29,8 @@ class Choice(StrEnum):
 
     @classmethod
     def label(cls) -> str:
-        """What a member is called in messages ("duplicate kind")."""
-        return cls.__name__.lower()
+        """What a member is called in messages: the class name's words ("duplicate kind")."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", cls.__name__).lower()
 
     @classmethod
     def values(cls) -> tuple[str, ...]:
@@ -64,10 +65,6 @@ class DuplicateKind(Choice):
     RAID1_SPLIT = "raid1-split"
     MIRROR_SPLIT = "mirror-split"
 
-    @classmethod
-    def label(cls) -> str:
-        return "duplicate kind"
-
     @property
     def is_snapshot(self) -> bool:
         """Copy-on-write (classic or thin), as opposed to a split-off mirror image."""
@@ -82,10 +79,6 @@ class FreezeMode(Choice):
     FSFREEZE = "fsfreeze"
     LVM = "lvm"
 
-    @classmethod
-    def label(cls) -> str:
-        return "freeze mode"
-
 
 class WhoFreezes(Choice):
     """Who actually inhibits writes for one duplicate (a FreezeMode with ``auto`` decided)."""
@@ -98,15 +91,18 @@ class WhoFreezes(Choice):
         return "freezer"
 
 
+class BackupMode(Choice):
+    """What a backup stores: an archive of the files, or the volume's blocks."""
+
+    TAR = "tar"
+    IMAGE = "image"
+
+
 class ObjectKind(Choice):
     """What a backup object is."""
 
     DIRECTORY = "directory"
     FILE = "file"
-
-    @classmethod
-    def label(cls) -> str:
-        return "object kind"
 
 
 class VerifyMode(Choice):
@@ -125,10 +121,6 @@ class VerifyMode(Choice):
     STREAM = "stream"
     FULL = "full"
     NONE = "none"
-
-    @classmethod
-    def label(cls) -> str:
-        return "verify mode"
 
     @classmethod
     def of(cls, value: Any, *, where: str = "") -> VerifyMode:

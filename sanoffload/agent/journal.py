@@ -22,12 +22,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 from ..durable import replace_json
 from ..errors import JournalError, UsageError
 from ..kinds import DuplicateKind
 from ..text import printable
+
+R = TypeVar("R")
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 
@@ -104,21 +106,109 @@ def _check_types(rec: SessionRecord) -> None:
             raise TypeError(f"resource {res.kind}: fields must be an object, state a string")
 
 
-class Journal:
-    """Session records under ``<state_dir>/sessions/``."""
+class _Records(Generic[R]):
+    """One JSON record per key in a 0700 directory under the state directory, each
+    replaced atomically and read back as hostile (JournalError naming the file)."""
+
+    #: the directory under the state directory, what a key is, what a record is, what a
+    #: record holds (of its key), and the hint of an unreadable one (``{dir}``: the directory)
+    subdir: ClassVar[str]
+    key_re: ClassVar[re.Pattern[str]]
+    key_name: ClassVar[str]
+    record_name: ClassVar[str]
+    holds: ClassVar[str]
+    hint: ClassVar[str]
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
-        self.dir = Path(state_dir) / "sessions"
+        self.dir = Path(state_dir) / self.subdir
 
-    def _path(self, session_id: str) -> Path:
-        if not SESSION_ID_RE.fullmatch(session_id):
-            raise UsageError(f"invalid session id {session_id!r}")
-        return self.dir / f"{session_id}.json"
+    def _key(self, record: R) -> str:
+        raise NotImplementedError
+
+    def _parse(self, data: Any) -> R:
+        """A record from its JSON form; ValueError/TypeError/UsageError for anything else."""
+        raise NotImplementedError
+
+    def _path(self, key: str) -> Path:
+        if not self.key_re.fullmatch(key):
+            raise UsageError(f"invalid {self.key_name} {key!r}")
+        return self.dir / f"{key}.json"
+
+    def _save(self, record: R, data: Any) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        replace_json(self._path(self._key(record)), data)
+
+    def load(self, key: str) -> R | None:
+        """The key's record; None if there is none; JournalError if it cannot be read."""
+        path = self._path(key)
+        if not path.exists():
+            return None
+        return self._read(path)
+
+    def remove(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def _read(self, path: Path) -> R:
+        try:
+            rec = self._parse(json.loads(path.read_bytes()))
+            if f"{self._key(rec)}.json" != path.name:
+                raise ValueError(f"it holds {self.holds} {self._key(rec)!r}")
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, TypeError, RecursionError, UsageError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, RecursionError):
+                why = "nested too deeply"
+            raise JournalError(
+                f"{self.record_name} {path} is unreadable ({printable(why)[:200]})",
+                paths=[str(path)], hint=self.hint.format(dir=self.dir)) from None
+        return rec
+
+    def _files(self) -> list[Path]:
+        return sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
+
+    def __iter__(self) -> Iterator[R]:
+        """The readable records (see :meth:`broken` for the others)."""
+        for p in self._files():
+            try:
+                yield self._read(p)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            except JournalError:
+                continue  # kept on disk for the operator; broken() names it
+
+    def broken(self) -> list[JournalError]:
+        """The records that cannot be read, one error each (naming the file)."""
+        bad = []
+        for p in self._files():
+            try:
+                self._read(p)
+            except FileNotFoundError:
+                continue
+            except JournalError as exc:
+                bad.append(exc)
+        return bad
+
+
+class Journal(_Records[SessionRecord]):
+    """Session records under ``<state_dir>/sessions/``."""
+
+    subdir = "sessions"
+    key_re = SESSION_ID_RE
+    key_name = "session id"
+    record_name = "journal record"
+    holds = "session"
+    hint = "inspect it; once the objects it names are gone, move it out of {dir}"
+
+    def _key(self, record: SessionRecord) -> str:
+        return record.session_id
+
+    def _parse(self, data: Any) -> SessionRecord:
+        return SessionRecord.from_dict(data)
 
     def save(self, record: SessionRecord) -> None:
         """Atomically replace the record on disk."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        replace_json(self._path(record.session_id), record.to_dict())
+        self._save(record, record.to_dict())
 
     def intend(self, record: SessionRecord, kind: str, **fields: Any) -> Resource:
         """Write down a resource before creating it; returns the entry to mark done."""
@@ -138,56 +228,6 @@ class Journal:
         record.resources = [r for r in record.resources if r is not res]
         self.save(record)
 
-    def load(self, session_id: str) -> SessionRecord | None:
-        """The session's record; None if there is none; JournalError if it cannot be read."""
-        path = self._path(session_id)
-        if not path.exists():
-            return None
-        return self._read(path)
-
-    def _read(self, path: Path) -> SessionRecord:
-        try:
-            rec = SessionRecord.from_dict(json.loads(path.read_bytes()))
-            if f"{rec.session_id}.json" != path.name:
-                raise ValueError(f"it holds session {rec.session_id!r}")
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, TypeError, RecursionError, UsageError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            if isinstance(exc, RecursionError):
-                why = "nested too deeply"
-            raise JournalError(
-                f"journal record {path} is unreadable ({printable(why)[:200]})",
-                paths=[str(path)],
-                hint="inspect it; once the objects it names are gone, move it out of "
-                     f"{self.dir}") from None
-        return rec
-
-    def _files(self) -> list[Path]:
-        return sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
-
-    def __iter__(self) -> Iterator[SessionRecord]:
-        """The readable records (see :meth:`check` and :meth:`broken` for the others)."""
-        for p in self._files():
-            try:
-                yield self._read(p)
-            except FileNotFoundError:
-                continue  # released meanwhile
-            except JournalError:
-                continue  # kept on disk for the operator; broken() names it
-
-    def broken(self) -> list[JournalError]:
-        """The records that cannot be read, one error each (naming the file)."""
-        bad = []
-        for p in self._files():
-            try:
-                self._read(p)
-            except FileNotFoundError:
-                continue
-            except JournalError as exc:
-                bad.append(exc)
-        return bad
-
     def check(self, doing: str) -> None:
         """Raise JournalError naming every unreadable record: ``doing`` stops, untouched."""
         bad = self.broken()
@@ -196,9 +236,6 @@ class Journal:
             raise JournalError(f"{doing}: nothing was done: "
                                + "; ".join(exc.message for exc in bad),
                                paths=paths, hint=bad[0].hint)
-
-    def remove(self, session_id: str) -> None:
-        self._path(session_id).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------
@@ -273,66 +310,23 @@ class BaseRecord:
         return rec
 
 
-class BaseJournal:
+class BaseJournal(_Records[BaseRecord]):
     """Base records under ``<state_dir>/bases/``, one per origin volume (by its LV UUID)."""
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
-        self.dir = Path(state_dir) / "bases"
+    subdir = "bases"
+    key_re = LV_UUID_RE
+    key_name = "LV UUID"
+    record_name = "base record"
+    holds = "the base of"
+    hint = ("inspect it; moving it out of the way makes the next image backup of its volume "
+            "a full read (its base LV, tagged sanoffload-base, stays until removed by hand)")
 
-    def _path(self, origin_uuid: str) -> Path:
-        if not LV_UUID_RE.fullmatch(origin_uuid):
-            raise UsageError(f"invalid LV UUID {origin_uuid!r}")
-        return self.dir / f"{origin_uuid}.json"
+    def _key(self, record: BaseRecord) -> str:
+        return record.origin_uuid
+
+    def _parse(self, data: Any) -> BaseRecord:
+        return BaseRecord.from_dict(data)
 
     def save(self, record: BaseRecord) -> None:
         """Atomically replace the volume's record."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        replace_json(self._path(record.origin_uuid), record.to_dict())
-
-    def load(self, origin_uuid: str) -> BaseRecord | None:
-        """The volume's base record; None if none; JournalError if it cannot be read."""
-        path = self._path(origin_uuid)
-        if not path.exists():
-            return None
-        return self._read(path)
-
-    def remove(self, origin_uuid: str) -> None:
-        self._path(origin_uuid).unlink(missing_ok=True)
-
-    def _read(self, path: Path) -> BaseRecord:
-        try:
-            rec = BaseRecord.from_dict(json.loads(path.read_bytes()))
-            if f"{rec.origin_uuid}.json" != path.name:
-                raise ValueError(f"it holds the base of {rec.origin_uuid!r}")
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, TypeError, RecursionError, UsageError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise JournalError(
-                f"base record {path} is unreadable ({printable(why)[:200]})",
-                paths=[str(path)],
-                hint="inspect it; moving it out of the way makes the next image backup of "
-                     "its volume a full read (its base LV, tagged sanoffload-base, stays "
-                     "until removed by hand)") from None
-        return rec
-
-    def _files(self) -> list[Path]:
-        return sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
-
-    def __iter__(self) -> Iterator[BaseRecord]:
-        for p in self._files():
-            try:
-                yield self._read(p)
-            except (FileNotFoundError, JournalError):
-                continue  # gone meanwhile, or named by broken()
-
-    def broken(self) -> list[JournalError]:
-        bad = []
-        for p in self._files():
-            try:
-                self._read(p)
-            except FileNotFoundError:
-                continue
-            except JournalError as exc:
-                bad.append(exc)
-        return bad
+        self._save(record, record.to_dict())

@@ -45,7 +45,11 @@ from typing import Any
 from ..channel.messages import MAX_MEMBERS
 from ..configfile import parse_toml, read_text, valid_name
 from ..errors import ConfigError, UsageError
-from ..kinds import Choice, DuplicateKind, VerifyMode
+from ..kinds import (
+    BackupMode as BackupMode,  # re-exported: the CLI and job callers import it here
+    DuplicateKind,
+    VerifyMode,
+)
 
 JOBS_DIR = "/etc/sanoffload/jobs"
 JOB_SUFFIX = ".toml"
@@ -75,17 +79,6 @@ _CONTROL = ("\0", "\n", "\r")
 _SSH_VALUE_OPTIONS = ("-o", "-p", "-i", "-F", "-J", "-l", "-c", "-m", "-b", "-B", "-E")
 _SSH_FLAGS = ("-4", "-6", "-C", "-q", "-v", "-vv", "-vvv")
 _SSH_CONFIG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)\S")
-
-
-class BackupMode(Choice):
-    """What a backup stores: an archive of the files, or the volume's blocks."""
-
-    TAR = "tar"
-    IMAGE = "image"
-
-    @classmethod
-    def label(cls) -> str:
-        return "backup mode"
 
 
 @dataclass(frozen=True)

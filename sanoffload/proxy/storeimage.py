@@ -113,33 +113,28 @@ class RemoteImageSink:
             raise ProtocolError(f"{self.store.name}: 'missing' names ids not asked about")
         return set(answer)
 
-    def put_chunk(self, chunk_id: str, codec: int, payload: bytes, plain_bytes: int) -> None:
+    def _send(self, header: dict[str, Any], data: bytes) -> None:
+        """``header``, then ``data`` as frames; the store's answer is read by the caller."""
         channel = self.store.channel
-        view = memoryview(payload)
+        view = memoryview(data)
         try:
-            channel.send({"op": "chunk", "id": chunk_id, "codec": codec,
-                          "plain_bytes": plain_bytes, "payload_bytes": len(view)})
+            channel.send(header)
             for start in range(0, len(view), CHUNK):
                 channel.send_chunk(view[start:start + CHUNK])
             channel.end_chunks()
         except ProtocolError:
-            self._done = True
+            self._done = True  # the put is over either way: no abort to send
             self.store.reply()  # the store refused and hung up: its reason, if it said one
             raise
+
+    def put_chunk(self, chunk_id: str, codec: int, payload: bytes, plain_bytes: int) -> None:
+        self._send({"op": "chunk", "id": chunk_id, "codec": codec,
+                    "plain_bytes": plain_bytes, "payload_bytes": len(payload)}, payload)
         check_reply(self.store.reply(), {"stored": bool})
 
     def commit(self, chunk_map: ChunkMap, fields: Mapping[str, Any]) -> dict[str, Any]:
         self._done = True
-        channel = self.store.channel
-        blob = memoryview(chunk_map.to_bytes())
-        try:
-            channel.send({"op": "image_commit", "fields": dict(fields)})
-            for start in range(0, len(blob), CHUNK):
-                channel.send_chunk(blob[start:start + CHUNK])
-            channel.end_chunks()
-        except ProtocolError:
-            self.store.reply()
-            raise
+        self._send({"op": "image_commit", "fields": dict(fields)}, chunk_map.to_bytes())
         return dict(check_reply(self.store.reply(), {"backup": dict})["backup"])
 
     def abort(self, reason: str = "the backup failed") -> None:

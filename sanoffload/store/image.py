@@ -38,7 +38,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..durable import fsync_dir
 from ..errors import IntegrityError, RefusedError, ResourceError, UsageError
 from ..text import printable
 from .chunks import HEADER as CHUNK_HEADER, MAX_CHUNK, check_id
@@ -64,10 +63,9 @@ from .repo import (
     Quota,
     QuotaHold,
     Repository,
-    _publish,
+    _commit_files,
     _sweep_partial,
     _write_all,
-    _write_file,
     check_path,
     format_timestamp,
     image_failure,
@@ -289,20 +287,8 @@ class LocalImageSink:
         _write_all(self._fd, memoryview(blob))
         os.fsync(self._fd)
         os.fchmod(self._fd, 0o440)
-        _publish(self.partial, self.map_path)
-        try:
-            fsync_dir(self.directory)
-            partial = self.directory / (self.id.timestamp + MANIFEST_SUFFIX + PARTIAL_SUFFIX)
-            _write_file(partial, manifest.to_json(), 0o640)
-            try:
-                _publish(partial, self.manifest_path)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            fsync_dir(self.directory)
-        except BaseException:
-            self.map_path.unlink(missing_ok=True)  # no manifest, no backup: no map alone
-            raise
+        _commit_files(self.directory, self.id.timestamp, [(self.partial, self.map_path)],
+                      manifest, self.manifest_path)
         return Backup(self.id, manifest, self.map_path, self.manifest_path)
 
     def abort(self, reason: str = "the backup failed") -> None:

@@ -78,7 +78,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..durable import fsync_dir
+from ..durable import fsync_dir, read_bounded
 from ..errors import (
     CommandError,
     CommandNotFoundError,
@@ -829,23 +829,7 @@ class Repository:
         if info is None:
             raise UsageError(f"{backup.id} is a tar backup: it has no chunk map")
         where = f"{backup.id}: chunk map"
-        try:
-            fd = os.open(backup.archive,
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise IntegrityError(f"{where} is missing") from None
-        except OSError as exc:
-            raise IntegrityError(f"{where}: cannot open it: {exc.strerror or exc}") from None
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IntegrityError(f"{where} is not a regular file")
-            if st.st_size != info.map_bytes:
-                raise IntegrityError(f"{where}: {st.st_size} bytes, the manifest says "
-                                     f"{info.map_bytes}")
-            data = f.read(info.map_bytes + 1)
-        if len(data) != info.map_bytes:
-            raise IntegrityError(f"{where} changed while it was read")
+        data = _read_recorded(backup.archive, info.map_bytes, where)
         chunk_map = ChunkMap.from_bytes(data, where=where)
         if chunk_map.sha256() != info.map_sha256:
             raise IntegrityError(f"{where}: sha256 {chunk_map.sha256()}, the manifest says "
@@ -871,20 +855,7 @@ class Repository:
         if m.snapshot_bytes is None or m.snapshot_sha256 is None:
             raise UsageError(f"{backup.id} is not an incremental backup: it has no state file")
         where = f"{backup.id}: state file"
-        try:
-            fd = os.open(self.snapshot_path(backup.id),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise IntegrityError(f"{where} is missing") from None
-        except OSError as exc:
-            raise IntegrityError(f"{where}: cannot open it: {exc.strerror or exc}") from None
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise IntegrityError(f"{where} is not a regular file")
-            data = f.read(m.snapshot_bytes + 1)
-        if len(data) != m.snapshot_bytes:
-            raise IntegrityError(f"{where}: {len(data)} bytes or more, the manifest says "
-                                 f"{m.snapshot_bytes}")
+        data = _read_recorded(self.snapshot_path(backup.id), m.snapshot_bytes, where)
         digest = hashlib.sha256(data).hexdigest()
         if digest != m.snapshot_sha256:
             raise IntegrityError(f"{where}: sha256 {digest}, the manifest says "
@@ -985,6 +956,30 @@ def image_failure(bid: BackupId, chunks: int, missing: Sequence[str],
             + "; ".join(said))
 
 
+def _read_recorded(path: Path, size: int, where: str) -> bytes:
+    """A file a manifest records beside itself (a chunk map, a state file): exactly the
+    ``size`` bytes the manifest says; IntegrityError naming ``where`` otherwise.
+
+    The size is checked on the open file before reading, so a manifest's claim is never
+    what is allocated (the file is at most what the disk holds)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise IntegrityError(f"{where} is missing") from None
+    except OSError as exc:
+        raise IntegrityError(f"{where}: cannot open it: {exc.strerror or exc}") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{where} is not a regular file")
+        if st.st_size != size:
+            raise IntegrityError(f"{where}: {st.st_size} bytes, the manifest says {size}")
+        data = read_bounded(f, size)
+    if len(data) != size:
+        raise IntegrityError(f"{where} changed while it was read")
+    return data
+
+
 def _is_regular(path: Path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
@@ -1026,6 +1021,33 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+def _commit_files(directory: Path, stamp: str, data: Sequence[tuple[Path, Path]],
+                  manifest: Manifest, manifest_path: Path) -> None:
+    """Publish each ``(partial, final)`` data file in order, then the manifest (the commit).
+
+    No manifest, no backup: on any failure the data files already published go again,
+    so none stays behind alone (a tar state file without its archive, a map without its
+    manifest)."""
+    published: list[Path] = []
+    try:
+        for partial, final in data:
+            _publish(partial, final)
+            published.append(final)
+        fsync_dir(directory)
+        partial = directory / (stamp + MANIFEST_SUFFIX + PARTIAL_SUFFIX)
+        _write_file(partial, manifest.to_json(), 0o640)
+        try:
+            _publish(partial, manifest_path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        fsync_dir(directory)
+    except BaseException:
+        for final in reversed(published):
+            final.unlink(missing_ok=True)
+        raise
 
 
 class BackupWriter:
@@ -1123,16 +1145,7 @@ class BackupWriter:
         """Hold at least ``need`` bytes of the client's quota, or ResourceError."""
         reservation, quota = self._reservation, self.quota
         assert reservation is not None and quota is not None
-        with self.repo.lock():
-            used = self.repo.charged(quota.client, quota.hosts)
-            others = self.repo.reserved(quota.client, besides=reservation.path)
-            room = quota.limit - used - others
-            if need > room:
-                raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes would "
-                                    f"be exceeded by {self.id} ({used} bytes stored, {others} "
-                                    "being received by other puts)", hint="prune old backups")
-            # ahead of the data, so that growing is rare; never past the room there is
-            reservation.set(min(room, need + max(QUOTA_STEP, reservation.bytes // 4)))
+        reservation.grow(self.repo, quota, need)
 
     def __enter__(self) -> BackupWriter:
         return self
@@ -1314,30 +1327,12 @@ class BackupWriter:
                             timestamp=self.id.timestamp, archive_bytes=self.bytes, sha256=digest,
                             member_count=members, stored_at=utc_iso(datetime.now(UTC)),
                             verification=check, client=self.client, **values)
+        data = [(self.partial, self.archive)]
         if self.snapshot_received is not None:
             # before the archive and the manifest (the commit): a listed incremental backup
             # always has its state file
-            _publish(self._snapshot_partial, self.snapshot)
-        try:
-            _publish(self.partial, self.archive)
-        except BaseException:
-            self.snapshot.unlink(missing_ok=True)
-            raise
-        try:
-            fsync_dir(self.directory)
-            partial = self.directory / (self.id.timestamp + MANIFEST_SUFFIX + PARTIAL_SUFFIX)
-            _write_file(partial, manifest.to_json(), 0o640)
-            try:
-                _publish(partial, self.manifest_path)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            fsync_dir(self.directory)
-        except BaseException:
-            # no manifest, no backup: the archive alone must not stay behind
-            self.archive.unlink(missing_ok=True)
-            self.snapshot.unlink(missing_ok=True)
-            raise
+            data.insert(0, (self._snapshot_partial, self.snapshot))
+        _commit_files(self.directory, self.id.timestamp, data, manifest, self.manifest_path)
         return Backup(self.id, manifest, self.archive, self.manifest_path)
 
     def _check_snapshot(self, values: dict[str, Any]) -> None:
@@ -1398,17 +1393,8 @@ class QuotaHold:
         reservation, quota = self._reservation, self.quota
         if reservation is None:
             raise ValueError("quota hold released")
-        if total <= reservation.bytes:
-            return
-        with self.repo.lock():
-            used = self.repo.charged(quota.client, quota.hosts)
-            others = self.repo.reserved(quota.client, besides=reservation.path)
-            room = quota.limit - used - others
-            if total > room:
-                raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes would "
-                                    f"be exceeded by {self.id} ({used} bytes stored, {others} "
-                                    "being received by other puts)", hint="prune old backups")
-            reservation.set(min(room, total + max(QUOTA_STEP, reservation.bytes // 4)))
+        if total > reservation.bytes:
+            reservation.grow(self.repo, quota, total)
 
     def release(self) -> None:
         if self._reservation is not None:
@@ -1448,6 +1434,19 @@ class _Reservation:
             path.unlink(missing_ok=True)
             raise
         return reservation
+
+    def grow(self, repo: Repository, quota: Quota, need: int) -> None:
+        """Hold at least ``need`` bytes of ``quota``, or ResourceError (takes the lock)."""
+        with repo.lock():
+            used = repo.charged(quota.client, quota.hosts)
+            others = repo.reserved(quota.client, besides=self.path)
+            room = quota.limit - used - others
+            if need > room:
+                raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes would "
+                                    f"be exceeded by {self.id} ({used} bytes stored, {others} "
+                                    "being received by other puts)", hint="prune old backups")
+            # ahead of the data, so that growing is rare; never past the room there is
+            self.set(min(room, need + max(QUOTA_STEP, self.bytes // 4)))
 
     def set(self, size: int) -> None:
         """Hold ``size`` bytes; call with the repository lock held (readers hold it too)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sanoffload.agent.journal import Journal, SessionRecord
+from sanoffload.agent.journal import BaseJournal, BaseRecord, Journal, SessionRecord
 from sanoffload.errors import JournalError, UsageError
 
 pytestmark = pytest.mark.unit
@@ -110,3 +110,48 @@ def test_check_passes_a_readable_journal(tmp_path: Path) -> None:
     j.check("cleanup")  # no directory yet
     j.save(_record())
     j.check("cleanup")
+
+
+UUID = "NV5dDp-saSw-k7nk-ODGt-FUCg-dGPc-cPh4i0"
+OTHER_UUID = "Xq9wPz-aB3c-Dd4e-Ef5g-Gh6i-Ij7k-Kl8mN0"
+
+
+def _base(uuid: str = UUID) -> BaseRecord:
+    return BaseRecord(origin_vg="datavg", origin_lv="thin", origin_uuid=uuid, pool="pool",
+                      name="sanoffload-base_fs1-1a2b3c4d", uuid=OTHER_UUID, thin_id=2,
+                      size_bytes=1 << 30, backup="fs1/srv-thin-0a1b2c3d/20261125T020000Z")
+
+
+def test_base_records_round_trip_and_are_private(tmp_path: Path) -> None:
+    j = BaseJournal(tmp_path)
+    assert j.load(UUID) is None and list(j) == [] and j.broken() == []
+    rec = _base()
+    j.save(rec)
+    assert j.load(UUID) == rec and list(j) == [rec]
+    assert (tmp_path / "bases").stat().st_mode & 0o777 == 0o700
+    j.remove(UUID)
+    assert j.load(UUID) is None
+    with pytest.raises(UsageError):
+        j.load("../sessions/x")
+
+
+@pytest.mark.hostile("agent", "a base record that is not JSON, nested 30000 deep, or names "
+                     "another volume than its file", "JournalError naming the file and why "
+                     "(exit 13), no traceback")
+@pytest.mark.parametrize("content,why", [
+    ("{not json", "Expecting property name"),
+    ("[" * 30_000 + "]" * 30_000, "nested too deeply"),
+    (json.dumps(_base(OTHER_UUID).to_dict()), f"it holds the base of '{OTHER_UUID}'"),
+], ids=["bad-json", "30000-deep", "another-volume"])
+def test_loading_a_corrupt_base_record_names_the_file(tmp_path: Path, content: str,
+                                                      why: str) -> None:
+    j = BaseJournal(tmp_path)
+    bad = tmp_path / "bases" / f"{UUID}.json"
+    bad.parent.mkdir()
+    bad.write_text(content)
+    with pytest.raises(JournalError) as info:
+        j.load(UUID)
+    assert info.value.exit_code == 13 and info.value.paths == [str(bad)]
+    assert f"base record {bad} is unreadable ({why}" in info.value.message
+    assert "full read" in (info.value.hint or "")
+    assert list(j) == [] and [exc.paths for exc in j.broken()] == [[str(bad)]]

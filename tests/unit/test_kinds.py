@@ -21,7 +21,15 @@ from sanoffload.agent.quiesce import quiesce_and_duplicate
 from sanoffload.agent.resolve import BackupObject, resolve
 from sanoffload.agent.service import AgentService
 from sanoffload.errors import UsageError
-from sanoffload.kinds import Choice, DuplicateKind, FreezeMode, ObjectKind, WhoFreezes
+from sanoffload.kinds import (
+    BackupMode,
+    Choice,
+    DuplicateKind,
+    FreezeMode,
+    ObjectKind,
+    VerifyMode,
+    WhoFreezes,
+)
 from sanoffload.testing import FakeRunner
 from tests.unit.fakes_agent import recorded_lv, recorded_mount
 from tests.unit.test_agent_session import Env
@@ -30,9 +38,10 @@ pytestmark = pytest.mark.unit
 
 PX1 = "iqn.2026-11.org.sanoffload.lab:px1"
 BAD = "clone\x1b[2J"
+ALL = [DuplicateKind, FreezeMode, WhoFreezes, ObjectKind, VerifyMode, BackupMode]
 
 
-@pytest.mark.parametrize("enum", [DuplicateKind, FreezeMode, WhoFreezes, ObjectKind])
+@pytest.mark.parametrize("enum", ALL)
 def test_parse_gives_members_and_values_stay_the_wire_strings(enum: type[Choice]) -> None:
     for member in enum:
         assert enum.parse(member.value) is member
@@ -41,7 +50,7 @@ def test_parse_gives_members_and_values_stay_the_wire_strings(enum: type[Choice]
         assert f"{member}" == member.value
 
 
-@pytest.mark.parametrize("enum", [DuplicateKind, FreezeMode, WhoFreezes, ObjectKind])
+@pytest.mark.parametrize("enum", ALL)
 @pytest.mark.parametrize("text", ["bogus", "", "Snapshot", None, 3, ["snapshot"]])
 def test_parse_refuses_anything_else_with_one_error(enum: type[Choice], text: Any) -> None:
     with pytest.raises(UsageError) as exc:
@@ -56,6 +65,16 @@ def test_the_wire_values_are_unchanged() -> None:
     assert FreezeMode.values() == ("auto", "fsfreeze", "lvm")
     assert WhoFreezes.values() == ("fsfreeze", "lvm")
     assert ObjectKind.values() == ("directory", "file")
+    assert VerifyMode.values() == ("stream", "full", "none")
+    assert BackupMode.values() == ("tar", "image")
+
+
+def test_what_each_is_called_in_messages() -> None:
+    assert [enum.label() for enum in ALL] == ["duplicate kind", "freeze mode", "freezer",
+                                              "object kind", "verify mode", "backup mode"]
+    with pytest.raises(UsageError, match=r"^job: unknown backup mode 'zfs' \(one of: tar, "
+                       r"image\)$"):
+        BackupMode.parse("zfs", where="job")
 
 
 # --------------------------------------------------------------------------

@@ -160,6 +160,16 @@ def test_commit_naming_a_missing_chunk_is_refused(repo: Repository) -> None:
     assert repo.list() == [] and not list(repo.root.rglob("*.map*"))
 
 
+def test_a_manifest_that_cannot_be_published_takes_the_map_back(repo: Repository) -> None:
+    """The map is published first; no manifest, no backup: the map goes again."""
+    sink = local(repo)
+    sink.manifest_path.write_bytes(b"not ours")
+    with pytest.raises(ResourceError, match="already exists"):
+        put_image(sink, volume(b"x"))
+    assert not list(repo.root.rglob("*.map*")) and not list(repo.root.rglob("*.partial"))
+    assert sink.manifest_path.read_bytes() == b"not ours"
+
+
 @pytest.mark.hostile("store", "verify of an image backup with a chunk flipped or removed, "
                      "or its map changed", "IntegrityError naming the backup and the chunk")
 def test_verify_names_the_backup_and_the_bad_chunk(repo: Repository) -> None:

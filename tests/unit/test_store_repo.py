@@ -236,6 +236,46 @@ def test_failing_manifest_write_takes_the_archive_back(tmp_path: Path,
     assert all_files(tmp_path) == []
 
 
+STATE = b"GNU tar-1.34-2\n1796161436\x00289291417\x000\x001796161436\x00"
+
+
+@pytest.mark.parametrize("taken", ["archive", "manifest"])
+def test_a_failed_commit_takes_back_the_state_file_and_the_archive(
+        tmp_path: Path, taken: str) -> None:
+    """A listed incremental backup publishes its state file, then its archive, then the
+    manifest: whichever cannot be published, none of ours stays without a manifest (and
+    the file in the way is not touched)."""
+    repo = Repository(tmp_path)
+    w = repo.writer("fs1", "/srv", timestamp=TS)
+    w.write(DATA)
+    w.write_snapshot([STATE])
+    in_the_way = w.archive if taken == "archive" else w.manifest_path
+    in_the_way.write_bytes(b"not ours")
+    with pytest.raises(ResourceError, match="already exists"):
+        w.commit({"tar_level": 0}, verify=False)
+    assert all_files(tmp_path) == [str(in_the_way.relative_to(tmp_path))]
+    assert in_the_way.read_bytes() == b"not ours"
+
+
+@pytest.mark.hostile("store", "a stored state file one byte longer than its manifest says",
+                     "IntegrityError naming its real size; the manifest's size is not "
+                     "what is read")
+def test_a_state_file_of_another_size_is_named_by_its_real_size(tmp_path: Path) -> None:
+    repo = Repository(tmp_path)
+    with repo.writer("fs1", "/srv", timestamp=TS) as w:
+        w.write(DATA)
+        w.write_snapshot([STATE])
+        backup = w.commit({"tar_level": 0}, verify=False)
+    assert repo.load_snapshot(backup) == STATE
+    path = repo.snapshot_path(backup.id)
+    os.chmod(path, 0o600)
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(IntegrityError, match=f"state file: {len(STATE) + 1} bytes, the "
+                                             f"manifest says {len(STATE)}$"):
+        repo.load_snapshot(backup)
+
+
 def test_no_space_is_a_resource_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = Repository(tmp_path)
 
