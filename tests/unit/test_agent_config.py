@@ -319,3 +319,12 @@ def test_holding_hooks_and_their_ready_deadline() -> None:
 def test_bad_holding_hooks(table: str, key: str, reason: str) -> None:
     message = error(f"{MINIMAL}\n{table}\n")
     assert f"{SRC}: {key}: " in message and reason in message
+
+
+@pytest.mark.hostile("agent", "agent.toml thin_base_max_use of 0, 101, a string, a boolean or 1.5",
+                     "config error (2) naming the key")
+@pytest.mark.parametrize("value", ["0", "101", '"80"', "true", "1.5"])
+def test_thin_base_max_use_is_a_percentage(value: str) -> None:
+    message = error(f"thin_base_max_use = {value}\n{MINIMAL}")
+    assert f"{SRC}: thin_base_max_use: " in message
+    assert parse(f"thin_base_max_use = 50\n{MINIMAL}").thin_base_max_use == 50
