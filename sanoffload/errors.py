@@ -191,6 +191,20 @@ class CompletedWithWarnings(SanoffloadError):
         self.warnings = list(warnings)
 
 
+class RepositoryKeyError(SanoffloadError):
+    """The repository's key is missing, or the key or passphrase given is not its key."""
+
+    exit_code = 15
+    kind = "key"
+
+
+class ObjectStoreError(SanoffloadError):
+    """The S3 object store failed a request, after its retries, or answered what it must not."""
+
+    exit_code = 16
+    kind = "object-store"
+
+
 class Interrupted(SanoffloadError):
     """SIGINT, SIGTERM or SIGHUP arrived; cleanup has run."""
 
@@ -222,5 +236,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     13: ("cleanup", "teardown could not remove everything; run 'sanoffload agent cleanup'"),
     14: ("warning", ("done and stored, with warnings (e.g. a post-thaw hook failed): see the "
                      "manifest warnings")),
+    15: ("key", "the repository key is missing, or the key or passphrase is wrong"),
+    16: ("object-store", "the S3 object store failed a request after retries (or is unreachable)"),
     130: ("interrupted", "stopped by SIGINT/SIGTERM/SIGHUP after cleaning up"),
 }
