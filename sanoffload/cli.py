@@ -22,17 +22,21 @@ import sys
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
 from . import __version__
-from .doctor import Host, Report, run_checks
 from .errors import CompletedWithWarnings, SanoffloadError
 from .requirements import ROLES
 from .runner import CommandRunner, Runner
 from .signals import install_signal_handlers
 from .text import printable
+
+if TYPE_CHECKING:
+    # doctor imports every tool wrapper (it checks what they run): seconds on a slow
+    # host, paid by every command if imported here, so only `doctor` imports it
+    from .doctor import Host, Report
 
 log = logging.getLogger("sanoffload")
 
@@ -60,7 +64,16 @@ def make_runner() -> Runner:
 
 def make_host(runner: Runner) -> Host:
     """Where doctor looks (the real /); unit tests replace this factory."""
+    from .doctor import Host
+
     return Host(runner)
+
+
+def run_checks(role: str, host: Host) -> Report:
+    """doctor's checks for ROLE on HOST; unit tests replace this."""
+    from .doctor import run_checks as checks
+
+    return checks(role, host)
 
 
 @dataclass
