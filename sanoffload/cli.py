@@ -52,6 +52,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "prune": "sanoffload.proxy.cli:prune",
     "proxy": "sanoffload.proxy.cli:proxy",
     "install-units": "sanoffload.install_units:install_units",
+    "key": "sanoffload.store.keycli:key",
     "mount": "sanoffload.store.mountcli:mount",
     "umount": "sanoffload.store.mountcli:umount",
 }
