@@ -9,13 +9,15 @@ outputs recorded from real tools (tests/fixtures), not invented ones.
 
 from __future__ import annotations
 
+import builtins
 import io
 import subprocess
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .errors import CommandTimeoutError
+from .errors import AuthError, CommandTimeoutError, IntegrityError, ObjectStoreError, ResourceError
 from .pipeline import (
     PipelineLike,
     Stage,
@@ -26,8 +28,11 @@ from .pipeline import (
 )
 from .process import NotFound, RawResult, Spawned, TimedOut, fs_str
 from .runner import Runner
+from .store import backend as _backend
+from .store.backend import ObjectInfo, Upload, check_key, check_prefix
 
-__all__ = ["Call", "FakePipeline", "FakeRunner", "FakeSpawned", "Rule"]
+__all__ = ["Call", "FakePipeline", "FakeRunner", "FakeSpawned", "MemoryBackend", "MemoryWriter",
+           "Rule"]
 
 
 @dataclass
@@ -225,3 +230,166 @@ class FakePipeline(StagesBase):
 
 def _enc(data: str | bytes) -> bytes:
     return data.encode() if isinstance(data, str) else data
+
+
+class MemoryBackend:
+    """A :class:`~sanoffload.store.backend.Backend` in a dict, for the layers above the seam.
+
+    It keeps the same contract as the directory and S3 backends
+    (``tests/unit/test_backend_contract.py`` runs it with them) and models the
+    S3 roles the repository must cope with:
+
+    - ``versioned``: every write is kept; a delete without a version adds a
+      delete marker (a bucket with versioning, as Object Lock needs);
+    - ``deny_delete``: every delete is refused with AuthError (the proxy's
+      credentials under the bucket policy);
+    - ``retain_until``: objects written from now on are retained until then
+      (Object Lock): deleting such a version before ``clock()`` passes it is
+      refused with AuthError; adding a delete marker is not, as on S3.
+
+    Like S3 (and unlike a directory) it cannot tell a live upload from a dead
+    one: every uncommitted writer is an upload, and ``stale_uploads`` goes by age.
+    """
+
+    def __init__(self, *, versioned: bool = False, deny_delete: bool = False,
+                 retain_until: float | None = None, clock: Callable[[], float] = time.time,
+                 name: str = "test") -> None:
+        self.location = f"memory:{name}"
+        self.versioned = versioned
+        self.deny_delete = deny_delete
+        self.retain_until = retain_until
+        self.clock = clock
+        #: key -> its versions, oldest first (unversioned: one), with their bytes
+        self.objects: dict[str, list[tuple[ObjectInfo, bytes]]] = {}
+        #: upload id -> the writer holding it, until it commits or is aborted
+        self.uploads: dict[str, MemoryWriter] = {}
+        self._serial = 0
+
+    def _next(self, kind: str) -> str:
+        self._serial += 1
+        return f"{kind}{self._serial:06d}"
+
+    def _current(self, key: str) -> tuple[ObjectInfo, bytes] | None:
+        versions = self.objects.get(check_key(key))
+        if not versions or versions[-1][0].deleted:
+            return None
+        return versions[-1]
+
+    def _find(self, key: str, version: str | None) -> tuple[ObjectInfo, bytes]:
+        if version is None:
+            found = self._current(key)
+        else:
+            found = next((v for v in self.objects.get(check_key(key), [])
+                          if v[0].version == version and not v[0].deleted), None)
+        if found is None:
+            raise _backend.NotFound(key, version)
+        return found
+
+    def get(self, key: str, *, max_bytes: int, version: str | None = None) -> bytes:
+        info, data = self._find(key, version)
+        if info.size > max_bytes:
+            raise IntegrityError(f"{self.location}/{key}: {info.size} bytes, more than the "
+                                 f"{max_bytes} accepted")
+        return data
+
+    def open_read(self, key: str, *, version: str | None = None) -> io.BytesIO:
+        return io.BytesIO(self._find(key, version)[1])
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = True) -> ObjectInfo:
+        return self._store(check_key(key), bytes(data), exclusive=exclusive)
+
+    def _store(self, key: str, data: bytes, *, exclusive: bool) -> ObjectInfo:
+        if exclusive and self._current(key) is not None:
+            raise ResourceError(f"{self.location}/{key} already exists: not replacing it")
+        info = ObjectInfo(key=key, size=len(data), mtime=self.clock(),
+                          version=self._next("v") if self.versioned else None,
+                          retain_until=self.retain_until)
+        if self.versioned:
+            self.objects.setdefault(key, []).append((info, data))
+        else:
+            self.objects[key] = [(info, data)]
+        return info
+
+    def writer(self, key: str, *, size_hint: int | None = None) -> MemoryWriter:
+        upload = Upload(key=check_key(key), upload_id=self._next("u"), started=self.clock())
+        self.uploads[upload.upload_id] = w = MemoryWriter(self, upload)
+        return w
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        found = self._current(key)
+        return None if found is None else found[0]
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        for key in sorted(k for k in self.objects if k.startswith(prefix)):
+            found = self._current(key)
+            if found is not None:
+                yield found[0]
+
+    def versions(self, key: str) -> builtins.list[ObjectInfo]:
+        return [info for info, _ in self.objects.get(check_key(key), [])]
+
+    def delete(self, key: str, *, version: str | None = None) -> None:
+        versions = self.objects.get(check_key(key), [])
+        if self.deny_delete:
+            raise AuthError(f"{self.location}/{key}: deleting is not allowed to these credentials")
+        if self.versioned and version is None:
+            if versions and not versions[-1][0].deleted:
+                marker = ObjectInfo(key=key, size=0, mtime=self.clock(), version=self._next("v"),
+                                    deleted=True)
+                versions.append((marker, b""))
+            return
+        for i, (info, _) in enumerate(versions):
+            if info.version == version:
+                if info.retain_until is not None and info.retain_until > self.clock():
+                    raise AuthError(f"{self.location}/{key}: retained until "
+                                    f"{info.retain_until:.0f}: not removing it")
+                del versions[i]
+                break
+        if not versions:
+            self.objects.pop(key, None)
+
+    def stale_uploads(self, older_than: float) -> Iterator[Upload]:
+        for w in builtins.list(self.uploads.values()):
+            if w.upload.started < older_than:
+                yield w.upload
+
+    def abort_upload(self, upload: Upload) -> None:
+        self.uploads.pop(upload.upload_id, None)
+
+
+class MemoryWriter:
+    """An upload of :class:`MemoryBackend`: nothing is visible until :meth:`commit`."""
+
+    def __init__(self, backend: MemoryBackend, upload: Upload) -> None:
+        self.backend = backend
+        self.upload = upload
+        self.key = upload.key
+        self._data: bytearray | None = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> None:
+        if self._data is None:
+            raise ValueError("object writer is closed")
+        self._data += memoryview(data).cast("B")
+
+    def commit(self) -> ObjectInfo:
+        """Publish; ResourceError if the key exists, ObjectStoreError if the upload was
+        aborted meanwhile (S3's NoSuchUpload). A failed commit leaves the upload to abort."""
+        if self._data is None:
+            raise ValueError("object writer is closed")
+        if self.backend.uploads.get(self.upload.upload_id) is not self:
+            raise ObjectStoreError(f"{self.backend.location}/{self.key}: the upload was aborted")
+        info = self.backend._store(self.key, bytes(self._data), exclusive=True)
+        self.backend.uploads.pop(self.upload.upload_id, None)
+        self._data = None
+        return info
+
+    def abort(self) -> None:
+        self.backend.uploads.pop(self.upload.upload_id, None)
+        self._data = None
+
+    def __enter__(self) -> MemoryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()

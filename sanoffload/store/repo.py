@@ -59,7 +59,6 @@ nothing.
 from __future__ import annotations
 
 import builtins
-import errno
 import fcntl
 import hashlib
 import io
@@ -78,7 +77,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..durable import fsync_dir, read_bounded
+from ..durable import fsync_dir
 from ..errors import (
     CommandError,
     CommandNotFoundError,
@@ -91,6 +90,14 @@ from ..errors import (
 from ..runner import Runner
 from ..text import has_control, printable
 from ..tools import tar, zstd
+from .backend_dir import (
+    _open_locked,
+    _publish,
+    _read_recorded,
+    _sweep_partial,
+    _write_all,
+    _write_file,
+)
 from .chunks import ChunkStore
 from .imagemap import ChunkMap
 from .manifest import (
@@ -302,82 +309,6 @@ def read_timeout(*sizes: int | None) -> float:
     """How long reading (or extracting) an archive of these sizes may take (capped)."""
     biggest = max((s for s in (0, *sizes) if isinstance(s, int)), default=0)
     return min(MAX_TIMEOUT, MIN_TIMEOUT + biggest / RATE)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
-
-
-#: link(2) failing with these means "this filesystem has no hard links"
-_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
-
-
-def _open_locked(path: Path) -> int | None:
-    """``path`` opened and exclusively flock-ed without waiting; None if a live holder has it.
-
-    Never follows a symlink and never blocks on a FIFO. FileNotFoundError if
-    there is nothing there.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _sweep_partial(path: Path) -> None:
-    """Remove a dead writer's partial file; ResourceError if its writer is alive.
-
-    Call with the repository lock held: no new writer can take the name meanwhile.
-    """
-    try:
-        fd = _open_locked(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        path.unlink(missing_ok=True)  # a symlink under a partial's name: not ours, not followed
-        return
-    if fd is None:
-        raise ResourceError(f"a backup of this id is being written ({path.name} is held by a "
-                            "live put)", hint="wait for it, or stop the put that holds it")
-    try:
-        here = os.lstat(path)
-        mine = os.fstat(fd)
-        # the writer may have published and gone between open and lock: remove only what we hold
-        if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
-            log.warning("%s: removing a partial file whose writer is gone", path)
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """Give ``partial`` its final name unless that name exists; the partial name goes."""
-    try:
-        # a rename would silently replace a backup of the same second: a link cannot
-        os.link(partial, final, follow_symlinks=False)
-    except FileExistsError:
-        raise ResourceError(f"{final} already exists: not replacing it") from None
-    except OSError as exc:
-        if exc.errno not in _NO_LINKS:
-            raise
-        # no hard links here: check, then rename (the O_EXCL partial name keeps two
-        # writers of the same backup apart, so the gap only matters to a foreign writer)
-        if os.path.lexists(final):
-            raise ResourceError(f"{final} already exists: not replacing it") from None
-        os.rename(partial, final)
-        return
-    os.unlink(partial)
 
 
 class Repository:
@@ -956,30 +887,6 @@ def image_failure(bid: BackupId, chunks: int, missing: Sequence[str],
             + "; ".join(said))
 
 
-def _read_recorded(path: Path, size: int, where: str) -> bytes:
-    """A file a manifest records beside itself (a chunk map, a state file): exactly the
-    ``size`` bytes the manifest says; IntegrityError naming ``where`` otherwise.
-
-    The size is checked on the open file before reading, so a manifest's claim is never
-    what is allocated (the file is at most what the disk holds)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise IntegrityError(f"{where} is missing") from None
-    except OSError as exc:
-        raise IntegrityError(f"{where}: cannot open it: {exc.strerror or exc}") from None
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"{where} is not a regular file")
-        if st.st_size != size:
-            raise IntegrityError(f"{where}: {st.st_size} bytes, the manifest says {size}")
-        data = read_bounded(f, size)
-    if len(data) != size:
-        raise IntegrityError(f"{where} changed while it was read")
-    return data
-
-
 def _is_regular(path: Path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
@@ -1009,18 +916,6 @@ def _hash_file(f: io.RawIOBase) -> str:
     while n := f.readinto(buf):
         h.update(view[:n])
     return h.hexdigest()
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        _write_all(fd, memoryview(data))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
 
 
 def _commit_files(directory: Path, stamp: str, data: Sequence[tuple[Path, Path]],
@@ -1163,12 +1058,7 @@ class BackupWriter:
         if self._reservation is not None and self.bytes + len(view) > self._reservation.bytes:
             self._reserve(self.bytes + len(view))
         self._hash.update(view)
-        try:
-            _write_all(self._fd, view)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceError(f"{self.directory}: no space left for {self.id}") from exc
-            raise
+        _write_all(self._fd, view, full=f"{self.directory}: no space left for {self.id}")
         self.bytes += len(view)
         if self._checking:
             if self._check is None:
