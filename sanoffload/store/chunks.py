@@ -62,6 +62,7 @@ from typing import Any
 
 from ..errors import IntegrityError, MissingDependencyError, RefusedError, UsageError
 from ..text import printable
+from .backend_dir import _write_all
 
 log = logging.getLogger(__name__)
 
@@ -592,9 +593,4 @@ def _flock(fd: int, how: int) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
 
