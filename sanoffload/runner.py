@@ -252,7 +252,7 @@ class Runner:
     @contextlib.contextmanager
     def stream(self, argv: Sequence[Arg], *, timeout: float | None = None,
                ok_codes: OkCodes | None = None, env: Mapping[str, str] | None = None,
-               secrets: Iterable[str] = ()) -> Iterator[IO[bytes]]:
+               secrets: Iterable[str] = (), stdin: int | None = None) -> Iterator[IO[bytes]]:
         """Run ``argv`` and yield its stdout to read as it comes (never a file, never all in
         memory).
 
@@ -260,10 +260,11 @@ class Runner:
         stderr kept for the error. When the block ends normally, what is left
         unread is read to EOF and the exit status checked (CommandError,
         CommandTimeoutError); when it ends by an exception, the group is killed
-        and reaped, and the exception goes on.
+        and reaped, and the exception goes on. ``stdin``: a descriptor the command reads
+        (None: none).
         """
         with self.pipeline([Stage(argv, ok_codes)], timeout=timeout, env=env,
-                           secrets=secrets) as p:
+                           secrets=secrets, stdin=stdin) as p:
             yield p.stdout
             while p.stdout.read(1 << 16):
                 pass

@@ -42,7 +42,9 @@ from __future__ import annotations
 import builtins
 import re
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import UsageError
@@ -190,4 +192,39 @@ class Backend(Protocol):
 
     def abort_upload(self, upload: Upload) -> None:
         """Remove an uncommitted upload's parts; gone already is not an error."""
+        ...
+
+
+# -- optional capabilities: asked for with isinstance(backend, <Protocol>) ----------------------
+@runtime_checkable
+class Children(Protocol):
+    """A backend that can list one level of names (a directory's entries, S3's CommonPrefixes),
+    so the repository finds its hosts without walking every chunk."""
+
+    def children(self, prefix: str = "") -> Iterator[str]:
+        """The names one ``/`` below ``prefix`` (a :func:`check_prefix`) under which objects
+        may be, sorted; names that are not valid key parts are skipped."""
+        ...
+
+
+@runtime_checkable
+class LocalFiles(Protocol):
+    """A backend whose objects are files on this host: what only a directory can do.
+
+    The repository asks for it (``isinstance``) for what has no object-store
+    equivalent: its ``flock`` (partials and quota reservations are made and swept
+    under it), handing tar an archive by path, flock-held partials that tell a
+    live writer from a dead one, quota reservation files, and refreshing a chunk's
+    mtime for gc's grace period.
+    """
+
+    #: the directory holding every object
+    root: Path
+
+    def file(self, key: str) -> Path:
+        """The file of ``key`` (for tools that read by path, and for messages)."""
+        ...
+
+    def lock(self) -> AbstractContextManager[None]:
+        """The store's exclusive lock (short: file operations only, never while data flows)."""
         ...

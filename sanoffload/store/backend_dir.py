@@ -32,6 +32,7 @@ import re
 import secrets
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -229,6 +230,36 @@ class DirBackend:
 
     def _where(self, key: str) -> str:
         return f"{self.location}/{key}"
+
+    # -- what only a directory can do (:class:`~sanoffload.store.backend.LocalFiles`) ---------
+    def file(self, key: str) -> Path:
+        """The file of ``key`` (for a tool that reads by path, and for messages)."""
+        return self.root / check_key(key)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """The store's lock: held while partials and reservations are made, grown, swept."""
+        # the root directory itself is the lock: no file of ours to leave behind or to replace
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def children(self, prefix: str = "") -> Iterator[str]:
+        """The subdirectories of ``prefix`` with valid key names, sorted; a symlink is none."""
+        names = check_prefix(prefix).split("/")[:-1]
+        fd = self._open_dirs(names, create=False)
+        if fd is None:
+            return
+        try:
+            with os.scandir(fd) as it:
+                found = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        finally:
+            os.close(fd)
+        yield from (n for n in found if _COMPONENT.fullmatch(n) and
+                    not n.endswith(RESERVED_SUFFIX) and len(prefix) + len(n) <= MAX_KEY)
 
     # -- descriptors --------------------------------------------------------------------------
     def _open_dirs(self, names: builtins.list[str], *, create: bool) -> int | None:

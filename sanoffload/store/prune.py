@@ -37,7 +37,7 @@ from ..errors import IntegrityError, SanoffloadError, UsageError
 from ..text import printable
 from .chunks import GcReport
 from .manifest import MAX_TAR_LEVEL
-from .repo import MAP_SUFFIX, Backup, BackupId, Broken, Repository
+from .repo import MAP_SUFFIX, Backup, BackupId, Broken, Repository, object_key
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,8 @@ def referenced_chunks(repo: Repository) -> tuple[set[str], int]:
             raise IntegrityError(f"gc: {bid} vanished or lost its data file while being "
                                  "listed: not sweeping (run gc again)")
         if isinstance(found, Broken):
-            if found.archive.name.endswith(MAP_SUFFIX) or repo.map_path(bid).exists():
+            if found.archive.name.endswith(MAP_SUFFIX) or \
+                    repo.backend.stat(object_key(bid, MAP_SUFFIX)) is not None:
                 raise IntegrityError(f"gc: {bid} has a chunk map but its manifest is broken "
                                      f"({printable(found.reason)}): not sweeping", hint=(
                                          "repair or remove that backup, then run gc again"))

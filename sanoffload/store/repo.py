@@ -61,7 +61,6 @@ from __future__ import annotations
 import builtins
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -69,6 +68,7 @@ import re
 import secrets
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +79,7 @@ from typing import Any, Protocol
 
 from ..durable import fsync_dir
 from ..errors import (
+    AuthError,
     CommandError,
     CommandNotFoundError,
     CommandTimeoutError,
@@ -90,10 +91,11 @@ from ..errors import (
 from ..runner import Runner
 from ..text import has_control, printable
 from ..tools import tar, zstd
+from .backend import Backend, ByteReader, Children, LocalFiles, NotFound
 from .backend_dir import (
+    DirBackend,
     _open_locked,
     _publish,
-    _read_recorded,
     _sweep_partial,
     _write_all,
     _write_file,
@@ -270,6 +272,15 @@ class Backup:
     def is_image(self) -> bool:
         return self.manifest.is_image
 
+    @property
+    def archive_key(self) -> str:
+        """The data file's object key (``archive`` is its file in a directory repository)."""
+        return object_key(self.id, MAP_SUFFIX if self.is_image else ARCHIVE_SUFFIX)
+
+    @property
+    def manifest_key(self) -> str:
+        return object_key(self.id, MANIFEST_SUFFIX)
+
     def to_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), **self.manifest.to_dict()}
 
@@ -305,6 +316,11 @@ class Quota:
     hosts: tuple[str, ...] | None = None
 
 
+def object_key(bid: BackupId, suffix: str) -> str:
+    """The key of one of ``bid``'s objects: ``HOST/SLUG/STAMP<suffix>`` (the directory layout)."""
+    return f"{bid.host}/{bid.slug}/{bid.timestamp}{suffix}"
+
+
 def read_timeout(*sizes: int | None) -> float:
     """How long reading (or extracting) an archive of these sizes may take (capped)."""
     biggest = max((s for s in (0, *sizes) if isinstance(s, int)), default=0)
@@ -312,13 +328,51 @@ def read_timeout(*sizes: int | None) -> float:
 
 
 class Repository:
-    """A backup repository rooted at an existing directory."""
+    """A backup repository: an existing directory (``Repository(root)``), or any
+    :class:`~sanoffload.store.backend.Backend` (:meth:`on`).
 
-    def __init__(self, root: str | os.PathLike[str], runner: Runner | None = None) -> None:
-        self.root = Path(os.path.abspath(root))
+    Everything it reads goes through the backend. What only a directory can do
+    (the repository lock, flock-held partials, quota reservations, handing tar a
+    path) is asked of it as :class:`~sanoffload.store.backend.LocalFiles`.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None,
+                 runner: Runner | None = None, *, backend: Backend | None = None) -> None:
+        if backend is None:
+            if root is None:
+                raise ValueError("a repository needs a root directory or a backend")
+            path = Path(os.path.abspath(root))
+            if not path.is_dir():
+                raise UsageError(f"{path}: no such repository directory (create it first)")
+            backend = DirBackend(path)
+        elif root is not None:
+            raise ValueError("a repository takes a root directory or a backend, not both")
+        self.backend = backend
+        #: the directory capabilities, when the backend is a directory on this host
+        self.local: LocalFiles | None = backend if isinstance(backend, LocalFiles) else None
         self.runner = runner
-        if not self.root.is_dir():
-            raise UsageError(f"{self.root}: no such repository directory (create it first)")
+
+    @classmethod
+    def on(cls, backend: Backend, runner: Runner | None = None) -> Repository:
+        """A repository kept on ``backend`` (same layout as a directory repository)."""
+        return cls(runner=runner, backend=backend)
+
+    @property
+    def root(self) -> Path:
+        """The repository's directory; UsageError for a repository on an object store."""
+        if self.local is None:
+            raise UsageError(f"{self.backend.location} is not a directory repository")
+        return self.local.root
+
+    @property
+    def location(self) -> str:
+        """For messages: the directory, or the object store's URL."""
+        return self.backend.location
+
+    def _file(self, key: str) -> Path:
+        """The file of ``key`` in a directory repository; elsewhere the key itself, as a
+        name for messages (never opened: objects are read through the backend)."""
+        return self.local.file(key) if self.local is not None else Path(key)
 
     def scratch(self) -> tempfile.TemporaryDirectory[str]:
         """A private temporary directory for member listings, on the repository's disk.
@@ -328,7 +382,9 @@ class Repository:
         repository falls back to the system's temporary directory.
         """
         try:
-            return tempfile.TemporaryDirectory(prefix=".sanoffload-tmp-", dir=self.root)
+            if self.local is None:
+                raise OSError("not a directory repository")
+            return tempfile.TemporaryDirectory(prefix=".sanoffload-tmp-", dir=self.local.root)
         except OSError:
             return tempfile.TemporaryDirectory(prefix="sanoffload-tmp-")
 
@@ -343,14 +399,13 @@ class Repository:
         """The repository's lock: held while partials and reservations are made, grown, swept.
 
         Held for file operations only (never while data flows), so waiting is short.
+        An object store has none: its write-once puts keep writers apart.
         """
-        # the root directory itself is the lock: no file of ours to leave behind or to replace
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        if self.local is None:
             yield
-        finally:
-            os.close(fd)
+            return
+        with self.local.lock():
+            yield
 
     def charged(self, client: str, hosts: tuple[str, ...] | None = None) -> int:
         """Stored bytes charged to ``client``: the backups it put, plus those of no recorded
@@ -368,7 +423,9 @@ class Repository:
 
         Call with the repository lock held.
         """
-        directory = self.root / RESERVATIONS
+        if self.local is None:
+            return 0  # an object store keeps no reservations (its own quotas apply)
+        directory = self.local.root / RESERVATIONS
         try:
             names = sorted(os.listdir(directory))
         except FileNotFoundError:
@@ -493,32 +550,41 @@ class Repository:
             return w.commit(fields, verify=verify).id
 
     # -- reading --------------------------------------------------------------
+    def _present(self, key: str) -> bool:
+        """True if an object (a regular file) is stored under ``key``."""
+        try:
+            return self.backend.stat(key) is not None
+        except IntegrityError:
+            return False  # a symlink or FIFO under its name: no data file
+
     def _load(self, bid: BackupId) -> Backup | Broken | None:
         """The backup ``bid``; Broken if its manifest is bad; None if its manifest or the data
         file its kind needs (archive or map) is missing."""
-        directory = self._dir(bid.host, bid.slug)
-        archive = directory / (bid.timestamp + ARCHIVE_SUFFIX)
-        map_file = directory / (bid.timestamp + MAP_SUFFIX)
-        mpath = directory / (bid.timestamp + MANIFEST_SUFFIX)
-        data = {kind: _is_regular(path) for kind, path in ((KIND_TAR, archive),
-                                                           (KIND_IMAGE, map_file))}
+        mkey = object_key(bid, MANIFEST_SUFFIX)
+        archive, map_file = (object_key(bid, s) for s in (ARCHIVE_SUFFIX, MAP_SUFFIX))
+        data = {KIND_TAR: self._present(archive), KIND_IMAGE: self._present(map_file)}
+        mpath = self._file(mkey)
 
         def broken(reason: str) -> Broken:
             log.warning("%s: %s", mpath, printable(reason))
-            return Broken(bid, reason[:300], map_file if data[KIND_IMAGE] and not data[KIND_TAR]
-                          else archive, mpath)
+            return Broken(bid, reason[:300], self._file(map_file if data[KIND_IMAGE]
+                                                         and not data[KIND_TAR] else archive),
+                          mpath)
 
         if not any(data.values()):
             return None
         try:
-            # no symlink followed, no FIFO waited on
-            fd = os.open(mpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return broken("the manifest is not a regular file")
-                raw = f.read(MAX_BYTES + 1)
-        except FileNotFoundError:
+            if self.backend.stat(mkey) is None:
+                return None
+        except IntegrityError:
+            return broken("the manifest is not a regular file")
+        try:
+            # bounded: a manifest's size is never trusted; one byte more shows a big one
+            raw = self.backend.get(mkey, max_bytes=MAX_BYTES + 1)
+        except NotFound:
             return None
+        except IntegrityError:
+            return broken(f"unreadable manifest: manifest larger than {MAX_BYTES} bytes")
         except OSError as exc:
             return broken(f"cannot read the manifest: {exc.strerror or exc}")
         try:
@@ -529,7 +595,8 @@ class Repository:
             return broken(f"the manifest names {manifest.backup_id}, not this backup")
         if not data[manifest.kind]:
             return None  # its own data file is gone (being deleted): not a backup
-        return Backup(bid, manifest, map_file if manifest.is_image else archive, mpath)
+        return Backup(bid, manifest, self._file(map_file if manifest.is_image else archive),
+                      mpath)
 
     def get(self, bid: BackupId | str) -> Backup:
         """The complete backup ``bid``; UsageError if there is none, IntegrityError if its
@@ -543,37 +610,44 @@ class Repository:
             raise IntegrityError(f"{bid}: {found.reason}")
         return found
 
-    def _subdirs(self, path: Path, check: Any) -> Iterator[str]:
-        try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except FileNotFoundError:
-            return
-        for entry in entries:
+    def _subdirs(self, prefix: str, check: Any) -> Iterator[str]:
+        """The names one level below ``prefix`` that ``check`` accepts, sorted."""
+        if isinstance(self.backend, Children):
+            names: Iterable[str] = self.backend.children(prefix)
+        else:
+            # no one-level listing: every key below, cut at the next "/"
+            names = sorted({info.key[len(prefix):].split("/", 1)[0]
+                            for info in self.backend.list(prefix)
+                            if "/" in info.key[len(prefix):]})
+        for name in names:
             try:
-                check(entry.name)
+                check(name)
             except RefusedError:
                 continue
-            if entry.is_dir(follow_symlinks=False):
-                yield entry.name
+            yield name
+
+    def _names(self, host: str, slug: str) -> set[str]:
+        """The object names stored in ``host/slug/``; RefusedError if a symlink is on the way."""
+        prefix = f"{host}/{slug}/"
+        if self.local is not None:
+            self._dir(host, slug)  # a symlink for the host or slug directory: refused
+        return {info.key[len(prefix):] for info in self.backend.list(prefix)
+                if "/" not in info.key[len(prefix):]}
 
     def ids(self, host: str | None = None, slug: str | None = None, *,
             after: BackupId | None = None) -> Iterator[BackupId]:
         """The ids that have an archive and a manifest (unread), in order; only those past
-        ``after`` if given. Cheap: directory listings only."""
-        hosts = [check_host(host)] if host else list(self._subdirs(self.root, check_host))
+        ``after`` if given. Cheap: listings only."""
+        hosts = [check_host(host)] if host else list(self._subdirs("", check_host))
         for h in hosts:
             if after is not None and h < after.host:
                 continue
             slugs = ([check_slug(slug)] if slug
-                     else list(self._subdirs(self.root / h, check_slug)))
+                     else list(self._subdirs(f"{h}/", check_slug)))
             for s in slugs:
                 if after is not None and (h, s) < (after.host, after.slug):
                     continue
-                directory = self._dir(h, s)
-                try:
-                    names = set(os.listdir(directory))
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
+                names = self._names(h, s)
                 for name in sorted(names):
                     ts = name[:-len(MANIFEST_SUFFIX)]
                     if not name.endswith(MANIFEST_SUFFIX) or (ts + ARCHIVE_SUFFIX not in names
@@ -610,10 +684,12 @@ class Repository:
         """What :meth:`list` leaves out: partial files (an upload running or cut off),
         archives without manifest or the other way round, unreadable manifests."""
         found: list[tuple[Path, str]] = []
-        for h in self._subdirs(self.root, check_host):
-            for s in self._subdirs(self.root / h, check_slug):
-                directory = self.root / h / s
-                names = set(os.listdir(directory))
+        for h in self._subdirs("", check_host):
+            for s in self._subdirs(f"{h}/", check_slug):
+                directory = self._file(f"{h}/{s}")
+                # a directory's listing shows its partial files too; an object store's has none
+                names = (set(os.listdir(directory)) if self.local is not None
+                         else self._names(h, s))
                 for name in sorted(names):
                     if name.endswith(PARTIAL_SUFFIX):
                         found.append((directory / name, "partial (an upload running or cut off)"))
@@ -637,16 +713,101 @@ class Repository:
         return found
 
     # -- checking -------------------------------------------------------------
+    @contextmanager
+    def open_archive(self, backup: Backup) -> Iterator[ByteReader]:
+        """The archive of tar backup ``backup`` opened for reading, its size checked against
+        the manifest first; IntegrityError if it cannot be read or is not that size."""
+        _not_image(backup)
+        key = backup.archive_key
+        try:
+            info = self.backend.stat(key)
+            if info is None:
+                raise NotFound(key)
+            if info.size != backup.manifest.archive_bytes:
+                raise IntegrityError(f"{backup.id}: archive is {info.size} bytes, the manifest "
+                                     f"says {backup.manifest.archive_bytes}")
+            reader = self.backend.open_read(key)
+        except NotFound:
+            raise IntegrityError(f"{backup.id}: cannot read the archive: it is missing") \
+                from None
+        except OSError as exc:
+            raise IntegrityError(f"{backup.id}: cannot read the archive: {exc}") from None
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+    def archive_pieces(self, backup: Backup, reader: ByteReader) -> Iterator[memoryview]:
+        """``reader``'s bytes, CHUNK at a time (one buffer, reused: use each before the next);
+        IntegrityError if reading fails or the archive is not the manifest's size."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        readinto = getattr(reader, "readinto", None)
+        total = 0
+        try:
+            while True:
+                if readinto is not None:
+                    n = readinto(buf)
+                    piece = view[:n] if n else None
+                else:
+                    data = reader.read(CHUNK)
+                    piece = memoryview(data) if data else None
+                if piece is None:
+                    break
+                total += len(piece)
+                yield piece
+        except OSError as exc:
+            raise IntegrityError(f"{backup.id}: cannot read the archive: {exc}") from None
+        if total != backup.manifest.archive_bytes:
+            raise IntegrityError(f"{backup.id}: archive is {total} bytes, the manifest says "
+                                 f"{backup.manifest.archive_bytes}")
+
+    @contextmanager
+    def archive_fd(self, backup: Backup) -> Iterator[int | None]:
+        """A descriptor tar reads tar backup ``backup``'s archive from, or None in a directory
+        repository (tar then reads its file, ``backup.archive``, as it always has).
+
+        Elsewhere it is a pipe fed from :meth:`open_archive` by a thread: tar reads it
+        as stdin or as ``/proc/self/fd/N``. A read failure (or a size that is not the
+        manifest's) is raised when the block ends, in place of tar's own complaint
+        about a cut archive.
+        """
+        if self.local is not None:
+            yield None
+            return
+        failure: list[BaseException] = []
+        with self.open_archive(backup) as f:
+            r, w = os.pipe()
+
+            def feed() -> None:
+                try:
+                    for piece in self.archive_pieces(backup, f):
+                        _write_all(w, piece)
+                except BrokenPipeError:
+                    pass  # tar stopped reading: its exit status says why
+                except BaseException as exc:  # handed to the caller when the block ends
+                    failure.append(exc)
+                finally:
+                    os.close(w)
+
+            feeder = threading.Thread(target=feed, name="archive-feed", daemon=True)
+            feeder.start()
+            try:
+                yield r
+            finally:
+                os.close(r)  # a feeder still writing gets EPIPE and ends
+                feeder.join()
+                if failure:
+                    raise failure[0]
+
     def check_sha256(self, backup: Backup) -> None:
         """Re-hash the archive (CHUNK at a time) and compare size and sha256 with the manifest."""
         m = backup.manifest
-        _not_image(backup)
-        try:
-            with open(backup.archive, "rb", buffering=0) as f:
-                _check_size(backup, f)
-                digest = _hash_file(f)
-        except OSError as exc:
-            raise IntegrityError(f"{backup.id}: cannot read the archive: {exc}") from None
+        h = hashlib.sha256()
+        with self.open_archive(backup) as f:
+            for piece in self.archive_pieces(backup, f):
+                h.update(piece)
+        digest = h.hexdigest()
         if digest != m.sha256:
             raise IntegrityError(f"{backup.id}: sha256 mismatch: archive has {digest}, "
                                  f"the manifest says {m.sha256}")
@@ -660,22 +821,18 @@ class Repository:
         tar also fails on it.
         """
         m = backup.manifest
-        _not_image(backup)
         h = hashlib.sha256()
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
         counter: tar.StreamCount | None = None
         unreadable: CommandError | None = None
         count = 0
         try:
-            with open(backup.archive, "rb", buffering=0) as f:
-                _check_size(backup, f)
+            with self.open_archive(backup) as f:
                 counter = tar.StreamCount(self.command_runner(), timeout=timeout)
-                while n := f.readinto(buf):
-                    h.update(view[:n])
+                for piece in self.archive_pieces(backup, f):
+                    h.update(piece)
                     if unreadable is None:
                         try:
-                            counter.feed(view[:n])
+                            counter.feed(piece)
                         except (CommandNotFoundError, CommandTimeoutError):
                             raise
                         except CommandError as exc:
@@ -687,8 +844,6 @@ class Repository:
                         raise
                     except CommandError as exc:
                         unreadable = exc
-        except OSError as exc:
-            raise IntegrityError(f"{backup.id}: cannot read the archive: {exc}") from None
         finally:
             if counter is not None:
                 counter.abort()
@@ -745,7 +900,8 @@ class Repository:
                   else Verification.now(VERIFIED_OK))
         try:
             backup = self._record(backup, m.with_verification(result))
-        except OSError as exc:  # a read-only repository: the answer still stands
+        except (OSError, ResourceError, AuthError) as exc:
+            # a read-only repository, a write-once store: the answer still stands
             log.warning("%s: cannot record the verification in the manifest: %s", backup.id, exc)
             backup = Backup(backup.id, m.with_verification(result), backup.archive,
                             backup.manifest_path)
@@ -760,7 +916,7 @@ class Repository:
         if info is None:
             raise UsageError(f"{backup.id} is a tar backup: it has no chunk map")
         where = f"{backup.id}: chunk map"
-        data = _read_recorded(backup.archive, info.map_bytes, where)
+        data = self._read_recorded(backup.archive_key, info.map_bytes, where)
         chunk_map = ChunkMap.from_bytes(data, where=where)
         if chunk_map.sha256() != info.map_sha256:
             raise IntegrityError(f"{where}: sha256 {chunk_map.sha256()}, the manifest says "
@@ -786,7 +942,8 @@ class Repository:
         if m.snapshot_bytes is None or m.snapshot_sha256 is None:
             raise UsageError(f"{backup.id} is not an incremental backup: it has no state file")
         where = f"{backup.id}: state file"
-        data = _read_recorded(self.snapshot_path(backup.id), m.snapshot_bytes, where)
+        data = self._read_recorded(object_key(backup.id, SNAPSHOT_SUFFIX), m.snapshot_bytes,
+                                   where)
         digest = hashlib.sha256(data).hexdigest()
         if digest != m.snapshot_sha256:
             raise IntegrityError(f"{where}: sha256 {digest}, the manifest says "
@@ -795,6 +952,27 @@ class Repository:
             tar.parse_snapshot_header(data)
         except ValueError as exc:
             raise IntegrityError(f"{where}: {exc}") from None
+        return data
+
+    def _read_recorded(self, key: str, size: int, where: str) -> bytes:
+        """An object a manifest records beside itself (a chunk map, a state file): exactly the
+        ``size`` bytes the manifest says; IntegrityError naming ``where`` otherwise (the size
+        is the stored object's, checked before anything is read: never the manifest's claim)."""
+        try:
+            info = self.backend.stat(key)
+            if info is None:
+                raise NotFound(key)
+            if info.size != size:
+                raise IntegrityError(f"{where}: {info.size} bytes, the manifest says {size}")
+            data = self.backend.get(key, max_bytes=size)
+        except NotFound:
+            raise IntegrityError(f"{where} is missing") from None
+        except IntegrityError as exc:
+            if exc.message.startswith(where):
+                raise
+            raise IntegrityError(f"{where}: {exc.message}") from None
+        if len(data) != size:
+            raise IntegrityError(f"{where} changed while it was read")
         return data
 
     def chain(self, backup: Backup | BackupId | str) -> builtins.list[Backup]:
@@ -849,6 +1027,13 @@ class Repository:
 
     def _record(self, backup: Backup, manifest: Manifest) -> Backup:
         """Replace a published manifest (atomically: a reader sees the old or the new)."""
+        if self.local is None:
+            # an object store replaces an object whole (a versioned bucket keeps the old one)
+            self.backend.put(backup.manifest_key, manifest.to_json(), exclusive=False)
+            if not self._present(backup.archive_key):
+                self.backend.delete(backup.manifest_key)
+                raise UsageError(f"backup {backup.id} was removed meanwhile")
+            return Backup(backup.id, manifest, backup.archive, backup.manifest_path)
         directory = backup.manifest_path.parent
         partial = directory / f"{backup.id.timestamp}{MANIFEST_SUFFIX}.{secrets.token_hex(4)}" \
                               f"{PARTIAL_SUFFIX}"
@@ -869,13 +1054,9 @@ class Repository:
     def delete(self, bid: BackupId) -> None:
         """Remove a backup: the manifest first, so it is never listed half-removed; then its
         archive or chunk map (its chunks stay until ``store gc`` finds them unreferenced)."""
-        directory = self._dir(bid.host, bid.slug)
-        (directory / (bid.timestamp + MANIFEST_SUFFIX)).unlink(missing_ok=True)
-        fsync_dir(directory)
+        self.backend.delete(object_key(bid, MANIFEST_SUFFIX))
         for suffix in (ARCHIVE_SUFFIX, MAP_SUFFIX, SNAPSHOT_SUFFIX):
-            if os.path.lexists(data := directory / (bid.timestamp + suffix)):
-                data.unlink(missing_ok=True)
-        fsync_dir(directory)
+            self.backend.delete(object_key(bid, suffix))
 
 
 def image_failure(bid: BackupId, chunks: int, missing: Sequence[str],
@@ -887,35 +1068,11 @@ def image_failure(bid: BackupId, chunks: int, missing: Sequence[str],
             + "; ".join(said))
 
 
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
 def _not_image(backup: Backup) -> None:
     """UsageError for an image backup where only an archive will do."""
     if backup.is_image:
         raise UsageError(f"{backup.id} is an image backup (no archive): restore it with "
                          "--image TARGET, or mount it")
-
-
-def _check_size(backup: Backup, f: io.RawIOBase) -> None:
-    """IntegrityError unless the open archive ``f`` has the size the manifest says."""
-    size = os.fstat(f.fileno()).st_size
-    if size != backup.manifest.archive_bytes:
-        raise IntegrityError(f"{backup.id}: archive is {size} bytes, the manifest says "
-                             f"{backup.manifest.archive_bytes}")
-
-
-def _hash_file(f: io.RawIOBase) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    while n := f.readinto(buf):
-        h.update(view[:n])
-    return h.hexdigest()
 
 
 def _commit_files(directory: Path, stamp: str, data: Sequence[tuple[Path, Path]],

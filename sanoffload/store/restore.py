@@ -89,7 +89,7 @@ from ..errors import (
 from ..text import printable
 from ..tools import tar
 from ..tools.tar import BLOCKDEV, CHARDEV, DIRECTORY, HARDLINK, Member
-from .repo import CHUNK, Backup, BackupId, Repository, read_timeout
+from .repo import Backup, BackupId, Repository, read_timeout
 
 log = logging.getLogger(__name__)
 
@@ -406,10 +406,11 @@ def restore(repo: Repository, backup_id: BackupId | str,
     dest = os.fsencode(os.path.abspath(os.fspath(target)))
     shown = printable(dest)
     select = [os.fsencode(p) for p in paths]
-    repo_root = os.fsencode(os.path.realpath(repo.root))
     real = os.path.realpath(dest)
-    if real == repo_root or real.startswith(repo_root.rstrip(b"/") + b"/"):
-        raise RefusedError(f"restore target {shown} is inside the repository")
+    if repo.local is not None:
+        repo_root = os.fsencode(os.path.realpath(repo.local.root))
+        if real == repo_root or real.startswith(repo_root.rstrip(b"/") + b"/"):
+            raise RefusedError(f"restore target {shown} is inside the repository")
     state = _target_state(dest)
     if state == "full" and not force:
         raise RefusedError(f"restore target {shown} is not empty (--force replaces what "
@@ -428,8 +429,10 @@ def restore(repo: Repository, backup_id: BackupId | str,
         repo.check_sha256(link)
         seen: list[tuple[tuple[bytes, ...], bool]] = []
         try:
-            checked = check_members(_recording(tar.list_members(runner, link.archive,
-                                                                timeout=limit), seen), select)
+            with repo.archive_fd(link) as fd:
+                listing = tar.list_members(runner, link.archive if fd is None else "-",
+                                           timeout=limit, stdin=fd)
+                checked = check_members(_recording(listing, seen), select)
         except (CommandNotFoundError, CommandTimeoutError):
             raise
         except CommandError as exc:
@@ -481,10 +484,13 @@ def restore(repo: Repository, backup_id: BackupId | str,
                     for level in levels:
                         for key in level.remove:
                             _remove_staged(rfd, key)
-                        tar.extract(runner, level.backup.archive, f"/proc/self/fd/{rfd}",
-                                    timeout=level.timeout, files_from=files_from,
-                                    pass_fds=(rfd, sfd),
-                                    incremental=level.backup.manifest.is_incremental)
+                        with repo.archive_fd(level.backup) as fd:
+                            # a pipe (an object store) by descriptor: tar reads it as a file
+                            tar.extract(runner, level.backup.archive if fd is None
+                                        else f"/proc/self/fd/{fd}", f"/proc/self/fd/{rfd}",
+                                        timeout=level.timeout, files_from=files_from,
+                                        pass_fds=(rfd, sfd) if fd is None else (rfd, sfd, fd),
+                                        incremental=level.backup.manifest.is_incremental)
                 except CommandError as exc:
                     # tar says "Wrote only 2048 of 10240 bytes" for a short write: the
                     # filesystem, still holding what was staged, tells the cause
@@ -621,12 +627,10 @@ def stream_out(repo: Repository, backup_id: BackupId | str, out: BinaryIO) -> Ba
     backup = repo.get(backup_id)
     repo.check_sha256(backup)
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(backup.archive, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            out.write(view[:n])
+    with repo.open_archive(backup) as f:
+        for piece in repo.archive_pieces(backup, f):
+            h.update(piece)
+            out.write(piece)
     out.flush()
     if h.hexdigest() != backup.manifest.sha256:
         raise IntegrityError(f"{backup.id}: the archive changed while it was sent")

@@ -396,11 +396,9 @@ class StoreService(Service):
         backup = self.repo.get(bid)
         self.repo.check_sha256(backup)
         channel.send({"ok": True, "backup": backup.to_dict()})
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        with open(backup.archive, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                channel.send_chunk(view[:n])
+        with self.repo.open_archive(backup) as f:
+            for piece in self.repo.archive_pieces(backup, f):
+                channel.send_chunk(piece)
         channel.end_chunks()
 
     # -- verify --------------------------------------------------------------------

@@ -284,7 +284,7 @@ def extract_argv(target: str | bytes | os.PathLike[str],
 
 
 def list_members(runner: Runner, archive: str | bytes | os.PathLike[str], *,
-                 timeout: float) -> Generator[Member, None, None]:
+                 timeout: float, stdin: int | None = None) -> Generator[Member, None, None]:
     """Every member of a stored ``.tar.zst``, in archive order, parsed as tar lists it.
 
     The verbose listing comes through a pipe and is parsed lazily: memory
@@ -292,10 +292,11 @@ def list_members(runner: Runner, archive: str | bytes | os.PathLike[str], *,
     the whole archive, so a damaged or truncated archive raises CommandError
     once the last line is read. A line that does not parse, is longer than
     MAX_LINE or lacks its newline at the end raises ValueError naming it
-    (tar is killed). Closing the iterator early kills tar too.
+    (tar is killed). Closing the iterator early kills tar too. ``archive`` "-" reads
+    ``stdin`` (a descriptor).
     """
     number, cut = 0, b""
-    with runner.stream(list_argv(archive), timeout=timeout) as out:
+    with runner.stream(list_argv(archive), timeout=timeout, stdin=stdin) as out:
         while line := out.readline(MAX_LINE + 1):
             number += 1
             if not line.endswith(b"\n"):

@@ -87,8 +87,7 @@ def test_a_missing_root_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_the_repository_and_the_backend_share_one_copy_of_the_file_code() -> None:
-    for name in ("_publish", "_write_file", "_write_all", "_open_locked", "_sweep_partial",
-                 "_read_recorded"):
+    for name in ("_publish", "_write_file", "_write_all", "_open_locked", "_sweep_partial"):
         assert getattr(repo, name) is getattr(backend_dir, name), name
 
 

@@ -372,13 +372,14 @@ def test_delete_removes_the_manifest_first(stored: tuple[Repository, BackupId, F
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     repo, bid, _ = stored
     order: list[str] = []
-    real_unlink = Path.unlink
+    real_delete = repo.backend.delete
 
-    def unlink(self: Path, missing_ok: bool = False) -> None:
-        order.append(self.name)
-        real_unlink(self, missing_ok=missing_ok)
+    def delete(key: str, *, version: str | None = None) -> None:
+        if repo.backend.stat(key) is not None:
+            order.append(key.rsplit("/", 1)[-1])
+        real_delete(key, version=version)
 
-    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(repo.backend, "delete", delete)
     repo.delete(bid)
     assert order == [f"{TS}.json", f"{TS}.tar.zst"]
     assert repo.list() == []
