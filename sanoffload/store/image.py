@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import IntegrityError, RefusedError, ResourceError, UsageError
+from ..errors import AuthError, IntegrityError, RefusedError, ResourceError, UsageError
 from ..text import printable
 from .chunks import HEADER as CHUNK_HEADER, MAX_CHUNK, check_id
 from .imagemap import DEFAULT_CHUNK_SIZE, ChunkMap
@@ -69,6 +69,7 @@ from .repo import (
     check_path,
     format_timestamp,
     image_failure,
+    object_key,
     slug_for_path,
 )
 
@@ -130,6 +131,10 @@ class LocalImageSink:
         self.new_bytes = 0
         self._done = False
         self._hold: QuotaHold | None = None
+        self._fd: int | None = None
+        if repo.local is None:
+            self._open_object(quota)
+            return
         self.directory = repo._dir(host, self.id.slug, create=True)
         stem = self.id.timestamp
         self.map_path = self.directory / (stem + MAP_SUFFIX)
@@ -148,13 +153,22 @@ class LocalImageSink:
                 os.close(fd)
                 self.partial.unlink(missing_ok=True)
                 raise
-            self._fd: int | None = fd
+            self._fd = fd
         if quota is not None:
             try:
                 self._hold = QuotaHold(repo, quota, self.id)
             except BaseException:
                 self.abort("refused by the quota")
                 raise
+
+    def _open_object(self, quota: Quota | None) -> None:
+        """Start on an object store: nothing to hold until the commit puts the map, then the
+        manifest, each only if absent (quota: refused once the client's stored bytes reach
+        it; the store's own quotas do the rest)."""
+        repo, bid = self.repo, self.id
+        self.map_path = repo._file(object_key(bid, MAP_SUFFIX))  # names for messages
+        self.manifest_path = repo._file(object_key(bid, MANIFEST_SUFFIX))
+        repo.check_new(bid, quota)
 
     def __enter__(self) -> LocalImageSink:
         return self
@@ -164,7 +178,7 @@ class LocalImageSink:
             self.abort("the put did not commit")
 
     def _open(self) -> None:
-        if self._done or self._fd is None:
+        if self._done or (self._fd is None and self.repo.local is not None):
             raise UsageError(f"{self.id}: this image put is over")
 
     def previous_map(self, backup_id: str) -> ChunkMap | None:
@@ -242,7 +256,6 @@ class LocalImageSink:
         return backup.to_dict()
 
     def _commit(self, chunk_map: ChunkMap, fields: Mapping[str, Any] | None) -> Backup:
-        assert self._fd is not None
         if self.geometry is not None and (chunk_map.size, chunk_map.chunk_size) != self.geometry:
             raise UsageError(f"{self.id}: the map is of {chunk_map.size} bytes in "
                              f"{chunk_map.chunk_size}-byte chunks, the put was opened for "
@@ -284,12 +297,30 @@ class LocalImageSink:
             raise UsageError(f"commit: {exc}") from None
         if len(manifest.to_json()) > MAX_BYTES:
             raise UsageError(f"commit: the manifest would exceed {MAX_BYTES} bytes")
+        if self._fd is None:
+            self._commit_objects(blob, manifest)
+            return Backup(self.id, manifest, self.map_path, self.manifest_path)
         _write_all(self._fd, memoryview(blob))
         os.fsync(self._fd)
         os.fchmod(self._fd, 0o440)
         _commit_files(self.directory, self.id.timestamp, [(self.partial, self.map_path)],
                       manifest, self.manifest_path)
         return Backup(self.id, manifest, self.map_path, self.manifest_path)
+
+    def _commit_objects(self, blob: bytes, manifest: Manifest) -> None:
+        """The map, then the manifest (the commit), each only if absent; a map left alone by
+        a failed manifest goes again (best effort: gc finds it otherwise)."""
+        backend = self.repo.backend
+        key = object_key(self.id, MAP_SUFFIX)
+        backend.put(key, blob, exclusive=True)
+        try:
+            backend.put(object_key(self.id, MANIFEST_SUFFIX), manifest.to_json(), exclusive=True)
+        except BaseException:
+            try:
+                backend.delete(key)
+            except (OSError, AuthError, ResourceError) as exc:
+                log.warning("%s: left for gc: %s", key, exc)
+            raise
 
     def abort(self, reason: str = "the backup failed") -> None:
         """Forget this put: its partial goes; the chunks it stored wait for ``store gc``."""

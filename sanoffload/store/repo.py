@@ -91,7 +91,7 @@ from ..errors import (
 from ..runner import Runner
 from ..text import has_control, printable
 from ..tools import tar, zstd
-from .backend import Backend, ByteReader, Children, LocalFiles, NotFound
+from .backend import Backend, ByteReader, Children, LocalFiles, NotFound, ObjectWriter
 from .backend_dir import (
     DirBackend,
     _open_locked,
@@ -100,7 +100,7 @@ from .backend_dir import (
     _write_all,
     _write_file,
 )
-from .chunks import ChunkStore
+from .chunks import BackendChunkStore, ChunkStore
 from .imagemap import ChunkMap
 from .manifest import (
     KIND_IMAGE,
@@ -493,9 +493,23 @@ class Repository:
     @property
     def chunks(self) -> ChunkStore:
         """The chunks of this repository's image backups (``ROOT/chunks/``)."""
-        return ChunkStore(self.root)
+        if self.local is None:
+            return BackendChunkStore(self.backend)
+        return ChunkStore(self.local.root)
 
     # -- writing --------------------------------------------------------------
+    def check_new(self, bid: BackupId, quota: Quota | None) -> None:
+        """Before a put on an object store: ResourceError if ``bid`` exists, or if ``quota``'s
+        client has stored its limit already (there are no reservations there)."""
+        if any(self._present(object_key(bid, s))
+               for s in (ARCHIVE_SUFFIX, MANIFEST_SUFFIX, MAP_SUFFIX)):
+            raise ResourceError(f"backup {bid} already exists")
+        if quota is not None:
+            used = self.charged(quota.client, quota.hosts)
+            if used >= quota.limit:
+                raise ResourceError(f"client {quota.client}'s quota of {quota.limit} bytes "
+                                    f"is used up ({used} bytes stored)", hint="prune old backups")
+
     def writer(self, host: str, path: str, *, slug: str | None = None,
                timestamp: str | datetime | None = None, client: str | None = None,
                quota: Quota | None = None, check_on_receipt: bool = True) -> BackupWriter:
@@ -1116,6 +1130,13 @@ class BackupWriter:
     published or removed: that lock is how a sweeper tells this live writer
     from a dead one. With a :class:`Quota`, every write stays within what the
     writer has reserved (see the module docstring).
+
+    On an object store (a backend without
+    :class:`~sanoffload.store.backend.LocalFiles`) the archive and the state file
+    stream into the backend's writers (multipart uploads on S3), nothing visible
+    until the commit publishes them, then the manifest with ``put(exclusive=True)``.
+    There are no reservations there: a quota refuses a put once the client's
+    stored bytes reach it, the store's own quotas do the rest.
     """
 
     def __init__(self, repo: Repository, bid: BackupId, path: str, *,
@@ -1135,6 +1156,14 @@ class BackupWriter:
         #: the test-read, fed as the bytes arrive (started by the first write)
         self._check: tar.StreamCount | None = None
         self._checking = check_on_receipt and repo.runner is not None
+        #: an object store's writers: the archive's, then the state file's
+        self._obj: ObjectWriter | None = None
+        self._snap_obj: ObjectWriter | None = None
+        #: (sha256, bytes) of the state file received (an incremental backup), else None
+        self.snapshot_received: tuple[str, int] | None = None
+        if repo.local is None:
+            self._open_object(repo, bid, quota)
+            return
         self.directory = repo._dir(bid.host, bid.slug, create=True)
         self.archive = self.directory / (bid.timestamp + ARCHIVE_SUFFIX)
         self.manifest_path = self.directory / (bid.timestamp + MANIFEST_SUFFIX)
@@ -1142,8 +1171,6 @@ class BackupWriter:
         self.snapshot = self.directory / (bid.timestamp + SNAPSHOT_SUFFIX)
         self._snapshot_partial = self.directory / (bid.timestamp + SNAPSHOT_SUFFIX
                                                    + PARTIAL_SUFFIX)
-        #: (sha256, bytes) of the state file received (an incremental backup), else None
-        self.snapshot_received: tuple[str, int] | None = None
         with repo.lock():
             if self.archive.exists() or self.manifest_path.exists() or \
                     (self.directory / (bid.timestamp + MAP_SUFFIX)).exists():
@@ -1169,6 +1196,20 @@ class BackupWriter:
                 self.partial.unlink(missing_ok=True)
                 raise
             self._fd = fd
+
+    def _open_object(self, repo: Repository, bid: BackupId, quota: Quota | None) -> None:
+        """Start the archive's upload on an object store (see the class docstring)."""
+        # names for messages only: nothing is opened by them
+        self.directory = repo._file(f"{bid.host}/{bid.slug}")
+        self.archive = self.partial = repo._file(object_key(bid, ARCHIVE_SUFFIX))
+        self.manifest_path = repo._file(object_key(bid, MANIFEST_SUFFIX))
+        self.snapshot = self._snapshot_partial = repo._file(object_key(bid, SNAPSHOT_SUFFIX))
+        repo.check_new(bid, quota)
+        self._obj = repo.backend.writer(object_key(bid, ARCHIVE_SUFFIX))
+
+    @property
+    def _closed(self) -> bool:
+        return self._fd is None and self._obj is None
 
     def _sweep_dead_partials(self) -> None:
         """Remove this object's partials left by dead writers; refuse if ours is alive."""
@@ -1209,13 +1250,17 @@ class BackupWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append one chunk of the compressed archive."""
-        if self._fd is None or self._sealed:
+        if self._closed or self._sealed:
             raise ValueError("backup writer is closed")
         view = memoryview(data).cast("B")
         if self._reservation is not None and self.bytes + len(view) > self._reservation.bytes:
             self._reserve(self.bytes + len(view))
         self._hash.update(view)
-        _write_all(self._fd, view, full=f"{self.directory}: no space left for {self.id}")
+        if self._obj is not None:
+            self._obj.write(view)
+        else:
+            assert self._fd is not None
+            _write_all(self._fd, view, full=f"{self.directory}: no space left for {self.id}")
         self.bytes += len(view)
         if self._checking:
             if self._check is None:
@@ -1260,13 +1305,18 @@ class BackupWriter:
         """Receive the state file of an incremental backup (after the archive, before the
         commit): at most ``tar.MAX_SNAPSHOT_BYTES``, its header parsed strictly; returns
         ``(sha256, bytes)``. Published as ``STAMP.snar`` before the manifest."""
-        if self._fd is None or self._done or self.snapshot_received is not None:
+        if self._closed or self._done or self.snapshot_received is not None:
             raise ValueError("backup writer is closed or has its state file")
         h = hashlib.sha256()
         size = 0
         head = b""
-        fd = os.open(self._snapshot_partial,
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if self._obj is not None:
+            self._snap_obj = self.repo.backend.writer(object_key(self.id, SNAPSHOT_SUFFIX))
+            fd = -1
+        else:
+            fd = os.open(self._snapshot_partial,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
         try:
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
@@ -1281,17 +1331,26 @@ class BackupWriter:
                 if len(head) < 256:
                     head += bytes(view[:256 - len(head)])
                 h.update(view)
-                _write_all(fd, view)
+                if self._snap_obj is not None:
+                    self._snap_obj.write(view)
+                else:
+                    _write_all(fd, view)
             try:
                 tar.parse_snapshot_header(head)
             except ValueError as exc:
                 raise IntegrityError(f"{self.id}: {exc}") from None
-            os.fsync(fd)
+            if fd >= 0:
+                os.fsync(fd)
         except BaseException:
-            os.close(fd)
-            self._snapshot_partial.unlink(missing_ok=True)
+            if self._snap_obj is not None:
+                self._snap_obj.abort()
+                self._snap_obj = None
+            else:
+                os.close(fd)
+                self._snapshot_partial.unlink(missing_ok=True)
             raise
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         self.snapshot_received = (h.hexdigest(), size)
         return self.snapshot_received
 
@@ -1302,6 +1361,10 @@ class BackupWriter:
             # removed while still locked: a sweeper that gets the lock finds nothing to remove
             self.partial.unlink(missing_ok=True)
             self._snapshot_partial.unlink(missing_ok=True)
+        for obj in (self._obj, self._snap_obj):
+            if obj is not None:
+                obj.abort()
+        self._obj = self._snap_obj = None
         self._close()
 
     def _close(self) -> None:
@@ -1319,7 +1382,7 @@ class BackupWriter:
 
         Any failure removes everything this writer made, published or not.
         """
-        if self._fd is None or self._done or self._sealed:
+        if self._closed or self._done or self._sealed:
             raise ValueError("backup writer is closed")
         try:
             backup = self._commit(fields, verify)
@@ -1333,15 +1396,15 @@ class BackupWriter:
         return backup
 
     def _commit(self, fields: Mapping[str, Any] | None, verify: bool) -> Backup:
-        assert self._fd is not None
         try:
             values = sender_fields(fields)
         except ValueError as exc:
             raise UsageError(f"manifest fields: {exc}") from None
-        os.fsync(self._fd)
-        # read-only from now on: nothing should ever write into a stored archive; the
-        # descriptor stays open (and locked) until the end: the put is alive until then
-        os.fchmod(self._fd, 0o440)
+        if self._fd is not None:
+            os.fsync(self._fd)
+            # read-only from now on: nothing should ever write into a stored archive; the
+            # descriptor stays open (and locked) until the end: the put is alive until then
+            os.fchmod(self._fd, 0o440)
         self._sealed = True
         digest = self.sha256
         expected = values.pop("sha256", None)
@@ -1363,6 +1426,10 @@ class BackupWriter:
                 raise IntegrityError(f"{self.partial.name}: cannot be read back: {exc}") \
                     from None
             check = Verification.now(VERIFIED_OK, "on receipt")
+        elif verify and self._obj is not None:
+            # nothing to read back by path on an object store: the check runs on receipt
+            raise UsageError(f"{self.id}: an object store's backup is test-read as it arrives "
+                             "(open the writer with check_on_receipt and a command runner)")
         elif verify:
             members = self.repo.test_read(self.partial,
                                           timeout=read_timeout(self.bytes,
@@ -1374,6 +1441,9 @@ class BackupWriter:
                             timestamp=self.id.timestamp, archive_bytes=self.bytes, sha256=digest,
                             member_count=members, stored_at=utc_iso(datetime.now(UTC)),
                             verification=check, client=self.client, **values)
+        if self._obj is not None:
+            self._commit_objects(manifest)
+            return Backup(self.id, manifest, self.archive, self.manifest_path)
         data = [(self.partial, self.archive)]
         if self.snapshot_received is not None:
             # before the archive and the manifest (the commit): a listed incremental backup
@@ -1381,6 +1451,28 @@ class BackupWriter:
             data.insert(0, (self._snapshot_partial, self.snapshot))
         _commit_files(self.directory, self.id.timestamp, data, manifest, self.manifest_path)
         return Backup(self.id, manifest, self.archive, self.manifest_path)
+
+    def _commit_objects(self, manifest: Manifest) -> None:
+        """Publish the state file, the archive, then the manifest (the commit) on an object
+        store; on any failure what was published goes again (best effort: a proxy's
+        credentials may not delete, and gc finds objects no manifest names)."""
+        published: list[str] = []
+        try:
+            for name in ("_snap_obj", "_obj"):
+                obj = getattr(self, name)
+                if obj is not None:
+                    obj.commit()
+                    setattr(self, name, None)  # published: nothing left to abort
+                    published.append(obj.key)
+            self.repo.backend.put(object_key(self.id, MANIFEST_SUFFIX), manifest.to_json(),
+                                  exclusive=True)
+        except BaseException:
+            for key in reversed(published):
+                try:
+                    self.repo.backend.delete(key)
+                except (OSError, AuthError, ResourceError) as exc:
+                    log.warning("%s: left for gc: %s", printable(key), exc)
+            raise
 
     def _check_snapshot(self, values: dict[str, Any]) -> None:
         """An incremental backup's fields against the state file received (filled in from
