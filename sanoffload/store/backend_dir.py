@@ -197,25 +197,6 @@ def _open_regular(path: PathArg, where: str, *,
     return fd, st
 
 
-def _read_recorded(path: PathArg, size: int, where: str, *, dir_fd: int | None = None) -> bytes:
-    """A file a manifest records beside itself (a chunk map, a state file): exactly the
-    ``size`` bytes the manifest says; IntegrityError naming ``where`` otherwise.
-
-    The size is checked on the open file before reading, so a manifest's claim is never
-    what is allocated (the file is at most what the disk holds)."""
-    try:
-        fd, st = _open_regular(path, where, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise IntegrityError(f"{where} is missing") from None
-    with open(fd, "rb") as f:
-        if st.st_size != size:
-            raise IntegrityError(f"{where}: {st.st_size} bytes, the manifest says {size}")
-        data = read_bounded(f, size)
-    if len(data) != size:
-        raise IntegrityError(f"{where} changed while it was read")
-    return data
-
-
 # -- the backend ----------------------------------------------------------------------------------
 class DirBackend:
     """Write-once objects as files under ``root`` (an existing directory)."""
