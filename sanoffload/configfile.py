@@ -54,8 +54,23 @@ def read_text(path: str | os.PathLike[str], *,
     optional files). ``owners``: the uids the file may belong to
     (:func:`trusted_owners` by default).
     """
+    found = read_text_mode(path, missing=missing, owners=owners)
+    return None if found is None else found[0]
+
+
+def read_text_mode(path: str | os.PathLike[str], *,
+                   missing: ConfigError | None = None,
+                   owners: Collection[int] | None = None,
+                   private: bool = False,
+                   limit: int = MAX_CONFIG_BYTES) -> tuple[str, int] | None:
+    """:func:`read_text`, with the file's mode taken from the very descriptor read.
+
+    ``private``: also refuse a file that group or others may read (it holds a
+    secret). ``limit``: the most bytes accepted (at most :data:`MAX_CONFIG_BYTES`).
+    """
     name = os.fspath(path)
     allowed = trusted_owners() if owners is None else frozenset(owners)
+    limit = min(limit, MAX_CONFIG_BYTES)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -69,19 +84,24 @@ def read_text(path: str | os.PathLike[str], *,
         raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
-        _check(name, st, allowed)
-        raw = _read(fd, name)
+        _check(name, st, allowed, limit)
+        if private and stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(f"{name}: holds a secret and is readable by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o})",
+                              hint=f"chmod 600 {name}")
+        raw = _read(fd, name, limit)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), st.st_mode
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}: not UTF-8: {exc}") from None
 
 
-def _check(name: str, st: os.stat_result, owners: frozenset[int]) -> None:
+def _check(name: str, st: os.stat_result, owners: frozenset[int],
+           limit: int = MAX_CONFIG_BYTES) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{name}: cannot read: not a regular file ({_kind(st.st_mode)})")
     if st.st_uid not in owners:
@@ -92,8 +112,8 @@ def _check(name: str, st: os.stat_result, owners: frozenset[int]) -> None:
     if st.st_mode & 0o022:
         raise ConfigError(f"{name}: group- or world-writable (mode "
                           f"{stat.S_IMODE(st.st_mode):04o})", hint=f"chmod go-w {name}")
-    if st.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{name}: larger than {MAX_CONFIG_BYTES} bytes ({st.st_size}): "
+    if st.st_size > limit:
+        raise ConfigError(f"{name}: larger than {limit} bytes ({st.st_size}): "
                           "not a configuration file")
 
 
@@ -104,7 +124,7 @@ def _kind(mode: int) -> str:
     return next((what for test, what in kinds if test(mode)), f"mode {mode:o}")
 
 
-def _read(fd: int, name: str) -> bytes:
+def _read(fd: int, name: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
     # bounded even if the file grows after the fstat
     chunks: list[bytes] = []
     size = 0
@@ -113,8 +133,8 @@ def _read(fd: int, name: str) -> bytes:
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{name}: larger than {MAX_CONFIG_BYTES} bytes: "
+        if size > limit:
+            raise ConfigError(f"{name}: larger than {limit} bytes: "
                               "not a configuration file")
         chunks.append(chunk)
 
