@@ -40,6 +40,7 @@ from typing import Any
 
 from ..errors import AuthError, IntegrityError, RefusedError, ResourceError, UsageError
 from ..text import printable
+from .backend_dir import _sweep_partial, _write_all
 from .chunks import HEADER as CHUNK_HEADER, MAX_CHUNK, check_id
 from .imagemap import DEFAULT_CHUNK_SIZE, ChunkMap
 from .manifest import (
@@ -64,8 +65,6 @@ from .repo import (
     QuotaHold,
     Repository,
     _commit_files,
-    _sweep_partial,
-    _write_all,
     check_path,
     format_timestamp,
     image_failure,

@@ -35,17 +35,20 @@ max_sessions = 2
 # no lazy init: ext4lazyinit would keep writing after mount and fill small snapshots
 MKFS = {"ext4": "mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0", "xfs": "mkfs.xfs -q -f"}
 RO_OPTS = {"ext4": "ro,noload", "xfs": "ro,norecovery,nouuid"}
+#: the LV size per filesystem: as small as each allows (xfsprogs >= 5.19 refuses < 300 MiB),
+#: since mkfs and a mirror's initial resync write all of it under emulation
+SIZE = {"ext4": "128m", "xfs": "320m"}
 LVCREATE = {
-    "snapshot": f"lvcreate -q -y -L 400m -n data {VG}",
+    "snapshot": f"lvcreate -q -y -L {{size}} -n data {VG}",
     "thin-snapshot": f"lvcreate -q -y -L 900m -T {VG}/pool && "
-                     f"lvcreate -q -y -V 400m -T {VG}/pool -n data",
+                     f"lvcreate -q -y -V {{size}} -T {VG}/pool -n data",
     # the agent refuses a mirror that is not in sync: wait for the initial resync
-    "raid1-split": f"lvcreate -q -y --type raid1 -m 1 -L 400m -n data {VG} && "
+    "raid1-split": f"lvcreate -q -y --type raid1 -m 1 -L {{size}} -n data {VG} && "
                    f"while lvs --noheadings -o copy_percent {VG}/data | grep -qv 100.00; "
                    "do sleep 1; done",
-    "mirror-split": f"lvcreate -q -y --type mirror -m 1 --mirrorlog core -L 200m -n data {VG} "
-                    f"&& while lvs --noheadings -o copy_percent {VG}/data | grep -qv 100.00; "
-                    "do sleep 1; done",
+    "mirror-split": f"lvcreate -q -y --type mirror -m 1 --mirrorlog core -L {{size}} -n data "
+                    f"{VG} && while lvs --noheadings -o copy_percent {VG}/data | "
+                    "grep -qv 100.00; do sleep 1; done",
 }
 
 
@@ -56,7 +59,7 @@ def fs1_volume(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[str, 
     lab.sh("fs1", f"""set -e
         pvcreate -q -y /dev/vdb /dev/vdc
         vgcreate -q {VG} /dev/vdb /dev/vdc
-        {LVCREATE[kind]}
+        {LVCREATE[kind].format(size=SIZE[fstype])}
         {MKFS[fstype]} /dev/{VG}/data
         mkdir -p /srv/data /etc/sanoffload
         mount /dev/{VG}/data /srv/data
@@ -99,9 +102,14 @@ CASES = [("snapshot", "ext4"), ("snapshot", "xfs"), ("thin-snapshot", "ext4"),
 
 
 #: what differs between kernels: who freezes a classic snapshot (LVM's suspend before 6.6,
-#: fsfreeze from 6.6 on) for both filesystems, and one case of each other kind
-KERNEL_CASES = [("snapshot", "ext4"), ("snapshot", "xfs"), ("thin-snapshot", "ext4"),
-                ("raid1-split", "ext4"), ("mirror-split", "ext4")]
+#: fsfreeze from 6.6 on) for both filesystems, and a thin snapshot (dm-thin). A raid1 split
+#: runs on every release in test_raid1_merge_back_resyncs_only_changed_regions; a mirror
+#: split is the same code as a raid1 split past lvconvert.
+KERNEL_CASES = [("snapshot", "ext4"), ("snapshot", "xfs"), ("thin-snapshot", "ext4")]
+
+#: the case that also checks the refusals (a wrong CHAP secret, an initiator outside the
+#: ACL): the same LIO objects whatever the duplicate, so once per release is enough
+REFUSALS_CASE = ("snapshot", "ext4")
 
 
 @pytest.mark.release_sensitive(cases=KERNEL_CASES)
@@ -120,12 +128,13 @@ def test_prepare_exports_a_frozen_duplicate_to_px1_only(lab: Lab,
     # written after prepare: must not be in the duplicate
     lab.sh("fs1", "echo after > /srv/data/tree/after.txt && sync")
 
-    # wrong CHAP secret, then an initiator outside the ACL: both refused
-    assert _login(lab, ans, "wrong-secret-123") != 0
-    lab.sh("px1", ["iscsiadm", "-m", "node", "-T", ans["target_iqn"], "-o", "delete"],
-           check=False)
-    assert _login(lab, ans, ans["chap_secret"], host="bk1") != 0
-    lab.sh("bk1", ["iscsiadm", "-m", "node", "-o", "delete"], check=False)
+    if (kind, fstype) == REFUSALS_CASE:
+        # wrong CHAP secret, then an initiator outside the ACL: both refused
+        assert _login(lab, ans, "wrong-secret-123") != 0
+        lab.sh("px1", ["iscsiadm", "-m", "node", "-T", ans["target_iqn"], "-o", "delete"],
+               check=False)
+        assert _login(lab, ans, ans["chap_secret"], host="bk1") != 0
+        lab.sh("bk1", ["iscsiadm", "-m", "node", "-o", "delete"], check=False)
 
     assert _login(lab, ans, ans["chap_secret"]) == 0
     lab.sh("px1", ["udevadm", "settle", "--timeout=60"])
@@ -247,7 +256,7 @@ def test_raid1_merge_back_resyncs_only_changed_regions(lab: Lab,
                                                        fs1_volume: tuple[str, str]) -> None:
     ans = json.loads(lab.sh("fs1", ["sanoffload", "agent", "prepare", "/srv/data",
                                     "--initiator", lab.iqn("px1"), "--json"]).stdout)
-    # change a little (4 MiB of 400 MiB) while the image is split off
+    # change a little (4 MiB of 128 MiB) while the image is split off
     lab.sh("fs1", "dd if=/dev/urandom of=/srv/data/changed bs=1M count=4 conv=fsync 2>/dev/null")
     lab.sh("fs1", ["sanoffload", "agent", "release", ans["session_id"]])
     # dm-raid's status right after the merge: "<health> <synced>/<total> <action>"

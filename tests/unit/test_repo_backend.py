@@ -176,7 +176,8 @@ def test_an_image_backup_round_trips_on_any_backend(tmp_path: Path, backend: Bac
     assert len(chunk_keys) == 4  # five pieces, one of them all zero (never stored)
     backup = repo.get(bid)
     assert backup.is_image and [b.id for b in repo.list()] == [bid]
-    assert verify_image(repo, backup).ok and repo.verify(bid).manifest.verification.ok
+    verification = repo.verify(bid).manifest.verification
+    assert verify_image(repo, backup).ok and verification is not None and verification.ok
     done = restore_image(repo, bid, tmp_path / "img")
     assert (tmp_path / "img").read_bytes() == data and done.size == len(data)
     # a second backup re-uses what is there: only the changed chunk is stored
