@@ -62,9 +62,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 _failed_boot: dict[str, str] = {}
 
-#: what the release-sensitive tests use (first server, proxy, a second initiator): a later
-#: release boots only these, as a fourth VM under emulation slows every other one's boot
-RELEASE_SENSITIVE_HOSTS = ("fs1", "px1", "bk1")
+#: what the release-sensitive tests use (the first server and the proxy): a later release
+#: boots only these, as each more VM under emulation slows every other one's boot (an
+#: initiator outside the ACL is tried on the first release only, from bk1)
+RELEASE_SENSITIVE_HOSTS = ("fs1", "px1")
 
 
 def _hosts(release: str) -> list[str]:

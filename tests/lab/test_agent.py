@@ -133,8 +133,9 @@ def test_prepare_exports_a_frozen_duplicate_to_px1_only(lab: Lab,
         assert _login(lab, ans, "wrong-secret-123") != 0
         lab.sh("px1", ["iscsiadm", "-m", "node", "-T", ans["target_iqn"], "-o", "delete"],
                check=False)
-        assert _login(lab, ans, ans["chap_secret"], host="bk1") != 0
-        lab.sh("bk1", ["iscsiadm", "-m", "node", "-o", "delete"], check=False)
+        if "bk1" in lab.hosts:  # later releases boot fs1 and px1 only
+            assert _login(lab, ans, ans["chap_secret"], host="bk1") != 0
+            lab.sh("bk1", ["iscsiadm", "-m", "node", "-o", "delete"], check=False)
 
     assert _login(lab, ans, ans["chap_secret"]) == 0
     lab.sh("px1", ["udevadm", "settle", "--timeout=60"])
