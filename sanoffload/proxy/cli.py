@@ -2,7 +2,9 @@
 ``proxy cleanup``.
 
 ``--store`` is ``HOST:/PATH`` (a backup server, over ssh to its forced
-``store serve`` command) or a local ``/PATH`` (a repository on this host).
+``store serve`` command), a local ``/PATH`` (a repository on this host), or
+``s3://BUCKET/PREFIX[?profile=NAME]`` (S3 object storage, opened in this process
+through :mod:`sanoffload.store.open` with a profile of ``/etc/sanoffload/s3.toml``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ..store.cli import format_backups
 from ..text import printable
 from .offhost import Location, Progress, parse_location, store_connector
 
-STORE_HELP = "The backup server's repository: HOST:/PATH over ssh, or a local /PATH."
+STORE_HELP = ("The repository: HOST:/PATH (a backup server, over ssh), a local /PATH, or "
+              "s3://BUCKET/PREFIX[?profile=NAME] (a profile of /etc/sanoffload/s3.toml).")
 
 
 def _ssh_options(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -134,6 +137,7 @@ def backup(app: App, source: str | None, store_loc: str | None, also: tuple[str,
       sanoffload backup fs1:/srv/san/db --with /srv/san/log --store bk1:/srv/backups
       sanoffload backup fs1:/srv/thin --image --store bk1:/srv/backups
       sanoffload backup fs1:/srv/data --incremental --full-every 6 --store bk1:/srv/backups
+      sanoffload backup fs1:/srv/data --store 's3://backups/site-a?profile=px1'
     """
     from .offhost import run_offhost_backup
 
@@ -308,6 +312,7 @@ def restore(app: App, backup_id: str, target: str | None, paths: tuple[str, ...]
       sanoffload restore --store bk1:/srv/backups ID /restore etc/app.conf
       sanoffload restore --store /srv/backups ID --image /dev/vg0/data-restored
     """
+    from ..store.open import open_store
     from ..store.repo import BackupId, Repository
     from ..store.restore import restore as restore_local
 
@@ -319,10 +324,11 @@ def restore(app: App, backup_id: str, target: str | None, paths: tuple[str, ...]
             raise UsageError("restore --image writes the whole volume: name no TARGET or PATHS")
         if loc.host is not None:
             raise UsageError("restore --image reads the repository's chunks directly: run it on "
-                             "the backup server (--store /PATH), or `sanoffload store restore "
-                             "ID --image ...` there")
+                             "the backup server (--store /PATH) or with --store s3://…, or "
+                             "`sanoffload store restore ID --image ...` there")
         from ..store.image import restore_image
-        img = restore_image(Repository(loc.path, runner), bid, image_target, force=force)
+        img = restore_image(open_store(loc.path, runner, what="--store"), bid, image_target,
+                            force=force)
         click.echo(f"restored image {printable(str(img.backup))} to {printable(str(img.target))}"
                    f" ({img.size} bytes, {img.chunks} chunks)")
         return
@@ -330,8 +336,8 @@ def restore(app: App, backup_id: str, target: str | None, paths: tuple[str, ...]
         raise UsageError("name the TARGET directory to restore into (or --image DEVICE|FILE)")
     selected = [os.fsencode(p) for p in paths]
     if loc.host is None:
-        done = restore_local(Repository(loc.path, runner), bid, target, selected, force=force,
-                             devices=devices, setid=setid)
+        done = restore_local(open_store(loc.path, runner, what="--store"), bid, target,
+                             selected, force=force, devices=devices, setid=setid)
     else:
         # fetched into a private repository beside the target: checked like any stored backup
         parent = os.path.dirname(os.path.abspath(target)) or "/"
@@ -358,8 +364,9 @@ def restore(app: App, backup_id: str, target: str | None, paths: tuple[str, ...]
 
 
 @click.command()
-@click.option("--store", "store_loc", required=True, metavar="/PATH",
-              help="A repository on this host (prune never runs over the network).")
+@click.option("--store", "store_loc", required=True, metavar="/PATH|s3://BUCKET/PREFIX",
+              help="A repository on this host, or on S3 with a maint profile (prune never "
+                   "runs through a backup server's store).")
 @click.option("--keep-last", type=click.IntRange(min=0), default=0, help="The N newest.")
 @click.option("--keep-daily", type=click.IntRange(min=0), default=0)
 @click.option("--keep-weekly", type=click.IntRange(min=0), default=0)
@@ -370,14 +377,16 @@ def restore(app: App, backup_id: str, target: str | None, paths: tuple[str, ...]
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def prune(ctx: click.Context, /, store_loc: str, **options: Any) -> None:
-    """Prune a repository on this host (as 'sanoffload store --repo DIR prune').
+    """Prune a repository on this host or on S3 (as 'sanoffload store --repo … prune').
 
     A proxy can add and read backups but never delete them, so a stolen proxy
-    key cannot erase the history: prune runs on the backup server itself.
+    key cannot erase the history: prune runs on the backup server itself, or,
+    for S3, with a profile of role "maint" (a proxy profile is refused, exit 10).
 
     \b
-    Example (on the backup server):
+    Examples:
       sanoffload prune --store /srv/backups --keep-daily 7 --keep-weekly 4 --dry-run
+      sanoffload prune --store 's3://backups/site-a?profile=maint' --keep-daily 7
     """
     from ..store import cli as store_cli
 

@@ -3,7 +3,9 @@
 Example (every key; only ``source`` and ``store`` are required)::
 
     source = "fs1:/srv/data"          # HOST:/PATH on the first server (HOST may be user@host)
-    store = "bk1:/srv/backups"        # HOST:/PATH of the repository, or a local /PATH
+    store = "bk1:/srv/backups"        # HOST:/PATH of the repository, a local /PATH, or
+                                      #   "s3://BUCKET/PREFIX?profile=NAME" (S3, a profile
+                                      #   of /etc/sanoffload/s3.toml)
     verify = "stream"                 # stream (checked in flight, the default) | full
                                       #   (also tar --diff against the duplicate) | none;
                                       #   true/false of older files mean full/none
@@ -50,6 +52,7 @@ from ..kinds import (
     DuplicateKind,
     VerifyMode,
 )
+from ..store.s3config import is_s3_url, parse_url
 
 JOBS_DIR = "/etc/sanoffload/jobs"
 JOB_SUFFIX = ".toml"
@@ -88,7 +91,7 @@ class Job:
     name: str
     source_host: str
     source_path: str
-    #: None: a repository on the proxy itself
+    #: None: a repository on the proxy itself, or on S3 (``store_path`` is the s3:// URL)
     store_host: str | None
     store_path: str
     verify: VerifyMode = VerifyMode.STREAM
@@ -214,11 +217,18 @@ class Checker:
         return ConfigError(f"{self.source}: {key}: {reason}")
 
     def location(self, data: Mapping[str, Any], key: str,
-                 require_host: bool) -> tuple[str | None, str]:
+                 require_host: bool, s3: bool = False) -> tuple[str | None, str]:
         if key not in data:
             form = "HOST:/PATH" if require_host else "HOST:/PATH or /PATH"
-            raise self.error(key, f"required ({form})")
-        return parse_location(data[key], f"{self.source}: {key}", require_host=require_host,
+            raise self.error(key, f"required ({form}{', or s3://BUCKET/PREFIX' if s3 else ''})")
+        value = data[key]
+        if s3 and isinstance(value, str) and is_s3_url(value):
+            try:
+                parse_url(value)
+            except UsageError as exc:
+                raise self.error(key, exc.message) from None
+            return None, value
+        return parse_location(value, f"{self.source}: {key}", require_host=require_host,
                               error=ConfigError)
 
     def level(self, value: Any, key: str) -> int | None:
@@ -317,7 +327,7 @@ def from_dict(name: str, data: Mapping[str, Any], source: str = "<job>") -> Job:
             raise c.error(key, f"unknown key (known: {', '.join(sorted(_KEYS))})")
     source_host, source_path = c.location(data, "source", require_host=True)
     assert source_host is not None  # require_host
-    store_host, store_path = c.location(data, "store", require_host=False)
+    store_host, store_path = c.location(data, "store", require_host=False, s3=True)
     kind = data.get("kind")
     mode = c.mode(data.get("mode", BackupMode.TAR.value), "mode")
     if mode is BackupMode.IMAGE and data.get("with"):

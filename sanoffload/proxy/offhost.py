@@ -86,6 +86,7 @@ from ..runner import Runner
 from ..store.imagemap import DEFAULT_CHUNK_SIZE
 from ..store.manifest import MAX_TAR_LEVEL, VERIFY_FAILED, check_incremental
 from ..store.repo import BackupId
+from ..store.s3config import is_s3_url
 from ..text import printable
 from ..undo import UndoStack
 from . import jobs
@@ -167,13 +168,18 @@ def _check_members(answer: PrepareAnswer, paths: list[str], where: str) -> None:
 
 @dataclass(frozen=True)
 class Location:
-    """``HOST:/PATH`` (host None: a local path)."""
+    """``HOST:/PATH`` (host None: a local path, or an ``s3://`` URL in ``path``)."""
 
     host: str | None
     path: str
 
     def __str__(self) -> str:
         return f"{self.host}:{self.path}" if self.host else self.path
+
+    @property
+    def is_s3(self) -> bool:
+        """S3 object storage, opened in this process like a local repository."""
+        return self.host is None and is_s3_url(self.path)
 
 
 def _client_name() -> str:
@@ -189,14 +195,15 @@ def agent_connector(runner: Runner, host: str, ssh_options: tuple[str, ...] = ()
 
 
 def _local_service(runner: Runner, path: str) -> StoreService:
-    from ..store.repo import Repository
+    from ..store.open import open_store
     from ..store.service import StoreService
 
-    return StoreService(Repository(path, runner), "local")
+    return StoreService(open_store(path, runner, what="--store"), "local")
 
 
 def local_store(runner: Runner, path: str) -> LocalStoreClient:
-    """A repository on this host, served in this process (a put's bytes go straight in)."""
+    """A repository on this host or on S3 (``s3://…``), served in this process: a put's
+    bytes go straight in (sealed here with the repository key when it is encrypted)."""
     from ..channel.client import in_process_connector
     from ..channel.server import serve
 
@@ -592,6 +599,12 @@ def _image_summary(run: _ImageRun, answer: PrepareAnswer, source: Location, stor
 
 
 def parse_location(text: str, what: str = "location") -> Location:
-    """``fs1:/srv/data``, ``root@fs1:/srv/data`` or a local ``/srv/backups``."""
+    """``fs1:/srv/data``, ``root@fs1:/srv/data``, a local ``/srv/backups``, or (a store)
+    ``s3://BUCKET/PREFIX[?profile=NAME]``, checked here, opened when used."""
+    if isinstance(text, str) and is_s3_url(text):
+        from ..store.s3config import parse_url
+
+        parse_url(text)
+        return Location(None, text)
     host, path = jobs.parse_location(text, what)
     return Location(host, path)

@@ -312,6 +312,11 @@ class S3Backend:
         except (_Unreachable, bc.exceptions.BotoCoreError, bc.exceptions.ClientError) as exc:
             raise self._map(exc, op, key) from exc
 
+    def bucket_request(self, op: str, **params: Any) -> Any:
+        """A request about the bucket itself (``init-s3``: versioning, lock, policy), with the
+        same endpoint failover and error mapping as every object request."""
+        return self._call(op, None, **params)
+
     # -- reads --------------------------------------------------------------------------------
 
     def stat(self, key: str) -> ObjectInfo | None:

@@ -42,10 +42,12 @@ read only if it is regular and no bigger than :data:`MAX_CHUNK` plus the header.
 
 from __future__ import annotations
 
+import calendar
 import errno
 import fcntl
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -54,13 +56,14 @@ import secrets
 import stat
 import struct
 import time
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Callable, Iterable, Iterator, Set
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import (
+    AuthError,
     IntegrityError,
     MissingDependencyError,
     RefusedError,
@@ -214,6 +217,17 @@ class GcReport:
     partials_removed: list[str] = field(default_factory=list)
     partials_left: int = 0
     junk: list[Junk] = field(default_factory=list)
+    #: an object store's two phases: unreferenced chunks recorded by this run, removed by a
+    #: later one past the grace period if still unreferenced
+    candidates: int = 0
+    #: unreferenced and due, but under an Object Lock retention
+    kept_retained: int = 0
+    #: (name, why) the store refused to remove
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    #: uncommitted uploads (S3 multipart) older than the grace period, aborted
+    uploads_aborted: list[str] = field(default_factory=list)
+    #: data objects no manifest names (a backup that failed to commit), older than the grace
+    orphans_removed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -533,22 +547,28 @@ class ChunkStore:
 
 
 class BackendChunkStore(ChunkStore):
-    """The chunks of a repository on an object store: ``chunks/XX/<id>`` objects, one
+    """The chunks of a repository on an object store: ``chunks/XX/<name>`` objects, one
     per chunk, each written with ``put(exclusive=True)`` (already there is fine).
 
-    The directory store's flocks and mtime refreshes have no equivalent here: a
-    chunk a backup re-uses keeps its first write time, so gc's grace must be
-    measured otherwise on such a store (two phases, issue 14's plan 3.4); this
-    one sweeps by write time, and only when asked.
+    ``<name>`` is the chunk's id (its sha256) in a plain repository, or its keyed name
+    (:func:`~sanoffload.store.crypt.chunk_name`) in an encrypted one: ``key_of`` says
+    which (:meth:`~sanoffload.store.repo.Naming.chunk_key`). A keyed name cannot be turned
+    back into an id, so such a store lists keys, not ids.
+
+    There are no flocks or mtime refreshes here: a chunk a backup re-uses keeps its first
+    write time, and S3 has no cheap "touch" (a copy onto itself is a new version). gc is
+    therefore two-phase (:meth:`gc`).
     """
 
-    def __init__(self, backend: Backend) -> None:  # no root directory: not ChunkStore's
+    def __init__(self, backend: Backend, key_of: Callable[[str], str] | None = None, *,
+                 keyed: bool = False) -> None:  # no root directory: not ChunkStore's
         self.backend = backend
+        self._key_of = key_of if key_of is not None else _plain_key
+        self.keyed = keyed
 
-    @staticmethod
-    def key(chunk_id: str) -> str:
-        cid = check_id(chunk_id)
-        return f"{CHUNKS}/{cid[:2]}/{cid}"
+    def key(self, chunk_id: str) -> str:
+        """The object key of chunk ``chunk_id`` (checked)."""
+        return self._key_of(check_id(chunk_id))
 
     def path(self, chunk_id: str) -> Path:
         """The chunk's key, for messages."""
@@ -626,29 +646,168 @@ class BackendChunkStore(ChunkStore):
             yield info
 
     def ids(self, junk: list[Junk] | None = None) -> Iterator[str]:
+        if self.keyed:
+            raise UsageError(f"{self.backend.location}: chunk names are keyed: they do not "
+                             "say which chunk they hold (verify the backups instead)")
         for info in self._objects(junk):
             yield info.key.rsplit("/", 1)[1]
 
     def gc(self, referenced: Set[str], *, grace_s: float, now: float | None = None,
            dry_run: bool = False) -> GcReport:
-        """Remove chunks not in ``referenced`` written more than ``grace_s`` seconds ago."""
+        """Two-phase sweep: chunks not in ``referenced`` are recorded in a candidates object
+        (``gc/candidates-<time>``, sealed like the rest in an encrypted repository); a later
+        run removes a candidate that a run at least ``grace_s`` ago recorded, that is still
+        unreferenced, was written more than ``grace_s`` ago and is not retained. With
+        ``grace_s`` 0 one run does both (nothing to wait for). Uncommitted uploads older
+        than the grace are aborted. Every removal is of every version (a versioned
+        bucket's plain delete only hides an object).
+
+        Why two phases: a backup still running has no manifest yet, and a chunk it re-uses
+        keeps its old write time, so neither age nor references alone say it is unused; a
+        chunk unreferenced at two marks a grace apart is, when no backup runs longer.
+        """
         if not isinstance(grace_s, (int, float)) or not math.isfinite(grace_s) or grace_s < 0:
             raise UsageError(f"gc grace period must be a finite number of seconds >= 0, "
                              f"not {grace_s!r}")
-        cutoff = (time.time() if now is None else now) - grace_s
+        now = time.time() if now is None else now
+        cutoff = now - grace_s
         report = GcReport(dry_run=dry_run)
+        wanted = {self.key(cid) for cid in referenced}
+        unreferenced: dict[str, ObjectInfo] = {}
         for info in self._objects(report.junk):
-            cid = info.key.rsplit("/", 1)[1]
-            if cid in referenced:
+            if info.key in wanted:
                 report.kept_referenced += 1
-            elif info.mtime >= cutoff:
-                report.kept_young += 1
             else:
-                if not dry_run:
-                    self.backend.delete(info.key)
-                report.removed.append(cid)
-                report.freed_bytes += info.size
+                unreferenced[info.key] = info
+        due, consumed = self._due_candidates(cutoff)
+        if grace_s == 0:
+            due |= set(unreferenced)
+        left: list[str] = []
+        for key, info in sorted(unreferenced.items()):
+            if key not in due or info.mtime >= cutoff:
+                report.kept_young += 1
+                left.append(key)
+                continue
+            versions = self.backend.versions(key)
+            until = max((v.retain_until for v in versions
+                         if v.retain_until is not None and v.retain_until > now), default=None)
+            if until is not None:
+                report.kept_retained += 1
+                left.append(key)
+                continue
+            if not dry_run:
+                try:
+                    delete_versions(self.backend, key, versions)
+                except AuthError as exc:
+                    report.refused.append((key, exc.message))
+                    left.append(key)
+                    continue
+            report.removed.append(key.rsplit("/", 1)[1])
+            report.freed_bytes += info.size
+        report.candidates = len(left)
+        if dry_run:
+            return report
+        if left:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + \
+                f".{int(now * 1e6) % 1_000_000:06d}Z"
+            doc = {"format": CANDIDATES_FORMAT, "version": 1, "keys": left}
+            try:
+                self.backend.put(f"{GC_DIR}/{CANDIDATES_PREFIX}{stamp}",
+                                 json.dumps(doc, separators=(",", ":")).encode(),
+                                 exclusive=True)
+            except ResourceError:
+                log.warning("gc: a candidates record of %s exists already: not replaced", stamp)
+        for key in consumed:
+            try:
+                delete_versions(self.backend, key)
+            except AuthError as exc:
+                log.warning("gc: %s: %s", printable(key), exc.message)
+        for upload in self.backend.stale_uploads(cutoff):
+            try:
+                self.backend.abort_upload(upload)
+            except AuthError as exc:
+                report.refused.append((upload.key, exc.message))
+                continue
+            report.uploads_aborted.append(upload.key)
         return report
+
+    def _due_candidates(self, cutoff: float) -> tuple[set[str], list[str]]:
+        """The chunk keys recorded by gc runs before ``cutoff``, and those records' keys.
+
+        A record's time is the later of its name's and the store's write time (a record
+        named in the past is not due early). A record that does not read, was written
+        twice, or names anything but chunk keys is skipped whole (and logged): it can only
+        delay a removal, never cause one.
+        """
+        due: set[str] = set()
+        consumed: list[str] = []
+        for info in self.backend.list(f"{GC_DIR}/"):
+            name = info.key[len(GC_DIR) + 1:]
+            match = _CANDIDATES_RE.fullmatch(name)
+            if match is None:
+                continue
+            try:
+                named = calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%S"))
+            except ValueError:
+                continue
+            if max(float(named), info.mtime) >= cutoff:
+                continue
+            try:
+                versions = self.backend.versions(info.key)
+                if len(versions) > 1:
+                    raise ValueError(f"{len(versions)} versions: it was overwritten")
+                raw = self.backend.get(info.key, max_bytes=MAX_CANDIDATES_BYTES,
+                                       version=versions[0].version if versions else None)
+                keys = _candidate_keys(raw)
+            except (ValueError, IntegrityError, NotFound) as exc:
+                log.warning("gc: %s skipped: %s", printable(info.key), printable(str(exc))[:200])
+                continue
+            due |= keys
+            consumed.append(info.key)
+        return due, consumed
+
+
+#: where an object store's gc keeps its candidates records
+GC_DIR = "gc"
+CANDIDATES_PREFIX = "candidates-"
+CANDIDATES_FORMAT = "sanoffload-gc-candidates"
+#: 250,000 chunks (1 TB of 4 MiB chunks) take about 20 MB of keys
+MAX_CANDIDATES_BYTES = 64 << 20
+_CANDIDATES_RE = re.compile(re.escape(CANDIDATES_PREFIX)
+                            + r"([0-9]{8}T[0-9]{6})\.[0-9]{6}Z")
+_CHUNK_KEY_RE = re.compile(re.escape(CHUNKS) + r"/([0-9a-f]{2})/(\1[0-9a-f]{62})")
+
+
+def _plain_key(cid: str) -> str:
+    return f"{CHUNKS}/{cid[:2]}/{cid}"
+
+
+def _candidate_keys(raw: bytes) -> set[str]:
+    """The chunk keys of a candidates record, checked as hostile input (ValueError)."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(doc, dict) or set(doc) != {"format", "version", "keys"} or \
+            doc["format"] != CANDIDATES_FORMAT or doc["version"] != 1 or \
+            not isinstance(doc["keys"], list):
+        raise ValueError(f"not a {CANDIDATES_FORMAT} record")
+    keys = doc["keys"]
+    if not all(isinstance(k, str) and _CHUNK_KEY_RE.fullmatch(k) for k in keys):
+        raise ValueError("names something that is not a chunk")
+    return set(keys)
+
+
+def delete_versions(backend: Backend, key: str,
+                    versions: list[ObjectInfo] | None = None) -> None:
+    """Remove every version of ``key``, delete markers last (a plain delete on a versioned
+    bucket only hides the object behind a marker); AuthError if the store refuses."""
+    found = backend.versions(key) if versions is None else versions
+    if not found or all(v.version is None for v in found):
+        backend.delete(key)
+        return
+    for v in sorted(found, key=lambda v: v.deleted):
+        backend.delete(key, version=v.version)
 
 
 def _parse_chunk(blob: bytes, where: str, cid: str) -> bytes:

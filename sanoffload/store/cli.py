@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from ..cli import App, pass_app
-from ..errors import IntegrityError, UsageError
+from ..errors import CompletedWithWarnings, IntegrityError, UsageError
 from ..text import printable
 from ..tools import tar
 from .prune import Policy, prune as prune_repo
@@ -26,9 +26,13 @@ from .restore import restore as restore_backup, stream_out
 
 
 def _repo(ctx: click.Context, app: App) -> Repository:
+    """The repository --repo names: a directory here, or an s3:// URL (store.open)."""
+    from .open import open_store
+
     if not ctx.meta.get("store_repo"):
-        raise UsageError("no repository: give --repo DIR (or set SANOFFLOAD_REPO)")
-    return Repository(ctx.meta["store_repo"], app.get_runner())
+        raise UsageError("no repository: give --repo DIR|s3://BUCKET/PREFIX (or set "
+                         "SANOFFLOAD_REPO)")
+    return open_store(ctx.meta["store_repo"], app.get_runner(), what="--repo")
 
 
 def _size(n: object) -> str:
@@ -55,8 +59,11 @@ def _echo_json(data: Any) -> None:
 
 
 @click.group("store")
-@click.option("--repo", "repo_dir", envvar="SANOFFLOAD_REPO", default=None, metavar="DIR",
-              help="The repository directory (or SANOFFLOAD_REPO).")
+@click.option("--repo", "repo_dir", envvar="SANOFFLOAD_REPO", default=None,
+              metavar="DIR|s3://BUCKET/PREFIX",
+              help="The repository: a directory, or S3 object storage through a profile of "
+                   "/etc/sanoffload/s3.toml (s3://BUCKET/PREFIX?profile=NAME) (or "
+                   "SANOFFLOAD_REPO).")
 @click.pass_context
 def store(ctx: click.Context, repo_dir: str | None) -> None:
     """Backup server: list, verify, prune and restore the backups in a repository.
@@ -71,6 +78,8 @@ def store(ctx: click.Context, repo_dir: str | None) -> None:
       sanoffload store --repo /srv/backup restore fs1/srv-thin-1b2c3d4e/20261126T102933Z \
           --image /dev/vg0/restored
       sanoffload store --repo /srv/backup gc --grace 24h --dry-run
+      sanoffload store --repo 's3://backups/site-a?profile=maint' list
+      sanoffload store init-s3 s3://backups/site-a --profile maint --proxy-user px1
     """
     ctx.meta["store_repo"] = repo_dir
 
@@ -217,11 +226,17 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
     Example:
       sanoffload store --repo /srv/backup prune --keep-last 3 --keep-daily 7 --keep-weekly 4
     """
+    from .open import require_delete_rights
+
     policy = Policy(last=keep_last, daily=keep_daily, weekly=keep_weekly, monthly=keep_monthly,
                     yearly=keep_yearly)
-    plan = prune_repo(_repo(ctx, app), policy, host=host, dry_run=dry_run)
+    repo = _repo(ctx, app)
+    if not dry_run:
+        require_delete_rights(repo, "prune")
+    plan = prune_repo(repo, policy, host=host, dry_run=dry_run)
     if as_json:
         _echo_json(plan.to_dict())
+        _refused(plan)
         return
     for backup, reasons in plan.keep:
         click.echo(f"keep   {backup.id} ({', '.join(reasons)})")
@@ -237,9 +252,20 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
                + (f", {len(plan.broken)} broken left alone" if plan.broken else "")
                + (f", {len(plan.kept_for_chain)} kept for a chain" if plan.kept_for_chain
                   else ""))
+    for backup, why in plan.not_removed:
+        click.echo(f"NOT removed {backup.id}: {printable(why)}")
     if plan.images_removed:
         click.echo("image backups were removed: their chunks stay until "
                    "'sanoffload store gc' frees the unreferenced ones")
+    _refused(plan)
+
+
+def _refused(plan: Any) -> None:
+    """A prune that could not remove all it chose: done, but the exit code says so."""
+    if not plan.complete:
+        raise CompletedWithWarnings(f"{len(plan.not_removed)} backup(s) chosen for removal "
+                                    "are still there: the store refused or retains them",
+                                    [f"{b.id}: {why}" for b, why in plan.not_removed])
 
 
 def _duration(text: str) -> float:
@@ -271,9 +297,13 @@ def gc(ctx: click.Context, app: App, grace: str, dry_run: bool, as_json: bool) -
     Example:
       sanoffload store --repo /srv/backup gc --grace 24h --dry-run
     """
+    from .open import require_delete_rights
     from .prune import gc as gc_repo
 
-    report = gc_repo(_repo(ctx, app), grace_s=_duration(grace), dry_run=dry_run)
+    repo = _repo(ctx, app)
+    if not dry_run:
+        require_delete_rights(repo, "gc")
+    report = gc_repo(repo, grace_s=_duration(grace), dry_run=dry_run)
     if as_json:
         _echo_json({"dry_run": report.dry_run, "removed": report.removed,
                     "freed_bytes": report.freed_bytes,
@@ -281,6 +311,11 @@ def gc(ctx: click.Context, app: App, grace: str, dry_run: bool, as_json: bool) -
                     "kept_young": report.kept_young,
                     "partials_removed": report.partials_removed,
                     "partials_left": report.partials_left,
+                    "candidates": report.candidates,
+                    "kept_retained": report.kept_retained,
+                    "refused": report.refused,
+                    "uploads_aborted": report.uploads_aborted,
+                    "orphans_removed": report.orphans_removed,
                     "junk": [{"path": j.path, "reason": j.reason} for j in report.junk]})
         return
     for junk in report.junk:
@@ -289,7 +324,10 @@ def gc(ctx: click.Context, app: App, grace: str, dry_run: bool, as_json: bool) -
     click.echo(f"{len(report.removed)} chunk(s) {verb} ({_size(report.freed_bytes)}), "
                f"{report.kept_referenced} referenced, {report.kept_young} unreferenced but "
                f"younger than {printable(grace)}; {len(report.partials_removed)} dead "
-               "partial(s) removed")
+               "partial(s) removed"
+               + (f"; {report.candidates} candidate(s) recorded for a later run (an object "
+                  "store: removed only after a second run past --grace)"
+                  if report.candidates else ""))
 
 
 @store.command()
@@ -358,6 +396,59 @@ def restore(ctx: click.Context, app: App, backup_id: str, target: str | None,
         what += f", {len(done.chain)} levels applied from {done.chain[0]}"
     click.echo(f"restored {done.backup} into {printable(str(done.target))}: {what} "
                f"({done.members} members checked)")
+
+
+@store.command("init-s3")
+@click.argument("url", metavar="s3://BUCKET/PREFIX")
+@click.option("--profile", default=None, metavar="NAME",
+              help="The maint profile of s3.toml (default: the URL's ?profile=, the file's "
+                   "default, or its only profile).")
+@click.option("--object-lock", "lock_mode", type=click.Choice(["governance", "compliance"]),
+              default=None, help="Object Lock with a default retention on every object (only "
+                                 "for a new bucket; needs --days).")
+@click.option("--days", type=click.IntRange(1, 36500), default=None,
+              help="With --object-lock: how long each object is retained.")
+@click.option("--proxy-user", "proxy_users", multiple=True, metavar="UID",
+              help="An RGW user (a proxy) that may put and read but never delete: the bucket "
+                   "policy is set for these (repeatable; none: the policy is left alone).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was found and done as JSON.")
+def init_s3(url: str, profile: str | None, lock_mode: str | None, days: int | None,
+            proxy_users: tuple[str, ...], as_json: bool) -> None:
+    """Create an S3 repository (maint role): bucket, versioning, lock, policy, config.
+
+    Makes the bucket if it is missing (with Object Lock if asked: only possible
+    then), turns versioning on, gives each --proxy-user put/get/list but no
+    delete, retention, policy or lifecycle rights (and the maint user read
+    access to what they upload), writes the repository's config (sealed with
+    the profile's key_file unless the profile says encryption = "none") and
+    reads it back. Running it again changes nothing that is right already.
+
+    \b
+    Examples:
+      sanoffload key init --passphrase-file /root/.repo-pass /etc/sanoffload/repo.key
+      sanoffload store init-s3 s3://backups/site-a --profile maint --proxy-user px1
+      sanoffload store init-s3 s3://locked/site-a --profile maint --proxy-user px1 \\
+          --object-lock governance --days 30
+    """
+    from .open import init_s3 as init
+
+    if (lock_mode is None) != (days is None):
+        raise UsageError("--object-lock MODE and --days N go together")
+    report = init(url, profile=profile, proxy_users=proxy_users,
+                  lock=None if lock_mode is None or days is None else (lock_mode, days))
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    lines = [f"bucket      {'created' if report.bucket_created else 'exists'}"
+             + (", versioning turned on" if report.versioning_enabled else ", versioned"),
+             "object lock " + (f"{report.lock[0]}, {report.lock[1]} day(s) default retention"
+                               if report.lock else "not asked for"),
+             "policy      " + (f"put/get, no delete for {', '.join(report.policy_users)}"
+                               if report.policy_users else "left as it is (no --proxy-user)"),
+             f"config      {'written' if report.config_written else 'already there'}, "
+             + (f"encrypted (repository {report.repo_id})" if report.encrypted
+                else "not encrypted") + ", read back"]
+    click.echo(f"repository {printable(report.location)} ready\n  " + "\n  ".join(lines))
 
 
 @store.command()

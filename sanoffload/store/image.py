@@ -68,7 +68,6 @@ from .repo import (
     check_path,
     format_timestamp,
     image_failure,
-    object_key,
     slug_for_path,
 )
 
@@ -165,8 +164,8 @@ class LocalImageSink:
         manifest, each only if absent (quota: refused once the client's stored bytes reach
         it; the store's own quotas do the rest)."""
         repo, bid = self.repo, self.id
-        self.map_path = repo._file(object_key(bid, MAP_SUFFIX))  # names for messages
-        self.manifest_path = repo._file(object_key(bid, MANIFEST_SUFFIX))
+        self.map_path = repo._file(repo.key(bid, MAP_SUFFIX))  # names for messages
+        self.manifest_path = repo._file(repo.key(bid, MANIFEST_SUFFIX))
         repo.check_new(bid, quota)
 
     def __enter__(self) -> LocalImageSink:
@@ -298,7 +297,8 @@ class LocalImageSink:
             raise UsageError(f"commit: the manifest would exceed {MAX_BYTES} bytes")
         if self._fd is None:
             self._commit_objects(blob, manifest)
-            return Backup(self.id, manifest, self.map_path, self.manifest_path)
+            return Backup(self.id, manifest, self.map_path, self.manifest_path,
+                          self.repo.folder(self.id) if self.repo.naming.keyed else None)
         _write_all(self._fd, memoryview(blob))
         os.fsync(self._fd)
         os.fchmod(self._fd, 0o440)
@@ -310,10 +310,11 @@ class LocalImageSink:
         """The map, then the manifest (the commit), each only if absent; a map left alone by
         a failed manifest goes again (best effort: gc finds it otherwise)."""
         backend = self.repo.backend
-        key = object_key(self.id, MAP_SUFFIX)
+        key = self.repo.key(self.id, MAP_SUFFIX)
         backend.put(key, blob, exclusive=True)
         try:
-            backend.put(object_key(self.id, MANIFEST_SUFFIX), manifest.to_json(), exclusive=True)
+            backend.put(self.repo.key(self.id, MANIFEST_SUFFIX), manifest.to_json(),
+                        exclusive=True)
         except BaseException:
             try:
                 backend.delete(key)

@@ -746,3 +746,51 @@ def image_sender_fields(values: Mapping[str, Any] | None) -> tuple[dict[str, Any
               read_bytes=image.get("read_bytes"), base=image.get("base"),
               fstype=image.get("fstype"))
     return fields, image
+
+
+# -- verification records (an object store's verify never rewrites the manifest) ---------------
+RECORD_FORMAT = "sanoffload-verification"
+RECORD_VERSION = 1
+#: what a record may carry: the store's last verification, or the proxy's comparison
+RECORD_FIELDS = ("verification", "compared")
+
+
+def verification_record(backup_id: str, name: str, result: Verification) -> bytes:
+    """The JSON of one verification record of backup ``backup_id``: ``name`` (verification
+    or compared) is ``result``."""
+    if name not in RECORD_FIELDS:
+        raise ValueError(f"not a verification record field: {name!r}")
+    return (json.dumps({"format": RECORD_FORMAT, "version": RECORD_VERSION,
+                        "backup": backup_id, name: asdict(result)},
+                       indent=1, sort_keys=True) + "\n").encode()
+
+
+def parse_verification_record(raw: bytes, backup_id: str) -> tuple[str, Verification]:
+    """``(field, result)`` of a record, checked as hostile input: a small JSON object of
+    exactly the known keys, for ``backup_id`` (a record of another backup copied beside this
+    one is refused), one field, a valid :class:`Verification`; ValueError otherwise."""
+    if len(raw) > 8192:
+        raise ValueError("verification record larger than 8192 bytes")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValueError("verification record: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"verification record: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("verification record: not a JSON object")
+    if data.get("format") != RECORD_FORMAT or data.get("version") != RECORD_VERSION:
+        raise ValueError(f"verification record: not {RECORD_FORMAT} version {RECORD_VERSION}")
+    if data.get("backup") != backup_id:
+        raise ValueError("verification record: of another backup")
+    named = [k for k in RECORD_FIELDS if k in data]
+    if len(named) != 1 or set(data) != {"format", "version", "backup", named[0]}:
+        raise ValueError("verification record: expected format, version, backup and one of "
+                         f"{', '.join(RECORD_FIELDS)}")
+    value = data[named[0]]
+    if not isinstance(value, dict) or set(value) - {"status", "checked_at", "detail"}:
+        raise ValueError("verification record: expected {status, checked_at, detail}")
+    try:
+        return named[0], Verification(**value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"verification record: {exc}") from None

@@ -22,22 +22,29 @@ marks every chunk a listed image backup's map names and sweeps the rest older th
 its grace period. It refuses to sweep at all if any backup's map (or manifest)
 cannot be read whole: a chunk only that backup names would look unreferenced.
 
+On an object store prune removes by version and reports per backup what the store
+would not let go (:attr:`Plan.not_removed`: "kept: retained until ..." under Object
+Lock, "refused by the store: ..." with credentials that may not delete), and gc is
+two-phase (:meth:`~sanoffload.store.chunks.BackendChunkStore.gc`): a chunk goes only
+when two runs a grace period apart both found it unreferenced.
+
 :func:`select` is the pure part (unit-tested); :func:`prune` applies it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from ..errors import IntegrityError, SanoffloadError, UsageError
+from ..errors import AuthError, IntegrityError, SanoffloadError, UsageError
 from ..text import printable
-from .chunks import GcReport
+from .chunks import GcReport, delete_versions
 from .manifest import MAX_TAR_LEVEL
-from .repo import MAP_SUFFIX, Backup, BackupId, Broken, Repository, object_key
+from .repo import MAP_SUFFIX, Backup, BackupId, Broken, Repository
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +139,19 @@ class Plan:
     #: kept only because a kept incremental level needs them: (backup, the newest kept
     #: backup that needs it)
     kept_for_chain: list[tuple[Backup, str]] = field(default_factory=list)
+    #: chosen for removal but still there: the store refused (the proxy's credentials) or
+    #: holds it under Object Lock retention: (backup, why), in ``remove`` too
+    not_removed: list[tuple[Backup, str]] = field(default_factory=list)
 
     @property
     def images_removed(self) -> bool:
         """True if an image backup went (or would go): its chunks wait for ``store gc``."""
         return any(b.is_image for b in self.remove)
+
+    @property
+    def complete(self) -> bool:
+        """False if some backup chosen for removal is still there (see ``not_removed``)."""
+        return not self.not_removed
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy.to_dict(), "dry_run": self.dry_run,
@@ -144,7 +159,9 @@ class Plan:
                 "remove": [str(b.id) for b in self.remove],
                 "broken": [{"id": str(b.id), "reason": b.reason} for b in self.broken],
                 "kept_for_chain": [{"id": str(b.id), "needed_by": n}
-                                   for b, n in self.kept_for_chain]}
+                                   for b, n in self.kept_for_chain],
+                "not_removed": [{"id": str(b.id), "reason": why}
+                                for b, why in self.not_removed]}
 
 
 def dependencies(by_id: Mapping[BackupId, Backup], kept: set[BackupId]) -> dict[BackupId, str]:
@@ -181,10 +198,12 @@ def dependencies(by_id: Mapping[BackupId, Backup], kept: set[BackupId]) -> dict[
 
 
 def prune(repo: Repository, policy: Policy, *, host: str | None = None,
-          slug: str | None = None, dry_run: bool = False) -> Plan:
+          slug: str | None = None, dry_run: bool = False, now: float | None = None) -> Plan:
     """Apply ``policy`` to every object (or one host's / one object's) and remove the rest.
 
-    Refuses an empty policy: "keep nothing" is never what an operator means.
+    Refuses an empty policy: "keep nothing" is never what an operator means. A backup
+    the store will not let go (:func:`remove_backup`) is in ``plan.not_removed`` and the
+    others are removed all the same: check :attr:`Plan.complete`.
     """
     if policy.empty:
         raise UsageError("give at least one --keep-* rule (an empty policy would keep only "
@@ -212,9 +231,36 @@ def prune(repo: Repository, policy: Policy, *, host: str | None = None,
                 plan.remove.append(by_id[backup.id])
     if not dry_run:
         for backup in plan.remove:
-            log.info("prune: removing %s", backup.id)
-            repo.delete(backup.id)
+            why = remove_backup(repo, backup.id, now=now)
+            if why is not None:
+                plan.not_removed.append((backup, why))
     return plan
+
+
+def remove_backup(repo: Repository, bid: BackupId, *, now: float | None = None) -> str | None:
+    """Remove one backup; None when it is gone, else why it stays (and is still whole).
+
+    On an object store a backup any of whose object versions is under Object Lock
+    retention is left untouched ("kept: retained until ..."): removing part of it would
+    only break it. A store that refuses a removal (the proxy's credentials have no
+    delete right, a retention the listing did not show) is reported, not raised: the
+    manifest goes first, so a backup is never listed half-removed.
+    """
+    try:
+        until = repo.retained_until(bid, now=now)
+    except AuthError as exc:
+        return f"refused by the store: {exc.message}"
+    if until is not None:
+        when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        log.warning("prune: %s kept: retained until %s", bid, when)
+        return f"kept: retained until {when}"
+    log.info("prune: removing %s", bid)
+    try:
+        repo.delete(bid)
+    except AuthError as exc:
+        log.warning("prune: %s: refused by the store: %s", bid, exc.message)
+        return f"refused by the store: {printable(exc.message)}"
+    return None
 
 
 #: the default grace period of ``store gc``: longer than any backup runs
@@ -236,7 +282,7 @@ def referenced_chunks(repo: Repository) -> tuple[set[str], int]:
                                  "listed: not sweeping (run gc again)")
         if isinstance(found, Broken):
             if found.archive.name.endswith(MAP_SUFFIX) or \
-                    repo.backend.stat(object_key(bid, MAP_SUFFIX)) is not None:
+                    repo.backend.stat(repo.key(bid, MAP_SUFFIX)) is not None:
                 raise IntegrityError(f"gc: {bid} has a chunk map but its manifest is broken "
                                      f"({printable(found.reason)}): not sweeping", hint=(
                                          "repair or remove that backup, then run gc again"))
@@ -259,8 +305,45 @@ def gc(repo: Repository, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
        now: float | None = None) -> GcReport:
     """Mark (every image backup's map) and sweep (chunks unreferenced and older than
     ``grace_s``), all under the repository lock: a commit (which takes it too) either
-    is seen by the mark or sees what was swept."""
+    is seen by the mark or sees what was swept.
+
+    On an object store (no lock, no mtime to refresh) the sweep is two-phase
+    (:meth:`~sanoffload.store.chunks.BackendChunkStore.gc`), stale uploads are aborted and
+    data objects no manifest names, older than the grace, are removed."""
     with repo.lock():
         marked, images = referenced_chunks(repo)
         log.info("gc: %d chunk(s) referenced by %d image backup(s)", len(marked), images)
-        return repo.chunks.gc(marked, grace_s=grace_s, now=now, dry_run=dry_run)
+        report = repo.chunks.gc(marked, grace_s=grace_s, now=now, dry_run=dry_run)
+    if repo.local is None:
+        _remove_orphans(repo, report, time.time() if now is None else now, grace_s)
+    return report
+
+
+#: what :meth:`~sanoffload.store.repo.Repository.leftovers` calls data no manifest names
+_ORPHANS = ("archive without a manifest", "chunk map without a manifest",
+            "state file without a manifest")
+
+
+def _remove_orphans(repo: Repository, report: GcReport, now: float, grace_s: float) -> None:
+    """On an object store: remove data objects no manifest names (a backup whose commit
+    failed, and whose proxy could not delete what it had published) written before
+    ``grace_s`` ago: a running backup publishes its data shortly before its manifest."""
+    cutoff = now - grace_s
+    for path, why in repo.leftovers():
+        if why not in _ORPHANS:
+            continue
+        key = str(path)
+        info = repo.backend.stat(key)
+        if info is None or info.mtime >= cutoff:
+            continue
+        if any(v.retain_until is not None and v.retain_until > now
+               for v in repo.backend.versions(key)):
+            report.kept_retained += 1
+            continue
+        if not report.dry_run:
+            try:
+                delete_versions(repo.backend, key)
+            except AuthError as exc:
+                report.refused.append((key, exc.message))
+                continue
+        report.orphans_removed.append(key)

@@ -9,6 +9,26 @@ Layout::
     <repo>/chunks/                              the chunks image backups' maps name
                                                  (:mod:`sanoffload.store.chunks`)
 
+**On an object store** (a :class:`~sanoffload.store.backend.Backend` without
+:class:`~sanoffload.store.backend.LocalFiles`) the same keys hold the same objects,
+with three differences:
+
+* *Keyed names* when the backend encrypts (it says so by holding keys,
+  :class:`KeyedNames`): folders are ``backups/<name_token(HOST)>/<name_token(SLUG)>/``
+  and chunks ``chunks/XX/<chunk_name>`` (:class:`KeyedNaming`), so the store learns no
+  host, path or chunk hash from a name. The encrypted manifest keeps the real host and
+  path: listing reads every manifest (and checks it names its own folder); ``get``
+  maps an id to its folder. Maps keep plain sha256 ids (they are encrypted too).
+* *Written once*: nothing is rewritten. A verification or comparison is a small
+  record beside the manifest, ``STAMP.verify-<UTC time>.json``, put only if absent;
+  loading a backup takes the newest valid of at most :data:`MAX_RECORDS` records.
+  On a versioned bucket the oldest version of an object is what is read, and a
+  manifest or data object with more than one version makes its backup
+  :class:`Broken` ("overwritten"): a writer with the proxy's rights tried to replace it.
+* *Removal* deletes every version (manifest first), and the store may refuse it
+  (the proxy's credentials, Object Lock retention): :func:`~sanoffload.store.prune.prune`
+  reports that per backup.
+
 A backup's data file is its archive (``"kind": "tar"``) or its chunk map
 (``"kind": "image"``); :attr:`Backup.archive` names whichever it is. A map is
 published like an archive, before its manifest. ``chunks`` is therefore no host
@@ -69,13 +89,14 @@ import secrets
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..durable import fsync_dir
 from ..errors import (
@@ -91,7 +112,15 @@ from ..errors import (
 from ..runner import Runner
 from ..text import has_control, printable
 from ..tools import tar, zstd
-from .backend import Backend, ByteReader, Children, LocalFiles, NotFound, ObjectWriter
+from .backend import (
+    Backend,
+    ByteReader,
+    Children,
+    LocalFiles,
+    NotFound,
+    ObjectWriter,
+    check_key,
+)
 from .backend_dir import (
     DirBackend,
     _open_locked,
@@ -100,7 +129,7 @@ from .backend_dir import (
     _write_all,
     _write_file,
 )
-from .chunks import BackendChunkStore, ChunkStore
+from .chunks import BackendChunkStore, ChunkStore, delete_versions
 from .imagemap import ChunkMap
 from .manifest import (
     KIND_IMAGE,
@@ -111,10 +140,15 @@ from .manifest import (
     VERIFY_FAILED,
     Manifest,
     Verification,
+    parse_verification_record,
     sender_fields,
     to_utc,
     utc_iso,
+    verification_record,
 )
+
+if TYPE_CHECKING:  # crypt needs the cryptography package: imported when a key is in use
+    from .keys import RepoKeys
 
 log = logging.getLogger(__name__)
 
@@ -267,19 +301,27 @@ class Backup:
     manifest: Manifest
     archive: Path
     manifest_path: Path
+    #: the folder its objects are in (:meth:`Repository.folder`); None: ``HOST/SLUG``
+    folder: str | None = None
 
     @property
     def is_image(self) -> bool:
         return self.manifest.is_image
 
+    def key(self, suffix: str) -> str:
+        """The key of this backup's object with ``suffix`` (``.json``, ``.tar.zst``...)."""
+        if self.folder is None:
+            return object_key(self.id, suffix)
+        return f"{self.folder}/{self.id.timestamp}{suffix}"
+
     @property
     def archive_key(self) -> str:
         """The data file's object key (``archive`` is its file in a directory repository)."""
-        return object_key(self.id, MAP_SUFFIX if self.is_image else ARCHIVE_SUFFIX)
+        return self.key(MAP_SUFFIX if self.is_image else ARCHIVE_SUFFIX)
 
     @property
     def manifest_key(self) -> str:
-        return object_key(self.id, MANIFEST_SUFFIX)
+        return self.key(MANIFEST_SUFFIX)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), **self.manifest.to_dict()}
@@ -298,6 +340,9 @@ class Broken:
     reason: str
     archive: Path
     manifest_path: Path
+    #: the manifest as first written (the oldest version), when it reads: a backup broken
+    #: because its manifest or data was overwritten keeps its original here
+    manifest: Manifest | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), "broken": self.reason}
@@ -321,6 +366,88 @@ def object_key(bid: BackupId, suffix: str) -> str:
     return f"{bid.host}/{bid.slug}/{bid.timestamp}{suffix}"
 
 
+#: where an encrypted repository keeps its backups' folders (``backups/<host token>/<slug token>``)
+KEYED_BACKUPS = "backups"
+#: an object store's verification records, beside the manifest they add to:
+#: ``STAMP.verify-<UTC time to the microsecond>.json`` (the manifest itself is never rewritten)
+VERIFY_INFIX = ".verify-"
+_RECORD_RE = re.compile(r"([0-9]{8}T[0-9]{6}Z)" + re.escape(VERIFY_INFIX)
+                        + r"([0-9]{8}T[0-9]{6}\.[0-9]{6}Z)" + re.escape(MANIFEST_SUFFIX))
+#: how many of a backup's newest verification records are read (each at most 8 KiB):
+#: a writer that piles up records cannot make a listing read them all
+MAX_RECORDS = 8
+MAX_RECORD_BYTES = 8192
+_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+
+
+@runtime_checkable
+class KeyedNames(Protocol):
+    """A backend whose object names must say nothing of what they hold (an encrypted one):
+    the repository then names folders and chunks with its keys (:class:`KeyedNaming`)."""
+
+    keys: RepoKeys
+
+
+class Naming:
+    """Where a repository's objects go: the directory layout, ``HOST/SLUG/STAMP.*`` and
+    ``chunks/XX/<sha256>`` (directories, unencrypted object stores)."""
+
+    keyed = False
+
+    def folder(self, host: str, slug: str) -> str:
+        """The folder (key prefix, without the trailing ``/``) of one object's backups."""
+        return f"{host}/{slug}"
+
+    def chunk_key(self, chunk_id: str) -> str:
+        """The object key of the chunk whose plaintext has sha256 ``chunk_id`` (checked)."""
+        from .chunks import CHUNKS, check_id
+
+        cid = check_id(chunk_id)
+        return f"{CHUNKS}/{cid[:2]}/{cid}"
+
+
+class KeyedNaming(Naming):
+    """Names that tell the store nothing (an encrypted repository): a folder is
+    ``backups/<name_token(HOST)>/<name_token(SLUG)>``, a chunk ``chunks/XX/<chunk_name>``
+    (HMAC-SHA256 under the repository's id key: the store cannot test a guess of a host,
+    a path or a chunk's content). The manifest, encrypted, keeps the real host and path."""
+
+    keyed = True
+
+    def __init__(self, keys: RepoKeys) -> None:
+        self.keys = keys
+
+    def folder(self, host: str, slug: str) -> str:
+        from .crypt import NameKind, name_token
+
+        return (f"{KEYED_BACKUPS}/{name_token(self.keys, NameKind.HOST, check_host(host))}/"
+                f"{name_token(self.keys, NameKind.SLUG, check_slug(slug))}")
+
+    def host_prefix(self, host: str) -> str:
+        from .crypt import NameKind, name_token
+
+        return f"{KEYED_BACKUPS}/{name_token(self.keys, NameKind.HOST, check_host(host))}/"
+
+    def slug_token(self, slug: str) -> str:
+        from .crypt import NameKind, name_token
+
+        return name_token(self.keys, NameKind.SLUG, check_slug(slug))
+
+    def chunk_key(self, chunk_id: str) -> str:
+        from .chunks import CHUNKS, check_id
+        from .crypt import chunk_name
+
+        name = chunk_name(self.keys, check_id(chunk_id))
+        return f"{CHUNKS}/{name[:2]}/{name}"
+
+
+def naming_for(backend: Backend) -> Naming:
+    """Keyed names for a backend that holds keys (:class:`KeyedNames`), else the plain layout."""
+    if isinstance(backend, KeyedNames):
+        return KeyedNaming(backend.keys)
+    return Naming()
+
+
 def read_timeout(*sizes: int | None) -> float:
     """How long reading (or extracting) an archive of these sizes may take (capped)."""
     biggest = max((s for s in (0, *sizes) if isinstance(s, int)), default=0)
@@ -337,7 +464,8 @@ class Repository:
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None,
-                 runner: Runner | None = None, *, backend: Backend | None = None) -> None:
+                 runner: Runner | None = None, *, backend: Backend | None = None,
+                 naming: Naming | None = None) -> None:
         if backend is None:
             if root is None:
                 raise ValueError("a repository needs a root directory or a backend")
@@ -351,11 +479,26 @@ class Repository:
         #: the directory capabilities, when the backend is a directory on this host
         self.local: LocalFiles | None = backend if isinstance(backend, LocalFiles) else None
         self.runner = runner
+        #: plain names, or keyed ones when the backend encrypts (:func:`naming_for`)
+        self.naming = naming if naming is not None else naming_for(backend)
+        # keyed folders seen while listing, by id: a broken manifest's backup is listed
+        # under its folder's tokens, and found again by them
+        self._folders: dict[BackupId, str] = {}
 
     @classmethod
-    def on(cls, backend: Backend, runner: Runner | None = None) -> Repository:
-        """A repository kept on ``backend`` (same layout as a directory repository)."""
-        return cls(runner=runner, backend=backend)
+    def on(cls, backend: Backend, runner: Runner | None = None, *,
+           naming: Naming | None = None) -> Repository:
+        """A repository kept on ``backend``: the directory layout, or keyed names when the
+        backend encrypts (see :class:`KeyedNaming`)."""
+        return cls(runner=runner, backend=backend, naming=naming)
+
+    def folder(self, bid: BackupId) -> str:
+        """The key prefix (no trailing ``/``) of ``bid``'s objects."""
+        return self._folders.get(bid) or self.naming.folder(bid.host, bid.slug)
+
+    def key(self, bid: BackupId, suffix: str) -> str:
+        """The key of ``bid``'s object with ``suffix``: ``FOLDER/STAMP<suffix>``."""
+        return f"{self.folder(bid)}/{bid.timestamp}{suffix}"
 
     @property
     def root(self) -> Path:
@@ -494,14 +637,15 @@ class Repository:
     def chunks(self) -> ChunkStore:
         """The chunks of this repository's image backups (``ROOT/chunks/``)."""
         if self.local is None:
-            return BackendChunkStore(self.backend)
+            return BackendChunkStore(self.backend, self.naming.chunk_key,
+                                     keyed=self.naming.keyed)
         return ChunkStore(self.local.root)
 
     # -- writing --------------------------------------------------------------
     def check_new(self, bid: BackupId, quota: Quota | None) -> None:
         """Before a put on an object store: ResourceError if ``bid`` exists, or if ``quota``'s
         client has stored its limit already (there are no reservations there)."""
-        if any(self._present(object_key(bid, s))
+        if any(self._present(self.key(bid, s))
                for s in (ARCHIVE_SUFFIX, MANIFEST_SUFFIX, MAP_SUFFIX)):
             raise ResourceError(f"backup {bid} already exists")
         if quota is not None:
@@ -571,46 +715,144 @@ class Repository:
         except IntegrityError:
             return False  # a symlink or FIFO under its name: no data file
 
+    def _versions_note(self, key: str) -> tuple[str | None, str | None]:
+        """``(version, why)``: the oldest version of ``key`` (what was first written: read
+        that), and why it cannot be trusted when it has more than one. Objects are written
+        once; a second version is a writer with the proxy's rights replacing one. A
+        directory has one version: ``(None, None)``."""
+        if self.local is not None:
+            return None, None
+        found = self.backend.versions(key)
+        oldest = next((v.version for v in found if not v.deleted), None)
+        if len(found) > 1:
+            return oldest, (f"overwritten: {len(found)} versions of {key}; a writer with the "
+                            "proxy's rights tried to replace it")
+        return oldest, None
+
+    def _folder_names(self, folder: str) -> set[str]:
+        """The object names directly in ``folder``."""
+        prefix = folder + "/"
+        return {info.key[len(prefix):] for info in self.backend.list(prefix)
+                if "/" not in info.key[len(prefix):]}
+
     def _load(self, bid: BackupId) -> Backup | Broken | None:
         """The backup ``bid``; Broken if its manifest is bad; None if its manifest or the data
         file its kind needs (archive or map) is missing."""
-        mkey = object_key(bid, MANIFEST_SUFFIX)
-        archive, map_file = (object_key(bid, s) for s in (ARCHIVE_SUFFIX, MAP_SUFFIX))
+        if self.naming.keyed and bid not in self._folders and \
+                _TOKEN_RE.fullmatch(bid.host) and _TOKEN_RE.fullmatch(bid.slug):
+            # a broken backup is listed by its folder's tokens (its manifest says nothing)
+            found = self._load_in(f"{KEYED_BACKUPS}/{bid.host}/{bid.slug}", bid.timestamp, None)
+            if isinstance(found, Broken) and found.id == bid:
+                return found
+        return self._load_in(self.folder(bid), bid.timestamp, bid)
+
+    def _load_in(self, folder: str, stamp: str, bid: BackupId | None,
+                 names: set[str] | None = None) -> Backup | Broken | None:
+        """The backup whose manifest is ``FOLDER/STAMP.json``. ``bid`` is the id it must
+        name; None in a keyed folder, where the manifest says whose backup it is (and must
+        be of that very folder). ``names``: the folder's listing, if the caller has it."""
+        mkey, archive, map_file = (f"{folder}/{stamp}{s}"
+                                   for s in (MANIFEST_SUFFIX, ARCHIVE_SUFFIX, MAP_SUFFIX))
         data = {KIND_TAR: self._present(archive), KIND_IMAGE: self._present(map_file)}
         mpath = self._file(mkey)
+        # until the manifest says otherwise, a keyed backup is known by its folder's tokens
+        listed = bid if bid is not None else _folder_id(folder, stamp)
+        original: Manifest | None = None
 
         def broken(reason: str) -> Broken:
             log.warning("%s: %s", mpath, printable(reason))
-            return Broken(bid, reason[:300], self._file(map_file if data[KIND_IMAGE]
-                                                         and not data[KIND_TAR] else archive),
-                          mpath)
+            self._remember(listed, folder)
+            return Broken(listed, reason[:300], self._file(map_file if data[KIND_IMAGE]
+                                                           and not data[KIND_TAR] else archive),
+                          mpath, original)
 
         if not any(data.values()):
             return None
         try:
-            if self.backend.stat(mkey) is None:
+            info = self.backend.stat(mkey)
+            if info is None:
                 return None
         except IntegrityError:
             return broken("the manifest is not a regular file")
+        if info.size > MAX_BYTES:
+            return broken(f"unreadable manifest: manifest larger than {MAX_BYTES} bytes")
         try:
+            oldest, overwritten = self._versions_note(mkey)
             # bounded: a manifest's size is never trusted; one byte more shows a big one
-            raw = self.backend.get(mkey, max_bytes=MAX_BYTES + 1)
+            raw = self.backend.get(mkey, max_bytes=MAX_BYTES + 1, version=oldest)
         except NotFound:
             return None
-        except IntegrityError:
-            return broken(f"unreadable manifest: manifest larger than {MAX_BYTES} bytes")
+        except IntegrityError as exc:
+            return broken(f"unreadable manifest: {exc.message}")
         except OSError as exc:
             return broken(f"cannot read the manifest: {exc.strerror or exc}")
         try:
             manifest = Manifest.from_json(raw)
         except ValueError as exc:
             return broken(f"unreadable manifest: {exc}")
-        if manifest.backup_id != str(bid):
+        if bid is None:
+            try:
+                named = BackupId.parse(manifest.backup_id)
+            except RefusedError as exc:
+                return broken(f"the manifest names no valid backup: {exc.message}")
+            if self.naming.folder(named.host, named.slug) != folder or named.timestamp != stamp:
+                return broken(f"the manifest names {manifest.backup_id}, not this backup")
+            listed = named
+        elif manifest.backup_id != str(bid):
             return broken(f"the manifest names {manifest.backup_id}, not this backup")
+        original = manifest
         if not data[manifest.kind]:
             return None  # its own data file is gone (being deleted): not a backup
-        return Backup(bid, manifest, self._file(map_file if manifest.is_image else archive),
-                      mpath)
+        written_once = [mkey, map_file if manifest.is_image else archive]
+        if manifest.is_incremental:
+            written_once.append(f"{folder}/{stamp}{SNAPSHOT_SUFFIX}")
+        try:
+            for key in written_once:
+                why = overwritten if key == mkey else self._versions_note(key)[1]
+                if why is not None:
+                    return broken(why)
+        except IntegrityError as exc:
+            return broken(f"cannot list the versions of its objects: {exc.message}")
+        if self.local is None:
+            manifest = self._with_records(folder, stamp, listed, manifest, names)
+        self._remember(listed, folder)
+        return Backup(listed, manifest, self._file(map_file if manifest.is_image else archive),
+                      mpath, folder if self.naming.keyed else None)
+
+    def _remember(self, bid: BackupId, folder: str) -> None:
+        if self.naming.keyed:
+            self._folders[bid] = folder
+
+    def _with_records(self, folder: str, stamp: str, bid: BackupId, manifest: Manifest,
+                      names: set[str] | None) -> Manifest:
+        """``manifest`` with the newest valid verification records of its backup (an object
+        store's verify never rewrites the manifest). Only the :data:`MAX_RECORDS` newest are
+        read; one that does not read, or was written twice, is skipped (and logged)."""
+        if names is None:
+            names = self._folder_names(folder)
+        records = sorted(n for n in names
+                         if (m := _RECORD_RE.fullmatch(n)) is not None and m.group(1) == stamp)
+        found: dict[str, Verification] = {}
+        for name in reversed(records[-MAX_RECORDS:]):
+            key = f"{folder}/{name}"
+            try:
+                version, overwritten = self._versions_note(key)
+                if overwritten is not None:
+                    raise ValueError(overwritten)
+                raw = self.backend.get(key, max_bytes=MAX_RECORD_BYTES, version=version)
+                field, result = parse_verification_record(raw, str(bid))
+            except NotFound:
+                continue
+            except (ValueError, IntegrityError, OSError) as exc:
+                log.warning("%s: verification record skipped: %s", printable(key),
+                            printable(str(exc))[:200])
+                continue
+            found.setdefault(field, result)
+        if "verification" in found:
+            manifest = manifest.with_verification(found["verification"])
+        if "compared" in found:
+            manifest = manifest.with_compared(found["compared"])
+        return manifest
 
     def get(self, bid: BackupId | str) -> Backup:
         """The complete backup ``bid``; UsageError if there is none, IntegrityError if its
@@ -642,16 +884,63 @@ class Repository:
 
     def _names(self, host: str, slug: str) -> set[str]:
         """The object names stored in ``host/slug/``; RefusedError if a symlink is on the way."""
-        prefix = f"{host}/{slug}/"
         if self.local is not None:
             self._dir(host, slug)  # a symlink for the host or slug directory: refused
-        return {info.key[len(prefix):] for info in self.backend.list(prefix)
-                if "/" not in info.key[len(prefix):]}
+        return self._folder_names(f"{host}/{slug}")
+
+    def _keyed_folders(self, host: str | None, slug: str | None
+                       ) -> builtins.list[tuple[str, set[str]]]:
+        """A keyed repository's folders (``backups/<token>/<token>``) with the names in
+        each, sorted by folder; only ``host``'s / ``slug``'s if given."""
+        assert isinstance(self.naming, KeyedNaming)
+        if host and slug:
+            prefix = self.naming.folder(host, slug) + "/"
+        elif host:
+            prefix = self.naming.host_prefix(host)
+        else:
+            prefix = KEYED_BACKUPS + "/"
+        slug_token = self.naming.slug_token(slug) if slug else None
+        groups: dict[str, set[str]] = {}
+        for info in self.backend.list(prefix):
+            parts = info.key.split("/")
+            if len(parts) != 4 or parts[0] != KEYED_BACKUPS or \
+                    not _TOKEN_RE.fullmatch(parts[1]) or not _TOKEN_RE.fullmatch(parts[2]):
+                continue
+            if slug_token is not None and parts[2] != slug_token:
+                continue
+            groups.setdefault("/".join(parts[:3]), set()).add(parts[3])
+        return sorted(groups.items())
+
+    def _keyed_catalog(self, host: str | None, slug: str | None,
+                       after: BackupId | None) -> builtins.list[Backup | Broken]:
+        """Every backup of a keyed repository, in id order: its ids are in its manifests,
+        so each is read (the oldest version of each, as always)."""
+        found: list[Backup | Broken] = []
+        for folder, names in self._keyed_folders(host, slug):
+            for name in sorted(names):
+                stamp = name[:-len(MANIFEST_SUFFIX)]
+                if not name.endswith(MANIFEST_SUFFIX) or not _TIMESTAMP_RE.fullmatch(stamp) or \
+                        (stamp + ARCHIVE_SUFFIX not in names and stamp + MAP_SUFFIX not in names):
+                    continue
+                try:
+                    check_timestamp(stamp)
+                except RefusedError:
+                    continue
+                entry = self._load_in(folder, stamp, None, names)
+                if entry is not None and (after is None or entry.id > after):
+                    found.append(entry)
+        found.sort(key=lambda e: e.id)
+        return found
 
     def ids(self, host: str | None = None, slug: str | None = None, *,
             after: BackupId | None = None) -> Iterator[BackupId]:
         """The ids that have an archive and a manifest (unread), in order; only those past
-        ``after`` if given. Cheap: listings only."""
+        ``after`` if given. Cheap: listings only (a keyed repository reads its manifests:
+        nothing else says whose backup a folder holds)."""
+        if self.naming.keyed:
+            for entry in self._keyed_catalog(host, slug, after):
+                yield entry.id
+            return
         hosts = [check_host(host)] if host else list(self._subdirs("", check_host))
         for h in hosts:
             if after is not None and h < after.host:
@@ -677,6 +966,9 @@ class Repository:
     def catalog(self, host: str | None = None, slug: str | None = None, *,
                 after: BackupId | None = None) -> Iterator[Backup | Broken]:
         """Every backup, complete or broken, in id order (past ``after``), read lazily."""
+        if self.naming.keyed:
+            yield from self._keyed_catalog(host, slug, after)
+            return
         for bid in self.ids(host, slug, after=after):
             found = self._load(bid)
             if found is not None:
@@ -693,37 +985,49 @@ class Repository:
         """The backups whose manifest cannot be read or names another backup."""
         return [b for b in self.catalog(host, slug) if isinstance(b, Broken)]
 
+    def _folder_groups(self) -> Iterator[tuple[str, set[str]]]:
+        """Every folder of backups with the names in it (a directory's own listing, which
+        shows its partial files too)."""
+        if self.naming.keyed:
+            yield from self._keyed_folders(None, None)
+            return
+        for h in self._subdirs("", check_host):
+            for s in self._subdirs(f"{h}/", check_slug):
+                names = (set(os.listdir(self._file(f"{h}/{s}"))) if self.local is not None
+                         else self._names(h, s))
+                yield f"{h}/{s}", names
+
     # builtins.list: "list" in this class is the method above
     def leftovers(self) -> builtins.list[tuple[Path, str]]:
         """What :meth:`list` leaves out: partial files (an upload running or cut off),
         archives without manifest or the other way round, unreadable manifests."""
         found: list[tuple[Path, str]] = []
-        for h in self._subdirs("", check_host):
-            for s in self._subdirs(f"{h}/", check_slug):
-                directory = self._file(f"{h}/{s}")
-                # a directory's listing shows its partial files too; an object store's has none
-                names = (set(os.listdir(directory)) if self.local is not None
-                         else self._names(h, s))
-                for name in sorted(names):
-                    if name.endswith(PARTIAL_SUFFIX):
-                        found.append((directory / name, "partial (an upload running or cut off)"))
+        for folder, names in self._folder_groups():
+            directory = self._file(folder)
+            for name in sorted(names):
+                if name.endswith(PARTIAL_SUFFIX):
+                    found.append((directory / name, "partial (an upload running or cut off)"))
+                    continue
+                for suffix, others, why in (
+                        (ARCHIVE_SUFFIX, (MANIFEST_SUFFIX,), "archive without a manifest"),
+                        (MAP_SUFFIX, (MANIFEST_SUFFIX,), "chunk map without a manifest"),
+                        (SNAPSHOT_SUFFIX, (MANIFEST_SUFFIX,),
+                         "state file without a manifest"),
+                        (MANIFEST_SUFFIX, (ARCHIVE_SUFFIX, MAP_SUFFIX),
+                         "manifest without an archive or chunk map")):
+                    ts = name[:-len(suffix)]
+                    if not name.endswith(suffix) or not _TIMESTAMP_RE.fullmatch(ts):
                         continue
-                    for suffix, others, why in (
-                            (ARCHIVE_SUFFIX, (MANIFEST_SUFFIX,), "archive without a manifest"),
-                            (MAP_SUFFIX, (MANIFEST_SUFFIX,), "chunk map without a manifest"),
-                            (SNAPSHOT_SUFFIX, (MANIFEST_SUFFIX,),
-                             "state file without a manifest"),
-                            (MANIFEST_SUFFIX, (ARCHIVE_SUFFIX, MAP_SUFFIX),
-                             "manifest without an archive or chunk map")):
-                        ts = name[:-len(suffix)]
-                        if not name.endswith(suffix) or not _TIMESTAMP_RE.fullmatch(ts):
+                    if not any(ts + other in names for other in others):
+                        found.append((directory / name, why))
+                    elif suffix == MANIFEST_SUFFIX:
+                        try:
+                            bid = None if self.naming.keyed else _folder_id(folder, ts)
+                        except RefusedError:
                             continue
-                        if not any(ts + other in names for other in others):
-                            found.append((directory / name, why))
-                        elif suffix == MANIFEST_SUFFIX:
-                            loaded = self._load(BackupId(h, s, ts))
-                            if isinstance(loaded, Broken):
-                                found.append((directory / name, f"broken: {loaded.reason}"))
+                        loaded = self._load_in(folder, ts, bid, names)
+                        if isinstance(loaded, Broken):
+                            found.append((directory / name, f"broken: {loaded.reason}"))
         return found
 
     # -- checking -------------------------------------------------------------
@@ -956,7 +1260,7 @@ class Repository:
         if m.snapshot_bytes is None or m.snapshot_sha256 is None:
             raise UsageError(f"{backup.id} is not an incremental backup: it has no state file")
         where = f"{backup.id}: state file"
-        data = self._read_recorded(object_key(backup.id, SNAPSHOT_SUFFIX), m.snapshot_bytes,
+        data = self._read_recorded(backup.key(SNAPSHOT_SUFFIX), m.snapshot_bytes,
                                    where)
         digest = hashlib.sha256(data).hexdigest()
         if digest != m.snapshot_sha256:
@@ -1040,14 +1344,17 @@ class Repository:
         return self._record(backup, backup.manifest.with_compared(result))
 
     def _record(self, backup: Backup, manifest: Manifest) -> Backup:
-        """Replace a published manifest (atomically: a reader sees the old or the new)."""
+        """Record ``manifest``'s verification and comparison: a directory replaces the
+        manifest (atomically: a reader sees the old or the new); an object store writes a
+        record beside it (:meth:`_put_record`) and never rewrites the manifest."""
         if self.local is None:
-            # an object store replaces an object whole (a versioned bucket keeps the old one)
-            self.backend.put(backup.manifest_key, manifest.to_json(), exclusive=False)
-            if not self._present(backup.archive_key):
-                self.backend.delete(backup.manifest_key)
-                raise UsageError(f"backup {backup.id} was removed meanwhile")
-            return Backup(backup.id, manifest, backup.archive, backup.manifest_path)
+            changed = [(name, getattr(manifest, name)) for name in ("verification", "compared")
+                       if getattr(manifest, name) is not None
+                       and getattr(manifest, name) != getattr(backup.manifest, name)]
+            for name, result in changed:
+                self._put_record(backup, name, result)
+            return Backup(backup.id, manifest, backup.archive, backup.manifest_path,
+                          backup.folder)
         directory = backup.manifest_path.parent
         partial = directory / f"{backup.id.timestamp}{MANIFEST_SUFFIX}.{secrets.token_hex(4)}" \
                               f"{PARTIAL_SUFFIX}"
@@ -1064,13 +1371,75 @@ class Repository:
         fsync_dir(directory)
         return Backup(backup.id, manifest, backup.archive, backup.manifest_path)
 
+    def _put_record(self, backup: Backup, name: str, result: Verification) -> None:
+        """Write one verification record, ``STAMP.verify-<now>.json``, only if absent: on a
+        versioned or write-once bucket a rewritten manifest would be a second version (a
+        tampering alarm) or refused. A record of a backup removed meanwhile goes again."""
+        raw = verification_record(str(backup.id), name, result)
+        for _ in range(3):  # two verifies in one microsecond: the next microsecond
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            key = check_key(f"{self.folder(backup.id)}/{backup.id.timestamp}{VERIFY_INFIX}"
+                            f"{stamp}{MANIFEST_SUFFIX}")
+            try:
+                self.backend.put(key, raw, exclusive=True)
+                break
+            except ResourceError:
+                continue
+        else:
+            raise ResourceError(f"{backup.id}: cannot name a new verification record")
+        if not self._present(backup.archive_key):
+            self._delete_versions(key)
+            raise UsageError(f"backup {backup.id} was removed meanwhile")
+
     # -- removing -------------------------------------------------------------
+    def _objects_of(self, bid: BackupId) -> builtins.list[str]:
+        """Every key of ``bid``: the manifest first, then its data and its records."""
+        keys = [self.key(bid, s) for s in (MANIFEST_SUFFIX, ARCHIVE_SUFFIX, MAP_SUFFIX,
+                                            SNAPSHOT_SUFFIX)]
+        if self.local is None:
+            names = self._folder_names(self.folder(bid))
+            keys += [f"{self.folder(bid)}/{n}" for n in sorted(names)
+                     if (m := _RECORD_RE.fullmatch(n)) is not None
+                     and m.group(1) == bid.timestamp]
+        return keys
+
+    def _delete_versions(self, key: str) -> None:
+        """Remove every version of ``key`` (delete markers last): a plain delete on a
+        versioned bucket only hides an object behind a marker. AuthError if refused."""
+        if self.local is not None:
+            self.backend.delete(key)
+            return
+        delete_versions(self.backend, key)
+
+    def retained_until(self, bid: BackupId, *, now: float | None = None) -> float | None:
+        """The latest Object Lock retention date (seconds since the epoch) of any version of
+        ``bid``'s objects still in force at ``now``; None when nothing of it is retained
+        (always, on a directory)."""
+        if self.local is not None:
+            return None
+        now = time.time() if now is None else now
+        dates = [v.retain_until for key in self._objects_of(bid)
+                 for v in self.backend.versions(key)
+                 if v.retain_until is not None and v.retain_until > now]
+        return max(dates, default=None)
+
     def delete(self, bid: BackupId) -> None:
         """Remove a backup: the manifest first, so it is never listed half-removed; then its
-        archive or chunk map (its chunks stay until ``store gc`` finds them unreferenced)."""
-        self.backend.delete(object_key(bid, MANIFEST_SUFFIX))
-        for suffix in (ARCHIVE_SUFFIX, MAP_SUFFIX, SNAPSHOT_SUFFIX):
-            self.backend.delete(object_key(bid, suffix))
+        archive or chunk map (its chunks stay until ``store gc`` finds them unreferenced),
+        and on an object store every version of each, and its verification records.
+
+        AuthError when the store refuses (the proxy's credentials, a retention): what was
+        removed before stays removed, and a backup without its manifest is never listed.
+        """
+        for key in self._objects_of(bid):
+            self._delete_versions(key)
+
+
+def _folder_id(folder: str, stamp: str) -> BackupId:
+    """The id a folder's last two names and a timestamp make (a keyed folder: its tokens);
+    RefusedError if they are not a host and a slug."""
+    host, slug = folder.split("/")[-2:]
+    return BackupId(host, slug, stamp)
 
 
 def image_failure(bid: BackupId, chunks: int, missing: Sequence[str],
@@ -1200,12 +1569,12 @@ class BackupWriter:
     def _open_object(self, repo: Repository, bid: BackupId, quota: Quota | None) -> None:
         """Start the archive's upload on an object store (see the class docstring)."""
         # names for messages only: nothing is opened by them
-        self.directory = repo._file(f"{bid.host}/{bid.slug}")
-        self.archive = self.partial = repo._file(object_key(bid, ARCHIVE_SUFFIX))
-        self.manifest_path = repo._file(object_key(bid, MANIFEST_SUFFIX))
-        self.snapshot = self._snapshot_partial = repo._file(object_key(bid, SNAPSHOT_SUFFIX))
+        self.directory = repo._file(repo.folder(bid))
+        self.archive = self.partial = repo._file(repo.key(bid, ARCHIVE_SUFFIX))
+        self.manifest_path = repo._file(repo.key(bid, MANIFEST_SUFFIX))
+        self.snapshot = self._snapshot_partial = repo._file(repo.key(bid, SNAPSHOT_SUFFIX))
         repo.check_new(bid, quota)
-        self._obj = repo.backend.writer(object_key(bid, ARCHIVE_SUFFIX))
+        self._obj = repo.backend.writer(repo.key(bid, ARCHIVE_SUFFIX))
 
     @property
     def _closed(self) -> bool:
@@ -1311,7 +1680,7 @@ class BackupWriter:
         size = 0
         head = b""
         if self._obj is not None:
-            self._snap_obj = self.repo.backend.writer(object_key(self.id, SNAPSHOT_SUFFIX))
+            self._snap_obj = self.repo.backend.writer(self.repo.key(self.id, SNAPSHOT_SUFFIX))
             fd = -1
         else:
             fd = os.open(self._snapshot_partial,
@@ -1443,7 +1812,8 @@ class BackupWriter:
                             verification=check, client=self.client, **values)
         if self._obj is not None:
             self._commit_objects(manifest)
-            return Backup(self.id, manifest, self.archive, self.manifest_path)
+            return Backup(self.id, manifest, self.archive, self.manifest_path,
+                          self.repo.folder(self.id) if self.repo.naming.keyed else None)
         data = [(self.partial, self.archive)]
         if self.snapshot_received is not None:
             # before the archive and the manifest (the commit): a listed incremental backup
@@ -1464,7 +1834,7 @@ class BackupWriter:
                     obj.commit()
                     setattr(self, name, None)  # published: nothing left to abort
                     published.append(obj.key)
-            self.repo.backend.put(object_key(self.id, MANIFEST_SUFFIX), manifest.to_json(),
+            self.repo.backend.put(self.repo.key(self.id, MANIFEST_SUFFIX), manifest.to_json(),
                                   exclusive=True)
         except BaseException:
             for key in reversed(published):

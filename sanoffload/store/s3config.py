@@ -18,6 +18,10 @@ A profile names an object store, a bucket and the credentials of one role::
     read_timeout = 120                   # seconds
     max_attempts = 5                     # per request, botocore's standard retries
     conditional_put = "verify"           # "verify" (default) or "trust": see S3Profile
+    encryption = "client"                # "client" (default: sealed on this host) or "none"
+    key_file = "/etc/sanoffload/repo.key" # the repository key (sanoffload key init/import)
+    passphrase_file = "/etc/sanoffload/repo.pass" # optional: its passphrase (0600); none for a
+                                         #   raw key file, else SANOFFLOAD_PASSPHRASE or a prompt
 
 The file decides where root's backups go with whose credentials, so it is read
 like every other config (:func:`sanoffload.configfile.read_text`'s checks on the
@@ -60,7 +64,7 @@ MAX_SECRET_BYTES = 4096
 _PROFILE_KEYS = frozenset({
     "endpoints", "region", "bucket", "prefix", "access_key", "secret_key", "secret_key_file",
     "ca_file", "part_size", "role", "connect_timeout", "read_timeout", "max_attempts",
-    "conditional_put"})
+    "conditional_put", "encryption", "key_file", "passphrase_file"})
 _TOP_KEYS = frozenset({"profiles", "default"})
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -96,6 +100,15 @@ class ConditionalPut(enum.Enum):
     TRUST = "trust"
 
 
+class Encryption(enum.Enum):
+    """Whether a repository's objects are sealed on this host before they leave it."""
+
+    #: the default for S3: the store sees keys, sizes and times, never contents
+    CLIENT = "client"
+    #: plaintext objects (the repository's config then says so, and no key is ever read)
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class S3Profile:
     """One profile of s3.toml, checked; ``secret_key`` is never in its repr."""
@@ -115,6 +128,11 @@ class S3Profile:
     read_timeout: float = 120.0
     max_attempts: int = 5
     conditional_put: ConditionalPut = ConditionalPut.VERIFY
+    encryption: Encryption = Encryption.CLIENT
+    #: the repository key file (:mod:`sanoffload.store.keys`); None: no key on this host
+    key_file: str | None = None
+    #: the key file's passphrase, in a private file (None: SANOFFLOAD_PASSPHRASE or a prompt)
+    passphrase_file: str | None = None
     #: the file it came from, for messages
     source: str = DEFAULT_PATH
 
@@ -366,6 +384,18 @@ def _profile(name: str, body: dict[str, Any], source: str) -> _Parsed:
     except ValueError:
         raise _err(source, f"{where}.conditional_put", "\"verify\" or \"trust\"") from None
     part = _part_size(body["part_size"], source, where) if "part_size" in body else DEFAULT_PART
+    enc_v = body.get("encryption", Encryption.CLIENT.value)
+    try:
+        encryption = Encryption(enc_v)
+    except (ValueError, TypeError):
+        raise _err(source, f"{where}.encryption", "\"client\" or \"none\"") from None
+    key_file = _path(body, "key_file", source, where)
+    passphrase_file = _path(body, "passphrase_file", source, where)
+    if encryption is Encryption.NONE and (key_file or passphrase_file):
+        raise _err(source, where, "encryption = \"none\" takes no key_file or passphrase_file")
+    if passphrase_file is not None and key_file is None:
+        raise _err(source, f"{where}.passphrase_file", "is the passphrase of a key_file: "
+                   "give key_file too")
     profile = S3Profile(
         name=name, endpoints=endpoints, bucket=bucket, access_key=str(access),
         secret_key=secret if isinstance(secret, str) else "", role=role, prefix=prefix,
@@ -376,8 +406,21 @@ def _profile(name: str, body: dict[str, Any], source: str) -> _Parsed:
                                    default=120.0)),
         max_attempts=int(_number(body, "max_attempts", source, where, low=1, high=10,
                                  default=5, integer=True)),
-        conditional_put=cond, source=source)
+        conditional_put=cond, encryption=encryption, key_file=key_file,
+        passphrase_file=passphrase_file, source=source)
     return _Parsed(profile, secret_file)
+
+
+def _path(body: dict[str, Any], k: str, source: str, where: str) -> str | None:
+    """An absolute path setting: no '..', no control characters (it is printed), bounded."""
+    v = body.get(k)
+    if v is None:
+        return None
+    if (not isinstance(v, str) or not os.path.isabs(v) or ".." in v.split("/")
+            or has_control(v) or len(v) > 4096):
+        raise _err(source, f"{where}.{k}", "an absolute path without '..' or control "
+                   "characters")
+    return v
 
 
 def parse(text: str, source: str, *, mode: int = 0o600) -> S3Config:
