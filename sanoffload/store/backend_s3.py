@@ -419,16 +419,10 @@ class S3Backend:
     def _versions(self, key: str, *, retention: bool) -> builtins.list[ObjectInfo]:
         full = self._full(key)
         rows: builtins.list[tuple[float, int, ObjectInfo]] = []
-        key_marker: str | None = None
-        vid_marker: str | None = None
         order = 0
-        while True:
-            extra: dict[str, str] = {}
-            if key_marker:
-                extra["KeyMarker"] = key_marker
-            if vid_marker:
-                extra["VersionIdMarker"] = vid_marker
-            resp = self._call("list_object_versions", key, Prefix=full, **extra)
+        for resp in self._marker_pages("list_object_versions", key, "VersionId",
+                                       f"version listing of {self.location}/{key}",
+                                       Prefix=full):
             # S3 lists a key's versions newest first; -order keeps that for equal times
             for item in resp.get("Versions") or []:
                 if item.get("Key") == full:
@@ -443,15 +437,9 @@ class S3Backend:
                     rows.append((_ts(item.get("LastModified")), -order, ObjectInfo(
                         key=key, size=0, mtime=_ts(item.get("LastModified")),
                         version=_version(item.get("VersionId")), deleted=True)))
-            if not resp.get("IsTruncated"):
-                break
-            nk, nv = resp.get("NextKeyMarker"), resp.get("NextVersionIdMarker")
-            if not isinstance(nk, str) or (nk, nv) == (key_marker, vid_marker):
-                raise ObjectStoreError(f"S3 version listing of {self.location}/{key}: "
-                                       "truncated without a new marker")
-            if nk > full:
+            next_key = resp.get("NextKeyMarker")
+            if resp.get("IsTruncated") and isinstance(next_key, str) and next_key > full:
                 break  # past our key: the rest are other keys with the same prefix
-            key_marker, vid_marker = nk, nv if isinstance(nv, str) else None
         out = [info for _, _, info in sorted(rows, key=lambda r: (r[0], r[1]))]
         if retention:
             out = [self._with_retention(i) for i in out]
@@ -472,15 +460,9 @@ class S3Backend:
                           info.deleted)
 
     def stale_uploads(self, older_than: float) -> Iterator[Upload]:
-        key_marker: str | None = None
-        id_marker: str | None = None
-        while True:
-            extra: dict[str, str] = {}
-            if key_marker:
-                extra["KeyMarker"] = key_marker
-            if id_marker:
-                extra["UploadIdMarker"] = id_marker
-            resp = self._call("list_multipart_uploads", None, Prefix=self._base, **extra)
+        for resp in self._marker_pages("list_multipart_uploads", None, "UploadId",
+                                       f"upload listing of {self.location}",
+                                       Prefix=self._base):
             for item in resp.get("Uploads") or []:
                 key = self._relative(item.get("Key"), self._base)
                 uid = item.get("UploadId")
@@ -490,13 +472,28 @@ class S3Backend:
                     continue
                 if started < older_than:
                     yield Upload(key, uid, started)
+
+    def _marker_pages(self, op: str, key: str | None, second: str, what: str,
+                      **params: Any) -> Iterator[dict[str, Any]]:
+        """The pages of a listing that goes on from ``KeyMarker`` and ``<second>Marker``
+        (``VersionId``, ``UploadId``). A page saying "more" with no new place to go on from
+        would loop for ever: ObjectStoreError."""
+        key_marker: str | None = None
+        second_marker: str | None = None
+        while True:
+            extra: dict[str, str] = {}
+            if key_marker:
+                extra["KeyMarker"] = key_marker
+            if second_marker:
+                extra[f"{second}Marker"] = second_marker
+            resp = self._call(op, key, **params, **extra)
+            yield resp
             if not resp.get("IsTruncated"):
                 return
-            nk, nu = resp.get("NextKeyMarker"), resp.get("NextUploadIdMarker")
-            if not isinstance(nk, str) or (nk, nu) == (key_marker, id_marker):
-                raise ObjectStoreError(f"S3 upload listing of {self.location}: truncated "
-                                       "without a new marker")
-            key_marker, id_marker = nk, nu if isinstance(nu, str) else None
+            nk, ns = resp.get("NextKeyMarker"), resp.get(f"Next{second}Marker")
+            if not isinstance(nk, str) or (nk, ns) == (key_marker, second_marker):
+                raise ObjectStoreError(f"S3 {what}: truncated without a new marker")
+            key_marker, second_marker = nk, ns if isinstance(ns, str) else None
 
     # -- writes -------------------------------------------------------------------------------
 

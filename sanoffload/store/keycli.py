@@ -99,6 +99,19 @@ def init(keyfile: str, passphrase_file: str | None, raw: bool) -> None:
                "a copy elsewhere: sanoffload key export KEYFILE DEST")
 
 
+def _asked_once(passphrase_file: str | None) -> Callable[[], str]:
+    """The source key file's passphrase, asked for (or read) at most once: it may be needed
+    to open the source and again as the copy's passphrase."""
+    asked: list[str] = []
+
+    def get() -> str:
+        if not asked:
+            asked.append(get_passphrase(passphrase_file))
+        return asked[0]
+
+    return get
+
+
 @key.command("export")
 @click.argument("keyfile", type=click.Path(dir_okay=False))
 @click.argument("dest", type=click.Path(dir_okay=False))
@@ -117,13 +130,7 @@ def export(keyfile: str, dest: str, passphrase_file: str | None,
       sanoffload key export /etc/sanoffload/repo.key /media/usb/repo.key --change-passphrase
     """
     source_is_raw = key_file_info(keyfile).kdf == KDF_NONE
-    asked: list[str] = []
-
-    def old() -> str:
-        if not asked:
-            asked.append(get_passphrase(passphrase_file))
-        return asked[0]
-
+    old = _asked_once(passphrase_file)
     keys = load_key_file(keyfile, old)
     export_key(keys, dest, _new_passphrase(new_passphrase_file, change_passphrase,
                                            source_is_raw, old))
@@ -151,13 +158,7 @@ def import_(src: str, dest: str, passphrase_file: str | None, new_passphrase_fil
           /etc/sanoffload/repo.key
     """
     source_is_raw = key_file_info(src).kdf == KDF_NONE
-    asked: list[str] = []
-
-    def old() -> str:
-        if not asked:
-            asked.append(get_passphrase(passphrase_file))
-        return asked[0]
-
+    old = _asked_once(passphrase_file)
     new: str | None = None
     if not raw and (new_passphrase_file is not None or change_passphrase or source_is_raw
                     or os.environ.get(NEW_PASSPHRASE_ENV)):
