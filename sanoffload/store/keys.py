@@ -50,14 +50,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 from ..configfile import trusted_owners
 from ..durable import fsync_dir
 from ..errors import ConfigError, RepositoryKeyError, UsageError
 from ..text import printable
+
+# through crypt, whose import says what to install when pyca/cryptography is missing
+from .crypt import AESGCM, InvalidTag, Scrypt
 
 FORMAT = "sanoffload-key"
 VERSION = 1

@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,15 @@ def test_show_escapes_what_the_file_says(tmp_path: Path,
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "created     2026\\n\\x1b]0;pwned\\x07\n" in out
+
+
+def test_without_pyca_cryptography_a_key_command_says_what_to_install() -> None:
+    # a fresh interpreter in which the package cannot be imported (a proxy without the s3 extra)
+    code = ("import sys; sys.modules['cryptography'] = None\n"
+            "from sanoffload.cli import run\n"
+            "sys.exit(run(['key', 'show', '/nonexistent/repo.key']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 4, res.stderr
+    assert "pyca/cryptography" in res.stderr and "sanoffload[s3]" in res.stderr
+    assert "Traceback" not in res.stderr
