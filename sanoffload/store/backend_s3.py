@@ -852,10 +852,16 @@ class S3Writer:
             pass
         self._shutdown()
         self._buf = bytearray()
-        if self._upload_id is not None:
-            self.backend.abort_upload(Upload(self.key, self._upload_id, 0.0))
-            self._upload_id = None
+        upload, self._upload_id = self._upload_id, None
         self._state = "aborted"
+        if upload is not None:
+            try:
+                self.backend.abort_upload(Upload(self.key, upload, 0.0))
+            except SanoffloadError as exc:
+                # the failure that made us abort is the one to report (a dead gateway refuses
+                # the abort too); the upload stays listed by stale_uploads, and gc aborts it
+                log.warning("S3 %s/%s: upload not aborted (%s); gc removes it later",
+                            self.backend.location, self.key, printable(str(exc))[:_MSG_MAX])
 
     def _shutdown(self) -> None:
         if self._pool is not None:

@@ -558,6 +558,23 @@ def test_a_failed_part_surfaces_at_the_next_write_and_abort_removes_the_upload(r
     assert w.upload_id is None
 
 
+def test_an_abort_the_store_refuses_too_never_replaces_the_failure(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    s = rig.stub()
+    _multipart(s)
+    s.add_client_error("upload_part", "AccessDenied", "", 403)
+    s.add_client_error("abort_multipart_upload", "AccessDenied", "", 403)
+    w = S3Writer(rig.backend, "a.tar.zst", 4)
+    w.write(b"1234")
+    with pytest.raises(AuthError, match="upload_part"):
+        try:
+            w.write(b"5678")
+        finally:
+            w.abort()  # as a writer's cleanup does: must not raise over the part's error
+    assert w.upload_id is None
+    assert "upload not aborted" in caplog.text and "gc removes it later" in caplog.text
+
+
 @pytest.mark.hostile("store", "S3 multipart commit over a key that exists", "ResourceError "
                      "(exit 7); the upload aborted, nothing replaced")
 def test_commit_over_an_existing_key_is_refused_and_aborted(rig: Rig) -> None:
