@@ -48,19 +48,9 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from ..errors import IntegrityError, MissingDependencyError, UsageError
+from ..errors import IntegrityError, UsageError
 from ..text import printable
-
-# keys imports InvalidTag, AESGCM and Scrypt from here: one guarded import of the package
-try:
-    from cryptography.exceptions import InvalidTag as InvalidTag
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as AESGCM
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt as Scrypt
-except ImportError as exc:  # a proxy without the s3 extra: what to install, not a traceback
-    raise MissingDependencyError("encrypted repositories and keys need pyca/cryptography >= 42",
-                                 hint="pip install 'sanoffload[s3]'") from exc
+from .pyca import AESGCM, HKDF, InvalidTag, hashes
 
 if TYPE_CHECKING:  # keys imports nothing from here; the type is only for signatures
     from .keys import RepoKeys

@@ -54,9 +54,7 @@ from ..configfile import trusted_owners
 from ..durable import fsync_dir
 from ..errors import ConfigError, RepositoryKeyError, UsageError
 from ..text import printable
-
-# through crypt, whose import says what to install when pyca/cryptography is missing
-from .crypt import AESGCM, InvalidTag, Scrypt
+from .pyca import AESGCM, InvalidTag, Scrypt
 
 FORMAT = "sanoffload-key"
 VERSION = 1
