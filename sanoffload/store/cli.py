@@ -330,6 +330,53 @@ def gc(ctx: click.Context, app: App, grace: str, dry_run: bool, as_json: bool) -
                   if report.candidates else ""))
 
 
+@store.command("copy")
+@click.argument("destination", metavar="DST")
+@click.argument("backup_ids", nargs=-1, metavar="[BACKUP_ID]...")
+@click.option("--host", default=None, help="Only this host's backups.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON: copied, skipped, broken, chunks, bytes.")
+@pass_app
+@click.pass_context
+def copy(ctx: click.Context, app: App, destination: str, backup_ids: tuple[str, ...],
+         host: str | None, as_json: bool) -> None:
+    """Copy backups from --repo to DST (a directory or an s3:// URL), every byte re-hashed.
+
+    All backups (or the BACKUP_IDs, or --host's), oldest first; an incremental
+    backup brings the chain it needs. A backup DST already holds is skipped; another
+    backup under the same id in DST stops the copy before anything is written. A
+    backup whose data does not match its manifest is not copied (exit 12). Backups
+    whose manifest is broken are reported and left behind (exit 12 at the end).
+
+    \b
+    Examples:
+      sanoffload store --repo /srv/backups copy s3://offsite/site1
+      sanoffload store --repo /srv/backups copy /mnt/usb/backups --host fs1
+    """
+    from .copy import copy_backups
+    from .open import open_store
+
+    src = _repo(ctx, app)
+    dst = open_store(destination, app.get_runner(), what="DST")
+    report = copy_backups(src, dst, list(backup_ids) or None, host=host)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        for bid in report.copied:
+            click.echo(f"copied  {bid}")
+        for bid in report.skipped:
+            click.echo(f"skipped {bid} (already there)")
+        for bid, why in report.broken:
+            click.echo(f"BROKEN  {printable(str(bid))}: {printable(why)} (not copied)")
+        click.echo(f"{len(report.copied)} copied, {len(report.skipped)} already there, "
+                   f"{len(report.broken)} broken; {report.chunks} chunk(s), "
+                   f"{_size(report.bytes)} written to {printable(dst.location)}")
+    if report.broken:
+        raise IntegrityError(f"{len(report.broken)} backup(s) of {src.location} are broken "
+                             "and were not copied (first: "
+                             f"{report.broken[0][0]}: {report.broken[0][1]})")
+
+
 @store.command()
 @click.argument("backup_id")
 @click.argument("target", type=click.Path(), required=False)
