@@ -52,8 +52,9 @@ from typing import Any
 
 from ..configfile import trusted_owners
 from ..durable import fsync_dir
-from ..errors import ConfigError, RepositoryKeyError, UsageError
+from ..errors import ConfigError, RepositoryKeyError, ResourceError, UsageError
 from ..text import printable
+from .backend_dir import _publish
 from .pyca import AESGCM, InvalidTag, Scrypt
 
 FORMAT = "sanoffload-key"
@@ -85,9 +86,6 @@ NEW_PASSPHRASE_ENV = "SANOFFLOAD_NEW_PASSPHRASE"
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _AAD_PREFIX = b"sanoffload-key|"
-
-#: link(2) failing with these means "this filesystem has no hard links"
-_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -324,19 +322,11 @@ def _write_new(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         try:
-            # a rename would replace a key file written meanwhile (its repository's only key,
-            # perhaps): a link cannot
-            os.link(tmp, final, follow_symlinks=False)
-        except FileExistsError:
+            # never over a key file written meanwhile (its repository's only key, perhaps)
+            _publish(tmp, final)
+        except ResourceError:
             raise UsageError(f"{printable(str(final))} exists: not replacing a key file") \
                 from None
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-            if os.path.lexists(final):
-                raise UsageError(f"{printable(str(final))} exists: not replacing a key file") \
-                    from None
-            os.rename(tmp, final)
     finally:
         Path(tmp).unlink(missing_ok=True)
     fsync_dir(final.parent)
