@@ -326,7 +326,7 @@ class MemoryBackend:
             if found is not None:
                 yield found[0]
 
-    def versions(self, key: str) -> builtins.list[ObjectInfo]:
+    def versions(self, key: str, *, retention: bool = True) -> builtins.list[ObjectInfo]:
         return [info for info, _ in self.objects.get(check_key(key), [])]
 
     def delete(self, key: str, *, version: str | None = None) -> None:

@@ -175,8 +175,11 @@ class Backend(Protocol):
         """
         ...
 
-    def versions(self, key: str) -> builtins.list[ObjectInfo]:
-        """Every version of ``key``, oldest first, delete markers included; [] if none."""
+    def versions(self, key: str, *, retention: bool = True) -> builtins.list[ObjectInfo]:
+        """Every version of ``key``, oldest first, delete markers included; [] if none.
+
+        ``retention=False``: ``retain_until`` may be left None (S3 needs a request per
+        version to say it; a caller only counting versions asks for none)."""
         ...
 
     def delete(self, key: str, *, version: str | None = None) -> None:

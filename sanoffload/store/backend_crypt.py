@@ -154,8 +154,8 @@ class EncryptedBackend:
             if info.key != CONFIG_KEY:
                 yield self._plain(info)
 
-    def versions(self, key: str) -> builtins.list[ObjectInfo]:
-        return [self._plain(v) for v in self.inner.versions(_reserved(key))]
+    def versions(self, key: str, *, retention: bool = True) -> builtins.list[ObjectInfo]:
+        return [self._plain(v) for v in self.inner.versions(_reserved(key), retention=retention)]
 
     # -- writing ------------------------------------------------------------------------------
     def put(self, key: str, data: bytes, *, exclusive: bool = True) -> ObjectInfo:

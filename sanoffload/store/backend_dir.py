@@ -334,7 +334,7 @@ class DirBackend:
                                  "not following it")
         return self._info(key, st)
 
-    def versions(self, key: str) -> builtins.list[ObjectInfo]:
+    def versions(self, key: str, *, retention: bool = True) -> builtins.list[ObjectInfo]:
         """[the object] or []: a directory keeps no older versions."""
         info = self.stat(key)
         return [] if info is None else [info]

@@ -413,10 +413,7 @@ class S3Backend:
                         self.location, printable(name)[:_MSG_MAX])
             return None
 
-    def versions(self, key: str) -> builtins.list[ObjectInfo]:
-        return self._versions(key, retention=True)
-
-    def _versions(self, key: str, *, retention: bool) -> builtins.list[ObjectInfo]:
+    def versions(self, key: str, *, retention: bool = True) -> builtins.list[ObjectInfo]:
         full = self._full(key)
         rows: builtins.list[tuple[float, int, ObjectInfo]] = []
         order = 0
@@ -535,7 +532,7 @@ class S3Backend:
 
     def _check_single_version(self, key: str, op: str, ours: str | None) -> None:
         """After a write-once write: a key with a second version had another writer."""
-        found = self._versions(key, retention=False)
+        found = self.versions(key, retention=False)
         if len(found) <= 1:
             return
         oldest = found[0]
@@ -593,7 +590,7 @@ class S3Backend:
         except (_Unreachable, bc.exceptions.BotoCoreError) as exc:
             raise self._map(exc, "put_object", key) from exc
         if self.profile.role is Role.MAINT:
-            for v in self._versions(key, retention=False):
+            for v in self.versions(key, retention=False):
                 self.delete(key, version=v.version)
         self.trust_if_none_match = honoured
         return honoured

@@ -722,7 +722,7 @@ class Repository:
         directory has one version: ``(None, None)``."""
         if self.local is not None:
             return None, None
-        found = self.backend.versions(key)
+        found = self.backend.versions(key, retention=False)
         oldest = next((v.version for v in found if not v.deleted), None)
         if len(found) > 1:
             return oldest, (f"overwritten: {len(found)} versions of {key}; a writer with the "

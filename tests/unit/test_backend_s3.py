@@ -427,6 +427,17 @@ def test_versions_are_oldest_first_with_markers_and_only_this_key(rig: Rig) -> N
     assert got[0].retain_until == t[2].timestamp() and got[1].retain_until is None
 
 
+def test_versions_without_retention_send_no_request_per_version(rig: Rig) -> None:
+    s = rig.stub()
+    s.add_response("list_object_versions", {"IsTruncated": False, "Versions": [
+        {"Key": "site/k", "VersionId": "v2", "LastModified": T0, "Size": 1},
+        {"Key": "site/k", "VersionId": "v1", "LastModified": T0, "Size": 1}]})
+    # the stub fails on any request not queued: no head_object per version
+    got = rig.backend.versions("k", retention=False)
+    assert [v.version for v in got] == ["v1", "v2"]  # oldest first (S3 lists newest first)
+    s.assert_no_pending_responses()
+
+
 def test_stale_uploads_are_those_started_before(rig: Rig) -> None:
     rig.stub().add_response("list_multipart_uploads", {"IsTruncated": False, "Uploads": [
         {"Key": "site/a", "UploadId": "u1", "Initiated": T0},

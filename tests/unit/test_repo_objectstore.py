@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 
 from sanoffload.errors import IntegrityError
+from sanoffload.store.backend import ObjectInfo
 from sanoffload.store.backend_crypt import EncryptedBackend
 from sanoffload.store.chunks import BackendChunkStore
 from sanoffload.store.image import verify_image
@@ -106,6 +107,22 @@ def test_hostile_verification_records_are_skipped() -> None:
         record(f"20261127T000000.{i:06d}Z", b"[]")
     got = repo.get(backup.id).manifest.verification
     assert got is not None and got.detail == "on receipt"
+
+
+def test_listing_asks_the_store_for_no_retention_dates() -> None:
+    # on S3 a retention date costs a request per version: loading a backup only counts them
+    asked: list[bool] = []
+
+    class Recording(MemoryBackend):
+        def versions(self, key: str, *, retention: bool = True) -> list[ObjectInfo]:
+            asked.append(retention)
+            return super().versions(key, retention=retention)
+
+    backend = Recording(versioned=True)
+    repo = Repository.on(backend)
+    backup = image(repo, "2026-11-26T10:29:33Z", b"n")
+    assert [b.id for b in Repository.on(backend).list()] == [backup.id]
+    assert asked and not any(asked)
 
 
 # -- written once -------------------------------------------------------------------------------
