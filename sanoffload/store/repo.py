@@ -1081,28 +1081,46 @@ class Repository:
                                  f"{backup.manifest.archive_bytes}")
 
     @contextmanager
-    def archive_fd(self, backup: Backup) -> Iterator[int | None]:
+    def archive_fd(self, backup: Backup, *, verify: bool = False) -> Iterator[int | None]:
         """A descriptor tar reads tar backup ``backup``'s archive from, or None in a directory
         repository (tar then reads its file, ``backup.archive``, as it always has).
 
         Elsewhere it is a pipe fed from :meth:`open_archive` by a thread: tar reads it
         as stdin or as ``/proc/self/fd/N``. A read failure (or a size that is not the
         manifest's) is raised when the block ends, in place of tar's own complaint
-        about a cut archive.
+        about a cut archive. ``verify`` (a pipe in a directory repository too): the
+        feeder also hashes every byte, reading on to the end after tar stops, and an
+        archive whose sha256 is not the manifest's is an IntegrityError when the block
+        ends, so one read both checks and lists it; also when the block fails (tar's
+        complaint about a changed archive, a member refused), except on a timeout or an
+        interrupt, which stop the reading at once.
         """
-        if self.local is not None:
+        if self.local is not None and not verify:
             yield None
             return
         failure: list[BaseException] = []
+        digest = hashlib.sha256() if verify else None
+        abandoned = threading.Event()
         with self.open_archive(backup) as f:
             r, w = os.pipe()
 
             def feed() -> None:
+                writing = True
                 try:
                     for piece in self.archive_pieces(backup, f):
-                        _write_all(w, piece)
-                except BrokenPipeError:
-                    pass  # tar stopped reading: its exit status says why
+                        if abandoned.is_set():
+                            break
+                        if digest is not None:
+                            digest.update(piece)
+                        if not writing:
+                            continue
+                        try:
+                            _write_all(w, piece)
+                        except BrokenPipeError:
+                            # tar stopped reading: its exit status says why; a check reads on
+                            if digest is None:
+                                break
+                            writing = False
                 except BaseException as exc:  # handed to the caller when the block ends
                     failure.append(exc)
                 finally:
@@ -1112,23 +1130,44 @@ class Repository:
             feeder.start()
             try:
                 yield r
-            finally:
-                os.close(r)  # a feeder still writing gets EPIPE and ends
+            except BaseException as exc:
+                # tar's complaint or a refused member: a changed archive is named as such
+                # (read on to the end); an interrupt stops the reading at once
+                checking = digest is not None and isinstance(exc, Exception) and \
+                    not isinstance(exc, CommandTimeoutError)
+                if not checking:
+                    abandoned.set()
+                os.close(r)  # a feeder still writing gets EPIPE
+                r = -1
                 feeder.join()
                 if failure:
-                    raise failure[0]
+                    raise failure[0] from exc
+                if checking:
+                    self._compare(backup, digest)
+                raise
+            finally:
+                if r >= 0:
+                    os.close(r)
+                feeder.join()
+            if failure:
+                raise failure[0]
+            if digest is not None:
+                self._compare(backup, digest)
+
+    @staticmethod
+    def _compare(backup: Backup, digest: Any) -> None:
+        if digest.hexdigest() != backup.manifest.sha256:
+            raise IntegrityError(f"{backup.id}: sha256 mismatch: archive has "
+                                 f"{digest.hexdigest()}, the manifest says "
+                                 f"{backup.manifest.sha256}")
 
     def check_sha256(self, backup: Backup) -> None:
         """Re-hash the archive (CHUNK at a time) and compare size and sha256 with the manifest."""
-        m = backup.manifest
         h = hashlib.sha256()
         with self.open_archive(backup) as f:
             for piece in self.archive_pieces(backup, f):
                 h.update(piece)
-        digest = h.hexdigest()
-        if digest != m.sha256:
-            raise IntegrityError(f"{backup.id}: sha256 mismatch: archive has {digest}, "
-                                 f"the manifest says {m.sha256}")
+        self._compare(backup, h)
 
     def read_check(self, backup: Backup, *, timeout: float) -> int:
         """Read the archive once: its size and sha256 against the manifest while tar lists it

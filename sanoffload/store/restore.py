@@ -426,12 +426,11 @@ def restore(repo: Repository, backup_id: BackupId | str,
         m = link.manifest
         limit = timeout if timeout is not None else read_timeout(m.archive_bytes,
                                                                  m.source_bytes)
-        repo.check_sha256(link)
         seen: list[tuple[tuple[bytes, ...], bool]] = []
         try:
-            with repo.archive_fd(link) as fd:
-                listing = tar.list_members(runner, link.archive if fd is None else "-",
-                                           timeout=limit, stdin=fd)
+            # one read hashes the archive and lists it: nothing is extracted unless both pass
+            with repo.archive_fd(link, verify=True) as fd:
+                listing = tar.list_members(runner, "-", timeout=limit, stdin=fd)
                 checked = check_members(_recording(listing, seen), select)
         except (CommandNotFoundError, CommandTimeoutError):
             raise

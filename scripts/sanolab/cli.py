@@ -21,6 +21,7 @@ USAGE_EXAMPLES = """examples:
   scripts/lab up --release trixie --hosts fs1,px1
   scripts/lab ssh st1 -- sanoffload doctor --role storage
   scripts/lab sync                    # install this tree's sanoffload in the VMs
+  scripts/lab sync --hosts px1,bk1 --extra s3
   scripts/lab down
 """
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("host", choices=list(config.HOSTS))
     sy = sub.add_parser("sync", help="install this tree's sanoffload into the running VMs")
     sy.add_argument("--hosts")
+    sy.add_argument("--extra", choices=sorted(sync.EXTRAS),
+                    help="also install an extra's dependencies (s3: boto3, cryptography)")
     sh = sub.add_parser("ssh", help="run a command in a VM: scripts/lab ssh HOST -- CMD...")
     sh.add_argument("host", choices=list(config.HOSTS))
     sh.add_argument("command", nargs=argparse.REMAINDER)
@@ -88,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             if loaded is None:
                 print("lab: the lab is not up", file=sys.stderr)
                 return 3
-            for host, version in sync.sync(runner, _hosts(args.hosts) if args.hosts
-                                           else loaded.hosts).items():
+            chosen = _hosts(args.hosts) if args.hosts else loaded.hosts
+            for host, version in sync.sync(runner, chosen).items():
                 print(f"{host}: sanoffload {version}")
+            if args.extra:
+                for host, what in sync.sync_extra(runner, loaded.release, chosen,
+                                                  args.extra).items():
+                    print(f"{host}: {args.extra} extra {what}")
         elif args.cmd == "ssh":
             cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
             if not cmd:

@@ -19,6 +19,9 @@ IQN_DOMAIN = "iqn.2026-11.org.sanoffload.lab"
 
 RELEASES = ("bookworm", "trixie")
 DEFAULT_RELEASE = "bookworm"
+#: each release's python3 and glibc: the wheels of compiled extras are chosen for them
+PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
+GLIBC = {"bookworm": 36, "trixie": 41}
 
 
 @dataclass(frozen=True)

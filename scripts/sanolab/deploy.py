@@ -434,3 +434,67 @@ def undeploy_san(runner: Runner) -> None:
         {forget_key}
         true
         """, timeout=300)
+
+
+# --------------------------------------------------------------------------
+# S3 repository: the lab's Ceph RGW (sanolab.ceph) on the bridge address
+# --------------------------------------------------------------------------
+#
+#     px1 --HTTPS, profile px1 (RGW user "proxy": put/get, no delete)--> 10.77.0.1 (RGW)
+#     bk1 --HTTPS, profile maint (bucket owner: init-s3, restore, prune)--> 10.77.0.1
+#
+# Both hold the repository's key (raw, 0600) and the gateway's CA; fs1 holds neither.
+
+S3_BUCKET = "sano-lab"
+S3_PREFIX = "site-a"
+S3_CONFIG = "/etc/sanoffload/s3.toml"
+S3_KEY = "/etc/sanoffload/repo.key"
+S3_CA = "/etc/sanoffload/s3-ca.pem"
+#: the s3.toml profile each host gets: (profile, RGW user, role)
+S3_PROFILES = {"px1": ("px1", "proxy", "proxy"), "bk1": ("maint", "maint", "maint")}
+
+S3_TOML = """\
+default = "{profile}"
+
+[profiles.{profile}]
+endpoints = {endpoints}
+bucket = "{bucket}"
+prefix = "{prefix}"
+access_key = "{access_key}"
+secret_key = "{secret_key}"
+ca_file = "{ca}"
+key_file = "{key}"
+role = "{role}"
+part_size = "5MiB"
+"""
+
+
+def s3_store(profile: str) -> str:
+    """The ``--store`` of the lab's S3 repository through ``profile``."""
+    return f"s3://{S3_BUCKET}/{S3_PREFIX}?profile={profile}"
+
+
+def s3_configs(runner: Runner, cluster: Any) -> None:
+    """bk1: a new raw repository key (``sanoffload key init --raw``), the maint profile and
+    ``store init-s3`` (bucket, versioning, the proxy user's policy, the config object);
+    px1: the same key and the proxy's profile. ``cluster`` is a :class:`sanoceph.Cluster`."""
+    ca = cluster.ca.read_text()
+    for host, (profile, uid, role) in S3_PROFILES.items():
+        user = cluster.users[uid]
+        text = S3_TOML.format(profile=profile, endpoints=json.dumps(list(cluster.endpoints)),
+                              bucket=S3_BUCKET, prefix=S3_PREFIX, access_key=user.access_key,
+                              secret_key=user.secret_key, ca=S3_CA, key=S3_KEY, role=role)
+        sh(runner, host, f"mkdir -p /etc/sanoffload && umask 077 && cat > {S3_CONFIG}.new && "
+                         f"mv {S3_CONFIG}.new {S3_CONFIG}", input=text)
+        sh(runner, host, f"umask 022 && cat > {S3_CA}", input=ca)
+    sh(runner, "bk1", f"rm -f {S3_KEY} && sanoffload key init --raw {S3_KEY} >/dev/null")
+    key = sh(runner, "bk1", f"cat {S3_KEY}")
+    sh(runner, "px1", f"umask 077 && cat > {S3_KEY}.new && mv {S3_KEY}.new {S3_KEY}", input=key)
+    sh(runner, "bk1", f"sanoffload store init-s3 s3://{S3_BUCKET}/{S3_PREFIX} --profile maint "
+                      "--proxy-user proxy >/dev/null", timeout=600)
+
+
+def undeploy_s3(runner: Runner) -> None:
+    """Remove the profiles, keys and CA from px1 and bk1 (the cluster goes with its daemons)."""
+    for host in S3_PROFILES:
+        sh(runner, host, f"rm -f {S3_CONFIG} {S3_KEY} {S3_CA}", check=False)

@@ -12,6 +12,7 @@ for the agent) and pip installs with ``--no-index`` from the wheels sent.
 from __future__ import annotations
 
 import io
+import shlex
 import sys
 import tarfile
 import tempfile
@@ -27,6 +28,11 @@ SH_REQUIREMENT = "sh>=2.0,<3"
 #: pure-Python wheels Debian does not package (or packages too old), sent with sanoffload's
 PURE_WHEELS = {"sh": SH_REQUIREMENT, "mfusepy": "mfusepy>=3.1,<4"}
 VENV = "/opt/sanoffload"
+#: the package extras a test may add to some VMs (``pip install 'sanoffload[s3]'`` on a real
+#: host): not in every VM, as botocore alone takes a minute to install under emulation
+EXTRAS = {"s3": ("boto3>=1.36", "cryptography>=42")}
+#: what proves an extra is installed
+EXTRA_IMPORTS = {"s3": "boto3, cryptography.hazmat.primitives.ciphers.aead"}
 
 # One pip run: under emulation each costs ~15 s. --no-deps: the dependencies are
 # Debian's (the VMs have no network); the import check below proves they are there.
@@ -65,6 +71,26 @@ def _pure_wheel(runner: Runner, name: str) -> Path:
     return found[-1]
 
 
+def _extra_wheels(runner: Runner, extra: str, release: str) -> list[Path]:
+    """The wheels of ``extra`` and their dependencies for ``release``'s python and glibc,
+    downloaded once (compiled ones, cryptography and cffi, are per release)."""
+    wheels = config.cache_dir() / "wheels" / f"{extra}-{release}"
+    stamp = wheels / ".complete"
+    if not stamp.exists():
+        wheels.mkdir(parents=True, exist_ok=True)
+        # pip takes each platform tag literally: name every manylinux the release can run
+        platforms = ["manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64"
+                                               for minor in range(17, config.GLIBC[release] + 1))]
+        _pip(runner, "download", "--quiet", "--only-binary=:all:", "-d", str(wheels),
+             "--python-version", config.PYTHON[release], "--implementation", "cp",
+             *(arg for p in platforms for arg in ("--platform", p)), *EXTRAS[extra])
+        stamp.touch()
+    found = sorted(wheels.glob("*.whl"))
+    if not found:
+        raise SystemExit(f"lab: no wheels downloaded for the {extra} extra ({release})")
+    return found
+
+
 def build_wheel(runner: Runner, dest: Path) -> Path:
     """``pip wheel --no-deps -w DEST REPO``: the wheel a sysadmin would install."""
     _pip(runner, "wheel", "--quiet", "--no-deps", "-w", str(dest), str(config.REPO))
@@ -94,5 +120,37 @@ def sync(runner: Runner, hosts: Sequence[str]) -> dict[str, str]:
         return res.stdout.strip()
 
     # in parallel: each VM is its own QEMU process
+    with ThreadPoolExecutor(max_workers=len(hosts) or 1) as pool:
+        return dict(zip(hosts, pool.map(install, hosts), strict=True))
+
+
+# the dependencies resolve against the wheels sent and Debian's packages the venv sees
+EXTRA_SCRIPT = r"""
+set -eu
+if VENV/bin/python -c 'import IMPORTS' 2>/dev/null; then echo present; exit 0; fi
+wheels=$(mktemp -d /tmp/sanoffload-wheels.XXXXXX)
+trap 'rm -rf "$wheels"' EXIT
+tar -x -C "$wheels" -f -
+VENV/bin/pip install --quiet --disable-pip-version-check --no-index --find-links "$wheels" \
+    REQUIREMENTS
+VENV/bin/python -c 'import IMPORTS'
+echo installed
+"""
+
+
+def sync_extra(runner: Runner, release: str, hosts: Sequence[str], extra: str) -> dict[str, str]:
+    """Install ``extra``'s dependencies (:data:`EXTRAS`) into ``hosts``' venv, unless there
+    already: ``{host: "present" | "installed"}``. Run after :func:`sync` (the venv must exist)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for wheel in _extra_wheels(runner, extra, release):
+            tar.add(wheel, arcname=wheel.name, recursive=False)
+    data = buf.getvalue()
+    script = (EXTRA_SCRIPT.replace("VENV", VENV).replace("IMPORTS", EXTRA_IMPORTS[extra])
+              .replace("REQUIREMENTS", " ".join(shlex.quote(r) for r in EXTRAS[extra])))
+
+    def install(host: str) -> str:
+        return vm.ssh(runner, host, ["sh", "-c", script], input=data, timeout=900).stdout.strip()
+
     with ThreadPoolExecutor(max_workers=len(hosts) or 1) as pool:
         return dict(zip(hosts, pool.map(install, hosts), strict=True))

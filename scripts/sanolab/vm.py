@@ -23,10 +23,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sanoffload.errors import CommandError
+from sanoffload.errors import CommandError, SanoffloadError
 from sanoffload.runner import Result, Runner
 
-from . import config, image
+from . import ceph, config, image
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,11 @@ def down(runner: Runner, *, quiet: bool = False) -> list[str]:
                 time.sleep(0.5)
             if _pid(host) is not None:
                 problems.append(f"{host}: QEMU pid {pid} would not stop")
+    try:
+        # its daemons live in the namespace: stopped before it goes
+        ceph.down()
+    except (SanoffloadError, OSError) as exc:
+        problems.append(f"lab ceph: {exc}")
     try:
         _teardown_network(runner)
     except CommandError as exc:

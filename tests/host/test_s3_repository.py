@@ -49,6 +49,8 @@ pytestmark = pytest.mark.host
 
 BUCKET = "h8-repo"
 URL = f"s3://{BUCKET}/site-a"
+LOCKED_BUCKET = "h8-locked"
+LOCKED_URL = f"s3://{LOCKED_BUCKET}/site-a"
 #: planted in a source file, in the backed-up path and in the volume: never in the bucket
 MARKER = b"H8-PLAINTEXT-MARKER-7f3a9c"
 PASSPHRASE = "h8 correct horse battery"
@@ -88,11 +90,12 @@ def site(ceph: Any) -> Iterator[Site]:  # noqa: F811 (the imported fixture, by n
     write_raw_key_file(d / "other.key", RepoKeys.generate())
     good = _private(d / "maint.pass", PASSPHRASE + "\n")
     bad = _private(d / "wrong.pass", "not the passphrase\n")
-    common = (f'endpoints = {json.dumps(list(ceph.endpoints))}\nbucket = "{BUCKET}"\n'
+    common = (f'endpoints = {json.dumps(list(ceph.endpoints))}\n'
               f'prefix = "site-a"\nca_file = "{ceph.ca}"\npart_size = "5MiB"\n')
 
-    def profile(name: str, user: Any, role: str, extra: str) -> str:
-        return (f"[profiles.{name}]\n{common}access_key = \"{user.access_key}\"\n"
+    def profile(name: str, user: Any, role: str, extra: str, bucket: str = BUCKET) -> str:
+        return (f"[profiles.{name}]\n{common}bucket = \"{bucket}\"\n"
+                f"access_key = \"{user.access_key}\"\n"
                 f"secret_key = \"{user.secret_key}\"\nrole = \"{role}\"\n{extra}\n")
 
     text = (profile("proxy", ceph.proxy, "proxy", f'key_file = "{d}/proxy.key"')
@@ -100,7 +103,12 @@ def site(ceph: Any) -> Iterator[Site]:  # noqa: F811 (the imported fixture, by n
                       f'key_file = "{d}/maint.key"\npassphrase_file = "{good}"')
             + profile("wrongkey", ceph.proxy, "proxy", f'key_file = "{d}/other.key"')
             + profile("wrongpass", ceph.proxy, "proxy",
-                      f'key_file = "{d}/maint.key"\npassphrase_file = "{bad}"'))
+                      f'key_file = "{d}/maint.key"\npassphrase_file = "{bad}"')
+            # a second repository, in a bucket with Object Lock
+            + profile("lockmaint", ceph.maint, "maint", f'key_file = "{d}/proxy.key"',
+                      LOCKED_BUCKET)
+            + profile("lockproxy", ceph.proxy, "proxy", f'key_file = "{d}/proxy.key"',
+                      LOCKED_BUCKET))
     config = _private(d / "s3.toml", text)
     old = os.environ.get(store_open.CONFIG_ENV)
     os.environ[store_open.CONFIG_ENV] = config
@@ -306,3 +314,52 @@ def test_the_proxy_profile_cannot_delete(tar_backup: tuple[Site, str, Path],
         backend.delete(manifest, version=version)
     assert site.run("list", "--store", site.url("proxy")) == 0
     assert bid in capsys.readouterr().out
+
+
+class _FrozenLater(FakeAgent):
+    """The fake agent, its duplicate made ``shift`` seconds later (a later backup id)."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        answer = super().prepare(*args, **kwargs)
+        answer.data["frozen_at"] += self.shift
+        answer.data["lease_expires"] += self.shift
+        return answer
+
+
+@pytest.mark.hostile("store", "prune and gc by the maintenance role of backups under Object Lock "
+                     "(COMPLIANCE) retention", "each retained backup is kept whole and reported "
+                     "'kept: retained until DATE', exit 14; every object is still there")
+def test_object_lock_keeps_backups_from_the_maintenance_role(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    assert site.run("store", "init-s3", LOCKED_URL, "--profile", "lockmaint", "--proxy-user",
+                    "proxy", "--object-lock", "compliance", "--days", "1") == 0
+    src = _source_tree(site.dir / "locked-src")
+    ids = []
+    for hours in (0, 1):
+        summary = run_offhost_backup(
+            CommandRunner(), Location("fs1", "/srv/locked"),
+            Location(None, f"{LOCKED_URL}?profile=lockproxy"), initiator=INITIATOR,
+            timeout=120,
+            agent_conn=_agent_conn(AgentService(_FrozenLater(hours * 3600), "px1",  # type: ignore[arg-type]
+                                                sleep=lambda s: None)),
+            attach_fn=FakeAttach(src))
+        ids.append(str(summary["backup_id"]))
+    assert len(set(ids)) == 2
+    backend = S3Backend(store_open.s3_profile(f"{LOCKED_URL}?profile=lockmaint"))
+    before = sorted((i.key, i.size) for i in backend.list(""))
+    capsys.readouterr()
+
+    maint = f"{LOCKED_URL}?profile=lockmaint"
+    assert site.run("prune", "--store", maint, "--keep-last", "1") == 14
+    out = capsys.readouterr().out
+    assert f"NOT removed {ids[0]}: kept: retained until " in out, out
+    assert site.run("store", "--repo", maint, "gc", "--grace", "0") in (0, 14)
+    assert sorted((i.key, i.size) for i in backend.list("")) == before
+    capsys.readouterr()
+    assert site.run("list", "--store", maint, "--json") == 0
+    assert sorted(b["id"] for b in json.loads(capsys.readouterr().out)) == sorted(ids)
+    assert site.run("verify", "--store", maint, ids[0]) == 0

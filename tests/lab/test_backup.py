@@ -152,6 +152,37 @@ def test_backup_while_a_writer_writes_restores_the_frozen_state(site: Lab) -> No
     lab.sh("bk1", f"rm -f {deploy.REPO}/{bid}.*")
 
 
+def test_backup_to_ceph_rgw_restores_on_the_backup_server(site: Lab, rgw: Any) -> None:
+    """px1 backs up fs1 to the lab's Ceph RGW (encrypted on px1, as the proxy user); bk1,
+    with the maintenance profile and the key alone, lists and restores it exactly."""
+    lab = site
+    before = digest(lab, "fs1", TREE)
+    res = px1(lab, ["backup", "fs1:" + deploy.DATA, "--store", deploy.s3_store("px1"),
+                    "--json"])
+    summary = json.loads(res.stdout)
+    assert summary["verified"] is True, summary
+    assert summary["archive_bytes"] > 0
+    bid = summary["backup_id"]
+    assert bid.startswith("fs1/srv-data-")
+    assert_clean(lab)
+
+    listed = json.loads(lab.sh("bk1", ["sanoffload", "list", "--store",
+                                       deploy.s3_store("maint"), "--json"]).stdout)
+    assert [b["id"] for b in listed] == [bid]
+    lab.sh("bk1", "rm -rf /restore-s3")
+    lab.sh("bk1", ["sanoffload", "restore", "--setid", "--store", deploy.s3_store("maint"), bid,
+                   "/restore-s3"], timeout=600)
+    assert digest(lab, "bk1", "/restore-s3/tree") == before
+    lab.sh("bk1", "rm -rf /restore-s3")
+
+    # the proxy's credentials cannot take it away: refused before anything is deleted
+    res = px1(lab, ["prune", "--store", deploy.s3_store("px1"), "--keep-last", "0"],
+              check=False)
+    assert res.returncode == 10, res.stderr
+    listed = json.loads(px1(lab, ["list", "--store", deploy.s3_store("px1"), "--json"]).stdout)
+    assert [b["id"] for b in listed] == [bid]
+
+
 def test_killed_ssh_connection_makes_the_agent_release(site: Lab) -> None:
     lab = site
     lab.sh("fs1", f"mkdir -p {deploy.DATA}/big && head -c 150M /dev/urandom > "
