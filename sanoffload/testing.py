@@ -319,9 +319,10 @@ class MemoryBackend:
         found = self._current(key)
         return None if found is None else found[0]
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, shallow: bool = False) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
-        for key in sorted(k for k in self.objects if k.startswith(prefix)):
+        for key in sorted(k for k in self.objects if k.startswith(prefix)
+                          and not (shallow and "/" in k[len(prefix):])):
             found = self._current(key)
             if found is not None:
                 yield found[0]

@@ -167,9 +167,11 @@ class Backend(Protocol):
         """The current version's info, or None if there is no object under ``key``."""
         ...
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, shallow: bool = False) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (a :func:`check_prefix`), in key order.
 
+        ``shallow``: only those with no "/" after the prefix (S3's delimiter; a directory
+        is not descended into), so stray folders below cost nothing.
         A name in the store that is not a valid key is skipped (and logged), never
         returned: nothing a foreign writer put there reaches a path or a message.
         """

@@ -148,9 +148,9 @@ class EncryptedBackend:
         info = self.inner.stat(_reserved(key))
         return None if info is None else self._plain(info)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, shallow: bool = False) -> Iterator[ObjectInfo]:
         """The inner listing with plaintext sizes, the config left out."""
-        for info in self.inner.list(prefix):
+        for info in self.inner.list(prefix, shallow=shallow):
             if info.key != CONFIG_KEY:
                 yield self._plain(info)
 

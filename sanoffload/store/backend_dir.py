@@ -339,8 +339,9 @@ class DirBackend:
         info = self.stat(key)
         return [] if info is None else [info]
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under ``prefix``, in key order; anything else found is logged, skipped."""
+    def list(self, prefix: str = "", *, shallow: bool = False) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` (``shallow``: in its directory, none below), in key
+        order; anything else found is logged, skipped."""
         names = check_prefix(prefix).split("/")[:-1]
         try:
             fd = self._open_dirs(names, create=False)
@@ -349,7 +350,7 @@ class DirBackend:
             return
         if fd is None:
             return
-        for dir_fd, directory, name in self._walk(fd, prefix):
+        for dir_fd, directory, name in self._walk(fd, prefix, deep=not shallow):
             if name.endswith(RESERVED_SUFFIX):
                 log.debug("%s: an upload in flight: not an object", self._where(directory + name))
                 continue
@@ -360,10 +361,11 @@ class DirBackend:
             if stat.S_ISREG(st.st_mode):
                 yield self._info(directory + name, st)
 
-    def _walk(self, fd: int, prefix: str) -> Iterator[tuple[int, str, str]]:
+    def _walk(self, fd: int, prefix: str, *, deep: bool = True) -> Iterator[tuple[int, str, str]]:
         """``(directory's descriptor, its key prefix, name)`` of every regular file below
-        directory ``fd`` (closed at the end) named as an object or a partial, in key order;
-        anything else is logged and skipped, and no symlink is followed."""
+        directory ``fd`` (closed at the end; ``deep=False``: in it) named as an object or a
+        partial, in key order; anything else is logged and skipped, and no symlink is
+        followed."""
         try:
             with os.scandir(fd) as it:
                 entries = [(e.name, e.is_dir(follow_symlinks=False),
@@ -378,6 +380,8 @@ class DirBackend:
                         or name.endswith(RESERVED_SUFFIX):
                     self._junk(key, "not a valid object name")
                 elif is_dir:
+                    if not deep:
+                        continue  # a folder, not an object: not entered
                     try:
                         child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                     except FileNotFoundError:

@@ -373,16 +373,18 @@ class S3Backend:
         resp = self._call("get_object", key, Key=self._full(key), **extra)
         return _Reader(self, key, resp, version)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, shallow: bool = False) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
         full = self._base + prefix
         token: str | None = None
         while True:
-            extra = {"ContinuationToken": token} if token else {}
+            extra: dict[str, str] = {"ContinuationToken": token} if token else {}
+            if shallow:
+                extra["Delimiter"] = "/"  # deeper keys come as CommonPrefixes: not read
             resp = self._call("list_objects_v2", prefix or None, Prefix=full, **extra)
             for item in resp.get("Contents") or []:
                 key = self._relative(item.get("Key"), full)
-                if key is not None:
+                if key is not None and not (shallow and "/" in key[len(prefix):]):
                     yield ObjectInfo(key=key, size=int(item.get("Size") or 0),
                                      mtime=_ts(item.get("LastModified")))
             token = self._next_token(resp, "NextContinuationToken", token)

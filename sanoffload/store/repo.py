@@ -732,8 +732,7 @@ class Repository:
     def _folder_names(self, folder: str) -> set[str]:
         """The object names directly in ``folder``."""
         prefix = folder + "/"
-        return {info.key[len(prefix):] for info in self.backend.list(prefix)
-                if "/" not in info.key[len(prefix):]}
+        return {info.key[len(prefix):] for info in self.backend.list(prefix, shallow=True)}
 
     def _load(self, bid: BackupId) -> Backup | Broken | None:
         """The backup ``bid``; Broken if its manifest is bad; None if its manifest or the data

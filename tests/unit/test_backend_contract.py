@@ -268,6 +268,9 @@ def test_list_is_in_key_order_and_by_prefix(subject: Subject) -> None:
     assert keys(b, "none/") == []
     infos = {i.key: i for i in b.list()}
     assert all(infos[n].size == len(n) for n in NAMES)
+    # shallow: the prefix's own objects, nothing of the folders below
+    assert [i.key for i in b.list("a/", shallow=True)] == ["a/b", "a/b.json"]
+    assert [i.key for i in b.list("", shallow=True)] == sorted(n for n in NAMES if "/" not in n)
 
 
 # -- invalid keys -----------------------------------------------------------------------------
