@@ -25,15 +25,26 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def replace_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` atomically and durably (the directory must exist)."""
-    payload = json.dumps(data, indent=1, sort_keys=True).encode()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def write_temp(directory: Path, payload: bytes, *, prefix: str = ".tmp-") -> str:
+    """A new file in ``directory`` holding ``payload``, on disk; its path. The caller renames
+    or links it into place, or removes it. Mode 0600 from the start (mkstemp): a secret in it
+    is never readable by others, not even for a moment."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def replace_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` atomically and durably (the directory must exist)."""
+    tmp = write_temp(path.parent, json.dumps(data, indent=1, sort_keys=True).encode())
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

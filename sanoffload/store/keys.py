@@ -42,7 +42,6 @@ import re
 import secrets
 import stat
 import sys
-import tempfile
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configfile import trusted_owners
-from ..durable import fsync_dir
+from ..durable import fsync_dir, write_temp
 from ..errors import ConfigError, RepositoryKeyError, ResourceError, UsageError
 from ..text import printable
 from .backend_dir import _publish
@@ -314,13 +313,8 @@ def _write_new(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> Path:
         raise UsageError(f"{printable(str(final))} exists: not replacing a key file",
                          hint="move it away first, or name another file")
     payload = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-    # mkstemp creates 0600: the secret is never readable by others, not even for a moment
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-key-", dir=final.parent)
+    tmp = write_temp(final.parent, payload, prefix=".tmp-key-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             # never over a key file written meanwhile (its repository's only key, perhaps)
             _publish(tmp, final)
