@@ -234,8 +234,9 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     11: ("protocol", "malformed or unsupported control-channel message"),
     12: ("integrity", "backup verification failed"),
     13: ("cleanup", "teardown could not remove everything; run 'sanoffload agent cleanup'"),
-    14: ("warning", ("done and stored, with warnings (e.g. a post-thaw hook failed): see the "
-                     "manifest warnings")),
+    14: ("warning", ("done, with warnings: a backup stored while a post-thaw hook failed (see "
+                     "the manifest warnings); a prune the store did not let finish (a refused "
+                     "delete)")),
     15: ("key", "the repository key is missing, or the key or passphrase is wrong"),
     16: ("object-store", "the S3 object store failed a request after retries (or is unreachable)"),
     130: ("interrupted", "stopped by SIGINT/SIGTERM/SIGHUP after cleaning up"),

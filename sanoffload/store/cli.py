@@ -241,17 +241,24 @@ def prune(ctx: click.Context, app: App, keep_last: int, keep_daily: int, keep_we
     for backup, reasons in plan.keep:
         click.echo(f"keep   {backup.id} ({', '.join(reasons)})")
     verb = "would remove" if dry_run else "removed"
+    held = {b.id for b, _ in (*plan.retained, *plan.not_removed)}
     for backup in plan.remove:
-        click.echo(f"{verb} {backup.id}")
+        if backup.id not in held:
+            click.echo(f"{verb} {backup.id}")
     for broken in plan.broken:
         click.echo(f"broken {broken.id} (left alone: {printable(broken.reason)})")
     for backup, needed in plan.kept_for_chain:
         click.echo(f"kept   {backup.id} only because {needed} (kept) needs it: an "
                    "incremental level is restored with its whole chain")
-    click.echo(f"{len(plan.keep)} kept, {len(plan.remove)} {verb}"
+    click.echo(f"{len(plan.keep)} kept, {len(plan.remove) - len(held)} {verb}"
+               + (f", {len(plan.retained)} retained" if plan.retained else "")
+               + (f", {len(plan.not_removed)} refused" if plan.not_removed else "")
                + (f", {len(plan.broken)} broken left alone" if plan.broken else "")
                + (f", {len(plan.kept_for_chain)} kept for a chain" if plan.kept_for_chain
                   else ""))
+    for backup, until in plan.retained:
+        click.echo(f"retained {backup.id} until {until} (Object Lock): a prune after that "
+                   "date removes it")
     for backup, why in plan.not_removed:
         click.echo(f"NOT removed {backup.id}: {printable(why)}")
     if plan.images_removed:

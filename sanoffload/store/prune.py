@@ -22,9 +22,11 @@ marks every chunk a listed image backup's map names and sweeps the rest older th
 its grace period. It refuses to sweep at all if any backup's map (or manifest)
 cannot be read whole: a chunk only that backup names would look unreferenced.
 
-On an object store prune removes by version and reports per backup what the store
-would not let go (:attr:`Plan.not_removed`: "kept: retained until ..." under Object
-Lock, "refused by the store: ..." with credentials that may not delete), and gc is
+On an object store prune removes by version. A backup still under Object Lock
+retention is left whole and reported (:attr:`Plan.retained`: the lock doing its job,
+so prune succeeds; a later prune removes it); one the store refuses to let go
+(:attr:`Plan.not_removed`: "refused by the store: ..." with credentials that may not
+delete) makes the prune incomplete. gc is
 two-phase (:meth:`~sanoffload.store.chunks.BackendChunkStore.gc`): a chunk goes only
 when two runs a grace period apart both found it unreferenced.
 
@@ -139,9 +141,12 @@ class Plan:
     #: kept only because a kept incremental level needs them: (backup, the newest kept
     #: backup that needs it)
     kept_for_chain: list[tuple[Backup, str]] = field(default_factory=list)
-    #: chosen for removal but still there: the store refused (the proxy's credentials) or
-    #: holds it under Object Lock retention: (backup, why), in ``remove`` too
+    #: chosen for removal but still there because the store refused (the proxy's
+    #: credentials, a retention the listing did not show): (backup, why), in ``remove`` too
     not_removed: list[tuple[Backup, str]] = field(default_factory=list)
+    #: chosen for removal but under Object Lock retention, so left whole until then:
+    #: (backup, "YYYY-MM-DDTHH:MM:SSZ"), in ``remove`` too; a later prune removes them
+    retained: list[tuple[Backup, str]] = field(default_factory=list)
 
     @property
     def images_removed(self) -> bool:
@@ -161,7 +166,8 @@ class Plan:
                 "kept_for_chain": [{"id": str(b.id), "needed_by": n}
                                    for b, n in self.kept_for_chain],
                 "not_removed": [{"id": str(b.id), "reason": why}
-                                for b, why in self.not_removed]}
+                                for b, why in self.not_removed],
+                "retained": [{"id": str(b.id), "until": until} for b, until in self.retained]}
 
 
 def dependencies(by_id: Mapping[BackupId, Backup], kept: set[BackupId]) -> dict[BackupId, str]:
@@ -203,7 +209,8 @@ def prune(repo: Repository, policy: Policy, *, host: str | None = None,
 
     Refuses an empty policy: "keep nothing" is never what an operator means. A backup
     the store will not let go (:func:`remove_backup`) is in ``plan.not_removed`` and the
-    others are removed all the same: check :attr:`Plan.complete`.
+    others are removed all the same: check :attr:`Plan.complete`. One under retention is
+    in ``plan.retained`` (expected: the plan is still complete).
     """
     if policy.empty:
         raise UsageError("give at least one --keep-* rule (an empty policy would keep only "
@@ -231,20 +238,30 @@ def prune(repo: Repository, policy: Policy, *, host: str | None = None,
                 plan.remove.append(by_id[backup.id])
     if not dry_run:
         for backup in plan.remove:
-            why = remove_backup(repo, backup.id, now=now)
-            if why is not None:
-                plan.not_removed.append((backup, why))
+            held = remove_backup(repo, backup.id, now=now)
+            if isinstance(held, Retained):
+                plan.retained.append((backup, held.until))
+            elif held is not None:
+                plan.not_removed.append((backup, held))
     return plan
 
 
-def remove_backup(repo: Repository, bid: BackupId, *, now: float | None = None) -> str | None:
+@dataclass(frozen=True)
+class Retained:
+    """A backup left whole because the store retains it (Object Lock) until ``until``."""
+
+    until: str
+
+
+def remove_backup(repo: Repository, bid: BackupId, *,
+                  now: float | None = None) -> Retained | str | None:
     """Remove one backup; None when it is gone, else why it stays (and is still whole).
 
     On an object store a backup any of whose object versions is under Object Lock
-    retention is left untouched ("kept: retained until ..."): removing part of it would
-    only break it. A store that refuses a removal (the proxy's credentials have no
-    delete right, a retention the listing did not show) is reported, not raised: the
-    manifest goes first, so a backup is never listed half-removed.
+    retention is left untouched (:class:`Retained`): removing part of it would only
+    break it. A store that refuses a removal (the proxy's credentials have no delete
+    right, a retention the listing did not show) is reported, not raised: the manifest
+    goes first, so a backup is never listed half-removed.
     """
     try:
         until = repo.retained_until(bid, now=now)
@@ -252,8 +269,8 @@ def remove_backup(repo: Repository, bid: BackupId, *, now: float | None = None) 
         return f"refused by the store: {exc.message}"
     if until is not None:
         when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        log.warning("prune: %s kept: retained until %s", bid, when)
-        return f"kept: retained until {when}"
+        log.info("prune: %s retained until %s: left for a later prune", bid, when)
+        return Retained(when)
     log.info("prune: removing %s", bid)
     try:
         repo.delete(bid)

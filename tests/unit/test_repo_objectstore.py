@@ -181,7 +181,8 @@ def test_prune_with_the_proxys_credentials_is_refused_per_backup() -> None:
 
 
 @pytest.mark.hostile("store", "prune of backups under Object Lock retention",
-                     "kept: retained until the date; nothing of them removed; gone after it")
+                     "retained until the date, the prune complete; nothing of them removed; "
+                     "gone after it")
 def test_prune_keeps_retained_backups_whole_and_says_until_when() -> None:
     clock = Clock()
     backend = MemoryBackend(versioned=True, retain_until=T0 + DAY, clock=clock)
@@ -189,7 +190,9 @@ def test_prune_keeps_retained_backups_whole_and_says_until_when() -> None:
     backups = three(repo)
     before = {k: versions_of(backend, k) for k in backend.objects}
     plan = prune(repo, Policy(last=1), now=clock.now)
-    assert [why for _, why in plan.not_removed] == ["kept: retained until 2027-01-16T08:00:00Z"] * 2
+    assert [until for _, until in plan.retained] == ["2027-01-16T08:00:00Z"] * 2
+    assert plan.complete and not plan.not_removed
+    assert [r["id"] for r in plan.to_dict()["retained"]] == [str(b.id) for b in backups[:2]]
     assert {k: versions_of(backend, k) for k in backend.objects} == before
     assert len(repo.list()) == 3
     clock.now = T0 + 2 * DAY
