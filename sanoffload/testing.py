@@ -14,7 +14,7 @@ import io
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from .errors import AuthError, CommandTimeoutError, IntegrityError, ObjectStoreError, ResourceError
@@ -318,6 +318,23 @@ class MemoryBackend:
     def stat(self, key: str) -> ObjectInfo | None:
         found = self._current(key)
         return None if found is None else found[0]
+
+    def extend_retention(self, key: str, *, version: str | None, until: float) -> float | None:
+        """As S3 with Object Lock: only where the store retains objects (``retain_until``
+        given), never shortened; AuthError with ``deny_delete`` (the proxy's policy denies
+        PutObjectRetention too)."""
+        info, data = self._find(key, version)
+        if self.retain_until is None:
+            return None
+        if self.deny_delete:
+            raise AuthError(f"{self.location}/{key}: changing a retention is not allowed to "
+                            "these credentials")
+        if info.retain_until is not None and info.retain_until >= until:
+            return info.retain_until
+        versions = self.objects[key]
+        at = next(i for i, (v, _) in enumerate(versions) if v is info)
+        versions[at] = (replace(info, retain_until=until), data)
+        return until
 
     def list(self, prefix: str = "", *, shallow: bool = False) -> Iterator[ObjectInfo]:
         check_prefix(prefix)

@@ -202,6 +202,18 @@ class Backend(Protocol):
 
 # -- optional capabilities: asked for with isinstance(backend, <Protocol>) ----------------------
 @runtime_checkable
+class Retaining(Protocol):
+    """A backend whose objects can be held under Object Lock retention (S3 with Object Lock)."""
+
+    def extend_retention(self, key: str, *, version: str | None, until: float) -> float | None:
+        """Hold ``key``'s ``version`` (None: the current one) until at least ``until``
+        (seconds since the epoch), in the mode it is already held in, else the bucket's
+        default mode; never shortened. The date it is held until now; None when the store
+        has no lock for it (a bucket without Object Lock). NotFound if it is gone."""
+        ...
+
+
+@runtime_checkable
 class Children(Protocol):
     """A backend that can list one level of names (a directory's entries, S3's CommonPrefixes),
     so the repository finds its hosts without walking every chunk."""

@@ -53,7 +53,16 @@ from typing import Any
 from ..errors import IntegrityError, RepositoryKeyError, ResourceError, UsageError
 from ..text import printable
 from . import crypt
-from .backend import Backend, ByteReader, NotFound, ObjectInfo, ObjectWriter, Upload, check_key
+from .backend import (
+    Backend,
+    ByteReader,
+    NotFound,
+    ObjectInfo,
+    ObjectWriter,
+    Retaining,
+    Upload,
+    check_key,
+)
 from .keys import RepoKeys, check_repo_id
 
 #: the repository's unencrypted config object (reserved: never an encrypted object's key)
@@ -156,6 +165,12 @@ class EncryptedBackend:
 
     def versions(self, key: str, *, retention: bool = True) -> builtins.list[ObjectInfo]:
         return [self._plain(v) for v in self.inner.versions(_reserved(key), retention=retention)]
+
+    def extend_retention(self, key: str, *, version: str | None, until: float) -> float | None:
+        """The inner store's (None over one that cannot hold objects: a directory)."""
+        if not isinstance(self.inner, Retaining):
+            return None
+        return self.inner.extend_retention(_reserved(key), version=version, until=until)
 
     # -- writing ------------------------------------------------------------------------------
     def put(self, key: str, data: bytes, *, exclusive: bool = True) -> ObjectInfo:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import (
@@ -176,6 +176,10 @@ class _Unreachable(Exception):
         self.failures = failures
 
 
+#: not asked yet (a value None cannot stand for: None is "no default lock")
+_UNKNOWN = object()
+
+
 def _transient(exc: BaseException) -> bool:
     """Worth sending again (the same part, later): 5xx, throttling, a lost connection."""
     if isinstance(exc, _Unreachable):
@@ -219,6 +223,8 @@ class S3Backend:
         #: If-None-Match alone is trusted (the profile says so, or a probe showed it)
         self.trust_if_none_match = profile.conditional_put is ConditionalPut.TRUST
         self._base = f"{profile.prefix}/" if profile.prefix else ""
+        #: the bucket's default Object Lock mode, asked for once (extend_retention)
+        self._lock_mode: object = _UNKNOWN
 
     def __repr__(self) -> str:
         return f"S3Backend({self.location}, profile={self.profile.name!r})"
@@ -457,6 +463,36 @@ class S3Backend:
             return info
         return ObjectInfo(info.key, info.size, info.mtime, info.version, _ts(retain),
                           info.deleted)
+
+    def extend_retention(self, key: str, *, version: str | None, until: float) -> float | None:
+        """HEAD the version for its lock; if it ends before ``until``,
+        ``PutObjectRetention`` (``Mode`` kept, else the bucket's default) to ``until``."""
+        extra = {"VersionId": version} if version else {}
+        head = self._call("head_object", key, Key=self._full(key), **extra)
+        retain = head.get("ObjectLockRetainUntilDate")
+        current = _ts(retain) if retain else None
+        if current is not None and current >= until:
+            return current
+        mode = head.get("ObjectLockMode") or self._default_lock_mode()
+        if mode is None:
+            return None
+        version = version or _version(head.get("VersionId"))
+        self._call("put_object_retention", key, Key=self._full(key),
+                   Retention={"Mode": mode, "RetainUntilDate": datetime.fromtimestamp(until, UTC)},
+                   **({"VersionId": version} if version else {}))
+        return until
+
+    def _default_lock_mode(self) -> str | None:
+        """The bucket's default Object Lock mode (GOVERNANCE, COMPLIANCE); None without one."""
+        if self._lock_mode is _UNKNOWN:
+            try:
+                conf = self._call("get_object_lock_configuration", None)
+            except NotFound:
+                conf = {}
+            rule = (conf.get("ObjectLockConfiguration") or {}).get("Rule") or {}
+            mode = (rule.get("DefaultRetention") or {}).get("Mode")
+            self._lock_mode = mode if mode in ("GOVERNANCE", "COMPLIANCE") else None
+        return self._lock_mode if isinstance(self._lock_mode, str) else None
 
     def stale_uploads(self, older_than: float) -> Iterator[Upload]:
         for resp in self._marker_pages("list_multipart_uploads", None, "UploadId",

@@ -337,6 +337,62 @@ def gc(ctx: click.Context, app: App, grace: str, dry_run: bool, as_json: bool) -
                   if report.candidates else ""))
 
 
+@store.command("lock-extend")
+@click.argument("backup_ids", nargs=-1, metavar="[ID]...")
+@click.option("--days", type=click.IntRange(1, 36500), required=True,
+              help="Hold each object until at least this many days from now.")
+@click.option("--host", default=None, help="Only this host's backups (when no ID is given).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print [{id, objects, chunks, until}] and the failures.")
+@pass_app
+@click.pass_context
+def lock_extend(ctx: click.Context, app: App, backup_ids: tuple[str, ...], days: int,
+                host: str | None, as_json: bool) -> None:
+    """Hold backups under S3 Object Lock for longer (maint role).
+
+    Every object version of each backup, and every chunk an image backup's map
+    names, is held until at least DAYS days from now, in the mode it is held in
+    (else the bucket's default); a retention is never shortened. With no ID,
+    every listed backup (broken ones are not listed: 'store list' names them). The bucket's
+    default retention protects a backup for a fixed time after it is written:
+    run this for the backups a long --keep-monthly keeps, so they stay
+    immutable for as long as they are kept.
+
+    \b
+    Example:
+      sanoffload store --repo 's3://backups/site-a?profile=maint' lock-extend --days 400 \\
+          fs1/srv-data-3f2a9c1e/20261101T020000Z
+    """
+    import time
+
+    from .open import require_delete_rights
+
+    repo = _repo(ctx, app)
+    require_delete_rights(repo, "lock-extend")
+    if backup_ids and host:
+        raise UsageError("give backup IDs or --host, not both")
+    ids: list[BackupId | str] = list(backup_ids) or [b.id for b in repo.list(host=host)]
+    until = time.time() + days * 86400
+    done: list[Any] = []
+    failures: list[str] = []
+    for bid in ids:
+        try:
+            locked = repo.extend_retention(bid, until)
+        except IntegrityError as exc:
+            failures.append(f"{printable(str(bid))}: {printable(exc.message)}")
+            continue
+        done.append(locked)
+        if not as_json:
+            row = locked.to_dict()
+            click.echo(f"held   {locked.id} until {row['until']} ({locked.objects} object "
+                       f"versions{f', {locked.chunks} chunks' if locked.chunks else ''})")
+    if as_json:
+        _echo_json({"held": [d.to_dict() for d in done], "failed": failures})
+    if failures:
+        raise IntegrityError(f"{len(failures)} of {len(ids)} backups could not be held: "
+                             + "; ".join(failures[:3]))
+
+
 @store.command("copy")
 @click.argument("destination", metavar="DST")
 @click.argument("backup_ids", nargs=-1, metavar="[BACKUP_ID]...")

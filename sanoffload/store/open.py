@@ -78,8 +78,10 @@ PROXY_DENY = ("s3:DeleteObject", "s3:DeleteObjectVersion", "s3:PutObjectRetentio
               "s3:BypassGovernanceRetention", "s3:PutObjectLegalHold", "s3:PutBucketPolicy",
               "s3:DeleteBucketPolicy", "s3:PutLifecycleConfiguration", "s3:PutBucketVersioning",
               "s3:PutBucketObjectLockConfiguration", "s3:DeleteBucket")
-#: RGW makes the uploader own each object: the owner (maint) reads the proxy's only if allowed
-MAINT_READ = ("s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectRetention")
+#: RGW makes the uploader own each object: the owner (maint) reads the proxy's, and holds them
+#: longer (``store lock-extend``), only if allowed
+MAINT_ALLOW = ("s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectRetention",
+               "s3:PutObjectRetention")
 
 
 def config_path(environ: Mapping[str, str] | None = None) -> str:
@@ -230,7 +232,7 @@ def require_delete_rights(repo: Repository, what: str) -> None:
     if prof is not None and prof.role is Role.PROXY:
         raise AuthError(f"{what} on {prof.location} refused: profile {prof.name!r} of "
                         f"{prof.source} has role \"proxy\", which may add and read backups "
-                        "but never delete them",
+                        "but never delete them or change their retention",
                         hint="run it on the maintenance host, with a profile of role "
                              "\"maint\" (the bucket policy refuses the proxy's deletes anyway)")
 
@@ -252,7 +254,8 @@ def _arn(uid: str) -> str:
 
 def bucket_policy(bucket: str, proxy_users: Sequence[str], maint_user: str) -> dict[str, Any]:
     """The policy ``init-s3`` applies: each proxy user puts and reads, never deletes; the
-    maintenance user may read what the proxies uploaded (objects belong to their uploader)."""
+    maintenance user may read what the proxies uploaded and hold it longer under Object Lock
+    (objects belong to their uploader)."""
     s3config.check_bucket(bucket)
     resources = [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
     proxies = {"AWS": [_arn(u) for u in proxy_users]}
@@ -262,7 +265,7 @@ def bucket_policy(bucket: str, proxy_users: Sequence[str], maint_user: str) -> d
         {"Sid": "SanoffloadProxyNeverDelete", "Effect": "Deny", "Principal": proxies,
          "Action": list(PROXY_DENY), "Resource": resources},
         {"Sid": "SanoffloadMaintReads", "Effect": "Allow",
-         "Principal": {"AWS": [_arn(maint_user)]}, "Action": list(MAINT_READ),
+         "Principal": {"AWS": [_arn(maint_user)]}, "Action": list(MAINT_ALLOW),
          "Resource": [f"arn:aws:s3:::{bucket}/*"]}]}
 
 

@@ -119,6 +119,7 @@ from .backend import (
     LocalFiles,
     NotFound,
     ObjectWriter,
+    Retaining,
     check_key,
 )
 from .backend_dir import (
@@ -1461,6 +1462,33 @@ class Repository:
                  if v.retain_until is not None and v.retain_until > now]
         return max(dates, default=None)
 
+    def extend_retention(self, bid: BackupId | str, until: float) -> Locked:
+        """Hold every version of backup ``bid``'s objects (manifest, data, records) and, for
+        an image backup, every chunk its map names, under Object Lock until at least
+        ``until``; never shortened. UsageError where the store cannot hold objects (a
+        directory, a bucket without Object Lock); AuthError if the credentials may not
+        (the proxy's); IntegrityError if the backup is broken (its map unreadable)."""
+        backup = self.get(bid)
+        if not isinstance(self.backend, Retaining) or self.local is not None:
+            raise UsageError(f"{self.backend.location}: a directory repository cannot hold "
+                             "backups under a retention (S3 Object Lock only)")
+        keys = [k for k in self._objects_of(backup.id) if self.backend.stat(k) is not None]
+        chunks = sorted(self.load_map(backup).referenced()) if backup.is_image else []
+        objects, held = 0, float("inf")
+        for key in [*keys, *(self.naming.chunk_key(cid) for cid in chunks)]:
+            for v in self.backend.versions(key, retention=False):
+                if v.deleted:
+                    continue
+                got = self.backend.extend_retention(key, version=v.version, until=until)
+                if got is None:
+                    raise UsageError(f"{self.backend.location}: the bucket has no Object Lock: "
+                                     "its objects cannot be held", hint=(
+                                         "Object Lock is chosen when a bucket is created: "
+                                         "store init-s3 a new bucket with --object-lock"))
+                objects += 1
+                held = min(held, got)
+        return Locked(backup.id, objects, len(chunks), held)
+
     def delete(self, bid: BackupId) -> None:
         """Remove a backup: the manifest first, so it is never listed half-removed; then its
         archive or chunk map (its chunks stay until ``store gc`` finds them unreferenced),
@@ -1471,6 +1499,21 @@ class Repository:
         """
         for key in self._objects_of(bid):
             self._delete_versions(key)
+
+
+@dataclass(frozen=True)
+class Locked:
+    """What :meth:`Repository.extend_retention` did: how many object versions (chunks among
+    them) are now held, and the earliest date any of them is held until."""
+
+    id: BackupId
+    objects: int
+    chunks: int
+    until: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": str(self.id), "objects": self.objects, "chunks": self.chunks,
+                "until": datetime.fromtimestamp(self.until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def _folder_id(folder: str, stamp: str) -> BackupId:

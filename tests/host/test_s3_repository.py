@@ -23,6 +23,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from sanoffload.runner import CommandRunner, Runner
 from sanoffload.store import open as store_open
 from sanoffload.store.backend_s3 import S3Backend
 from sanoffload.store.keys import MIN_N, RepoKeys, write_key_file, write_raw_key_file
+from sanoffload.store.repo import BackupId
 from tests.unit.test_proxy_image_offhost import FakeBlockAttach, ImageAgent
 from tests.unit.test_proxy_offhost import INITIATOR, FakeAgent, FakeAttach
 
@@ -363,3 +365,17 @@ def test_object_lock_keeps_backups_from_the_maintenance_role(
     assert site.run("list", "--store", maint, "--json") == 0
     assert sorted(b["id"] for b in json.loads(capsys.readouterr().out)) == sorted(ids)
     assert site.run("verify", "--store", maint, ids[0]) == 0
+
+    # a backup kept long (a monthly) is held longer: lock-extend, through PutObjectRetention
+    assert site.run("store", "--repo", f"{LOCKED_URL}?profile=lockproxy", "lock-extend",
+                    "--days", "3", ids[0]) == 10
+    capsys.readouterr()
+    assert site.run("store", "--repo", maint, "lock-extend", "--days", "3", ids[0]) == 0
+    assert f"held   {ids[0]} until " in capsys.readouterr().out
+    repo = store_open.open_store(maint, CommandRunner())
+    floor = time.time() + 2.9 * 86400
+    for key in repo._objects_of(BackupId.parse(ids[0])):
+        for v in repo.backend.versions(key):
+            assert v.retain_until is not None and v.retain_until > floor, (key, v)
+    later = repo.backend.versions(repo._objects_of(BackupId.parse(ids[1]))[0])
+    assert all(v.retain_until is not None and v.retain_until < floor for v in later)

@@ -825,3 +825,45 @@ def test_file_mode_is_taken_from_the_opened_file(tmp_path: Path) -> None:
     path = _good(tmp_path)
     cfg = s3config.read(str(path))
     assert stat.S_IMODE(cfg.mode) == 0o600
+
+
+def test_extend_retention_keeps_the_mode_never_shortens_and_asks_the_bucket_once(
+        rig: Rig) -> None:
+    s = rig.stub()
+    later = T0 + dt.timedelta(days=30)
+    until = later.timestamp()
+    # held already past the date: nothing sent
+    s.add_response("head_object", {"ObjectLockMode": "COMPLIANCE",
+                                   "ObjectLockRetainUntilDate": later + dt.timedelta(days=1),
+                                   "VersionId": "v1"},
+                   {"Bucket": "bkt", "Key": "site/a", "VersionId": "v1"})
+    assert rig.backend.extend_retention("a", version="v1", until=until) == \
+        (later + dt.timedelta(days=1)).timestamp()
+    # held in GOVERNANCE until earlier: extended in that mode
+    s.add_response("head_object", {"ObjectLockMode": "GOVERNANCE",
+                                   "ObjectLockRetainUntilDate": T0, "VersionId": "v2"},
+                   {"Bucket": "bkt", "Key": "site/b", "VersionId": "v2"})
+    s.add_response("put_object_retention", {}, {
+        "Bucket": "bkt", "Key": "site/b", "VersionId": "v2",
+        "Retention": {"Mode": "GOVERNANCE", "RetainUntilDate": later}})
+    assert rig.backend.extend_retention("b", version="v2", until=until) == until
+    # not held: the bucket's default mode, asked for once
+    for key in ("c", "d"):
+        s.add_response("head_object", {"VersionId": "v3"},
+                       {"Bucket": "bkt", "Key": f"site/{key}", "VersionId": "v3"})
+        if key == "c":
+            s.add_response("get_object_lock_configuration", {"ObjectLockConfiguration": {
+                "ObjectLockEnabled": "Enabled",
+                "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}}}})
+        s.add_response("put_object_retention", {}, {
+            "Bucket": "bkt", "Key": f"site/{key}", "VersionId": "v3",
+            "Retention": {"Mode": "COMPLIANCE", "RetainUntilDate": later}})
+        assert rig.backend.extend_retention(key, version="v3", until=until) == until
+
+
+def test_extend_retention_in_a_bucket_without_object_lock_says_so(rig: Rig) -> None:
+    s = rig.stub()
+    s.add_response("head_object", {"VersionId": "v1"})
+    s.add_client_error("get_object_lock_configuration", "ObjectLockConfigurationNotFoundError",
+                       "no lock", 404)
+    assert rig.backend.extend_retention("a", version=None, until=T0.timestamp()) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +318,56 @@ def test_forged_candidates_records_are_skipped() -> None:
     repo.delete(backup.id)
     report = gc(repo, grace_s=DAY / 2, now=T0 + 10 * DAY)
     assert report.removed == [] and report.candidates == len(live)
+
+
+# -- lock-extend --------------------------------------------------------------------------------
+def test_extend_retention_holds_every_version_and_chunk_and_prune_keeps_them() -> None:
+    clock = Clock()
+    backend = MemoryBackend(versioned=True, retain_until=T0 + DAY, clock=clock)
+    repo = Repository.on(backend)
+    backups = three(repo)
+    repo.verify(backups[0].id)  # a verification record is one of its objects too
+    locked = repo.extend_retention(backups[0].id, T0 + 30 * DAY)
+    chunk_keys = {repo.naming.chunk_key(c) for c in repo.load_map(backups[0]).referenced()}
+    assert locked.chunks == len(chunk_keys) > 0
+    held = {k for k, vs in backend.objects.items()
+            if all(v.retain_until == T0 + 30 * DAY for v, _ in vs)}
+    mine = set(repo._objects_of(backups[0].id)) & set(backend.objects)
+    assert mine | chunk_keys <= held
+    assert locked.objects == len(mine) + len(chunk_keys) and locked.until == T0 + 30 * DAY
+    # the others' own objects keep the bucket's default date
+    assert not set(repo._objects_of(backups[1].id)) & held
+    # never shortened: asking for less changes nothing and says what holds
+    assert repo.extend_retention(backups[0].id, T0 + 2 * DAY).until == T0 + 30 * DAY
+    # past the default date prune removes the others, and keeps the held one whole
+    clock.now = T0 + 2 * DAY
+    plan = prune(repo, Policy(last=1), now=clock.now)
+    assert [b.id for b, _ in plan.retained] == [backups[0].id] and plan.complete
+    assert [b.id for b in repo.list()] == [backups[0].id, backups[2].id]
+    got = repo.verify(backups[0].id).manifest.verification
+    assert got is not None and got.status == VERIFIED_OK
+
+
+@pytest.mark.hostile("store", "lock-extend where objects cannot be held: a directory, a bucket "
+                     "without Object Lock, the proxy's credentials",
+                     "usage error (2) or refused (10) naming why; nothing changed")
+def test_extend_retention_refuses_where_nothing_can_be_held(tmp_path: Path) -> None:
+    from sanoffload.errors import AuthError, UsageError
+
+    unlocked = MemoryBackend(versioned=True)
+    repo = Repository.on(unlocked)
+    bid = three(repo)[0].id
+    with pytest.raises(UsageError, match="no Object Lock"):
+        repo.extend_retention(bid, T0 + DAY)
+    locked = MemoryBackend(versioned=True, retain_until=T0, deny_delete=True)
+    repo = Repository.on(locked)
+    bid = three(repo)[0].id
+    before = {k: [v for v, _ in vs] for k, vs in locked.objects.items()}
+    with pytest.raises(AuthError):
+        repo.extend_retention(bid, T0 + DAY)
+    assert {k: [v for v, _ in vs] for k, vs in locked.objects.items()} == before
+    (tmp_path / "repo").mkdir()
+    directory = Repository(tmp_path / "repo")
+    put_image(local(directory, "2026-11-24T10:00:00Z"), volume(b"d"))
+    with pytest.raises(UsageError, match="directory"):
+        directory.extend_retention(directory.list()[0].id, T0 + DAY)

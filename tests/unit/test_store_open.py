@@ -378,7 +378,7 @@ def test_the_cli_exits_15_for_a_wrong_key(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 # -- init-s3: what is checked before any request ----------------------------------------------
-def test_the_policy_gives_proxies_no_delete_and_maint_read() -> None:
+def test_the_policy_gives_proxies_no_delete_and_maint_read_and_hold() -> None:
     policy = store_open.bucket_policy("backups", ["px1", "site2$px2"], "maint")
     allow, deny, maint = policy["Statement"]
     assert allow["Principal"] == deny["Principal"] == {
@@ -391,8 +391,10 @@ def test_the_policy_gives_proxies_no_delete_and_maint_read() -> None:
         assert needed in deny["Action"]
     assert maint["Principal"] == {"AWS": ["arn:aws:iam:::user/maint"]}
     assert maint["Resource"] == ["arn:aws:s3:::backups/*"]
+    # maint reads what the proxies upload and may hold it longer (lock-extend), nothing more:
+    # it deletes as the bucket's owner
     assert set(maint["Action"]) == {"s3:GetObject", "s3:GetObjectVersion",
-                                    "s3:GetObjectRetention"}
+                                    "s3:GetObjectRetention", "s3:PutObjectRetention"}
 
 
 @pytest.mark.hostile("store", "a --proxy-user that would inject into the policy's ARN",
