@@ -91,6 +91,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -1472,21 +1473,33 @@ class Repository:
         if not isinstance(self.backend, Retaining) or self.local is not None:
             raise UsageError(f"{self.backend.location}: a directory repository cannot hold "
                              "backups under a retention (S3 Object Lock only)")
-        keys = [k for k in self._objects_of(backup.id) if self.backend.stat(k) is not None]
+        backend = self.backend
+        keys = [k for k in self._objects_of(backup.id) if backend.stat(k) is not None]
         chunks = sorted(self.load_map(backup).referenced()) if backup.is_image else []
-        objects, held = 0, float("inf")
-        for key in [*keys, *(self.naming.chunk_key(cid) for cid in chunks)]:
-            for v in self.backend.versions(key, retention=False):
+
+        def hold(key: str) -> tuple[int, float]:
+            count, low = 0, float("inf")
+            for v in backend.versions(key, retention=False):
                 if v.deleted:
                     continue
-                got = self.backend.extend_retention(key, version=v.version, until=until)
+                got = backend.extend_retention(key, version=v.version, until=until)
                 if got is None:
-                    raise UsageError(f"{self.backend.location}: the bucket has no Object Lock: "
-                                     "its objects cannot be held", hint=(
+                    raise UsageError(f"{backend.location}: the bucket has no Object Lock: its "
+                                     "objects cannot be held", hint=(
                                          "Object Lock is chosen when a bucket is created: "
                                          "store init-s3 a new bucket with --object-lock"))
-                objects += 1
-                held = min(held, got)
+                count, low = count + 1, min(low, got)
+            return count, low
+
+        objects, held = 0, float("inf")
+        # three requests an object: one at a time, a large image backup's chunks take hours
+        with ThreadPoolExecutor(max_workers=HOLD_WORKERS, thread_name_prefix="hold") as pool:
+            try:
+                for count, low in pool.map(hold, [*keys, *map(self.naming.chunk_key, chunks)]):
+                    objects, held = objects + count, min(held, low)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the first failure says it all
+                raise
         return Locked(backup.id, objects, len(chunks), held)
 
     def delete(self, bid: BackupId) -> None:
@@ -1500,6 +1513,9 @@ class Repository:
         for key in self._objects_of(bid):
             self._delete_versions(key)
 
+
+#: object requests ``extend_retention`` keeps in flight (each a HEAD, a listing and a PUT)
+HOLD_WORKERS = 8
 
 @dataclass(frozen=True)
 class Locked:
