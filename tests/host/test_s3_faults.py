@@ -8,9 +8,9 @@ Each backup is what a proxy sends: a real ``tar | zstd`` of a generated tree (th
 project's own argv, through the Runner's pipeline) streamed by ``Repository.put`` into
 an encrypted repository (``EncryptedBackend(S3Backend(profile))``, keys made here) with
 the proxy user's credentials, the store's check on receipt on. The fault is fired from
-inside the stream (:class:`FaultAfter`): the first read at least ``FAULT_AFTER_S`` after
-the first byte kills the daemon and waits for it to be gone, so the kill lands with
-parts still to send, without a timer thread or a sleep.
+inside the stream (:class:`FaultAfter`): the first read once ``FAULT_AT_BYTES`` were read
+kills the daemon and waits for it to be gone, so the kill lands with parts gone up and
+parts still to send, however fast the store is, without a timer thread or a sleep.
 
 What the code does when the gateway in use dies (asserted below):
 
@@ -64,8 +64,10 @@ BUCKET = "h9-faults"
 PREFIX = "repo"
 #: the generated tree: incompressible files, so the stream is as big as the tree
 TREE_MIB = 160
-#: the fault fires at the first read this long after the first byte (parts still to go)
-FAULT_AFTER_S = 2.0
+#: the fault fires at the first read once this much was read: parts gone up, and most of the
+#: tree still to go, however fast the store is (a time-based trigger never fired in a CI run
+#: where the whole stream went up within its 2 s)
+FAULT_AT_BYTES = 48 * MIB
 #: the one-endpoint profile's part retry window and botocore attempts: short, so the
 #: failure comes in CI time; the product's defaults are 120 s (backend_s3.PART_RETRY_S)
 #: and 5 (s3.toml's max_attempts)
@@ -144,8 +146,8 @@ def digest(root: Path) -> dict[str, str]:
 
 
 class FaultAfter:
-    """The archive stream; ``fault()`` runs once, in the first read FAULT_AFTER_S after the
-    first, and what was read by then is kept (so a test can show bytes were still to go)."""
+    """The archive stream; ``fault()`` runs once, in the first read once FAULT_AT_BYTES were
+    read, and what was read by then is kept (so a test can show bytes were still to go)."""
 
     def __init__(self, fault: Callable[[], None] | None = None) -> None:
         self.stream: Any = None  # set by backup(): the pipeline's stdout
@@ -156,11 +158,10 @@ class FaultAfter:
         self.bytes_at_fault: int | None = None
 
     def read(self, size: int, /) -> bytes:
-        now = time.monotonic()
         if self.started is None:
-            self.started = now
+            self.started = time.monotonic()
         elif self.fault is not None and self.fired_at is None \
-                and now - self.started >= FAULT_AFTER_S:
+                and self.bytes >= FAULT_AT_BYTES:
             self.bytes_at_fault = self.bytes
             self.fault()
             self.fired_at = time.monotonic()
@@ -171,7 +172,7 @@ class FaultAfter:
     def left_after_fault(self) -> int:
         """Bytes read after the fault fired (AssertionError if it never did)."""
         assert self.fired_at is not None and self.bytes_at_fault is not None, \
-            "the fault never fired: the stream ended within FAULT_AFTER_S"
+            "the fault never fired: the stream ended before FAULT_AT_BYTES"
         return self.bytes - self.bytes_at_fault
 
 
@@ -226,7 +227,7 @@ def first_call_at(s3: S3Backend, endpoint: int, op: str) -> Callable[[], float |
     return lambda: seen[0] if seen else None
 
 
-@pytest.mark.hostile("store", "an OSD SIGKILLed 2 s into an encrypted tar backup to RGW",
+@pytest.mark.hostile("store", "an OSD SIGKILLed 48 MiB into an encrypted tar backup to RGW",
                      "the backup commits, lists, verifies and restores equal; OSD restarted")
 def test_host_fault_osd_killed_mid_backup(site: Site, tmp_path: Path) -> None:
     c = site.cluster
