@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -363,6 +364,35 @@ def test_the_store_cli_lists_an_s3_repository(monkeypatch: pytest.MonkeyPatch, t
     assert [b["id"] for b in json.loads(capsys.readouterr().out)] == [str(bid)]
     assert run("list", "--store", URL) == 0
     assert str(bid) in capsys.readouterr().out
+
+
+def test_lock_extend_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        keys: RepoKeys, raw_key: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store()
+    locked = store.buckets[URL] = MemoryBackend(versioned=True, retain_until=time.time() + 60)
+    locked.location = URL
+    init_config(locked, keys)
+    repo = Repository.on(EncryptedBackend(locked, keys), CommandRunner())
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a\n")
+    ids = [str(repo.put("fs1", "/srv/data", io.BytesIO(make_archive(src)), {"frozen_at": t}))
+           for t in (FROZEN, "2026-11-27T10:29:33Z")]
+    run = cli_with(monkeypatch, tmp_path, store, maint={"key_file": raw_key, "role": "maint"},
+                   px1={"key_file": raw_key})
+    maint = URL + "?profile=maint"
+    assert run("store", "--repo", URL + "?profile=px1", "lock-extend", "--days", "30") == 10
+    assert run("store", "--repo", maint, "lock-extend", "--days", "30", ids[0],
+               "--host", "fs1") == 2
+    capsys.readouterr()
+    floor = time.time() + 29 * 86400
+    assert run("store", "--repo", maint, "lock-extend", "--days", "30", "--json") == 0
+    done = json.loads(capsys.readouterr().out)
+    assert [h["id"] for h in done["held"]] == ids and done["failed"] == []
+    assert all(h["objects"] == 2 and h["chunks"] == 0 for h in done["held"])  # manifest, archive
+    held = [v for k, vs in locked.objects.items() if k != "config" for v, _ in vs]
+    assert held and all(v.retain_until is not None and v.retain_until > floor for v in held)
 
 
 @pytest.mark.hostile("store", "a wrong key for an S3 repository on the command line",
