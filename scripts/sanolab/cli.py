@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("host", choices=list(config.HOSTS))
     sy = sub.add_parser("sync", help="install this tree's sanoffload into the running VMs")
     sy.add_argument("--hosts")
-    sy.add_argument("--extra", choices=sorted(sync.EXTRAS),
+    sy.add_argument("--extra", choices=sorted(sync.EXTRA_IMPORTS),
                     help="also install an extra's dependencies (s3: boto3, cryptography)")
     sh = sub.add_parser("ssh", help="run a command in a VM: scripts/lab ssh HOST -- CMD...")
     sh.add_argument("host", choices=list(config.HOSTS))

@@ -16,6 +16,7 @@ import shlex
 import sys
 import tarfile
 import tempfile
+import tomllib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,10 +30,16 @@ SH_REQUIREMENT = "sh>=2.0,<3"
 PURE_WHEELS = {"sh": SH_REQUIREMENT, "mfusepy": "mfusepy>=3.1,<4"}
 VENV = "/opt/sanoffload"
 #: the package extras a test may add to some VMs (``pip install 'sanoffload[s3]'`` on a real
-#: host): not in every VM, as botocore alone takes a minute to install under emulation
-EXTRAS = {"s3": ("boto3>=1.36", "cryptography>=42")}
-#: what proves an extra is installed
+#: host), with what proves one installed: not in every VM, as botocore alone takes a minute
+#: to install under emulation
 EXTRA_IMPORTS = {"s3": "boto3, cryptography.hazmat.primitives.ciphers.aead"}
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of ``extra`` as pyproject.toml names them (the one list)."""
+    project = tomllib.loads((config.REPO / "pyproject.toml").read_text())["project"]
+    found: list[str] = project["optional-dependencies"][extra]
+    return found
 
 # One pip run: under emulation each costs ~15 s. --no-deps: the dependencies are
 # Debian's (the VMs have no network); the import check below proves they are there.
@@ -83,7 +90,7 @@ def _extra_wheels(runner: Runner, extra: str, release: str) -> list[Path]:
                                                for minor in range(17, config.GLIBC[release] + 1))]
         _pip(runner, "download", "--quiet", "--only-binary=:all:", "-d", str(wheels),
              "--python-version", config.PYTHON[release], "--implementation", "cp",
-             *(arg for p in platforms for arg in ("--platform", p)), *EXTRAS[extra])
+             *(arg for p in platforms for arg in ("--platform", p)), *extra_requirements(extra))
         stamp.touch()
     found = sorted(wheels.glob("*.whl"))
     if not found:
@@ -139,15 +146,16 @@ echo installed
 
 
 def sync_extra(runner: Runner, release: str, hosts: Sequence[str], extra: str) -> dict[str, str]:
-    """Install ``extra``'s dependencies (:data:`EXTRAS`) into ``hosts``' venv, unless there
-    already: ``{host: "present" | "installed"}``. Run after :func:`sync` (the venv must exist)."""
+    """Install ``extra``'s dependencies (:func:`extra_requirements`) into ``hosts``' venv,
+    unless there already: ``{host: "present" | "installed"}``. Run after :func:`sync` (the
+    venv must exist)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for wheel in _extra_wheels(runner, extra, release):
             tar.add(wheel, arcname=wheel.name, recursive=False)
     data = buf.getvalue()
     script = (EXTRA_SCRIPT.replace("VENV", VENV).replace("IMPORTS", EXTRA_IMPORTS[extra])
-              .replace("REQUIREMENTS", " ".join(shlex.quote(r) for r in EXTRAS[extra])))
+              .replace("REQUIREMENTS", " ".join(map(shlex.quote, extra_requirements(extra)))))
 
     def install(host: str) -> str:
         return vm.ssh(runner, host, ["sh", "-c", script], input=data, timeout=900).stdout.strip()
