@@ -11,6 +11,7 @@ for the agent) and pip installs with ``--no-index`` from the wheels sent.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shlex
 import sys
@@ -80,8 +81,11 @@ def _pure_wheel(runner: Runner, name: str) -> Path:
 
 def _extra_wheels(runner: Runner, extra: str, release: str) -> list[Path]:
     """The wheels of ``extra`` and their dependencies for ``release``'s python and glibc,
-    downloaded once (compiled ones, cryptography and cffi, are per release)."""
-    wheels = config.cache_dir() / "wheels" / f"{extra}-{release}"
+    downloaded once per requirement list (compiled ones, cryptography and cffi, are per
+    release)."""
+    wanted = extra_requirements(extra)
+    key = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:12]
+    wheels = config.cache_dir() / "wheels" / f"{extra}-{release}-{key}"
     stamp = wheels / ".complete"
     if not stamp.exists():
         wheels.mkdir(parents=True, exist_ok=True)
@@ -90,7 +94,7 @@ def _extra_wheels(runner: Runner, extra: str, release: str) -> list[Path]:
                                                for minor in range(17, config.GLIBC[release] + 1))]
         _pip(runner, "download", "--quiet", "--only-binary=:all:", "-d", str(wheels),
              "--python-version", config.PYTHON[release], "--implementation", "cp",
-             *(arg for p in platforms for arg in ("--platform", p)), *extra_requirements(extra))
+             *(arg for p in platforms for arg in ("--platform", p)), *wanted)
         stamp.touch()
     found = sorted(wheels.glob("*.whl"))
     if not found:
