@@ -343,7 +343,7 @@ def gc(ctx: click.Context, app: App, grace: str, dry_run: bool, as_json: bool) -
               help="Hold each object until at least this many days from now.")
 @click.option("--host", default=None, help="Only this host's backups (when no ID is given).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print [{id, objects, chunks, until}] and the failures.")
+              help="Print {held: [{id, objects, chunks, until}], failed: [reason]}.")
 @pass_app
 @click.pass_context
 def lock_extend(ctx: click.Context, app: App, backup_ids: tuple[str, ...], days: int,
