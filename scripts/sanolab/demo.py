@@ -11,6 +11,10 @@
    (the writer's file: a consistent prefix, frozen at the freeze);
 6. print the freeze window, bytes, throughput and the verification result,
    and take the lab down (``--keep`` leaves it up).
+
+``--store s3``: the repository is a bucket on a real Ceph RGW in the lab's network
+(scripts/sanolab/ceph.py) instead of bk1's disk: px1 backs up into it encrypted, as the
+RGW user that may not delete, and bk1 restores with the maintenance profile and the key.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 
 from sanoffload.runner import CommandRunner
 
-from . import config, deploy, sync, vm
+from . import ceph, config, deploy, sync, vm
 
 SAMPLE = r"""set -e
 d=/srv/data
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     ap.add_argument("--release", default=config.DEFAULT_RELEASE, choices=config.RELEASES)
+    ap.add_argument("--store", choices=("bk1", "s3"), default="bk1",
+                    help="bk1: bk1's repository over ssh (default); s3: a bucket on Ceph RGW")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="demo: %(message)s")
     runner = CommandRunner(default_timeout=300)
@@ -64,18 +71,31 @@ def main(argv: list[str] | None = None) -> int:
         deploy.deploy(runner, state.hosts)
         deploy.sh(runner, "bk1", f"rm -rf {deploy.REPO}/fs1")
         deploy.sh(runner, "fs1", SAMPLE, timeout=600)
+        if args.store == "s3":
+            say("starting Ceph (mon, OSD, RGW over HTTPS) in the lab's network, installing "
+                "boto3/cryptography on px1 and bk1, store init-s3 on bk1")
+            cluster = ceph.up(runner)
+            sync.sync_extra(runner, args.release, ["px1", "bk1"], "s3")
+            deploy.s3_configs(runner, cluster)
+            store, restore_from = (shlex.quote(deploy.s3_store("px1")),
+                                   f"--store {shlex.quote(deploy.s3_store('maint'))}")
+            where = (f"{deploy.s3_store('px1').split('?')[0]} on Ceph RGW at "
+                     f"{cluster.endpoint}, encrypted on px1")
+        else:
+            store, restore_from = "bk1:/srv/backups", f"--store {deploy.REPO}"
+            where = "bk1:/srv/backups, over ssh to its forced 'store serve'"
         say("starting a writer on fs1 that keeps appending to /srv/data/live/counter")
         deploy.start_writer(runner, "/srv/data/live/counter")
         time.sleep(2)
-        say("px1: sanoffload backup fs1:/srv/data --store bk1:/srv/backups --json")
-        out = deploy.sh(runner, "px1", "sanoffload backup fs1:/srv/data --store "
-                                       "bk1:/srv/backups --json", timeout=1800)
+        say(f"px1: sanoffload backup fs1:/srv/data --store {store} --json")
+        out = deploy.sh(runner, "px1", f"sanoffload backup fs1:/srv/data --store {store} --json",
+                        timeout=1800)
         summary = json.loads(out)
         deploy.stop_writer(runner)
         bid = summary["backup_id"]
         say(f"restoring {bid} on bk1 (from the repository alone) into /restore")
-        deploy.sh(runner, "bk1", f"rm -rf /restore && sanoffload store --repo {deploy.REPO} "
-                                 f"restore --setid {bid} /restore", timeout=900)
+        deploy.sh(runner, "bk1", f"rm -rf /restore && sanoffload restore --setid {restore_from} "
+                                 f"{bid} /restore", timeout=900)
         src = deploy.digest(runner, "fs1", "/srv/data/sample")
         dst = deploy.digest(runner, "bk1", "/restore/sample")
         restored = deploy.sh(runner, "bk1", "wc -l < /restore/live/counter").strip()
@@ -90,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         same = src == dst
         print()
         print(f"  backup            {bid}")
+        print(f"  repository        {where}")
         print(f"  duplicate         {summary['duplicate_kind']}, frozen by {summary['frozen_by']}"
               f" for {summary['freeze_window_ms']} ms")
         print(f"  archive           {summary['archive_bytes']} bytes (tar.zst), "
