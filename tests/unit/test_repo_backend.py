@@ -141,26 +141,32 @@ def _level(src: Path, state: Path, level: int) -> bytes:
     return subprocess.run(["zstd", "-q", "-c"], input=t, capture_output=True, check=True).stdout
 
 
-def test_an_incremental_chain_restores_from_any_backend(tmp_path: Path,
-                                                        backend: Backend) -> None:
-    src = source(tmp_path)
-    state = tmp_path / "state.snar"
-    repo = Repository.on(backend, CommandRunner())
+def two_levels(repo: Repository, src: Path, state: Path) -> list[BackupId]:
+    """A level 0 of ``src`` and a level 1 after a change (a file removed, one added), stored
+    in ``repo`` with their state files (``state`` holds the last one): their ids."""
     ids: list[BackupId] = []
     for level, stamp in enumerate(("2026-11-26T10:00:00Z", "2026-11-26T11:00:00Z")):
         if level:
             (src / "a.txt").unlink()
             (src / "new.txt").write_bytes(b"new\n")
         data = _level(src, state, level)
-        snap = state.read_bytes()
         fields: dict[str, object] = {"frozen_at": stamp, "tar_level": level}
         if level:
             fields |= {"parent": str(ids[-1]), "chain": str(ids[0])}
         with repo.writer("fs1", "/srv", timestamp=stamp.replace("-", "").replace(":", "")
                          ) as w:
             w.write(data)
-            w.write_snapshot([snap])
+            w.write_snapshot([state.read_bytes()])
             ids.append(w.commit(fields).id)
+    return ids
+
+
+def test_an_incremental_chain_restores_from_any_backend(tmp_path: Path,
+                                                        backend: Backend) -> None:
+    src = source(tmp_path)
+    state = tmp_path / "state.snar"
+    repo = Repository.on(backend, CommandRunner())
+    ids = two_levels(repo, src, state)
     assert [b.id for b in repo.chain(ids[1])] == ids
     assert repo.load_snapshot(repo.get(ids[1])) == state.read_bytes()
     repo.verify(ids[1])

@@ -25,7 +25,7 @@ from sanoffload.store.restore import restore
 from sanoffload.testing import MemoryBackend
 
 from .conftest import make_archive
-from .test_repo_backend import FROZEN, _level, keys_of, source, tree
+from .test_repo_backend import FROZEN, keys_of, source, tree, two_levels
 
 Maker = Callable[[Path, str], Repository]
 
@@ -98,20 +98,7 @@ def test_an_incremental_chain_is_copied_parent_first(
     src, dst = pair
     data = source(tmp_path)
     state = tmp_path / "state.snar"
-    ids: list[BackupId] = []
-    for level, stamp in enumerate(("2026-11-26T10:00:00Z", "2026-11-26T11:00:00Z")):
-        if level:
-            (data / "a.txt").unlink()
-            (data / "new.txt").write_bytes(b"new\n")
-        archive = _level(data, state, level)
-        fields: dict[str, object] = {"frozen_at": stamp, "tar_level": level}
-        if level:
-            fields |= {"parent": str(ids[-1]), "chain": str(ids[0])}
-        with src.writer("fs1", "/srv", timestamp=stamp.replace("-", "").replace(":", "")
-                        ) as w:
-            w.write(archive)
-            w.write_snapshot([state.read_bytes()])
-            ids.append(w.commit(fields).id)
+    ids = two_levels(src, data, state)
     # naming the child copies the chain it needs, the parent first
     report = copy_backups(src, dst, [ids[1]])
     assert report.copied == ids
