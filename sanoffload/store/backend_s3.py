@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import functools
 import hashlib
 import logging
 import os
@@ -176,8 +177,8 @@ class _Unreachable(Exception):
         self.failures = failures
 
 
-#: not asked yet (a value None cannot stand for: None is "no default lock")
-_UNKNOWN = object()
+#: the Object Lock modes S3 knows: anything else a store answers is refused, not sent back
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -223,8 +224,6 @@ class S3Backend:
         #: If-None-Match alone is trusted (the profile says so, or a probe showed it)
         self.trust_if_none_match = profile.conditional_put is ConditionalPut.TRUST
         self._base = f"{profile.prefix}/" if profile.prefix else ""
-        #: the bucket's default Object Lock mode, asked for once (extend_retention)
-        self._lock_mode: object = _UNKNOWN
 
     def __repr__(self) -> str:
         return f"S3Backend({self.location}, profile={self.profile.name!r})"
@@ -473,26 +472,29 @@ class S3Backend:
         current = _ts(retain) if retain else None
         if current is not None and current >= until:
             return current
-        mode = head.get("ObjectLockMode") or self._default_lock_mode()
+        mode = head.get("ObjectLockMode") or self._default_lock_mode
         if mode is None:
             return None
+        if mode not in LOCK_MODES:
+            raise ObjectStoreError(f"S3 head_object {self.location}/{key}: Object Lock mode "
+                                   f"{printable(str(mode))[:40]!r} is neither of {LOCK_MODES}")
         version = version or _version(head.get("VersionId"))
         self._call("put_object_retention", key, Key=self._full(key),
                    Retention={"Mode": mode, "RetainUntilDate": datetime.fromtimestamp(until, UTC)},
                    **({"VersionId": version} if version else {}))
         return until
 
+    @functools.cached_property
     def _default_lock_mode(self) -> str | None:
-        """The bucket's default Object Lock mode (GOVERNANCE, COMPLIANCE); None without one."""
-        if self._lock_mode is _UNKNOWN:
-            try:
-                conf = self._call("get_object_lock_configuration", None)
-            except NotFound:
-                conf = {}
-            rule = (conf.get("ObjectLockConfiguration") or {}).get("Rule") or {}
-            mode = (rule.get("DefaultRetention") or {}).get("Mode")
-            self._lock_mode = mode if mode in ("GOVERNANCE", "COMPLIANCE") else None
-        return self._lock_mode if isinstance(self._lock_mode, str) else None
+        """The bucket's default Object Lock mode (one of LOCK_MODES); None without one. Asked
+        once (a failure is not cached: the next call asks again)."""
+        try:
+            conf = self._call("get_object_lock_configuration", None)
+        except NotFound:
+            return None
+        rule = (conf.get("ObjectLockConfiguration") or {}).get("Rule") or {}
+        mode = (rule.get("DefaultRetention") or {}).get("Mode")
+        return mode if mode in LOCK_MODES else None
 
     def stale_uploads(self, older_than: float) -> Iterator[Upload]:
         for resp in self._marker_pages("list_multipart_uploads", None, "UploadId",

@@ -264,7 +264,7 @@ def bucket_policy(bucket: str, proxy_users: Sequence[str], maint_user: str) -> d
          "Action": list(PROXY_ALLOW), "Resource": resources},
         {"Sid": "SanoffloadProxyNeverDelete", "Effect": "Deny", "Principal": proxies,
          "Action": list(PROXY_DENY), "Resource": resources},
-        {"Sid": "SanoffloadMaintReads", "Effect": "Allow",
+        {"Sid": "SanoffloadMaintReadsAndHolds", "Effect": "Allow",
          "Principal": {"AWS": [_arn(maint_user)]}, "Action": list(MAINT_ALLOW),
          "Resource": [f"arn:aws:s3:::{bucket}/*"]}]}
 

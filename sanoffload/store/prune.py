@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 from ..errors import AuthError, IntegrityError, SanoffloadError, UsageError
 from ..text import printable
 from .chunks import GcReport, delete_versions
-from .manifest import MAX_TAR_LEVEL
+from .manifest import MAX_TAR_LEVEL, utc_iso
 from .repo import MAP_SUFFIX, Backup, BackupId, Broken, Repository
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def remove_backup(repo: Repository, bid: BackupId, *,
     except AuthError as exc:
         return f"refused by the store: {exc.message}"
     if until is not None:
-        when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = utc_iso(datetime.fromtimestamp(until, UTC))
         log.info("prune: %s retained until %s: left for a later prune", bid, when)
         return Retained(when)
     log.info("prune: removing %s", bid)

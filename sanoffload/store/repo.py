@@ -1474,7 +1474,6 @@ class Repository:
             raise UsageError(f"{self.backend.location}: a directory repository cannot hold "
                              "backups under a retention (S3 Object Lock only)")
         backend = self.backend
-        keys = [k for k in self._objects_of(backup.id) if backend.stat(k) is not None]
         chunks = sorted(self.load_map(backup).referenced()) if backup.is_image else []
 
         def hold(key: str) -> tuple[int, float]:
@@ -1495,7 +1494,9 @@ class Repository:
         # three requests an object: one at a time, a large image backup's chunks take hours
         with ThreadPoolExecutor(max_workers=HOLD_WORKERS, thread_name_prefix="hold") as pool:
             try:
-                for count, low in pool.map(hold, [*keys, *map(self.naming.chunk_key, chunks)]):
+                # a key of _objects_of that is not there (no state file) has no versions
+                for count, low in pool.map(hold, [*self._objects_of(backup.id),
+                                                  *map(self.naming.chunk_key, chunks)]):
                     objects, held = objects + count, min(held, low)
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # the first failure says it all
@@ -1517,6 +1518,7 @@ class Repository:
 #: object requests ``extend_retention`` keeps in flight (each a HEAD, a listing and a PUT)
 HOLD_WORKERS = 8
 
+
 @dataclass(frozen=True)
 class Locked:
     """What :meth:`Repository.extend_retention` did: how many object versions (chunks among
@@ -1529,7 +1531,7 @@ class Locked:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": str(self.id), "objects": self.objects, "chunks": self.chunks,
-                "until": datetime.fromtimestamp(self.until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                "until": utc_iso(datetime.fromtimestamp(self.until, UTC))}
 
 
 def _folder_id(folder: str, stamp: str) -> BackupId:

@@ -867,3 +867,15 @@ def test_extend_retention_in_a_bucket_without_object_lock_says_so(rig: Rig) -> N
     s.add_client_error("get_object_lock_configuration", "ObjectLockConfigurationNotFoundError",
                        "no lock", 404)
     assert rig.backend.extend_retention("a", version=None, until=T0.timestamp()) is None
+
+
+@pytest.mark.hostile("store", "an S3 HEAD answering an Object Lock mode that is not S3's "
+                     "(lock-extend)", "ObjectStoreError naming it; no retention request sent")
+def test_extend_retention_refuses_a_lock_mode_s3_does_not_have(rig: Rig) -> None:
+    s = rig.stub()
+    s.add_response("head_object", {"ObjectLockMode": "FOREVER\x1b[2J",
+                                   "ObjectLockRetainUntilDate": T0, "VersionId": "v1"})
+    later = (T0 + dt.timedelta(days=1)).timestamp()
+    with pytest.raises(ObjectStoreError, match="neither of") as caught:
+        rig.backend.extend_retention("a", version="v1", until=later)
+    assert "\x1b" not in str(caught.value)
