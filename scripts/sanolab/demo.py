@@ -28,7 +28,7 @@ import time
 
 from sanoffload.runner import CommandRunner
 
-from . import ceph, config, deploy, sync, vm
+from . import config, deploy, sync, vm
 
 SAMPLE = r"""set -e
 d=/srv/data
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.store == "s3":
             say("starting Ceph (mon, OSD, RGW over HTTPS) in the lab's network, installing "
                 "boto3/cryptography on px1 and bk1, store init-s3 on bk1")
-            cluster = ceph.up(runner)
-            sync.sync_extra(runner, args.release, ["px1", "bk1"], "s3")
-            deploy.s3_configs(runner, cluster)
+            cluster = deploy.s3_site(runner, args.release)
             store, restore_from = (shlex.quote(deploy.s3_store("px1")),
                                    f"--store {shlex.quote(deploy.s3_store('maint'))}")
             where = (f"{deploy.s3_store('px1').split('?')[0]} on Ceph RGW at "

@@ -17,10 +17,11 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from sanoceph import Cluster
 from sanoffload.runner import Runner
 from sanoffload.tools.lio import naa_from_serial
 
-from . import config, vm
+from . import ceph, config, sync, vm
 
 VG = "datavg"
 REPO = "/srv/backups"
@@ -474,10 +475,10 @@ def s3_store(profile: str) -> str:
     return f"s3://{S3_BUCKET}/{S3_PREFIX}?profile={profile}"
 
 
-def s3_configs(runner: Runner, cluster: Any) -> None:
+def s3_configs(runner: Runner, cluster: Cluster) -> None:
     """bk1: a new raw repository key (``sanoffload key init --raw``), the maint profile and
     ``store init-s3`` (bucket, versioning, the proxy user's policy, the config object);
-    px1: the same key and the proxy's profile. ``cluster`` is a :class:`sanoceph.Cluster`."""
+    px1: the same key and the proxy's profile."""
     ca = cluster.ca.read_text()
     for host, (profile, uid, role) in S3_PROFILES.items():
         user = cluster.users[uid]
@@ -492,6 +493,15 @@ def s3_configs(runner: Runner, cluster: Any) -> None:
     sh(runner, "px1", f"umask 077 && cat > {S3_KEY}.new && mv {S3_KEY}.new {S3_KEY}", input=key)
     sh(runner, "bk1", f"sanoffload store init-s3 s3://{S3_BUCKET}/{S3_PREFIX} --profile maint "
                       "--proxy-user proxy >/dev/null", timeout=600)
+
+
+def s3_site(runner: Runner, release: str) -> Cluster:
+    """The lab's Ceph started (:mod:`sanolab.ceph`), the ``s3`` extra on px1 and bk1, and
+    :func:`s3_configs`: the running cluster (``ceph.down`` stops it, ``vm.down`` too)."""
+    cluster = ceph.up(runner)
+    sync.sync_extra(runner, release, list(S3_PROFILES), "s3")
+    s3_configs(runner, cluster)
+    return cluster
 
 
 def undeploy_s3(runner: Runner) -> None:

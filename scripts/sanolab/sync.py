@@ -42,13 +42,18 @@ def extra_requirements(extra: str) -> list[str]:
     found: list[str] = project["optional-dependencies"][extra]
     return found
 
-# One pip run: under emulation each costs ~15 s. --no-deps: the dependencies are
-# Debian's (the VMs have no network); the import check below proves they are there.
-INSTALL_SCRIPT = r"""
+
+#: the head of every install script: the wheels sent on stdin, unpacked into a temp dir
+UNPACK = r"""
 set -eu
 wheels=$(mktemp -d /tmp/sanoffload-wheels.XXXXXX)
 trap 'rm -rf "$wheels"' EXIT
 tar -x -C "$wheels" -f -
+"""
+
+# One pip run: under emulation each costs ~15 s. --no-deps: the dependencies are
+# Debian's (the VMs have no network); the import check below proves they are there.
+INSTALL_SCRIPT = UNPACK + r"""
 [ -x VENV/bin/pip ] || python3 -m venv --system-site-packages VENV
 VENV/bin/pip install --quiet --disable-pip-version-check --no-index --force-reinstall \
     --no-deps "$wheels"/*.whl
@@ -111,37 +116,42 @@ def build_wheel(runner: Runner, dest: Path) -> Path:
     return found[0]
 
 
-def payload(runner: Runner) -> bytes:
-    """A tar of the wheels each VM installs: sanoffload's, built from this tree, and
-    :data:`PURE_WHEELS`."""
+def _tar(wheels: Sequence[Path]) -> bytes:
     buf = io.BytesIO()
-    with tempfile.TemporaryDirectory(prefix="sanolab-wheel-") as tmp, \
-            tarfile.open(fileobj=buf, mode="w") as tar:
-        for wheel in (build_wheel(runner, Path(tmp)),
-                      *(_pure_wheel(runner, n) for n in PURE_WHEELS)):
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for wheel in wheels:
             tar.add(wheel, arcname=wheel.name, recursive=False)
     return buf.getvalue()
 
 
-def sync(runner: Runner, hosts: Sequence[str]) -> dict[str, str]:
-    data = payload(runner)
+def payload(runner: Runner) -> bytes:
+    """A tar of the wheels each VM installs: sanoffload's, built from this tree, and
+    :data:`PURE_WHEELS`."""
+    with tempfile.TemporaryDirectory(prefix="sanolab-wheel-") as tmp:
+        return _tar([build_wheel(runner, Path(tmp)),
+                     *(_pure_wheel(runner, n) for n in PURE_WHEELS)])
 
-    def install(host: str) -> str:
-        res = vm.ssh(runner, host, ["sh", "-c", INSTALL_SCRIPT], input=data, timeout=300)
-        return res.stdout.strip()
 
-    # in parallel: each VM is its own QEMU process
+def _run_on_each(runner: Runner, hosts: Sequence[str], script: str, data: bytes,
+                 timeout: float) -> dict[str, str]:
+    """``script`` with ``data`` on stdin on every host, in parallel (each VM is its own QEMU
+    process): ``{host: its stdout}``."""
+    def run(host: str) -> str:
+        return vm.ssh(runner, host, ["sh", "-c", script], input=data,
+                      timeout=timeout).stdout.strip()
+
     with ThreadPoolExecutor(max_workers=len(hosts) or 1) as pool:
-        return dict(zip(hosts, pool.map(install, hosts), strict=True))
+        return dict(zip(hosts, pool.map(run, hosts), strict=True))
+
+
+def sync(runner: Runner, hosts: Sequence[str]) -> dict[str, str]:
+    return _run_on_each(runner, hosts, INSTALL_SCRIPT, payload(runner), 300)
 
 
 # the dependencies resolve against the wheels sent and Debian's packages the venv sees
 EXTRA_SCRIPT = r"""
-set -eu
 if VENV/bin/python -c 'import IMPORTS' 2>/dev/null; then echo present; exit 0; fi
-wheels=$(mktemp -d /tmp/sanoffload-wheels.XXXXXX)
-trap 'rm -rf "$wheels"' EXIT
-tar -x -C "$wheels" -f -
+""" + UNPACK + r"""
 VENV/bin/pip install --quiet --disable-pip-version-check --no-index --find-links "$wheels" \
     REQUIREMENTS
 VENV/bin/python -c 'import IMPORTS'
@@ -153,16 +163,6 @@ def sync_extra(runner: Runner, release: str, hosts: Sequence[str], extra: str) -
     """Install ``extra``'s dependencies (:func:`extra_requirements`) into ``hosts``' venv,
     unless there already: ``{host: "present" | "installed"}``. Run after :func:`sync` (the
     venv must exist)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for wheel in _extra_wheels(runner, extra, release):
-            tar.add(wheel, arcname=wheel.name, recursive=False)
-    data = buf.getvalue()
     script = (EXTRA_SCRIPT.replace("VENV", VENV).replace("IMPORTS", EXTRA_IMPORTS[extra])
               .replace("REQUIREMENTS", " ".join(map(shlex.quote, extra_requirements(extra)))))
-
-    def install(host: str) -> str:
-        return vm.ssh(runner, host, ["sh", "-c", script], input=data, timeout=900).stdout.strip()
-
-    with ThreadPoolExecutor(max_workers=len(hosts) or 1) as pool:
-        return dict(zip(hosts, pool.map(install, hosts), strict=True))
+    return _run_on_each(runner, hosts, script, _tar(_extra_wheels(runner, extra, release)), 900)

@@ -110,28 +110,24 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
             assert not (Path("/run/netns") / config.NETNS).exists(), "lab down left the netns"
 
 
-#: the hosts that talk to the lab's object store (the proxy and the maintenance host)
-S3_HOSTS = ("px1", "bk1")
-
-
 @pytest.fixture(scope="module")
 def rgw(lab: Lab) -> Iterator[Cluster]:
-    """A real Ceph RGW in the lab's network (sanolab/ceph.py), px1 and bk1 deployed with the
-    s3 extra, their profiles and the repository key, and the repository made by bk1's
-    ``store init-s3``. A cluster that cannot start fails the tests with the reason."""
-    missing = [h for h in S3_HOSTS if h not in lab.hosts]
+    """A real Ceph RGW in the lab's network, px1 and bk1 deployed with the s3 extra, their
+    profiles and the repository key, and the repository made by bk1's ``store init-s3``
+    (``deploy.s3_site``). A cluster that cannot start fails the tests with the reason."""
+    missing = [h for h in deploy.S3_PROFILES if h not in lab.hosts]
     if missing:
         pytest.fail(f"the S3 tests need {', '.join(missing)} in the lab", pytrace=False)
     ceph.down()  # a reused lab may still run one
+    cluster: Cluster | None = None
     try:
-        cluster = ceph.up(lab.runner)
-    except SanoffloadError as exc:
-        pytest.fail(f"the lab's Ceph cluster did not come up: {exc}", pytrace=False)
-    try:
-        sync.sync_extra(lab.runner, lab.release, S3_HOSTS, "s3")
-        deploy.s3_configs(lab.runner, cluster)
+        try:
+            cluster = deploy.s3_site(lab.runner, lab.release)
+        except SanoffloadError as exc:
+            pytest.fail(f"the lab's S3 repository could not be set up: {exc}", pytrace=False)
         yield cluster
     finally:
         deploy.undeploy_s3(lab.runner)
-        assert ceph.down(), "the lab's Ceph cluster state vanished before its stop"
-        assert not cluster.pids(), f"Ceph daemons left running: {cluster.pids()}"
+        ceph.down()
+        assert cluster is None or not cluster.pids(), \
+            f"Ceph daemons left running: {cluster.pids() if cluster else ''}"
